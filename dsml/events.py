@@ -1,0 +1,116 @@
+"""Events the streaming parser emits, and the outcomes it reports for metrics.
+
+Every endpoint encoder (chat completions, Anthropic messages, Responses) and the metrics
+consume these, so they stay small, immutable and free of wire details.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class CallOutcome(StrEnum):
+    """Validation outcome of one tool call (label values of dsml_proxy_tool_calls_total)."""
+
+    VALID = "valid"
+    REPAIRED = "repaired"  # valid after a coercion/tolerance
+    SCHEMA_INVALID = "schema_invalid"
+    INVALID_JSON = "invalid_json"
+    UNKNOWN_TOOL = "unknown_tool"
+
+
+class TurnOutcome(StrEnum):
+    """How a turn that offered tools ended (label values of dsml_proxy_tool_turns_total)."""
+
+    TOOL_CALLS = "tool_calls"
+    ANSWER = "answer"
+    RECOVERED_FROM_THINKING = "recovered_from_thinking"
+    RECOVERED_EMPTY = "recovered_empty"  # set by the proxy after its `</think>` continuation
+    MALFORMED = "malformed"
+    TRUNCATED = "truncated"
+    EMPTY = "empty"
+
+
+class RepairKind(StrEnum):
+    """One value per tolerance of dsml.md section 6 (label values of dsml_proxy_dsml_repairs_total)."""
+
+    DOUBLED_BARS = "doubled_bars"
+    ASCII_BARS = "ascii_bars"
+    MISSING_BAR = "missing_bar"
+    TAG_SPELLING = "tag_spelling"  # toolcalls / tool-calls / v4.1 spaced / v3.2 function_calls
+    TYPOGRAPHIC_QUOTES = "typographic_quotes"
+    WHITESPACE = "whitespace"  # extra whitespace between tags or around '='
+    BLOCK_SEPARATOR = "block_separator"  # a single '\n' (or none) before the block
+    MISSING_STRING_ATTR = "missing_string_attr"
+    SELF_CLOSING_INVOKE = "self_closing_invoke"
+    JSON_BODY = "json_body"  # a JSON object inside an invoke instead of parameters
+    WRAPPED_ARGUMENTS = "wrapped_arguments"  # a lone `arguments`/`input` parameter wrapping the object
+    TYPE_COERCION = "type_coercion"  # string="true" value that the schema types otherwise
+    MISSING_OPENER = "missing_opener"  # invokes without <｜DSML｜tool_calls>
+    RECOVERED_FROM_THINKING = "recovered_from_thinking"  # block inside reasoning became calls
+    ORPHAN_CLOSER = "orphan_closer"
+    LXML_REPAIR = "lxml_repair"  # last resort: lxml's recovering parser read the block
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallStart:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallArgsDelta:
+    index: int
+    fragment: str  # concatenated fragments of one call == json.dumps(final arguments)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallEnd:
+    index: int
+    arguments: dict[str, Any]
+    outcome: CallOutcome
+    error: str | None = None  # validation message for schema_invalid / invalid_json / unknown_tool
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    kind: RepairKind
+    detail: str = ""
+
+
+Event = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallArgsDelta | ToolCallEnd | Notice
+
+
+@dataclass(slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    arguments_json: str  # exactly the concatenated ToolCallArgsDelta fragments
+    outcome: CallOutcome
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class ParseResult:
+    """The whole turn, accumulated from the events (what a non-streaming response needs)."""
+
+    reasoning_content: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    notices: list[Notice] = field(default_factory=list)
+    turn_outcome: TurnOutcome | None = None  # None when the request offered no tools
+    raw: str = ""  # everything fed, verbatim
