@@ -19,6 +19,7 @@ class CallOutcome(StrEnum):
     SCHEMA_INVALID = "schema_invalid"
     INVALID_JSON = "invalid_json"
     UNKNOWN_TOOL = "unknown_tool"
+    TRUNCATED = "truncated"  # the stream ended inside this invoke; not in ParseResult.tool_calls
 
 
 class TurnOutcome(StrEnum):

@@ -31,3 +31,17 @@ def invoke_open(name: str) -> str:
 
 def parameter_open(key: str, is_string: bool) -> str:
     return f'<{DSML}{PARAMETER} name="{key}" string="{"true" if is_string else "false"}">'
+
+# Tool results travel inside a user turn as plain text (not special tokens).
+TOOL_RESULT_OPEN = "<tool_result>"
+TOOL_RESULT_CLOSE = "</tool_result>"
+
+# DeepSeek's internal quick-instruction tasks (a user message's `task` field); each is one token.
+TASK_TOKENS = {
+    "action": "<｜action｜>",
+    "query": "<｜query｜>",
+    "authority": "<｜authority｜>",
+    "domain": "<｜domain｜>",
+    "title": "<｜title｜>",
+    "read_url": "<｜read_url｜>",
+}

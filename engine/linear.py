@@ -1,10 +1,25 @@
 """Linear layers whose weight stays in its checkpoint format.
 
 Every projection of the model is an `engine.linear.Linear`. Its weight is stored the way
-the checkpoint stores it (BF16, FP8 E4M3 with E8M0 128x128 block scales, packed FP4 with
-E8M0 per-32 scales, INT2-G64) and dequantised on the fly per forward on the CPU path; the
-fast GPU kernels replace `forward` without touching the model. Never dequantise the whole
-model at load.
+the checkpoint stores it and dequantised on the fly, one layer at a time, per forward on
+the plain PyTorch path; the fast GPU kernels replace `forward` without touching the model.
+Never dequantise the whole model at load: with INT2 experts about 80% of the bytes read per
+token are the FP8 attention projections (engine.md section 5), which must stay FP8.
+
+Stored formats (engine/formats.py has the bit layouts):
+
+| format | `weight`                   | `scale`                        | `zero`             |
+|--------|----------------------------|--------------------------------|--------------------|
+| DENSE  | bf16/fp16/fp32 [out, in]   | -                              | -                  |
+| FP8    | float8_e4m3fn [out, in]    | E8M0 [ceil(out/128), ceil(in/128)] | -              |
+| FP4    | int8 [out, in/2]           | E8M0 [out, in/32]              | -                  |
+| INT2   | uint32 [out, in/16]        | fp16 [out, in/64]              | int8 [out, in/128] |
+
+`weight` and `scale` carry the release's tensor names (`...wq_a.weight`, `...wq_a.scale`).
+
+Numerics: the activation stays in its own dtype (bf16 in the model) and meets the exactly
+dequantised weight in `F.linear`. DeepSeek's reference instead quantises the activation to
+FP8 per 128 channels (engine.md section 6), so this path is close to it, not bit-exact.
 """
 
 from __future__ import annotations
@@ -12,6 +27,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine import formats as fm
+from engine.formats import WeightFormat
+
+
+def _check(name: str, shape: tuple[int, ...], dtype: torch.dtype, want_shape: tuple[int, ...],
+           dtypes: tuple[torch.dtype, ...]) -> None:
+    if dtype not in dtypes:
+        expected = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {expected}, found {str(dtype).removeprefix('torch.')}")
+    if tuple(shape) != tuple(want_shape):
+        raise ValueError(f"{name}: expected shape {list(want_shape)}, found {list(shape)}")
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
 
 
 class Linear(nn.Module):
@@ -21,14 +52,88 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.format = WeightFormat.DENSE
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        # None parameters are left out of state_dict(): a dense Linear has only `weight`.
+        self.register_parameter("scale", None)
+        self.register_parameter("zero", None)
+
+    # -- loaders: one per stored format; `name` labels error messages ----------------------
+
+    def stored_spec(self, fmt: WeightFormat) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+        """Expected (shape, allowed dtypes) of `weight` / `scale` / `zero` in format `fmt`."""
+        out_f, in_f = self.out_features, self.in_features
+        if fmt == WeightFormat.DENSE:
+            return {"weight": ((out_f, in_f), fm.DENSE_DTYPES)}
+        if fmt == WeightFormat.FP8:
+            return {"weight": ((out_f, in_f), (torch.float8_e4m3fn,)),
+                    "scale": (fm.fp8_scale_shape(out_f, in_f), fm.E8M0_DTYPES)}
+        if fmt == WeightFormat.FP4:
+            if in_f % fm.FP4_GROUP:
+                raise ValueError(f"FP4 needs in_features divisible by {fm.FP4_GROUP}, this Linear has {in_f}")
+            return {"weight": ((out_f, in_f // 2), (torch.int8, torch.uint8)),
+                    "scale": ((out_f, in_f // fm.FP4_GROUP), fm.E8M0_DTYPES)}
+        packed, scale, zero = fm.int2_shapes(out_f, in_f)
+        return {"weight": (packed, (torch.uint32, torch.int32)), "scale": (scale, (torch.float16,)),
+                "zero": (zero, (torch.int8, torch.uint8))}
+
+    def check_stored(self, fmt: WeightFormat, names: dict[str, str],
+                     found: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        """Raise TypeError / ValueError naming `names[field]` unless `found` fits `fmt`."""
+        for field, (shape, dtypes) in self.stored_spec(fmt).items():
+            _check(names[field], found[field][0], found[field][1], shape, dtypes)
+
+    def load_dense(self, weight: torch.Tensor, name: str = "weight") -> None:
+        self._load(WeightFormat.DENSE, {"weight": weight}, name)
+
+    def load_fp8(self, weight: torch.Tensor, scale: torch.Tensor, name: str = "weight") -> None:
+        self._load(WeightFormat.FP8, {"weight": weight, "scale": scale}, name)
+
+    def load_fp4(self, weight: torch.Tensor, scale: torch.Tensor, name: str = "weight") -> None:
+        self._load(WeightFormat.FP4, {"weight": weight, "scale": scale}, name)
+
+    def load_int2(self, w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero_packed: torch.Tensor,
+                  name: str = "weight") -> None:
+        self._load(WeightFormat.INT2, {"weight": w_packed, "scale": w_scale, "zero": w_zero_packed},
+                   name)
+
+    def _load(self, fmt: WeightFormat, tensors: dict[str, torch.Tensor], name: str) -> None:
+        names = tensor_names(name, fmt)
+        self.check_stored(fmt, names, {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()})
+        self._set(fmt, tensors["weight"], tensors.get("scale"), tensors.get("zero"))
+
+    def _set(self, fmt: WeightFormat, weight: torch.Tensor, scale: torch.Tensor | None,
+             zero: torch.Tensor | None) -> None:
+        self.format = fmt
+        self.weight = _param(weight)
+        self.scale = None if scale is None else _param(scale)
+        self.zero = None if zero is None else _param(zero)
+
+    # -- use -------------------------------------------------------------------------------
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as a dense [out, in] tensor of `dtype` (dequantised when stored quantised)."""
-        return self.weight.to(dtype)
+        if self.format == WeightFormat.DENSE:
+            return self.weight.to(dtype)
+        if self.format == WeightFormat.FP8:
+            return fm.dequantize_fp8(self.weight, self.scale, dtype)
+        if self.format == WeightFormat.FP4:
+            return fm.dequantize_fp4(self.weight, self.scale, dtype)
+        return fm.dequantize_int2(self.weight, self.scale, self.zero, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def tensor_names(name: str, fmt: WeightFormat) -> dict[str, str]:
+    """Labels of the stored tensors: the release's `X.weight` / `X.scale`, INT2's field names."""
+    if fmt == WeightFormat.INT2:
+        return {"weight": f"{name} w_packed", "scale": f"{name} w_scale",
+                "zero": f"{name} w_zero_packed"}
+    if fmt == WeightFormat.DENSE:
+        return {"weight": name}
+    base = name.removesuffix(".weight") if name.endswith(".weight") else None
+    return {"weight": name, "scale": f"{base}.scale" if base is not None else f"{name} scale"}

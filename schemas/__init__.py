@@ -1,0 +1,1 @@
+"""Wire models (pydantic) of every endpoint: the only wire contract. JSON Schemas in json/."""

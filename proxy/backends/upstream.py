@@ -1,0 +1,182 @@
+"""An engine behind HTTP: any server with an OpenAI-style streaming `/v1/completions`.
+
+The proxy renders and tokenizes itself and only asks the engine for raw text, special tokens
+kept, so that one renderer and one parser serve every engine. What differs per engine:
+
+| kind     | prompt sent       | keeping special tokens in the output                          |
+|----------|-------------------|---------------------------------------------------------------|
+| vllm     | token ids         | `skip_special_tokens: false`, `spaces_between_special_tokens: false` |
+| sglang   | token ids         | the same two fields                                           |
+| llamacpp | text              | start `llama-server` with `--special` (no per-request switch) |
+| ds4      | text              | always kept                                                   |
+
+Token ids are preferred (dsml.md section 4): a text prompt is re-tokenized by the engine,
+which matches control strings inside client text. `upstream_prompt = "ids"` sends ids to
+llama.cpp too (its `/completion` endpoints accept arrays of token ids).
+
+The engine is always asked to stream, also for non-streaming client requests: one code path,
+and a client disconnect closes the upstream connection at once (the engine aborts the
+request when its socket closes).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from proxy.backends.base import BackendError, GenerateDelta, GenerateRequest
+from proxy.settings import Settings, UpstreamKind
+
+_IDS_BY_DEFAULT = {UpstreamKind.VLLM, UpstreamKind.SGLANG}
+_SPECIAL_TOKEN_FIELDS = {"skip_special_tokens": False, "spaces_between_special_tokens": False}
+
+
+class UpstreamBackend:
+    def __init__(
+        self,
+        base_url: str,
+        kind: UpstreamKind = UpstreamKind.VLLM,
+        *,
+        model: str | None = None,
+        prompt_format: str | None = None,
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 600.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.kind = UpstreamKind(kind)
+        self.name = f"upstream:{self.kind.value}"
+        self.model = model
+        self.send_ids = (prompt_format or ("ids" if self.kind in _IDS_BY_DEFAULT else "text")) == "ids"
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout_s, sock_read=read_timeout_s
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UpstreamBackend:
+        if not settings.upstream:
+            raise ValueError("UpstreamBackend needs settings.upstream (a base URL)")
+        return cls(
+            settings.upstream,
+            settings.upstream_kind,
+            model=settings.upstream_model,
+            prompt_format=settings.upstream_prompt,
+            connect_timeout_s=settings.upstream_connect_timeout_s,
+            read_timeout_s=settings.upstream_read_timeout_s,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._session is None:
+            # No connection limit: the proxy's own concurrency limit bounds the requests.
+            connector = aiohttp.TCPConnector(limit=0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def ready(self) -> bool:
+        await self.start()
+        assert self._session is not None
+        for path in ("/health", "/v1/models"):
+            try:
+                async with self._session.get(
+                    self.base_url + path, timeout=aiohttp.ClientTimeout(total=5)
+                ) as resp:
+                    if resp.status == 200:
+                        return True
+            except (TimeoutError, aiohttp.ClientError):
+                return False
+        return False
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def build_body(self, req: GenerateRequest) -> dict[str, Any]:
+        if self.send_ids and req.prompt_ids is not None:
+            prompt: Any = req.prompt_ids
+        elif req.prompt_text is not None:
+            prompt = req.prompt_text
+        else:
+            raise ValueError("GenerateRequest has neither prompt_ids nor prompt_text")
+        s = req.sampling
+        body: dict[str, Any] = {"prompt": prompt, "stream": True,
+                                "stream_options": {"include_usage": True}}
+        if self.model:
+            body["model"] = self.model
+        for key in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+            value = getattr(s, key)
+            if value is not None:
+                body[key] = value
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if self.kind in _IDS_BY_DEFAULT:
+            body.update(_SPECIAL_TOKEN_FIELDS)
+        return body
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        await self.start()
+        assert self._session is not None
+        body = self.build_body(req)
+        try:
+            resp = await self._session.post(self.base_url + "/v1/completions", json=body)
+        except TimeoutError as exc:
+            raise BackendError("timeout", "no connection within the connect timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise BackendError("connect", f"{type(exc).__name__}: {exc}") from exc
+        try:
+            if resp.status != 200:
+                text = (await resp.text())[:500]
+                raise BackendError("status", f"HTTP {resp.status}: {text}", status=resp.status)
+            async for delta in self._read_stream(resp):
+                yield delta
+        finally:
+            # On cancellation or an early aclose() this drops the socket at once, so the
+            # engine sees the disconnect and aborts; after a clean end it is a no-op.
+            resp.close()
+
+    async def _read_stream(self, resp: aiohttp.ClientResponse) -> AsyncIterator[GenerateDelta]:
+        num_counted = 0
+        finish: str | None = None
+        try:
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, `event:` lines
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    return
+                data = json.loads(payload)
+                if "error" in data:
+                    raise BackendError("stream", f"upstream error event: {data['error']}")
+                usage = data.get("usage")
+                for choice in data.get("choices") or ():
+                    text = choice.get("text") or ""
+                    reason = choice.get("finish_reason")
+                    if reason is not None:
+                        finish = "length" if reason == "length" else "stop"
+                    if text or reason is not None:
+                        n = 1 if text else 0
+                        num_counted += n
+                        yield GenerateDelta(text, n, finish if reason is not None else None)
+                if usage and usage.get("completion_tokens") is not None:
+                    # SSE events can carry several tokens (speculative decoding, batching):
+                    # the engine's own count is authoritative.
+                    missing = int(usage["completion_tokens"]) - num_counted
+                    if missing > 0:
+                        num_counted += missing
+                        yield GenerateDelta("", missing, None)
+        except TimeoutError as exc:
+            raise BackendError("timeout", "no data from the upstream within the read timeout") from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                aiohttp.ClientConnectionError) as exc:
+            raise BackendError("stream", f"stream broken: {type(exc).__name__}: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+            raise BackendError("stream", f"unreadable SSE event: {exc}") from exc
+        if finish is None:
+            raise BackendError("stream", "upstream closed the stream before finishing")

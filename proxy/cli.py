@@ -1,0 +1,108 @@
+"""`dsml-proxy serve ...`: build the settings from flags, pick the backend, serve.
+
+    dsml-proxy serve --upstream http://127.0.0.1:8001 --upstream-kind vllm
+    dsml-proxy serve --model /models/DeepSeek-V4-Flash      # the embedded engine
+    dsml-proxy serve --demo                                 # a tiny random model (plumbing)
+
+Only flags given on the command line are passed on, so `DSML_PROXY_*` variables and the
+`--config` TOML file fill in the rest (proxy.settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from proxy.backends.base import Backend
+from proxy.logs import configure_logging
+from proxy.settings import Settings, UpstreamKind
+
+log = logging.getLogger("dsml_proxy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsml-proxy", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API",
+                           argument_default=argparse.SUPPRESS)
+    serve.add_argument("--upstream", metavar="URL",
+                       help="base URL of an engine with /v1/completions")
+    serve.add_argument("--upstream-kind", choices=[k.value for k in UpstreamKind],
+                       help="vllm (default), sglang, llamacpp (start it with --special), ds4")
+    serve.add_argument("--upstream-model", metavar="NAME", help="`model` sent upstream")
+    serve.add_argument("--upstream-prompt", choices=["ids", "text"],
+                       help="send the prompt as token ids or text (default: by kind)")
+    serve.add_argument("--model", metavar="DIR", help="checkpoint dir: the embedded engine")
+    serve.add_argument("--demo", action="store_true",
+                       help="serve a tiny random model (the default without --upstream/--model)")
+    serve.add_argument("--device", help="embedded engine device (default: cuda if available)")
+    serve.add_argument("--host", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
+                       help="require this Bearer key (repeatable)")
+    serve.add_argument("--dialect", help="v4 (default) or v4-0731")
+    serve.add_argument("--model-name", help="the served default model name")
+    serve.add_argument("--recover-empty-turns", action=argparse.BooleanOptionalAction,
+                       help="continue a turn that ended inside reasoning once (default on)")
+    serve.add_argument("--max-concurrency", type=int, help="turns generating at once")
+    serve.add_argument("--max-queue", type=int, help="turns waiting; beyond: 429")
+    serve.add_argument("--config", dest="config_file", metavar="FILE", help="a TOML file")
+    serve.add_argument("--log-level", help="INFO (default), DEBUG, WARNING")
+    return parser
+
+
+def settings_from_args(argv: list[str]) -> Settings:
+    args: dict[str, Any] = vars(build_parser().parse_args(argv))
+    args.pop("command")
+    return Settings(**args)
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.upstream:
+        from proxy.backends.upstream import UpstreamBackend
+
+        return UpstreamBackend.from_settings(settings)
+    # The engine needs torch (the `engine` extra): imported only when asked for.
+    from proxy.backends.embedded import EmbeddedBackend
+
+    device = settings.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.model is not None:
+        return EmbeddedBackend.from_checkpoint(settings.model, device=device)
+    from engine.make_checkpoint import write_checkpoint
+
+    path = settings.demo_dir
+    if not (path.is_dir() and any(path.iterdir())):
+        write_checkpoint(path, config_name="tiny", seed=0)
+    log.warning(
+        "DEMO MODE: serving a tiny RANDOM model from %s. Its output is nonsense: this shows "
+        "that the server, the wire and the metrics work, nothing more. Use --upstream URL or "
+        "--model DIR for a real model.", path)
+    return EmbeddedBackend.from_checkpoint(path, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = settings_from_args(argv)
+    configure_logging(settings.log_level)
+    from proxy.app import create_app
+
+    backend = make_backend(settings)
+    app = create_app(backend, settings)
+    log.info("serving", extra={"fields": {
+        "url": f"http://{settings.host}:{settings.port}", "backend": backend.name,
+        "dialect": settings.dialect, "model_name": settings.model_name}})
+    web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
+                access_log=None, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Encoders: parser events -> one endpoint's wire format (SSE chunks or one JSON body)."""

@@ -1,0 +1,124 @@
+"""Prometheus metrics with exactly the names, types and labels of api.md.
+
+Each app gets its own `CollectorRegistry` (tests build many apps in one process). Every
+label combination is created at zero up front, so dashboards and rate() see a series before
+the first event. Tool-turn outcomes, call outcomes and repairs are observed from the same
+parser events the encoders consume (`TurnObserver`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from dsml.events import (
+    CallOutcome,
+    Event,
+    Notice,
+    ParseResult,
+    RepairKind,
+    ToolCallEnd,
+    TurnOutcome,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Bounded label values. `messages` and `responses` are the Anthropic and Responses endpoints.
+ENDPOINTS = (
+    "chat_completions", "completions", "messages", "responses",
+    "models", "health", "ready", "metrics", "other",
+)
+GENERATION_ENDPOINTS = ("chat_completions", "completions", "messages", "responses")
+STATUSES = ("200", "400", "401", "404", "405", "413", "422", "429", "500", "502", "503", "504")
+TOKEN_KINDS = ("prompt", "completion", "reasoning")
+UPSTREAM_REASONS = ("connect", "timeout", "status", "stream")
+
+# Overhead is tens of microseconds per chunk: buckets from 50 us.
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                    0.05, 0.1, 0.25, 0.5, 1.0)
+# A thinking turn at max effort can run for many minutes: buckets to 30 minutes.
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0, 300.0, 600.0, 900.0, 1200.0, 1800.0)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 120.0, 300.0, 600.0)
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5,
+               1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self, *, version: str, dialect: str, backend: str) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "dsml_proxy_"
+        self.requests = Counter(p + "requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.inflight = Gauge(p + "inflight_requests", "Requests being served",
+                              ["endpoint"], registry=r)
+        self.duration = Histogram(p + "request_duration_seconds", "Whole request duration",
+                                  ["endpoint", "stream"], buckets=DURATION_BUCKETS, registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds",
+                              "Request start to the first generated token", ["endpoint"],
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(p + "inter_token_latency_seconds",
+                             "Time between two deltas from the backend, per token",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.overhead = Histogram(p + "overhead_seconds",
+                                  "Time spent in this process per request (backend waits excluded)",
+                                  ["endpoint"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.tokens = Counter(p + "tokens", "Tokens by kind", ["kind"], registry=r)
+        self.upstream_errors = Counter(p + "upstream_errors", "Backend failures by reason",
+                                       ["reason"], registry=r)
+        self.tool_turns = Counter(p + "tool_turns", "Turns that offered tools, by outcome",
+                                  ["outcome"], registry=r)
+        self.tool_calls = Counter(p + "tool_calls", "Tool calls by validation outcome",
+                                  ["outcome"], registry=r)
+        self.repairs = Counter(p + "dsml_repairs", "DSML tolerances applied, by kind",
+                               ["kind"], registry=r)
+        self.build_info = Gauge(p + "build_info", "Build and configuration",
+                                ["version", "dialect", "backend"], registry=r)
+        self.build_info.labels(version, dialect, backend).set(1)
+
+        for endpoint in ENDPOINTS:
+            self.inflight.labels(endpoint)
+            for status in STATUSES:
+                self.requests.labels(endpoint, status)
+            for stream in ("true", "false"):
+                self.duration.labels(endpoint, stream)
+            self.overhead.labels(endpoint)
+            self.ttft.labels(endpoint)
+        for kind in TOKEN_KINDS:
+            self.tokens.labels(kind)
+        for reason in UPSTREAM_REASONS:
+            self.upstream_errors.labels(reason)
+        for outcome in TurnOutcome:
+            self.tool_turns.labels(outcome.value)
+        for outcome in CallOutcome:
+            self.tool_calls.labels(outcome.value)
+        for kind in RepairKind:
+            self.repairs.labels(kind.value)
+
+    def scrape(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class TurnObserver:
+    """Feeds one turn's parser events into the metrics (no per-event allocation)."""
+
+    __slots__ = ("_metrics",)
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, ToolCallEnd):
+            self._metrics.tool_calls.labels(event.outcome.value).inc()
+        elif isinstance(event, Notice):
+            self._metrics.repairs.labels(event.kind.value).inc()
+
+    def on_turn(self, result: ParseResult, *, prompt_tokens: int, completion_tokens: int,
+                reasoning_tokens: int) -> None:
+        m = self._metrics
+        m.tokens.labels("prompt").inc(prompt_tokens)
+        m.tokens.labels("completion").inc(completion_tokens)
+        m.tokens.labels("reasoning").inc(reasoning_tokens)
+        if result.turn_outcome is not None:
+            m.tool_turns.labels(result.turn_outcome.value).inc()

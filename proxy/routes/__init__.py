@@ -1,0 +1,1 @@
+"""HTTP handlers, one module per endpoint family. Each handler: validate, run, encode."""

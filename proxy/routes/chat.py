@@ -1,0 +1,52 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from dsml.prompt import Prompt
+from dsml.request import render_chat
+from proxy import state
+from proxy.backends.base import SamplingParams
+from proxy.encoders.chat import ChatStreamEncoder, chat_completion_body
+from proxy.routes.common import drain, read_json, stream_turn
+from schemas.openai_chat import ChatCompletionRequest
+
+ENDPOINT = "chat_completions"
+
+
+def render(app: web.Application, chat: ChatCompletionRequest, default_thinking: bool) -> Prompt:
+    payload = chat.model_dump(exclude_none=True, by_alias=True)
+    app[state.REASONING_CACHE].backfill(payload["messages"])
+    return render_chat(payload, dialect=app[state.SETTINGS].dialect,
+                       default_thinking=default_thinking)
+
+
+def sampling(chat: ChatCompletionRequest) -> SamplingParams:
+    return SamplingParams(
+        # max_completion_tokens counts reasoning too, like the turn budget does.
+        max_tokens=chat.max_completion_tokens or chat.max_tokens,
+        temperature=chat.temperature,
+        top_p=chat.top_p,
+        top_k=chat.top_k,
+        seed=chat.seed,
+        stop=chat.stop_list(),
+    )
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    chat = ChatCompletionRequest.model_validate(await read_json(request))
+    request[state.LOG_FIELDS]["model"] = chat.model
+    prompt = render(app, chat, app[state.MODELS].thinking(chat.model))
+    async with app[state.LIMITER].slot():
+        turn = app[state.RUNNER].start(
+            prompt, sampling(chat), endpoint=ENDPOINT, clock=request[state.CLOCK],
+            parallel_tool_calls=chat.parallel_tool_calls is not False,
+        )
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            encoder = ChatStreamEncoder(chat.model, include_usage=include_usage)
+            return await stream_turn(request, turn, encoder)
+        await drain(request, turn)
+    return web.json_response(chat_completion_body(turn, chat.model))

@@ -1,0 +1,82 @@
+"""POST /v1/completions: a raw prompt (text or token ids) straight to the backend.
+
+For debugging and for clients that format DeepSeek prompts themselves: no rendering and no
+DSML parsing. A text prompt is tokenized with control strings matched (the client wrote the
+whole prompt, so there is nothing to forge).
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+from aiohttp import web
+
+from proxy import state
+from proxy.backends.base import BackendError, GenerateRequest, SamplingParams
+from proxy.encoders.completions import CompletionStreamEncoder, completion_body
+from proxy.errors import ApiError, sse_error_event, to_api_error
+from proxy.routes.common import read_json
+from schemas.openai_completions import CompletionRequest
+
+ENDPOINT = "completions"
+
+
+def generate_request(app: web.Application, req: CompletionRequest) -> GenerateRequest:
+    tokenizer = app[state.TOKENIZER]
+    if isinstance(req.prompt, str):
+        ids, text = tokenizer.encode_generated(req.prompt), req.prompt
+    else:
+        bad = [i for i in req.prompt if not 0 <= i < tokenizer.vocab_size]
+        if bad:
+            raise ApiError(400, f"token ids out of range: {bad[:5]}", param="prompt")
+        ids, text = list(req.prompt), tokenizer.decode(req.prompt)
+    sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
+                              top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+                              stop=req.stop_list())
+    return GenerateRequest(prompt_ids=ids, prompt_text=text, sampling=sampling)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    req = CompletionRequest.model_validate(await read_json(request))
+    app[state.MODELS].thinking(req.model)  # 404 for unknown names
+    gen = generate_request(app, req)
+    metrics, clock = app[state.METRICS], request[state.CLOCK]
+    num_prompt = len(gen.prompt_ids or [])
+    async with app[state.LIMITER].slot():
+        deltas = app[state.RUNNER].deltas(gen, endpoint=ENDPOINT, clock=clock)
+        num_completion, finish, texts = 0, "stop", []
+        async with aclosing(deltas):
+            if not req.stream:
+                async for delta in deltas:
+                    texts.append(delta.text)
+                    num_completion += delta.num_tokens
+                    finish = delta.finish_reason or finish
+                body = completion_body(req.model, "".join(texts), finish, num_prompt,
+                                       num_completion)
+                response: web.StreamResponse = web.json_response(body)
+            else:
+                request[state.STREAM] = True
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                encoder = CompletionStreamEncoder(req.model, include_usage=include_usage)
+                first = await anext(deltas, None)  # before prepare: 502/504 stay HTTP errors
+                response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                       "Cache-Control": "no-cache"})
+                await response.prepare(request)
+                try:
+                    delta = first
+                    while delta is not None:
+                        num_completion += delta.num_tokens
+                        finish = delta.finish_reason or finish
+                        if delta.text:
+                            await response.write(encoder.text(delta.text))
+                        delta = await anext(deltas, None)
+                    await response.write(encoder.finish(finish, num_prompt, num_completion))
+                except BackendError as exc:
+                    err = to_api_error(exc)
+                    assert err is not None
+                    await response.write(sse_error_event(err))
+                await response.write_eof()
+    metrics.tokens.labels("prompt").inc(num_prompt)
+    metrics.tokens.labels("completion").inc(num_completion)
+    return response

@@ -1,0 +1,16 @@
+"""GET /v1/models and GET /v1/models/{model_id}."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy import state
+
+
+async def list_models(request: web.Request) -> web.Response:
+    models = request.app[state.MODELS]
+    return web.json_response({"object": "list", "data": [models.card(n) for n in models.names]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    return web.json_response(request.app[state.MODELS].card(request.match_info["model_id"]))

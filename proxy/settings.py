@@ -1,0 +1,110 @@
+"""The one configuration object. Nothing else in the project reads the environment.
+
+Precedence (highest first): command-line flags (passed as init arguments by `proxy.cli`),
+`DSML_PROXY_*` environment variables, a TOML file (`--config FILE`), the defaults below.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class UpstreamKind(StrEnum):
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    LLAMACPP = "llamacpp"
+    DS4 = "ds4"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DSML_PROXY_", extra="forbid")
+
+    # -- serving ---------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_name: str = "deepseek-v4"  # the server default model (thinking = default_thinking)
+    dialect: str = "v4"  # a dsml.Dialect value
+    default_thinking: bool = True  # DeepSeek's API default when a request says nothing
+
+    # -- backend -----------------------------------------------------------------------------
+    upstream: str | None = None  # base URL of an engine, e.g. http://127.0.0.1:8001
+    upstream_kind: UpstreamKind = UpstreamKind.VLLM
+    upstream_model: str | None = None  # `model` sent upstream (None: omitted / server default)
+    upstream_prompt: str | None = None  # "ids" | "text"; None: what the kind accepts best
+    upstream_connect_timeout_s: float = Field(10.0, gt=0)
+    upstream_read_timeout_s: float = Field(600.0, gt=0)  # max silence between two chunks
+    model: Path | None = None  # checkpoint dir for the embedded engine
+    demo: bool = False  # serve a tiny random checkpoint (plumbing demo)
+    demo_dir: Path = Path("~/.cache/dsml-proxy/demo").expanduser()
+    device: str | None = None  # embedded engine: None = cuda if available, else cpu
+
+    # -- turn policy -------------------------------------------------------------------------
+    recover_empty_turns: bool = True
+    reasoning_cache_size: int = Field(4096, ge=0)  # tool-call ids remembered (LRU)
+    strict_tool_calls: bool = False  # hold calls until validated (dsml.md section 6)
+
+    # -- limits and auth -----------------------------------------------------------------------
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    max_concurrency: int = Field(64, ge=1)  # turns generating at once
+    max_queue: int = Field(256, ge=0)  # turns waiting for a slot; beyond: 429
+    retry_after_s: int = Field(1, ge=0)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    public_health: bool = True  # /health and /ready without a key
+    public_metrics: bool = True  # /metrics without a key
+
+    # -- logging -------------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_requests: bool = True
+
+    config_file: Path | None = Field(None, exclude=True)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        # DSML_PROXY_API_KEYS="k1,k2" as well as a JSON list.
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("upstream_prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | None) -> str | None:
+        if value not in (None, "ids", "text"):
+            raise ValueError("upstream_prompt must be 'ids' or 'text'")
+        return value
+
+    @field_validator("dialect")
+    @classmethod
+    def _check_dialect(cls, value: str) -> str:
+        from dsml.dialects import Dialect
+
+        return Dialect(value).value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = init_settings.init_kwargs.get("config_file")  # type: ignore[attr-defined]
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    def api_key_values(self) -> list[bytes]:
+        return [k.get_secret_value().encode() for k in self.api_keys]

@@ -1,0 +1,342 @@
+"""The turn runner: one assistant turn, whatever the endpoint and whatever the backend.
+
+    Prompt (dsml.render_chat) -> token ids -> Backend.generate -> dsml.StreamParser -> events
+
+Endpoints (chat completions now; Anthropic messages and Responses later) translate their
+request into a `Prompt` + `SamplingParams`, iterate `Turn.events()`, and encode each event;
+after the iteration `Turn.result`, the token counts and `Turn.finish_reason` are final.
+
+What the runner adds on top of the parser (dsml.md section 6 does the rest):
+
+- Forced tool choice. The model cannot be told "you must call a tool", so the turn is
+  continued with the tool block opener (and `<｜DSML｜invoke name="…">` for a named tool), fed
+  to the parser as if the model wrote it. In thinking mode the reasoning is generated first,
+  up to `</think>` (a stop string), then the turn continues after `</think>` + the opener.
+- `parallel_tool_calls: false`: generation stops after the first complete invoke.
+- Empty-turn recovery: a thinking turn that ends inside reasoning, with no answer and no
+  call, is continued once after an appended `</think>` (TurnOutcome.RECOVERED_EMPTY).
+- Reasoning produced for tool calls is remembered by call id (`ReasoningCache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import dsml
+from dsml.events import (
+    Event,
+    ParseResult,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    TurnOutcome,
+)
+from dsml.markers import EOS, THINK_CLOSE, TOOL_CALLS_CLOSE, TOOL_CALLS_OPEN, invoke_open
+from dsml.prompt import Prompt
+from dsml.tokenizer import V4Tokenizer
+from proxy.backends.base import (
+    Backend,
+    BackendError,
+    GenerateDelta,
+    GenerateRequest,
+    SamplingParams,
+)
+from proxy.metrics import Metrics, TurnObserver
+from proxy.reasoning_cache import ReasoningCache
+from proxy.timing import RequestClock
+
+FORCED_BLOCK = "\n\n" + TOOL_CALLS_OPEN + "\n"
+# End of an invoke in any tolerated spelling: `</｜DSML｜invoke>`, `</|DSML|invoke>`, `.../>`.
+_INVOKE_END = re.compile(r"invoke\s*>|/>")
+
+
+def forced_opener(prompt: Prompt) -> str:
+    """The text that forces the prompt's tool choice, "" when the model may choose."""
+    if not prompt.tools:
+        return ""
+    choice: Any = prompt.tool_choice
+    if choice == "required":
+        return FORCED_BLOCK
+    if isinstance(choice, dict):
+        if choice.get("type") == "allowed_tools":
+            mode = (choice.get("allowed_tools") or {}).get("mode")
+            return FORCED_BLOCK if mode == "required" else ""
+        name = (choice.get("function") or {}).get("name")
+        if name:
+            return FORCED_BLOCK + invoke_open(name) + "\n"
+    return ""
+
+
+class TurnRunner:
+    """Shared by every request of one app: the backend, tokenizer, metrics and policy."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: V4Tokenizer,
+        metrics: Metrics,
+        *,
+        reasoning_cache: ReasoningCache,
+        recover_empty_turns: bool = True,
+        strict_tool_calls: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.reasoning_cache = reasoning_cache
+        self.recover_empty_turns = recover_empty_turns
+        self.strict_tool_calls = strict_tool_calls
+
+    def start(
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        *,
+        endpoint: str,
+        clock: RequestClock,
+        parallel_tool_calls: bool = True,
+    ) -> Turn:
+        return Turn(self, prompt, sampling, endpoint=endpoint, clock=clock,
+                    parallel_tool_calls=parallel_tool_calls)
+
+    async def deltas(
+        self, req: GenerateRequest, *, endpoint: str, clock: RequestClock
+    ) -> AsyncIterator[GenerateDelta]:
+        """The backend's deltas, timed: waits excluded from overhead, TTFT, inter-token latency,
+        upstream errors counted. Closing this iterator closes the backend stream at once."""
+        metrics = self.metrics
+        last_at: float | None = None
+        try:
+            async with aclosing(self.backend.generate(req)) as stream:
+                while True:
+                    clock.wait_begin()
+                    try:
+                        delta = await anext(stream)
+                    except StopAsyncIteration:
+                        clock.wait_end()
+                        return
+                    now = clock.wait_end()
+                    if delta.num_tokens:
+                        if clock.first_token_at is None:
+                            clock.first_token_at = now
+                            metrics.ttft.labels(endpoint).observe(now - clock.started)
+                        elif last_at is not None:
+                            metrics.itl.observe((now - last_at) / delta.num_tokens)
+                        last_at = now
+                    yield delta
+        except BackendError as exc:
+            metrics.upstream_errors.labels(exc.reason).inc()
+            raise
+
+
+class Turn:
+    def __init__(
+        self,
+        runner: TurnRunner,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        *,
+        endpoint: str,
+        clock: RequestClock,
+        parallel_tool_calls: bool,
+    ) -> None:
+        self._runner = runner
+        self.prompt = prompt
+        self.sampling = sampling
+        self.endpoint = endpoint
+        self._clock = clock
+        self.parallel_tool_calls = parallel_tool_calls
+        self._observer = TurnObserver(runner.metrics)
+        self._parser: Any = None
+        self._prompt_ids: list[int] = []
+        self._generated: list[str] = []  # model-side text after the prompt (forced text included)
+        self._in_reasoning = prompt.thinking
+        self._saw_think_close = False
+        self._saw_eos = False
+        self._backend_finish: str | None = None
+        self._num_calls_started = 0
+        self._first_call_done = False
+        self._stopped_after_first_call = False
+        # Final figures, valid once events() is exhausted.
+        self.result: ParseResult | None = None
+        self.finish_reason = "stop"
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.reasoning_tokens = 0
+        self.recovered_empty = False
+
+    # -- the turn -----------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        runner, prompt = self._runner, self.prompt
+        self._prompt_ids = runner.tokenizer.encode_prompt(prompt)
+        self.prompt_tokens = len(self._prompt_ids)
+        self._parser = dsml.StreamParser(
+            tools=prompt.tools, thinking=prompt.thinking, strict=runner.strict_tool_calls
+        )
+        user_stop = list(self.sampling.stop)
+        forced = forced_opener(prompt)
+        if forced and prompt.thinking:
+            async for event in self._generate(stop=[THINK_CLOSE]):
+                yield event
+            if self._backend_finish != "length" and not self._num_calls_started:
+                self._saw_eos = False  # an EOS inside reasoning: force the call all the same
+                for event in self._inject(("" if self._saw_think_close else THINK_CLOSE) + forced):
+                    yield event
+                async for event in self._generate(stop=user_stop):
+                    yield event
+        else:
+            if forced:
+                # in_prompt: the renderer already ended the prompt with the opener.
+                for event in self._inject(forced, in_prompt=prompt.text.endswith(forced)):
+                    yield event
+            async for event in self._generate(stop=user_stop):
+                yield event
+            if self._should_recover_empty():
+                self.recovered_empty = True
+                self._saw_eos = False
+                for event in self._inject(THINK_CLOSE):
+                    yield event
+                async for event in self._generate(stop=user_stop):
+                    yield event
+        if self._stopped_after_first_call:
+            for event in self._close_block():
+                yield event
+        elif self._saw_eos:
+            for event in self._feed(EOS):
+                yield event
+        for event in self._filter(self._parser.finish()):
+            yield event
+        self._finish_turn()
+
+    async def _generate(self, *, stop: list[str]) -> AsyncIterator[Event]:
+        if self._saw_eos or self._stopped_after_first_call:
+            return
+        sampling = dataclasses.replace(self.sampling, stop=stop)
+        if sampling.max_tokens is not None:
+            sampling.max_tokens -= self.completion_tokens  # max_completion_tokens spans phases
+            if sampling.max_tokens <= 0:
+                self._backend_finish = "length"
+                return
+        tokenizer = self._runner.tokenizer
+        generated = "".join(self._generated)
+        req = GenerateRequest(
+            # Model-side text is re-encoded with control tokens matched: it is what the
+            # model wrote (or what we force it to have written), never client text.
+            prompt_ids=self._prompt_ids + tokenizer.encode_generated(generated),
+            prompt_text=self.prompt.text + generated,
+            sampling=sampling,
+        )
+        self._backend_finish = None
+        async with aclosing(
+            self._runner.deltas(req, endpoint=self.endpoint, clock=self._clock)
+        ) as deltas:
+            async for delta in deltas:
+                self.completion_tokens += delta.num_tokens
+                if self._in_reasoning:
+                    self.reasoning_tokens += delta.num_tokens
+                if delta.finish_reason is not None:
+                    self._backend_finish = delta.finish_reason
+                text = delta.text
+                if not text:
+                    continue
+                cut = text.find(EOS)
+                if cut >= 0:
+                    # Nothing follows EOS. It is held back (fed just before finish) so that a
+                    # recovery continuation can still append `</think>`.
+                    text = text[:cut]
+                    self._saw_eos = True
+                if THINK_CLOSE in text:
+                    self._in_reasoning = False
+                    self._saw_think_close = True
+                self._generated.append(text)
+                for event in self._feed(text):
+                    yield event
+                if self._saw_eos:
+                    break
+                if self._first_call_done and not self.parallel_tool_calls:
+                    self._stopped_after_first_call = True
+                    break  # closing `deltas` cancels the backend request
+
+    def _inject(self, text: str, *, in_prompt: bool = False) -> list[Event]:
+        """Text the model is made to have written: fed to the parser, appended to the prompt."""
+        if not in_prompt:
+            self._generated.append(text)
+        if THINK_CLOSE in text:
+            self._in_reasoning = False
+            self._saw_think_close = True
+        return self._feed(text)
+
+    def _feed(self, text: str) -> list[Event]:
+        return self._filter(self._parser.feed(text))
+
+    def _filter(self, events: list[Event]) -> list[Event]:
+        out = []
+        for event in events:
+            if isinstance(event, ToolCallStart | ToolCallArgsDelta | ToolCallEnd):
+                if not self.parallel_tool_calls and event.index > 0:
+                    continue  # parallel_tool_calls=false: only the first call is delivered
+                if isinstance(event, ToolCallStart):
+                    self._num_calls_started += 1
+                elif isinstance(event, ToolCallEnd) and event.index == 0:
+                    self._first_call_done = True
+            self._observer.on_event(event)
+            out.append(event)
+        return out
+
+    def _close_block(self) -> list[Event]:
+        # Generation was cut right after the first invoke closer: close the block the way the
+        # model would have, so the parser ends cleanly instead of reporting a truncated block.
+        generated = "".join(self._generated)
+        ends = list(_INVOKE_END.finditer(generated))
+        tail = generated[ends[-1].end():] if ends else generated
+        if tail.strip():
+            return []  # something else had started; the parser's end-of-stream rules apply
+        return self._feed(("" if tail.endswith("\n") else "\n") + TOOL_CALLS_CLOSE)
+
+    def _should_recover_empty(self) -> bool:
+        if not (
+            self._runner.recover_empty_turns
+            and self.prompt.thinking
+            and not self._saw_think_close
+            and not self._num_calls_started
+            and self._backend_finish == "stop"
+            # A user stop string may have ended the turn on purpose: only an EOS says the
+            # model itself gave up inside reasoning.
+            and (not self.sampling.stop or self._saw_eos)
+        ):
+            return False
+        # A tool block written inside reasoning is only decided at the end of the stream
+        # (dsml.md section 6), so ask a throwaway parser how this turn would end. This runs
+        # once, only for turns that never left reasoning.
+        probe = dsml.StreamParser(tools=self.prompt.tools, thinking=True)
+        probe.feed("".join(self._generated))
+        probe.finish()
+        return not probe.result.tool_calls
+
+    def _finish_turn(self) -> None:
+        result: ParseResult = self._parser.result
+        if not self.parallel_tool_calls:
+            del result.tool_calls[1:]
+        if self.recovered_empty and result.turn_outcome is not None and (
+            result.tool_calls or result.content.strip()
+        ):
+            result.turn_outcome = TurnOutcome.RECOVERED_EMPTY
+        if result.tool_calls:
+            self.finish_reason = "tool_calls"
+            cache = self._runner.reasoning_cache
+            for call in result.tool_calls:
+                cache.put(call.id, result.reasoning_content)
+        else:
+            self.finish_reason = "length" if self._backend_finish == "length" else "stop"
+        self.result = result
+        self._observer.on_turn(
+            result,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+        )
