@@ -15,7 +15,6 @@ bounded number of times however long the stream gets.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from itertools import product
 
 from dsml.events import RepairKind
@@ -54,25 +53,43 @@ def _heads() -> list[str]:
     return out
 
 
-_ALL_HEADS = [*_heads(), THINK_CLOSE, EOS]
-MAX_HEAD = max(len(h) for h in _ALL_HEADS)
+_DSML_HEADS = _heads()
+MAX_HEAD = max(len(h) for h in [*_DSML_HEADS, THINK_CLOSE, EOS])
 MAX_TAG = 2048  # a tag with attributes; longer than any tool or parameter name we accept
-# Every proper prefix of every marker head: `rest in _PREFIXES` means "wait for more".
-_PREFIXES = frozenset(h[:i] for h in _ALL_HEADS for i in range(1, len(h) + 1))
+# `rest in _PREFIXES` means "wait for more": proper prefixes of `</think>` and EOS, and
+# DSML heads up to their full name (the next character must show where the name ends).
+_PREFIXES = frozenset(
+    [h[:i] for h in _DSML_HEADS for i in range(1, len(h) + 1)]
+    + [m[:i] for m in (THINK_CLOSE, EOS) for i in range(1, len(m))]
+)
 
 
-@dataclass(frozen=True, slots=True)
 class Tag:
-    kind: int
-    raw: str
-    attrs: dict[str, str]
-    self_closing: bool
-    repairs: tuple[RepairKind, ...]
+    """One complete DSML tag. A plain slotted class: built once per tag on the hot path."""
+
+    __slots__ = ("attrs", "kind", "raw", "repairs", "self_closing")
+
+    def __init__(self, kind: int, raw: str, attrs: dict[str, str], self_closing: bool,
+                 repairs: tuple[RepairKind, ...]) -> None:  # fmt: skip
+        self.kind = kind
+        self.raw = raw
+        self.attrs = attrs
+        self.self_closing = self_closing
+        self.repairs = repairs
+
+    def __repr__(self) -> str:
+        return f"Tag({self.raw!r})"
+
+
+_CANONICAL_NAMES = frozenset(("tool_calls", "invoke", "parameter"))
 
 
 def _repairs(m: re.Match[str], attr_text: str, name: str) -> tuple[RepairKind, ...]:
-    out = []
     before, after, space = m.group(2), m.group(3), m.group(4)
+    if (before == after == "｜" and not space and name in _CANONICAL_NAMES
+            and (not attr_text or _CANONICAL_ATTRS.fullmatch(attr_text))):
+        return ()  # the common case, decided in one regex call
+    out = []
     if before == "":
         out.append(RepairKind.MISSING_BAR)
     if "|" in before or "|" in after:
@@ -91,7 +108,7 @@ def _repairs(m: re.Match[str], attr_text: str, name: str) -> tuple[RepairKind, .
 class IncrementalLexer:
     """Holds the undecided tail; `next()` returns one token or None (needs more text)."""
 
-    __slots__ = ("_buf", "_pos", "tag_wait")
+    __slots__ = ("_buf", "_pos", "prefix_wait", "tag_wait")
 
     def __init__(self) -> None:
         self._buf = ""
@@ -99,6 +116,7 @@ class IncrementalLexer:
         # A recognised tag head waits for its `>`: until a delta brings `>`, `<` or a
         # newline, the parser may just push() without calling next() (its fast path).
         self.tag_wait = False
+        self.prefix_wait = False  # the held text is a proper prefix of a marker head
 
     def push(self, text: str) -> None:
         pos = self._pos
@@ -108,11 +126,27 @@ class IncrementalLexer:
             self._buf = text
         self._pos = 0
 
+    def absorb(self, text: str) -> bool:
+        """Take `text` without reading it when it cannot decide what is held: a marker head
+        still growing, or a tag whose `>` has not come. The parser's fast path for markup."""
+        if self.tag_wait:
+            if ">" in text or "<" in text or "\n" in text:
+                return False
+            self.push(text)
+            return len(self._buf) <= MAX_TAG
+        if self.prefix_wait:
+            cand = self._buf[self._pos :] + text
+            if len(cand) <= MAX_HEAD and cand in _PREFIXES:
+                self._buf = cand
+                self._pos = 0
+                return True
+        return False
+
     def clear(self) -> None:
         """Drop everything not yet read (text after EOS)."""
         self._buf = ""
         self._pos = 0
-        self.tag_wait = False
+        self.tag_wait = self.prefix_wait = False
 
     @property
     def held(self) -> str:
@@ -124,7 +158,7 @@ class IncrementalLexer:
         buf = self._buf
         pos = self._pos
         n = len(buf)
-        self.tag_wait = False
+        self.tag_wait = self.prefix_wait = False
         if pos >= n:
             return None
         lt = buf.find("<", pos)
@@ -157,6 +191,7 @@ class IncrementalLexer:
                     self.tag_wait = True
                     return None
         elif not final and n - pos <= MAX_HEAD and buf[pos:] in _PREFIXES:
+            self.prefix_wait = True
             return None
         # Not a marker: the `<` is text, up to the next `<`.
         lt = buf.find("<", pos + 1)

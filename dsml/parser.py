@@ -75,7 +75,6 @@ from dsml.lexer import (
     PARAM_OPEN,
     TEXT,
     THINK,
-    MAX_TAG,
     IncrementalLexer,
     Tag,
 )
@@ -124,11 +123,14 @@ def _escape(text: str) -> str:
 
 
 def default_id() -> str:
-    return "call_" + "".join(secrets.choice(_ALPHANUM) for _ in range(24))
+    """`call_` + 24 random alphanumerics (one urandom call; bytes >= 248 are skipped so
+    that every character is equally likely)."""
+    chars = [_ALPHANUM[b % 62] for b in secrets.token_bytes(40) if b < 248]
+    return "call_" + "".join(chars[:24]) if len(chars) >= 24 else default_id()
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+# json.dumps builds a new encoder per call when given options (~2 us); this one is reused.
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class _Call:
@@ -220,6 +222,7 @@ class StreamParser:
         self._kind = TEXT  # kind of the token being handled
         self._summed = (0, 0)  # (pieces of _raw summed, their total length)
         self._junk_spans: list[int] = []
+        self._in_junk = False  # unreadable block text runs until the next tag
         self._result: ParseResult | None = None
         self.spans: list[tuple[str, str]] | None = [] if trace else None
         self._update_fast()
@@ -247,12 +250,8 @@ class StreamParser:
                 self._reasoning.append(text)
                 return [_reasoning(text)]
         lex = self._lex
-        if lex.tag_wait and ">" not in text and "<" not in text and "\n" not in text:
-            # A tag's attributes are still arriving: nothing to decide until `>`.
-            lex.push(text)
-            if len(lex.held) <= MAX_TAG:
-                return []
-            text = ""
+        if (lex.tag_wait or lex.prefix_wait) and lex.absorb(text):
+            return []  # a marker is still arriving: nothing to decide yet
         if self._state == DONE:
             self._span("ignored", text)
             return []
@@ -303,6 +302,8 @@ class StreamParser:
                 return
             kind, raw, tag = tok
             self._kind = kind
+            if kind != TEXT:
+                self._in_junk = False
             if self._hold is not None:
                 self._hold.raw.append(raw)
             _TABLE[self._state][kind](self, raw, tag)
@@ -409,12 +410,15 @@ class StreamParser:
         self._state = CONTENT
 
     def _on_eos(self, raw: str, tag: Tag | None) -> None:
+        if self._hold is not None:
+            self._hold.raw.pop()  # EOS is not part of the held text
         self._end(eos=True, raw=raw)
 
     def _on_orphan(self, raw: str, tag: Tag | None) -> None:
         if not self._has_tools:
             self._text(CONTENT, raw)
             return
+        self._flush_nl()
         self._span("markup", raw)
         self._notice(RepairKind.ORPHAN_CLOSER, raw, dedupe=False)
 
@@ -482,11 +486,28 @@ class StreamParser:
             self._notice(RepairKind.WHITESPACE, repr(ws))
 
     def _on_block_text(self, raw: str, tag: Tag | None) -> None:
-        if raw.isspace():
+        if self._in_junk:
+            self._on_junk(raw, tag)
+        elif raw.isspace():
             self._ws += raw
             self._span("markup", raw)
         else:
-            self._on_junk(raw, tag)
+            self._start_junk(raw, tag)
+
+    def _leading_ws(self, raw: str) -> str:
+        """Whitespace before text inside a block is markup however the deltas split it."""
+        body = raw.lstrip()
+        if len(body) < len(raw):
+            self._ws += raw[: len(raw) - len(body)]
+            self._span("markup", raw[: len(raw) - len(body)])
+        return body
+
+    def _start_junk(self, raw: str, tag: Tag | None) -> None:
+        """The text up to the next tag is junk (read again at the block's end)."""
+        if self._hold is None:
+            raw = self._leading_ws(raw)
+        self._in_junk = True
+        self._on_junk(raw, tag)
 
     def _on_junk(self, raw: str, tag: Tag | None) -> None:
         """Something the state machine cannot read inside a block."""
@@ -533,15 +554,18 @@ class StreamParser:
     def _on_invoke_text(self, raw: str, tag: Tag | None) -> None:
         call = self._call
         assert call is not None
-        if raw.isspace():
+        if self._in_junk:
+            self._on_junk(raw, tag)
+        elif raw.isspace():
             self._ws += raw
             self._span("markup", raw)
         elif call.emitted == 0 and call.pending is None and not call.args:
+            raw = self._leading_ws(raw)
             call.body = [raw]
             self._span("markup", raw)
             self._state = BODY
         else:
-            self._on_junk(raw, tag)
+            self._start_junk(raw, tag)
 
     def _on_body_any(self, raw: str, tag: Tag | None) -> None:
         assert self._call is not None and self._call.body is not None
@@ -701,7 +725,7 @@ class StreamParser:
             return
         params = repair.read_parameters(text)
         if params is None:
-            call.errors.append(f"invoke body is neither parameters nor a JSON object: {text[:80]!r}")
+            call.errors.append(f"invoke body is neither parameters nor a JSON object: {text[:200]!r}")
             return
         call.repairs.append(RepairKind.LXML_REPAIR)
         self._notice(RepairKind.LXML_REPAIR, call.name)
@@ -742,6 +766,8 @@ class StreamParser:
         self._state = BLOCK
         invalid = outcome not in (CallOutcome.VALID, CallOutcome.REPAIRED)
         if hold is None:
+            if self._junk:  # resolve it now: the unfinished part of the block starts here
+                self._repair_junk()
             if call.streaming:
                 self._end_call(call, outcome, error)
             elif invalid:  # strict mode
@@ -854,7 +880,7 @@ class StreamParser:
     def _on_after_think(self, raw: str, tag: Tag | None) -> None:
         hold = self._hold
         if hold is not None and hold.region == REASONING and hold.think_at < 0:
-            hold.think_at = len(hold.raw)
+            hold.think_at = len(hold.raw) - 1  # the `</think>` just appended
             self._span("markup", raw)
             return
         self._on_after_text(raw, tag)
@@ -869,6 +895,7 @@ class StreamParser:
         if self._hold is not None:
             self._reject(raw, tag)
             return
+        self._flush_after_ws()
         self._span("markup", raw)
         self._notice(RepairKind.ORPHAN_CLOSER, raw, dedupe=False)
 

@@ -1,9 +1,12 @@
-"""DeepSeek's message list -> a `Prompt` of segments, byte-identical to DeepSeek's encoder.
+"""DeepSeek's message list -> a `Prompt` of segments, byte-identical to DeepSeek's encoders.
 
-This is a port of `encode_messages` from `encoding/encoding_dsv4.py` (the V4 release), with
-one change of output type: instead of one string it produces segments, so that only the
-control strings this renderer inserts can become special tokens (dsml.md section 4).
-`Prompt.text` is exactly the reference encoder's string.
+This is a port of `encode_messages` from DeepSeek's reference encoders: `encoding_dsv4.py`
+(V4 and V4-0731, which differ only in effort texts), its V4.1 successor (spaced tag names,
+a `<｜System｜>` turn for the effort budget and for mid-conversation system messages) and
+`encoding_dsv32.py` (V3.2: `function_calls`, positional `<function_results>`; its own
+`_V32Renderer` below). One change of output type: instead of one string it produces
+segments, so that only the control strings this renderer inserts can become special tokens
+(dsml.md section 4). `Prompt.text` is exactly the reference encoder's string.
 
 A thinking-mode conversation with one tool call renders as:
 
@@ -258,6 +261,7 @@ class _Renderer:
         self.drop_thinking = drop_thinking
         self.out = SegmentBuilder()
         self.continues_reasoning = False  # an open assistant turn left inside reasoning
+        self.is_v32 = dialect == Dialect.V3_2
 
     # -- sections owned by a system or developer message
 
@@ -376,7 +380,9 @@ class _Renderer:
         after_task = i > 0 and messages[i - 1].get("task") is not None
         content = _as_text(msg.get("content"), f"messages[{i}].content")
         open_turn = bool(msg.get("wo_eos") or msg.get("prefix"))
-        if self.thinking and not after_task and (not self.drop_thinking or i > last_user):
+        # V3.2 writes reasoning only after the last user turn, whatever drop_thinking says.
+        keeps_reasoning = i > last_user or (not self.drop_thinking and not self.is_v32)
+        if self.thinking and not after_task and keeps_reasoning:
             self.out.text(
                 _as_text(msg.get("reasoning_content"), f"messages[{i}].reasoning_content")
             )
@@ -414,6 +420,66 @@ class _Renderer:
             self.out.control(mk.ASSISTANT)
             opens_reasoning = self.thinking and (not self.drop_thinking or i >= last_user)
             self.out.control(mk.THINK_OPEN if opens_reasoning else mk.THINK_CLOSE)
+
+
+class _V32Renderer(_Renderer):
+    """DeepSeek-V3.2 (`encoding_dsv32.py`): every user turn ends with the assistant opener,
+    tool results follow the calls as one `<function_results>` block per call group, matched
+    to calls by position, and earlier reasoning is dropped even when tools are offered."""
+
+    def render(self, messages: list[dict[str, Any]]) -> None:
+        for i, msg in enumerate(messages):
+            if msg.get("task") is not None or msg["role"] == "latest_reminder":
+                raise RenderError(
+                    f"messages[{i}]: DeepSeek-V3.2 has no tasks or reminder turns",
+                    param=f"messages[{i}]",
+                )
+        if self.thinking and self.drop_thinking:
+            messages = _drop_thinking(messages, False, kept_roles=("user", "system", "tool"))
+        last_user = _last_user_index(messages)
+        self.out.control(mk.BOS)
+        for i, msg in enumerate(messages):
+            role = msg["role"]
+            content_param = f"messages[{i}].content"
+            if role == "system":
+                self.out.text(_as_text(msg.get("content"), content_param))
+                self.attachments(msg, i)
+            elif role in ("user", "developer"):
+                content = _as_text(msg.get("content"), content_param)
+                self.out.control(mk.USER)
+                if role == "developer":
+                    if not content:
+                        raise RenderError("a developer message needs content", param=content_param)
+                    self.attachments(msg, i)
+                    content = f"\n\n# The user's message is: {content}"
+                self.out.text(content)
+                self.out.control(mk.ASSISTANT)
+                self.out.control(
+                    mk.THINK_OPEN if self.thinking and i == last_user else mk.THINK_CLOSE
+                )
+            elif role == "tool":
+                self.tool_result(i, messages, last_user)
+            else:
+                self.assistant(i, messages, last_user)
+
+    def tool_result(self, i: int, messages: list[dict[str, Any]], last_user: int) -> None:
+        caller = i - 1
+        while caller >= 0 and messages[caller]["role"] == "tool":
+            caller -= 1
+        calls = messages[caller].get("tool_calls") if caller >= 0 else None
+        position = i - caller  # 1 for the first result of the group
+        if messages[caller]["role"] != "assistant" or not calls or len(calls) < position:
+            raise RenderError(
+                f"messages[{i}]: a tool result must follow an assistant message with as many tool calls",
+                param=f"messages[{i}]",
+            )
+        if position == 1:
+            self.out.text("\n\n<function_results>")
+        text = _tool_result_text(messages[i].get("content"), f"messages[{i}].content")
+        self.out.text(f"\n<result>{text}</result>")
+        if position == len(calls):
+            self.out.text("\n</function_results>\n\n")
+            self.out.control(mk.THINK_OPEN if self.thinking and i >= last_user else mk.THINK_CLOSE)
 
 
 def _effort_prefix(dialect: Dialect, reasoning_effort: Effort | str | int | None) -> str:

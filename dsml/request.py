@@ -40,6 +40,8 @@ EFFORT_TIER_OVERRIDES: dict[Dialect, dict[str, Effort]] = {Dialect.V4: {"xhigh":
 DEFAULT_EFFORT: dict[Dialect, Effort | None] = {
     Dialect.V4: None,
     Dialect.V4_0731: Effort.HIGH,
+    Dialect.V4_1: Effort.HIGH,  # budget 75
+    Dialect.V3_2: None,  # V3.2 has no effort prompt
 }
 # Model names of DeepSeek's API that select the thinking mode.
 MODEL_THINKING = {"deepseek-chat": False, "deepseek-reasoner": True}
@@ -58,19 +60,21 @@ def render_chat(
     thinking = _thinking(body, default_thinking)
     effort = _effort(body, dialect)
     tools, tool_choice = _tools(body)
-    response_format = _response_format(body)
-    messages = _messages(body.get("messages"))
+    response_format = _response_format(body, dialect)
+    messages = _messages(body.get("messages"), dialect)
 
-    system_texts = [m["content"] for m in messages if m["role"] == "system"]
-    conversation = [m for m in messages if m["role"] != "system"]
-    # V4 has no system token: every system message joins one system prompt at the front.
-    if system_texts or (tools and tool_choice != "none") or response_format is not None:
-        system: dict[str, Any] = {"role": "system", "content": "\n\n".join(system_texts)}
+    conversation = _with_system_prompt(messages, dialect)
+    if not conversation:
+        raise RenderError(
+            "messages hold nothing to render (only empty system messages)", param="messages"
+        )
+    if (tools and tool_choice != "none") or response_format is not None:
+        if conversation[0]["role"] != "system":
+            conversation.insert(0, {"role": "system", "content": ""})
         if tools and tool_choice != "none":
-            system["tools"] = [{"type": "function", "function": t} for t in tools]
+            conversation[0]["tools"] = [{"type": "function", "function": t} for t in tools]
         if response_format is not None:
-            system["response_format"] = response_format
-        conversation.insert(0, system)
+            conversation[0]["response_format"] = response_format
 
     prompt = render_messages(
         conversation,
@@ -78,10 +82,12 @@ def render_chat(
         dialect=dialect,
         reasoning_effort=effort,
     )
-    last = conversation[-1]
-    if not last.get("prefix") and last["role"] in ("assistant", "latest_reminder"):
-        # The reference writes a generation prompt only after a user turn; a request that
-        # ends elsewhere still asks for a new assistant turn (as DeepSeek's request layer does).
+    last = prompt.segments[-1]
+    in_generation = last.control and last.text in (mk.THINK_OPEN, mk.THINK_CLOSE)
+    if not conversation[-1].get("prefix") and not in_generation:
+        # The reference writes a generation prompt only after a user turn (or tool results);
+        # a request that ends elsewhere still asks for a new assistant turn (as DeepSeek's
+        # request layer and vLLM's V3.2 encoder do).
         prompt.segments.append(Segment(mk.ASSISTANT, control=True))
         prompt.segments.append(Segment(mk.THINK_OPEN if thinking else mk.THINK_CLOSE, control=True))
         prompt.thinking = thinking
@@ -90,6 +96,18 @@ def render_chat(
     )
     prompt.tool_choice = tool_choice
     return prompt
+
+
+def _with_system_prompt(messages: list[dict[str, Any]], dialect: Dialect) -> list[dict[str, Any]]:
+    """V4.1 keeps system messages where they are (it has a <｜System｜> turn); the other
+    dialects have no system token, so every system message joins one prompt at the front."""
+    if dialect == Dialect.V4_1:
+        return list(messages)
+    system_texts = [m["content"] for m in messages if m["role"] == "system"]
+    conversation = [m for m in messages if m["role"] != "system"]
+    if system_texts:
+        conversation.insert(0, {"role": "system", "content": "\n\n".join(system_texts)})
+    return conversation
 
 
 def _as_dict(request: Any) -> dict[str, Any]:
@@ -127,10 +145,16 @@ def _thinking(body: Mapping[str, Any], default: bool) -> bool:
     return MODEL_THINKING.get(model, default) if isinstance(model, str) else default
 
 
-def _effort(body: Mapping[str, Any], dialect: Dialect) -> Effort | None:
+def _effort(body: Mapping[str, Any], dialect: Dialect) -> Effort | int | None:
     value = body.get("reasoning_effort")
     if value is None or value == "none":
         return DEFAULT_EFFORT[dialect]
+    if dialect == Dialect.V4_1 and type(value) is int:
+        if not 1 <= value <= 100:
+            raise RenderError(
+                f"reasoning_effort must be within 1-100, got {value}", param="reasoning_effort"
+            )
+        return value
     if not isinstance(value, str) or value not in EFFORT_TIERS:
         raise RenderError(
             f"reasoning_effort must be one of {['none', *EFFORT_TIERS]}, got {value!r}",
@@ -280,7 +304,7 @@ def _close_object(schema: Mapping[str, Any], out: dict[str, Any], param: str) ->
 # Response format
 
 
-def _response_format(body: Mapping[str, Any]) -> Any:
+def _response_format(body: Mapping[str, Any], dialect: Dialect) -> Any:
     fmt = body.get("response_format")
     if fmt is None:
         return None
@@ -294,7 +318,9 @@ def _response_format(body: Mapping[str, Any]) -> Any:
                 "'response_format' of type 'json_object'",
                 param="messages",
             )
-        return JSON_OBJECT
+        # DeepSeek's V4.1 encoding writes the request's format object as the schema; the
+        # V4 one replaces the section with a fixed instruction.
+        return {"type": "json_object"} if dialect == Dialect.V4_1 else JSON_OBJECT
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
@@ -349,7 +375,7 @@ def _content_text(content: Any, param: str, *, allow_images: bool = False) -> st
     return "\n\n".join(texts)
 
 
-def _messages(raw: Any) -> list[dict[str, Any]]:
+def _messages(raw: Any, dialect: Dialect) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise RenderError("messages must be a non-empty list", param="messages")
     out: list[dict[str, Any]] = []
@@ -366,10 +392,12 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 param=f"{param}.prefix",
             )
         if role in ("system", "developer"):
-            out.append({"role": "system", "content": _content_text(content, f"{param}.content")})
+            text = _content_text(content, f"{param}.content")
+            if text:  # an empty instruction is no instruction (DeepSeek's layer drops it too)
+                out.append({"role": "system", "content": text})
         elif role == "user":
             out.append({"role": "user", "content": _content_text(content, f"{param}.content")})
-        elif role == "latest_reminder":
+        elif role == "latest_reminder" and dialect != Dialect.V3_2:
             out.append(
                 {"role": "latest_reminder", "content": _content_text(content, f"{param}.content")}
             )

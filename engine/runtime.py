@@ -98,7 +98,9 @@ class Engine:
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
         self.eos_id = model.config.eos_token_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._lock = asyncio.Lock()
+        self._closed = False
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
@@ -113,6 +115,8 @@ class Engine:
         return cls(model, tokenizer, device, max_seq_len)
 
     def close(self) -> None:
+        """Stop the worker thread (a running forward finishes); later generations fail."""
+        self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def max_new_tokens(self, prompt_len: int) -> int:
@@ -126,6 +130,8 @@ class Engine:
 
     async def stream(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> AsyncIterator[Step]:
         """Generated tokens with their stop-safe text; the last Step has a finish_reason."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("prompt_ids must hold at least one token")
@@ -135,8 +141,10 @@ class Engine:
         if len(prompt) + sampling.max_tokens > self.max_seq_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) "
                              f"exceeds the engine's max_seq_len {self.max_seq_len}")
+        loop = asyncio.get_running_loop()
+        if self._lock_loop is not loop:  # an asyncio.Lock belongs to one event loop
+            self._lock, self._lock_loop = asyncio.Lock(), loop
         async with self._lock:
-            loop = asyncio.get_running_loop()
             sampler = Sampler(sampling, self.device)
             state = await loop.run_in_executor(
                 self._executor, self.model.new_state, 1, len(prompt) + sampling.max_tokens, self.device)

@@ -112,7 +112,7 @@ def _check_plain(name: str, target: torch.Tensor, shape: tuple[int, ...], dtype:
         raise CheckpointError(f"{name}: expected shape {list(target.shape)}, found {list(shape)}")
     want = target.dtype
     widens = (dtype == want or (dtype in _FLOATS and want == torch.float32)
-              or (dtype in _INTS and want in _INTS))
+              or (dtype in _INTS and want in _INTS and want.itemsize > dtype.itemsize))
     if not widens:
         raise CheckpointError(f"{name}: expected dtype {_dtype_name(want)}, found {_dtype_name(dtype)}")
 

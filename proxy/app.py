@@ -20,7 +20,7 @@ from proxy.metrics import Metrics
 from proxy.middleware import auth_middleware, error_middleware, observe_middleware
 from proxy.models import ModelRegistry
 from proxy.reasoning_cache import ReasoningCache
-from proxy.routes import chat, completions, models, ops
+from proxy.routes import anthropic, chat, completions, models, ops
 from proxy.settings import Settings
 from proxy.turn import TurnRunner
 
@@ -45,7 +45,9 @@ def create_app(
     # The body limit is checked by read_json (413 in our error shape); aiohttp's own limit
     # sits just above it as a backstop for handlers that read bodies another way.
     app = web.Application(
-        middlewares=[observe_middleware, error_middleware, auth_middleware],
+        # anthropic_errors answers /v1/messages errors (auth's included) in Anthropic's shape.
+        middlewares=[observe_middleware, error_middleware, anthropic.anthropic_errors,
+                     auth_middleware],
         client_max_size=settings.max_body_bytes + 1,
     )
     app[state.SETTINGS] = settings
@@ -71,6 +73,7 @@ def create_app(
     app.router.add_get("/health", ops.health)
     app.router.add_get("/ready", ops.ready)
     app.router.add_get("/metrics", ops.metrics)
+    anthropic.add_routes(app)  # POST /v1/messages, /v1/messages/count_tokens
     return app
 
 

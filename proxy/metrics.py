@@ -29,7 +29,8 @@ ENDPOINTS = (
     "models", "health", "ready", "metrics", "other",
 )
 GENERATION_ENDPOINTS = ("chat_completions", "completions", "messages", "responses")
-STATUSES = ("200", "400", "401", "404", "405", "413", "422", "429", "500", "502", "503", "504")
+STATUSES = ("200", "400", "401", "404", "405", "413", "422", "429", "500", "502", "503", "504",
+            "529")  # 529: Anthropic's "overloaded" (/v1/messages when the limit is full)
 TOKEN_KINDS = ("prompt", "completion", "reasoning")
 UPSTREAM_REASONS = ("connect", "timeout", "status", "stream")
 

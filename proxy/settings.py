@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     reasoning_cache_size: int = Field(4096, ge=0)  # tool-call ids remembered (LRU)
     strict_tool_calls: bool = False  # hold calls until validated (dsml.md section 6)
 
+    # -- Anthropic messages and Responses ------------------------------------------------------
+    # HMAC key of the signatures on reasoning sent to clients (thinking blocks, reasoning
+    # items). None: a random key per process, so reasoning replayed after a restart is dropped.
+    reasoning_signing_secret: SecretStr | None = None
+    response_store_size: int = Field(1024, ge=0)  # responses kept for previous_response_id
+    response_store_ttl_s: float = Field(3600.0, gt=0)  # ... each for at most this long
+    keepalive_interval_s: float = Field(5.0, gt=0)  # SSE ping / comment while a turn is silent
+
     # -- limits and auth -----------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
     max_concurrency: int = Field(64, ge=1)  # turns generating at once

@@ -1,14 +1,16 @@
 """DeepSeek's own request layer, `deepseek-recipe`, as an independent oracle on generated requests.
 
 `deepseek_recipe.ChatCompletionRequest(...).convert(...)` turns an OpenAI request into a
-conversation and `DeepseekV4Encoding().render_conversation(...)` renders it, reporting
-where its special tokens sit (`special_ranges`). On the requests generated here both
+conversation and `DeepseekV4Encoding()` / `DeepseekV41Encoding()` `.render_conversation(...)`
+renders it, reporting where its special tokens sit (`special_ranges`). On the requests generated here both
 implementations must produce the same prompt text and the same special-token positions
 (our control segments).
 
 The generator stays inside the part of dsml.md section 3 where the two agree: tools,
 strict schemas, response formats, tool choice, thinking and effort, tool results, drop
-thinking, prefix continuation. Known differences, deliberately not generated:
+thinking, prefix continuation, system messages in mid-conversation (V4.1 keeps them as
+`<｜System｜>` turns, the others fold them into the front system prompt). Known
+differences, deliberately not generated:
 
 - a call with no arguments: the weights' encoder writes an empty line inside the invoke,
   recipe one newline (section 3 item 11);
@@ -30,7 +32,8 @@ thinking, prefix continuation. Known differences, deliberately not generated:
   `\\n\\n<｜DSML｜tool_calls>\\n` to the prompt (and refuses them in thinking mode); we
   leave the prompt alone and let the proxy feed that text to the parser (docs/design.md);
 - recipe's V4 encoding has the 0731 effort tiers, so it is compared with dialect
-  `v4-0731`, and with dialect `v4` through the tier each effort maps to.
+  `v4-0731`, and with dialect `v4` through the tier each effort maps to;
+- an integer `reasoning_effort` (a V4.1 budget 1-100): recipe accepts only names.
 """
 
 from __future__ import annotations
@@ -45,8 +48,16 @@ import pytest
 from dsml import Dialect, Prompt, render_chat
 
 MODEL = "oracle-model"
-OPTIONS = dr.ConversionOptions().with_model_alias(MODEL, dr.ModelVersion.DeepseekV4Pro)
-BLOCK_OPENER = "\n\n<｜DSML｜tool_calls>\n"
+V41_MODEL = "oracle-model-v41"
+OPTIONS = (
+    dr.ConversionOptions()
+    .with_model_alias(MODEL, dr.ModelVersion.DeepseekV4Pro)
+    .with_model_alias(V41_MODEL, dr.ModelVersion.DeepseekV41Flash)
+)
+BLOCK_OPENERS = {
+    Dialect.V4_0731: "\n\n<｜DSML｜tool_calls>\n",
+    Dialect.V4_1: "\n\n<｜DSML｜ calls>\n",
+}
 
 # Text pieces chosen to stress escaping and special-token handling.
 FRAGMENTS = [
@@ -212,6 +223,10 @@ class RequestGenerator:
             messages.append({"role": "system", "content": self.text()})
         num_turns = rng.randint(1, 3)
         for turn in range(num_turns):
+            if turn and rng.random() < 0.2:
+                # Mid-conversation instructions: V4.1 gives them a <｜System｜> turn, the
+                # others fold them into the system prompt at the front.
+                messages.append({"role": "system", "content": self.text()})
             messages.append({"role": "user", "content": self.text()})
             if tools and rng.random() < 0.6:
                 messages += self.tool_round(tools, turn, thinking)
@@ -249,9 +264,14 @@ class RequestGenerator:
         return body
 
 
-def recipe_render(body: dict[str, Any]) -> Any:
+def recipe_render(body: dict[str, Any], dialect: Dialect = Dialect.V4_0731) -> Any:
+    if dialect == Dialect.V4_1:
+        body = {**body, "model": V41_MODEL}
+        encoding = dr.DeepseekV41Encoding()
+    else:
+        encoding = dr.DeepseekV4Encoding()
     conversation = dr.ChatCompletionRequest(json.dumps(body)).convert(OPTIONS).conversation
-    return dr.DeepseekV4Encoding().render_conversation(conversation)
+    return encoding.render_conversation(conversation)
 
 
 def control_ranges(prompt: Prompt) -> list[tuple[int, int]]:
@@ -263,24 +283,25 @@ def control_ranges(prompt: Prompt) -> list[tuple[int, int]]:
     return ranges
 
 
-def forced_opener(body: dict[str, Any]) -> str:
+def forced_opener(body: dict[str, Any], dialect: Dialect = Dialect.V4_0731) -> str:
     """What recipe appends for a forced tool choice (we leave that to the parser)."""
     choice = body.get("tool_choice")
-    return BLOCK_OPENER if choice == "required" or isinstance(choice, dict) else ""
+    return BLOCK_OPENERS[dialect] if choice == "required" or isinstance(choice, dict) else ""
 
 
 SEEDS = range(300)
 
 
+@pytest.mark.parametrize("dialect", [Dialect.V4_0731, Dialect.V4_1])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_v4_0731_matches_recipe(seed: int) -> None:
+def test_matches_recipe(seed: int, dialect: Dialect) -> None:
     body = RequestGenerator(seed).request()
-    expected = recipe_render(body)
-    ours = render_chat(body, dialect=Dialect.V4_0731)
-    assert ours.text + forced_opener(body) == expected.prompt
-    opener_controls = (
-        [(len(ours.text) + 3, len(ours.text) + 3 + len("｜DSML｜"))] if forced_opener(body) else []
-    )
+    expected = recipe_render(body, dialect)
+    ours = render_chat(body, dialect=dialect)
+    opener = forced_opener(body, dialect)
+    assert ours.text + opener == expected.prompt
+    # The opener's one special token is its ｜DSML｜, right after "\n\n<".
+    opener_controls = [(len(ours.text) + 3, len(ours.text) + 3 + len("｜DSML｜"))] if opener else []
     assert control_ranges(ours) + opener_controls == [tuple(r) for r in expected.special_ranges]
 
 
@@ -320,5 +341,6 @@ def test_the_generator_covers_the_agreed_features() -> None:
         "prefix": any(m.get("prefix") for b in bodies for m in b["messages"]),
         "thinking_off": any(b.get("thinking", {}).get("type") == "disabled" for b in bodies),
         "max_effort": any(b.get("reasoning_effort") == "max" for b in bodies),
+        "mid_system": any(m["role"] == "system" for b in bodies for m in b["messages"][1:]),
     }
     assert all(features.values()), features

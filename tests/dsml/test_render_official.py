@@ -55,7 +55,7 @@ def test_v4_official_goldens(case: dict) -> None:
 
 @pytest.mark.parametrize(
     ("dialect", "case"),
-    dialect_cases("v4-0731"),
+    [*dialect_cases("v4-0731"), *dialect_cases("v4.1"), *dialect_cases("v3.2")],
     ids=lambda x: x if isinstance(x, str) else f"{x['input']}-{x.get('reasoning_effort')}",
 )
 def test_dialect_official_goldens(dialect: str, case: dict) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsml import DsmlError, render_chat, render_messages
+from dsml import Dialect, DsmlError, render_chat, render_messages
 
 # Field names and values the renderer looks at, so random bodies reach deep code paths.
 KEYS = [
@@ -70,9 +70,14 @@ bodies = st.fixed_dictionaries(
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(bodies)
-def test_random_requests_render_or_raise_a_typed_error(body: dict[str, Any]) -> None:
-    for render in (lambda: render_chat(body), lambda: render_messages(body["messages"])):
+@given(bodies, st.sampled_from(list(Dialect)))
+def test_random_requests_render_or_raise_a_typed_error(
+    body: dict[str, Any], dialect: Dialect
+) -> None:
+    for render in (
+        lambda: render_chat(body, dialect=dialect),
+        lambda: render_messages(body["messages"], "thinking", dialect),
+    ):
         try:
             prompt = render()
         except DsmlError as err:

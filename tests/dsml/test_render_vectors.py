@@ -22,6 +22,8 @@ DATA = Path(__file__).parents[1] / "data" / "dsml"
 VECTOR_FILES = {
     "v4": DATA / "render.jsonl",
     "v4-0731": DATA / "dialects" / "v4-0731" / "render.jsonl",
+    "v4.1": DATA / "dialects" / "v4.1" / "render.jsonl",
+    "v3.2": DATA / "dialects" / "v3.2" / "render.jsonl",
 }
 CONTROL_STRINGS = {
     mk.BOS,
@@ -31,6 +33,7 @@ CONTROL_STRINGS = {
     mk.THINK_OPEN,
     mk.THINK_CLOSE,
     mk.LATEST_REMINDER,
+    mk.SYSTEM,
     mk.DSML,
     *mk.TASK_TOKENS.values(),
 }

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dsml import Dialect, DsmlError, RenderError, UnsupportedError, render_chat
+from dsml import Dialect, DsmlError, RenderError, Segment, UnsupportedError, render_chat
 from dsml import markers as mk
 from dsml.dialects import EFFORT_ABSOLUTE_MAXIMUM, EFFORT_BEYOND_MAXIMUM
 
@@ -625,6 +625,24 @@ def test_bad_requests_raise_one_typed_error(body: Any, param: str) -> None:
         render_chat(body)
     assert err.value.param == param
     assert err.value.status_code == 400
+
+
+def test_only_empty_system_messages_is_rejected() -> None:
+    with pytest.raises(RenderError) as err:
+        render_chat(request({"role": "system", "content": ""}, tools=[WEATHER]))
+    assert err.value.param == "messages"
+
+
+def test_a_trailing_reminder_that_looks_like_a_think_tag_still_gets_a_generation_prompt() -> None:
+    prompt = render_chat(
+        request(
+            user("hi"),
+            {"role": "assistant", "content": "a"},
+            {"role": "latest_reminder", "content": mk.THINK_OPEN},
+        )
+    )
+    assert prompt.text.endswith(f"{mk.LATEST_REMINDER}{mk.THINK_OPEN}{mk.ASSISTANT}{mk.THINK_OPEN}")
+    assert prompt.segments[-3] == Segment(mk.THINK_OPEN, control=False)
 
 
 def test_non_object_request_is_rejected() -> None:

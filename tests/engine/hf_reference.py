@@ -124,3 +124,57 @@ def build_hf_model(model: Transformer):
     if missing:
         raise KeyError(f"transformers tensors not filled from the engine model: {sorted(missing)}")
     return hf
+
+
+class Replay:
+    """Makes `transformers` use the engine's recorded top-k decisions (learned routing and
+    indexer), consumed in call order, while checking that its own choice agrees on every row
+    whose recorded margin exceeds `clear_margin`. Counts: `checked` rows with a clear margin,
+    `total` rows, `disagreements` among the checked ones."""
+
+    def __init__(self, monkeypatch, recorder, clear_margin: float) -> None:
+        import torch.nn.functional as F
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_mod
+
+        self.checked = self.total = self.disagreements = 0
+        routes, indexes = list(recorder.routes), list(recorder.indexes)
+        replay = self
+        indexer_forward = hf_mod.DeepseekV4Indexer.forward
+
+        def router_forward(router, hidden_states):
+            flat = hidden_states.reshape(-1, router.hidden_dim)
+            logits = F.linear(flat, router.weight)
+            scores = router.score_fn(logits)
+            own = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
+            experts, gap = routes.pop(0)
+            replay._check(own.sort(-1).values, experts.sort(-1).values, gap, clear_margin)
+            weights = scores.gather(1, experts)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            return logits, weights * router.routed_scaling_factor, experts
+
+        def indexer_wrapper(indexer, hidden_states, q_residual, position_ids, past_key_values, layer_idx):
+            own = indexer_forward(indexer, hidden_states, q_residual, position_ids, past_key_values, layer_idx)
+            selected, gap = indexes.pop(0)  # [n, N] for batch row 0
+            if own.shape[0] != 1:
+                raise ValueError("selection replay supports batch size 1")
+            n_entries = selected.shape[1]
+            valid = own[0] >= 0  # -1 marks picks past the causal limit
+            own_mask = selected.new_zeros(selected.shape[0], n_entries + 1)  # +1: dump slot
+            own_mask.scatter_(1, torch.where(valid, own[0], n_entries), True)
+            own_mask = own_mask[:, :n_entries]
+            replay._check(own_mask, selected, gap, clear_margin)
+            # our selection as indices padded with -1, the shape transformers expects
+            k = own.shape[-1]
+            order = torch.arange(n_entries, device=selected.device).expand_as(selected)
+            keyed = torch.where(selected, order, n_entries)  # selected first after sort
+            picked = keyed.sort(-1).values[:, :k]
+            return torch.where(picked < n_entries, picked, -1).unsqueeze(0)
+
+        monkeypatch.setattr(hf_mod.DeepseekV4TopKRouter, "forward", router_forward)
+        monkeypatch.setattr(hf_mod.DeepseekV4Indexer, "forward", indexer_wrapper)
+
+    def _check(self, own: torch.Tensor, ours: torch.Tensor, gap: torch.Tensor, clear: float) -> None:
+        rows = gap > clear
+        self.total += gap.numel()
+        self.checked += int(rows.sum())
+        self.disagreements += int((own[rows] != ours[rows]).any(-1).sum())

@@ -7,9 +7,11 @@ import torch
 
 from engine import formats as fm
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
-def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+def _rand(*shape: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 # -- E8M0 ----------------------------------------------------------------------------------
@@ -42,9 +44,10 @@ def test_fp8_decoding_matches_the_formula_by_hand():
     assert torch.all(dense[:128] == 0.75) and torch.all(dense[128:] == 12.0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(256, 384), (200, 130), (1, 7)])
-def test_fp8_round_trip(shape):
-    w = _rand(*shape) * 3
+def test_fp8_round_trip(shape, device):
+    w = _rand(*shape, device=device) * 3
     q, scale = fm.quantize_fp8(w)
     assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float8_e8m0fnu
     assert tuple(scale.shape) == fm.fp8_scale_shape(*shape)
@@ -88,8 +91,9 @@ def test_fp4_decodes_every_code():
     assert torch.equal(values, expected)
 
 
-def test_fp4_round_trip_and_error_bound():
-    w = _rand(64, 256)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp4_round_trip_and_error_bound(device):
+    w = _rand(64, 256, device=device)
     packed, scale = fm.quantize_fp4(w)
     assert packed.shape == (64, 128) and scale.shape == (64, 8)
     dense = fm.dequantize_fp4(packed, scale, torch.float32)
@@ -138,8 +142,9 @@ def test_int2_dequantize_formula_by_hand():
     assert torch.all(dense[0, :64] == 1.0) and torch.all(dense[0, 64:] == 2.0)
 
 
-def test_int2_round_trip_with_expert_dim():
-    w = _rand(3, 8, 256)  # [E, out, in]
+@pytest.mark.parametrize("device", DEVICES)
+def test_int2_round_trip_with_expert_dim(device):
+    w = _rand(3, 8, 256, device=device)  # [E, out, in]
     packed, scale, zeros = fm.quantize_int2(w)
     assert packed.shape == (3, 8, 16) and scale.shape == (3, 8, 4) and zeros.shape == (3, 8, 2)
     assert (packed.dtype, scale.dtype, zeros.dtype) == (torch.uint32, torch.float16, torch.int8)

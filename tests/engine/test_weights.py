@@ -93,11 +93,13 @@ def _meta_toy() -> Toy:
         return Toy()
 
 
-def test_loads_every_format_and_keeps_it(tmp_path):
-    tensors = _release()
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_loads_every_format_and_keeps_it(tmp_path, device):
+    tensors = {k: v.to(device) for k, v in _release().items()}
     model = _meta_toy()
-    load_checkpoint(model, _write(tmp_path, tensors), device="cpu")
+    load_checkpoint(model, _write(tmp_path, {k: v.cpu() for k, v in tensors.items()}), device=device)
     layer = model.layers[0]
+    assert layer.attn.wq_a.weight.device.type == device
     assert layer.attn.wq_a.format == WeightFormat.FP8
     assert layer.attn.wq_a.weight.dtype == torch.float8_e4m3fn
     assert torch.equal(layer.attn.wq_a.dense_weight(torch.float32),
@@ -116,7 +118,7 @@ def test_loads_every_format_and_keeps_it(tmp_path):
     # BF16 on disk, fp32 in the model: widened exactly.
     assert layer.attn_norm.weight.dtype == torch.float32
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
-    y = layer.ffn.experts[0].w1(torch.randn(3, H, dtype=torch.bfloat16))
+    y = layer.ffn.experts[0].w1(torch.randn(3, H, dtype=torch.bfloat16, device=device))
     assert y.shape == (3, INTER) and torch.isfinite(y).all()
 
 

@@ -1,0 +1,183 @@
+"""Anthropic Messages encoding: `event:` SSE per parser event, or one JSON message.
+
+Stream: `message_start`, `ping`, then per content block `content_block_start`, its
+`content_block_delta`s (`thinking_delta`, `text_delta`, `input_json_delta`) and
+`content_block_stop`; a thinking block gets its `signature_delta` just before its stop (the
+signature covers the whole text). Then `message_delta` (stop reason, output tokens) and
+`message_stop`. Blocks come in the order the parser emits: thinking, text, tool calls. The
+`anthropic` SDK's accumulator rebuilds from them the message `message_body` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from dsml.events import (
+    ContentDelta,
+    Event,
+    ReasoningDelta,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
+from dsml.markers import EOS
+from proxy.errors import ApiError
+from proxy.signature import ReasoningSigner
+from proxy.translate import KeepAlive, wire_call_id
+from proxy.translate.anthropic import TOOL_ID_PREFIX
+from proxy.turn import Turn
+from schemas.anthropic import Message, TextOut, ThinkingOut, ToolUseOut, Usage
+
+_dumps = json.dumps
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+# ApiError status -> Anthropic's error `type`.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "api_error",
+    503: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error(err: ApiError) -> tuple[int, dict[str, Any]]:
+    """Status and body of an error in Anthropic's shape; a full concurrency limit is 529."""
+    status = 529 if err.code == "overloaded" else err.status_code
+    kind = ERROR_TYPES.get(status, "api_error")
+    return status, {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def new_message_id() -> str:
+    return "msg_" + uuid.uuid4().hex
+
+
+def stop_reason(turn: Turn, stop_sequences: list[str]) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence).
+
+    Backends report only "stop", not which stop string matched, and engines that drop EOS
+    (vLLM) make a natural end look the same: with `stop_sequences` set, a "stop" without a
+    seen EOS is reported as `stop_sequence` (named when there is exactly one).
+    """
+    if turn.finish_reason == "tool_calls":
+        return "tool_use", None
+    if turn.finish_reason == "length":
+        return "max_tokens", None
+    raw = turn.result.raw if turn.result is not None else ""
+    if stop_sequences and not raw.endswith(EOS):
+        return "stop_sequence", stop_sequences[0] if len(stop_sequences) == 1 else None
+    return "end_turn", None
+
+
+def _event(name: str, body: str) -> bytes:
+    return f"event: {name}\ndata: {body}\n\n".encode()
+
+
+class AnthropicStreamEncoder:
+    def __init__(self, turn: Turn, model: str, signer: ReasoningSigner,
+                 stop_sequences: list[str]) -> None:
+        self.id = new_message_id()
+        self.model = model
+        self._turn = turn
+        self._signer = signer
+        self._stop_sequences = stop_sequences
+        self._index = -1
+        self._open: str | None = None  # "thinking" | "text" | "tool_use"
+        self._thinking: list[str] = []
+
+    def start(self) -> bytes:
+        # Called after the first event: the prompt is tokenized, its token count known.
+        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": self._turn.prompt_tokens, "output_tokens": 0}}
+        return _event("message_start", _dumps({"type": "message_start", "message": message})) + PING
+
+    def _start_block(self, kind: str, block: str) -> bytes:
+        out = self._close()
+        self._index += 1
+        self._open = kind
+        return out + _event("content_block_start", '{"type":"content_block_start","index":'
+                            f'{self._index},"content_block":{block}}}')
+
+    def _delta(self, delta: str) -> bytes:
+        return _event("content_block_delta",
+                      f'{{"type":"content_block_delta","index":{self._index},"delta":{delta}}}')
+
+    def _close(self) -> bytes:
+        if self._open is None:
+            return b""
+        out = b""
+        if self._open == "thinking":
+            signature = self._signer.sign("".join(self._thinking))
+            out = self._delta(f'{{"type":"signature_delta","signature":{_dumps(signature)}}}')
+            self._thinking = []
+        self._open = None
+        return out + _event("content_block_stop",
+                            f'{{"type":"content_block_stop","index":{self._index}}}')
+
+    def encode(self, event: Event | KeepAlive) -> bytes:
+        if isinstance(event, ReasoningDelta):
+            if not event.text:
+                return b""
+            out = b""
+            if self._open != "thinking":
+                out = self._start_block("thinking", '{"type":"thinking","thinking":"","signature":""}')
+            self._thinking.append(event.text)
+            return out + self._delta(f'{{"type":"thinking_delta","thinking":{_dumps(event.text)}}}')
+        if isinstance(event, ContentDelta):
+            if not event.text:
+                return b""
+            out = b"" if self._open == "text" else self._start_block("text", '{"type":"text","text":""}')
+            return out + self._delta(f'{{"type":"text_delta","text":{_dumps(event.text)}}}')
+        if isinstance(event, ToolCallStart):
+            call_id = wire_call_id(event.id, TOOL_ID_PREFIX)
+            return self._start_block("tool_use", f'{{"type":"tool_use","id":{_dumps(call_id)},'
+                                     f'"name":{_dumps(event.name)},"input":{{}}}}')
+        if isinstance(event, ToolCallArgsDelta):
+            if not event.fragment:
+                return b""
+            return self._delta(f'{{"type":"input_json_delta","partial_json":{_dumps(event.fragment)}}}')
+        if isinstance(event, ToolCallEnd):
+            return self._close()
+        if isinstance(event, KeepAlive):
+            return PING
+        return b""  # Notice: metrics only
+
+    def finish(self, turn: Turn) -> bytes:
+        reason, sequence = stop_reason(turn, self._stop_sequences)
+        delta = {"type": "message_delta",
+                 "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                 "usage": {"output_tokens": turn.completion_tokens}}
+        return (self._close() + _event("message_delta", _dumps(delta))
+                + _event("message_stop", '{"type":"message_stop"}'))
+
+    def error(self, err: ApiError) -> bytes:
+        return _event("error", _dumps(anthropic_error(err)[1]))
+
+
+def message_body(turn: Turn, model: str, signer: ReasoningSigner,
+                 stop_sequences: list[str]) -> dict[str, Any]:
+    result = turn.result
+    assert result is not None, "message_body() before the turn finished"
+    content: list[ThinkingOut | TextOut | ToolUseOut] = []
+    if result.reasoning_content:
+        content.append(ThinkingOut(thinking=result.reasoning_content,
+                                   signature=signer.sign(result.reasoning_content)))
+    if result.content:
+        content.append(TextOut(text=result.content))
+    content.extend(ToolUseOut(id=wire_call_id(c.id, TOOL_ID_PREFIX), name=c.name, input=c.arguments)
+                   for c in result.tool_calls)
+    reason, sequence = stop_reason(turn, stop_sequences)
+    message = Message(id=new_message_id(), model=model, content=content, stop_reason=reason,
+                      stop_sequence=sequence,
+                      usage=Usage(input_tokens=turn.prompt_tokens,
+                                  output_tokens=turn.completion_tokens))
+    return message.model_dump()

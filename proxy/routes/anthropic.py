@@ -1,0 +1,95 @@
+"""POST /v1/messages and /v1/messages/count_tokens (Anthropic Messages, as Claude Code uses it).
+
+Same turn runner, renderer, parser, backends, recovery and metrics as chat completions; only
+the request translation (`proxy.translate.anthropic`) and the encoder differ. Errors leave in
+Anthropic's shape through `anthropic_errors`, which sits inside the app's error middleware
+and outside auth, so a bad key is answered in that shape too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from dsml.prompt import Prompt
+from dsml.request import render_chat
+from proxy import state
+from proxy.backends.base import SamplingParams
+from proxy.encoders.anthropic import AnthropicStreamEncoder, anthropic_error, message_body
+from proxy.errors import ApiError, to_api_error
+from proxy.logs import ACCESS_LOGGER
+from proxy.middleware import Handler
+from proxy.routes.common import drain, read_json, stream_turn
+from proxy.signature import app_signer
+from proxy.translate import KeepAliveTurn
+from proxy.translate.anthropic import to_chat
+from schemas.anthropic import CountTokensRequest, MessagesRequest
+
+ENDPOINT = "messages"
+PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+
+log = logging.getLogger(ACCESS_LOGGER)
+
+
+def add_routes(app: web.Application) -> None:
+    app_signer(app)
+    app.router.add_post(PATHS[0], messages)
+    app.router.add_post(PATHS[1], count_tokens)
+
+
+def render(app: web.Application, req: CountTokensRequest) -> tuple[Prompt, bool]:
+    default_thinking = app[state.MODELS].thinking(req.model)  # 404 for an unknown model
+    chat, parallel = to_chat(req, app_signer(app))
+    app[state.REASONING_CACHE].backfill(chat["messages"])
+    prompt = render_chat(chat, dialect=app[state.SETTINGS].dialect,
+                         default_thinking=default_thinking)
+    return prompt, parallel
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    req = MessagesRequest.model_validate(await read_json(request))
+    request[state.LOG_FIELDS]["model"] = req.model
+    prompt, parallel = render(app, req)
+    stops = req.stop_sequences or []
+    sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
+                              top_p=req.top_p, top_k=req.top_k, stop=list(stops))
+    clock = request[state.CLOCK]
+    async with app[state.LIMITER].slot():
+        turn = app[state.RUNNER].start(prompt, sampling, endpoint=ENDPOINT, clock=clock,
+                                       parallel_tool_calls=parallel)
+        if req.stream:
+            encoder = AnthropicStreamEncoder(turn, req.model, app_signer(app), stops)
+            interval = app[state.SETTINGS].keepalive_interval_s
+            return await stream_turn(request, KeepAliveTurn(turn, interval, clock), encoder)  # type: ignore[arg-type]
+        await drain(request, turn)
+    return web.json_response(message_body(turn, req.model, app_signer(app), stops))
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """The prompt's length with the real tokenizer: rendered exactly as /v1/messages would."""
+    req = CountTokensRequest.model_validate(await read_json(request))
+    prompt, _ = render(request.app, req)
+    return web.json_response(
+        {"input_tokens": len(request.app[state.TOKENIZER].encode_prompt(prompt))})
+
+
+@web.middleware
+async def anthropic_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path not in PATHS:
+        return await handler(request)
+    try:
+        return await handler(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        err = to_api_error(exc)
+        if err is None:
+            log.exception("unhandled error", extra={"fields": {
+                "request_id": request.get(state.REQUEST_ID)}})
+            err = ApiError(500, f"internal error ({type(exc).__name__})", code="internal_error")
+        request[state.LOG_FIELDS]["error"] = err.message
+        status, body = anthropic_error(err)
+        return web.json_response(body, status=status, headers=err.headers)
