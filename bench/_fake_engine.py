@@ -22,6 +22,8 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import socket
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -125,15 +127,16 @@ def make_app(streams: list[Stream]) -> Any:
     return app
 
 
-async def _serve(app: Any, conn: Connection, info: dict[str, Any]) -> None:
+async def _serve(sock: socket.socket, conn: Connection, limit: int | None) -> None:
     from aiohttp import web
 
-    runner = web.AppRunner(app, access_log=None)
+    # The socket listens already (connections wait in its backlog): the parent has started
+    # the proxy while the corpus was being encoded here.
+    streams = [encode_stream(c["completion"]) for c in load_cases(limit)]
+    runner = web.AppRunner(make_app(streams), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    info["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    conn.send(info)
+    await web.SockSite(runner, sock).start()
+    conn.send([s.num_events for s in streams])
     await watch_parent()
     await runner.cleanup()
 
@@ -146,19 +149,38 @@ async def watch_parent() -> None:
 
 
 def _main(conn: Connection, limit: int | None) -> None:
-    streams = [encode_stream(c["completion"]) for c in load_cases(limit)]
-    info = {"events": [s.num_events for s in streams], "pid": os.getpid()}
-    asyncio.run(_serve(make_app(streams), conn, info))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    conn.send({"url": f"http://127.0.0.1:{sock.getsockname()[1]}", "pid": os.getpid()})
+    asyncio.run(_serve(sock, conn, limit))
 
 
-def start(limit: int | None = None) -> tuple[mp.Process, dict[str, Any]]:
-    """Start the fake engine in a fresh process: (process, {"url", "pid", "events"})."""
-    ctx = mp.get_context("spawn")  # no inherited event loop, sockets or threads
-    parent_end, child_end = ctx.Pipe()
-    proc = ctx.Process(target=_main, args=(child_end, limit), daemon=True,
-                       name="bench-fake-engine")
-    proc.start()
-    if not parent_end.poll(120):
-        proc.terminate()
-        raise RuntimeError("the fake engine did not start within 120 s")
-    return proc, parent_end.recv()
+class Engine:
+    """The fake engine's process: `url` and `pid` at once, `events()` when it serves."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        ctx = mp.get_context("spawn")  # no inherited event loop, sockets or threads
+        self._conn, child_end = ctx.Pipe()
+        self.proc = ctx.Process(target=_main, args=(child_end, limit), daemon=True,
+                                name="bench-fake-engine")
+        self.proc.start()
+        info = self._recv(60)
+        self.url: str = info["url"]
+        self.pid: int = info["pid"]
+
+    def _recv(self, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while not self._conn.poll(0.2):
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the fake engine died or did not answer ({timeout_s} s)")
+        return self._conn.recv()
+
+    def events(self) -> list[int]:
+        """SSE events (tokens) of each case's stream, once the corpus is encoded."""
+        return self._recv(300)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.join(5)

@@ -15,7 +15,9 @@ bounded number of times however long the stream gets.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from itertools import product
+from types import MappingProxyType
 
 from dsml.events import RepairKind
 from dsml.markers import EOS, THINK_CLOSE
@@ -46,6 +48,16 @@ _ATTR_ITEM = re.compile(rf"([\w-]+)\s*=\s*[{_Q}]([^{_Q}]*)[{_Q}]")
 _CANONICAL_ATTRS = re.compile(r'(?: [\w-]+="[^"“”]*")*')
 
 
+_KIND = {
+    ("calls", False): CALLS_OPEN,
+    ("calls", True): CALLS_CLOSE,
+    ("invoke", False): INVOKE_OPEN,
+    ("invoke", True): INVOKE_CLOSE,
+    ("parameter", False): PARAM_OPEN,
+    ("parameter", True): PARAM_CLOSE,
+}
+
+
 def _heads() -> list[str]:
     out = []
     for slash, before, after, space, name in product(("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES):
@@ -69,7 +81,7 @@ class Tag:
 
     __slots__ = ("attrs", "kind", "raw", "repairs", "self_closing")
 
-    def __init__(self, kind: int, raw: str, attrs: dict[str, str], self_closing: bool,
+    def __init__(self, kind: int, raw: str, attrs: Mapping[str, str], self_closing: bool,
                  repairs: tuple[RepairKind, ...]) -> None:  # fmt: skip
         self.kind = kind
         self.raw = raw
@@ -81,14 +93,7 @@ class Tag:
         return f"Tag({self.raw!r})"
 
 
-_CANONICAL_NAMES = frozenset(("tool_calls", "invoke", "parameter"))
-
-
-def _repairs(m: re.Match[str], attr_text: str, name: str) -> tuple[RepairKind, ...]:
-    before, after, space = m.group(2), m.group(3), m.group(4)
-    if (before == after == "｜" and not space and name in _CANONICAL_NAMES
-            and (not attr_text or _CANONICAL_ATTRS.fullmatch(attr_text))):
-        return ()  # the common case, decided in one regex call
+def _head_repairs(before: str, after: str, space: str, name: str) -> tuple[RepairKind, ...]:
     out = []
     if before == "":
         out.append(RepairKind.MISSING_BAR)
@@ -98,11 +103,33 @@ def _repairs(m: re.Match[str], attr_text: str, name: str) -> tuple[RepairKind, .
         out.append(RepairKind.DOUBLED_BARS)
     if space or name not in ("tool_calls", "invoke", "parameter"):
         out.append(RepairKind.TAG_SPELLING)
+    return tuple(out)
+
+
+def _attr_repairs(head: tuple[RepairKind, ...], attr_text: str) -> tuple[RepairKind, ...]:
+    out = list(head)
     if "“" in attr_text or "”" in attr_text:
         out.append(RepairKind.TYPOGRAPHIC_QUOTES)
-    if _CANONICAL_ATTRS.fullmatch(attr_text) is None:
+    if _CANONICAL_ATTRS.fullmatch(attr_text.replace("“", '"').replace("”", '"')) is None:
         out.append(RepairKind.WHITESPACE)
     return tuple(out)
+
+
+# Every head spelling -> (token kind, repairs it implies); one dict lookup per tag.
+_HEAD_INFO = {
+    f"<{slash}{before}DSML{after}{space}{name}": (
+        _KIND[_NAMES[name], slash == "/"],
+        _head_repairs(before, after, space, name),
+    )
+    for slash, before, after, space, name in product(("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES)
+}
+
+
+# Tags without attributes (closers, block openers) as ready-made tokens: (kind, raw, tag).
+_BARE_TOKENS = {
+    head: (kind, head + ">", Tag(kind, head + ">", MappingProxyType({}), False, repairs))
+    for head, (kind, repairs) in _HEAD_INFO.items()
+}
 
 
 class IncrementalLexer:
@@ -132,15 +159,36 @@ class IncrementalLexer:
         if self.tag_wait:
             if ">" in text or "<" in text or "\n" in text:
                 return False
-            self.push(text)
-            return len(self._buf) <= MAX_TAG
+            buf = self._buf[self._pos :] + text
+            self._buf = buf
+            self._pos = 0
+            return len(buf) <= MAX_TAG
         if self.prefix_wait:
             cand = self._buf[self._pos :] + text
             if len(cand) <= MAX_HEAD and cand in _PREFIXES:
                 self._buf = cand
                 self._pos = 0
                 return True
+            # The head just completed and its attributes begin (` name="...`).
+            if ">" not in text and "<" not in text and "\n" not in text:
+                m = _HEAD.match(cand)
+                if m is not None and _TAG_PARTIAL.fullmatch(cand, m.end()):
+                    self._buf = cand
+                    self._pos = 0
+                    self.prefix_wait = False
+                    self.tag_wait = True
+                    return True
         return False
+
+    def hold_prefix(self, tail: str) -> bool:
+        """With nothing held: keep `tail` if it is only the start of a marker head."""
+        if self._pos < len(self._buf) or len(tail) > MAX_HEAD or tail not in _PREFIXES:
+            return False
+        self._buf = tail
+        self._pos = 0
+        self.prefix_wait = True
+        self.tag_wait = False
+        return True
 
     def clear(self) -> None:
         """Drop everything not yet read (text after EOS)."""
@@ -174,20 +222,24 @@ class IncrementalLexer:
             return THINK, THINK_CLOSE, None
         m = _HEAD.match(buf, pos)
         if m is not None:
-            closing = m.group(1) == "/"
-            name = m.group(5)
-            kind_name = _NAMES[name]
-            if not value_mode or (closing and kind_name == "parameter"):
-                tail = _TAG_END.match(buf, m.end())
+            kind, head_repairs = _HEAD_INFO[m.group()]
+            if not value_mode or kind == PARAM_CLOSE:
+                hend = m.end()
+                if buf[hend] == ">":  # closers: no attributes, one shared token per spelling
+                    self._pos = hend + 1
+                    return _BARE_TOKENS[m.group()]
+                tail = _TAG_END.match(buf, hend)
                 if tail is not None:
                     end = tail.end()
                     raw = buf[pos:end]
-                    attr_text = buf[m.end() : tail.start(1)]
+                    attr_text = buf[hend : tail.start(1)]
                     self._pos = end
-                    kind = _KIND[kind_name, closing]
-                    attrs = dict(_ATTR_ITEM.findall(attr_text)) if attr_text else {}
-                    return kind, raw, Tag(kind, raw, attrs, tail.group(1) == "/", _repairs(m, attr_text, name))
-                if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, m.end()):
+                    attrs = dict(_ATTR_ITEM.findall(attr_text))
+                    repairs = head_repairs
+                    if _CANONICAL_ATTRS.fullmatch(attr_text) is None:
+                        repairs = _attr_repairs(head_repairs, attr_text)
+                    return kind, raw, Tag(kind, raw, attrs, tail.group(1) == "/", repairs)
+                if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):
                     self.tag_wait = True
                     return None
         elif not final and n - pos <= MAX_HEAD and buf[pos:] in _PREFIXES:
@@ -200,11 +252,3 @@ class IncrementalLexer:
         return TEXT, buf[pos:end], None
 
 
-_KIND = {
-    ("calls", False): CALLS_OPEN,
-    ("calls", True): CALLS_CLOSE,
-    ("invoke", False): INVOKE_OPEN,
-    ("invoke", True): INVOKE_CLOSE,
-    ("parameter", False): PARAM_OPEN,
-    ("parameter", True): PARAM_CLOSE,
-}

@@ -85,9 +85,10 @@ REASONING, CONTENT, BLOCK, INVOKE, BODY, VALUE, AFTER, DONE = range(8)
 # Value modes of a parameter.
 M_STR, M_COERCE, M_JSON = range(3)
 # Fast paths of feed(): plain text in these states needs one `in` test and one event.
-FAST_NONE, FAST_CONTENT, FAST_REASONING, FAST_VALUE, FAST_HELD_VALUE = range(5)
+FAST_NONE, FAST_CONTENT, FAST_REASONING, FAST_VALUE, FAST_HELD_VALUE, FAST_WS = range(6)
 
 _WRAPPERS = ("arguments", "input")
+_JUNK_ERROR = "unreadable text inside the invoke (returned as content)"
 _NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]').search
 _ALPHANUM = string.ascii_letters + string.digits
 _new = object.__new__
@@ -225,38 +226,97 @@ class StreamParser:
         self._in_junk = False  # unreadable block text runs until the next tag
         self._result: ParseResult | None = None
         self.spans: list[tuple[str, str]] | None = [] if trace else None
+        if not trace:
+            self._span = self._no_span  # type: ignore[method-assign]
         self._update_fast()
 
     # ----------------------------------------------------------------- public API
 
     def feed(self, text: str) -> list[Event]:
-        if self._result is not None:
-            raise RuntimeError("StreamParser.feed() after finish()")
+        if not text:
+            return []
         self._raw.append(text)
         fast = self._fast
-        if fast and "<" not in text and text:
-            if fast == FAST_VALUE:
-                self._vparts.append(text)
-                frag = text if _NEEDS_ESCAPE(text) is None else encode_basestring(text)[1:-1]
-                self._jparts.append(frag)
-                return [_args(self._cindex, frag)]
-            if fast == FAST_HELD_VALUE:
-                self._vparts.append(text)
-                return []
-            if text[-1] != "\n" or not self._has_tools:
-                if fast == FAST_CONTENT:
-                    self._content.append(text)
-                    return [_content(text)]
-                self._reasoning.append(text)
-                return [_reasoning(text)]
+        # Fast paths (dsml.md section 6 asks for linear work; issue 2 for ~1 us a delta):
+        # text without `<` in a text or value state costs one `in` test and one event;
+        # deltas of a marker still arriving cost one absorb() call. Everything else goes
+        # through the lexer and the transition table.
+        if fast:
+            if "<" not in text:
+                if fast == FAST_VALUE:
+                    self._vparts.append(text)
+                    frag = text if _NEEDS_ESCAPE(text) is None else encode_basestring(text)[1:-1]
+                    self._jparts.append(frag)
+                    ev = _new(ToolCallArgsDelta)
+                    _set_index(ev, self._cindex)
+                    _set_fragment(ev, frag)
+                    return [ev]
+                if fast == FAST_HELD_VALUE:
+                    self._vparts.append(text)
+                    return []
+                if fast == FAST_WS:
+                    if text.isspace():
+                        self._ws += text
+                        return []
+                elif text and (text[-1] != "\n" or not self._has_tools):
+                    if fast == FAST_CONTENT:
+                        self._content.append(text)
+                        ev = _new(ContentDelta)
+                        _set_text(ev, text)
+                        return [ev]
+                    self._reasoning.append(text)
+                    ev = _new(ReasoningDelta)
+                    _set_rtext(ev, text)
+                    return [ev]
+            else:
+                events = self._fast_split(text, fast)
+                if events is not None:
+                    return events
         lex = self._lex
         if (lex.tag_wait or lex.prefix_wait) and lex.absorb(text):
             return []  # a marker is still arriving: nothing to decide yet
+        return self._feed_slow(text)
+
+    def _fast_split(self, text: str, fast: int) -> list[Event] | None:
+        """`text` + `<…`: the part before the `<` is plain text for the fast path and the
+        rest only starts a marker (a `\n<` or `</` token). Hold it without the lexer loop."""
+        lt = text.index("<")
+        head = text[:lt]
+        if fast == FAST_WS:
+            if head and not head.isspace():
+                return None
+        elif fast in (FAST_CONTENT, FAST_REASONING) and head.endswith("\n") and self._has_tools:
+            return None  # a possible block separator: the slow path holds it
+        if not self._lex.hold_prefix(text[lt:]):
+            return None
+        self._fast = FAST_NONE
+        if not head:
+            return []
+        if fast == FAST_VALUE:
+            self._vparts.append(head)
+            frag = _escape(head)
+            self._jparts.append(frag)
+            return [_args(self._cindex, frag)]
+        if fast == FAST_HELD_VALUE:
+            self._vparts.append(head)
+            return []
+        if fast == FAST_WS:
+            self._ws += head
+            return []
+        if fast == FAST_CONTENT:
+            self._content.append(head)
+            return [_content(head)]
+        self._reasoning.append(head)
+        return [_reasoning(head)]
+
+    def _feed_slow(self, text: str) -> list[Event]:
         if self._state == DONE:
+            if self._result is not None:
+                raise RuntimeError("StreamParser.feed() after finish()")
             self._span("ignored", text)
             return []
         out = self._out = []
-        lex.push(text)
+        self._lex.push(text)
         self._run(False)
         self._update_fast()
         return out
@@ -270,6 +330,7 @@ class StreamParser:
             if self._state != DONE:
                 self._end(eos=False)
         self._fast = FAST_NONE
+        self._state = DONE
         self._result = ParseResult(
             reasoning_content="".join(self._reasoning),
             content="".join(self._content),
@@ -324,7 +385,9 @@ class StreamParser:
     def _update_fast(self) -> None:
         st = self._state
         fast = FAST_NONE
-        if self.spans is None and not self._lex.held and not self._nl and self._hold is None:
+        lex = self._lex
+        # After _run() the lexer holds text only while it waits for a marker to complete.
+        if self.spans is None and not (lex.tag_wait or lex.prefix_wait) and not self._nl and self._hold is None:
             if st == CONTENT:
                 fast = FAST_CONTENT
             elif st == REASONING:
@@ -335,17 +398,23 @@ class StreamParser:
                     fast = FAST_VALUE
                     self._jparts = call.jparts
                     self._cindex = call.index
-                elif call is not None and self.spans is None:
+                elif call is not None:
                     fast = FAST_HELD_VALUE
                 if call is not None:
                     self._vparts = call.vparts
+            elif st in (INVOKE, BLOCK) and not self._in_junk:
+                fast = FAST_WS
         self._fast = fast
 
     # ----------------------------------------------------------------- output helpers
 
     def _span(self, kind: str, text: str) -> None:
-        if self.spans is not None and text:
-            (self._hold.spans if self._hold is not None else self.spans).append((kind, text))
+        if text:
+            (self._hold.spans if self._hold is not None else self.spans).append((kind, text))  # type: ignore[union-attr]
+
+    @staticmethod
+    def _no_span(kind: str, text: str) -> None:
+        pass
 
     def _emit_text(self, region: int, text: str, span: bool = True) -> None:
         if not text:
@@ -374,7 +443,7 @@ class StreamParser:
             self._out.append(ev)
 
     def _tag_repairs(self, tag: Tag, call: _Call | None) -> None:
-        for kind in tag.repairs:
+        for kind in tag.repairs:  # usually empty
             self._notice(kind, tag.raw)
             if call is not None:
                 call.repairs.append(kind)
@@ -515,8 +584,9 @@ class StreamParser:
         if hold is not None:
             self._reject(raw, tag)
             return
-        if self._state == INVOKE and self._call is not None:
-            self._call.errors.append(f"unexpected text inside invoke: {raw[:80]!r}")
+        call = self._call
+        if self._state == INVOKE and call is not None and _JUNK_ERROR not in call.errors:
+            call.errors.append(_JUNK_ERROR)
         self._junk.append(raw)
         if self.spans is not None:  # decided at the block's end: repaired calls or content
             self._junk_spans.append(len(self.spans))
@@ -576,14 +646,17 @@ class StreamParser:
         assert tag is not None
         call = self._call
         assert call is not None
-        self._check_ws()
+        if self._ws:
+            self._check_ws()
         key = tag.attrs.get("name")
         if key is None:
             self._on_junk(raw, tag)
             return
         self._span("markup", raw)
-        self._tag_repairs(tag, call)
-        self._flush_pending(call)
+        if tag.repairs:
+            self._tag_repairs(tag, call)
+        if call.pending is not None:
+            self._flush_pending(call)
         tool = call.tool
         types = tool.param_types(key) if tool is not None else None
         attr = tag.attrs.get("string")
@@ -591,7 +664,7 @@ class StreamParser:
             call.repairs.append(RepairKind.MISSING_STRING_ATTR)
             self._notice(RepairKind.MISSING_STRING_ATTR, raw)
             mode = M_STR if types is None or "string" in types else M_COERCE
-        elif attr.strip().lower() == "true":
+        elif attr == "true" or attr.strip().lower() == "true":
             mode = M_STR if types is None or "string" in types else M_COERCE
         else:
             mode = M_JSON
@@ -599,12 +672,12 @@ class StreamParser:
         call.mode = mode
         call.types = types
         call.vparts = []
-        call.wrapper = (
+        call.wrapper = wrapper = (
             key in _WRAPPERS and tool is not None and key not in tool.properties
             and bool(tool.properties) and call.emitted == 0 and not call.args
         )  # fmt: skip
-        if call.streaming and mode == M_STR and not call.wrapper:
-            frag = ("{" if call.emitted == 0 else ", ") + _dumps(key) + ': "'
+        if mode == M_STR and call.streaming and not wrapper:
+            frag = ("{" if call.emitted == 0 else ", ") + encode_basestring(key) + ': "'
             call.jparts.append(frag)
             call.emitted += 1
             self._out.append(_args(call.index, frag))
@@ -624,7 +697,8 @@ class StreamParser:
         call = self._call
         assert call is not None and tag is not None
         self._span("markup", raw)
-        self._tag_repairs(tag, call)
+        if tag.repairs:
+            self._tag_repairs(tag, call)
         text = "".join(call.vparts)
         key, mode, types = call.key, call.mode, call.types
         call.vparts = []
@@ -663,7 +737,7 @@ class StreamParser:
 
     def _write_param(self, call: _Call, key: str, value: Any) -> None:
         call.args[key] = value
-        frag = ("{" if call.emitted == 0 else ", ") + _dumps(key) + ": " + _dumps(value)
+        frag = ("{" if call.emitted == 0 else ", ") + encode_basestring(key) + ": " + _dumps(value)
         call.emitted += 1
         call.jparts.append(frag)
         if call.streaming:
@@ -678,9 +752,11 @@ class StreamParser:
     def _on_invoke_close(self, raw: str, tag: Tag | None) -> None:
         call = self._call
         assert call is not None and tag is not None
-        self._check_ws()
+        if self._ws:
+            self._check_ws()
         self._span("markup", raw)
-        self._tag_repairs(tag, call)
+        if tag.repairs:
+            self._tag_repairs(tag, call)
         if call.body is not None:
             self._read_body(call)
         elif call.pending is not None:

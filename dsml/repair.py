@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-from lxml import etree
+from typing import Any
 
 _TAG = re.compile(
     r"<(/?)(?:｜｜|｜|\|\||\||)DSML(?:｜｜|｜|\|\||\|) ?"
@@ -35,17 +34,21 @@ def normalise(text: str) -> str:
     return text.replace("“", '"').replace("”", '"')
 
 
-def _parser() -> etree.XMLParser:
+def _parse(text: str) -> Any:
+    """The root element lxml recovers from `text` (wrapped), or None."""
+    from lxml import etree  # imported on first repair: most turns never need it
+
     # No entity expansion, no network: the input is model output.
-    return etree.XMLParser(recover=True, resolve_entities=False, no_network=True, huge_tree=False)
+    parser = etree.XMLParser(recover=True, resolve_entities=False, no_network=True, huge_tree=False)
+    try:
+        return etree.fromstring(f"<root>{normalise(text)}</root>".encode(), parser)
+    except etree.XMLSyntaxError:
+        return None
 
 
 def read_invokes(text: str) -> list[RepairedInvoke]:
     """Every `invoke` element lxml can recover from `text` (DSML or plain tag names)."""
-    try:
-        root = etree.fromstring(f"<root>{normalise(text)}</root>".encode(), _parser())
-    except etree.XMLSyntaxError:
-        return []
+    root = _parse(text)
     if root is None:
         return []
     out = []
@@ -61,10 +64,7 @@ def read_invokes(text: str) -> list[RepairedInvoke]:
 
 def read_parameters(text: str) -> list[tuple[str, str | None, str]] | None:
     """Parameters recovered from an invoke body the state machine could not read, or None."""
-    try:
-        root = etree.fromstring(f"<root>{normalise(text)}</root>".encode(), _parser())
-    except etree.XMLSyntaxError:
-        return None
+    root = _parse(text)
     if root is None:
         return None
     params = [(p.get("name"), p.get("string"), "".join(p.itertext())) for p in root.iter("parameter")]

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-from referencing import Registry
-from referencing.exceptions import NoSuchResource
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 # JSON types as Python sees them after json.loads; bool is checked before int (bool < int).
 _PY_TYPES = {
@@ -67,20 +65,24 @@ def loads_strict(text: str) -> Any:
 
 
 def _refuse(uri: str) -> Any:
+    from referencing.exceptions import NoSuchResource
+
     raise NoSuchResource(ref=uri)
-
-
-_NO_RETRIEVAL = Registry(retrieve=_refuse)  # type: ignore[call-arg]
 
 
 @lru_cache(maxsize=512)
 def _compile(schema_text: str) -> Draft202012Validator | None:
+    # Imported here: most tool schemas never need jsonschema (see _fast_check).
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+    from referencing import Registry
+
     schema = json.loads(schema_text)
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError:
         return None  # the renderer already accepted it; a broken schema cannot judge calls
-    return Draft202012Validator(schema, registry=_NO_RETRIEVAL)
+    return Draft202012Validator(schema, registry=Registry(retrieve=_refuse))  # type: ignore[call-arg]
 
 
 # Keywords that never fail validation (annotations; `format` asserts nothing without a
@@ -253,7 +255,12 @@ class ToolSchema:
             self._validator = _compile(text)
         if self._validator is None:
             return None
-        errors = sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path))
+        from referencing.exceptions import Unresolvable
+
+        try:
+            errors = sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path))
+        except Unresolvable as exc:  # a remote (refused) or missing $ref
+            return f"schema reference cannot be resolved: {exc}"
         if not errors:
             return None
         err = errors[0]

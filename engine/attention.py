@@ -215,7 +215,10 @@ class Indexer(nn.Module):
         scores = (scores * w.unsqueeze(-1)).sum(dim=1)  # [n, N]
         visible = torch.arange(n_entries, device=q.device) < ((positions + 1) // r).unsqueeze(-1)
         scores = scores.masked_fill(~visible, float("-inf"))
-        top = scores.topk(min(self.config.index_topk, n_entries), dim=-1).indices
+        # exact ties are common (ReLU zeros on every head); a stable sort gives them to the
+        # earlier entry, so the selection cannot depend on how a prompt was chunked
+        # (DeepSeek's top-k kernel leaves tie order unspecified: any fixed rule is faithful)
+        top = scores.sort(dim=-1, descending=True, stable=True).indices[:, : self.config.index_topk]
         selected = torch.zeros_like(visible).scatter_(1, top, True) & visible
         return selected, scores
 

@@ -51,7 +51,9 @@ class Gate(Linear):
         if self.hash:
             experts = self.tid2eid[ids]
         else:
-            experts = (scores + self.bias).topk(self.topk, dim=-1).indices
+            # stable sort: an exact tie goes to the lower expert id whatever the batch shape
+            biased = scores + self.bias
+            experts = biased.sort(dim=-1, descending=True, stable=True).indices[:, : self.topk]
         weights = scores.gather(1, experts)
         if self.config.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -6,39 +6,42 @@
     async for step in engine.stream(prompt_ids, params):   # ids + stop-safe text + finish
         ...
 
-Scheduling is deliberately simple for now: one sequence at a time (an asyncio lock), its
-prompt prefilled in chunks, then one token per step. Every forward runs on one worker
-thread, so the event loop stays responsive and torch calls never interleave; batching many
-sequences through the model's batch API is the next issue's job.
+Scheduling is simple continuous batching: a scheduler task prefills each new sequence on
+its own (in chunks), then decodes every running sequence together, one token per step,
+through the model's batch API (one `BatchState` row per sequence, at its own position); up
+to `max_batch_size` run at once and the rest wait. Every forward runs on one worker thread,
+so the event loop stays responsive and torch calls never interleave. Smarter policies
+(batched prefill, paged KV, CUDA graphs) belong to the next issue.
 
 A generation ends on EOS (id 1, unless `ignore_eos`), a stop token id, a stop string, or
 `max_tokens` ("length"). EOS and stop token ids keep their text (the DSML parser reads
 `<｜end▁of▁sentence｜>`); a stop string is cut from the text, and text that might be the
 start of one is held back until the next token decides. Cancelling the consumer (or
-`aclose()`) stops at the next step and drops the sequence's KV state with the generator; a
-forward already running on the worker thread finishes first, and the next sequence queues
-behind it on the same thread.
+`aclose()`) marks the sequence done: the scheduler drops it and its KV state before the
+next step (a forward already running on the worker thread finishes first).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dsml.detokenizer import IncrementalDetokenizer
 from dsml.tokenizer import V4Tokenizer, load_tokenizer
-from engine.cache import BatchState
+from engine.cache import BatchState, SequenceState
 from engine.model import Transformer
 from engine.sampling import Sampler, SamplingParams
 from engine.weights import load_model
 
 DEFAULT_MAX_SEQ_LEN = 65536  # per sequence; KV state is allocated for prompt + max_tokens
 PREFILL_CHUNK = 2048  # prompt tokens per forward: bounds activation memory, same logits
+DEFAULT_MAX_BATCH_SIZE = 16  # sequences decoded together
 
 
 def default_device() -> torch.device:
@@ -89,22 +92,41 @@ class StopStrings:
         return out
 
 
+@dataclass(eq=False)
+class _Sequence:
+    """One request's generation state, shared by its consumer and the scheduler."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # Step | BaseException
+    ids: list[int] = field(default_factory=list)  # prompt + generated (what masks see)
+    state: SequenceState | None = None
+    done: bool = False  # finished, failed or cancelled: the scheduler drops it
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: V4Tokenizer, device: torch.device | str,
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> None:
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
+        self.max_batch_size = max_batch_size
         self.eos_id = model.config.eos_token_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._closed = False
-        self._lock: asyncio.Lock | None = None
-        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._scheduler: asyncio.Task | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.bfloat16, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+                        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                         progress: bool | None = None) -> Engine:
         """Load `path` (official layout, see engine.weights) and its `tokenizer.json` if it has
         one (the package's V4 tokenizer otherwise). Blocking: seconds for a tiny checkpoint."""
@@ -112,16 +134,28 @@ class Engine:
         model = load_model(path, device=device, dtype=dtype, progress=progress)
         tok_file = Path(path) / "tokenizer.json"
         tokenizer = V4Tokenizer(str(tok_file)) if tok_file.is_file() else load_tokenizer()
-        return cls(model, tokenizer, device, max_seq_len)
+        return cls(model, tokenizer, device, max_seq_len, max_batch_size)
 
     def close(self) -> None:
         """Stop the worker thread (a running forward finishes); later generations fail."""
         self._closed = True
+        task = self._scheduler
+        if task is not None and not task.done() and not task.get_loop().is_closed():
+            task.cancel()
+        for seq in [*self._waiting, *self._running]:
+            if not seq.done:
+                self._fail(seq, RuntimeError("engine is closed"))
+        self._waiting.clear()
+        self._running = []
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def max_new_tokens(self, prompt_len: int) -> int:
         """Tokens a prompt of this length may still generate (the context left)."""
         return self.max_seq_len - prompt_len
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
 
     async def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> AsyncIterator[int]:
         """Generated token ids, ending as `stream` does."""
@@ -141,43 +175,118 @@ class Engine:
         if len(prompt) + sampling.max_tokens > self.max_seq_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) "
                              f"exceeds the engine's max_seq_len {self.max_seq_len}")
+        seq = _Sequence(prompt, sampling, Sampler(sampling, self.device),
+                        IncrementalDetokenizer(self.tokenizer), StopStrings(sampling.stop),
+                        ids=list(prompt))
         loop = asyncio.get_running_loop()
-        if self._lock_loop is not loop:  # an asyncio.Lock belongs to one event loop
-            self._lock, self._lock_loop = asyncio.Lock(), loop
-        async with self._lock:
-            sampler = Sampler(sampling, self.device)
-            state = await loop.run_in_executor(
-                self._executor, self.model.new_state, 1, len(prompt) + sampling.max_tokens, self.device)
-            detok = IncrementalDetokenizer(self.tokenizer)
-            stops = StopStrings(sampling.stop)
-            ids = list(prompt)
-            token = await loop.run_in_executor(self._executor, self._prefill, state, prompt, sampler)
-            for n in range(1, sampling.max_tokens + 1):
-                ids.append(token)
-                ends = (token == self.eos_id and not sampling.ignore_eos) or token in sampling.stop_token_ids
-                text = detok.push(token) + (detok.flush() if ends or n == sampling.max_tokens else "")
-                text, stopped = stops.feed(text)
-                if stopped or ends:
-                    yield Step(token, text, "stop")
+        if self._scheduler is not None and self._scheduler.get_loop() is not loop:
+            # A new event loop (tests run one per test): sequences of the old one have no
+            # consumer left to read them.
+            self._waiting.clear()
+            self._running = []
+            self._scheduler = None
+        self._waiting.append(seq)
+        if self._scheduler is None or self._scheduler.done():
+            self._scheduler = loop.create_task(self._schedule(), name="engine-scheduler")
+        try:
+            while True:
+                item = await seq.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
                     return
-                if n == sampling.max_tokens:
-                    yield Step(token, text + stops.flush(), "length")
-                    return
-                yield Step(token, text)
-                token = await loop.run_in_executor(self._executor, self._decode, state, token, ids,
-                                                   sampler)
+        finally:
+            # Cancelled or closed early: the scheduler drops it (and its KV state) between
+            # steps; the state itself is not touched here, a forward may be using it.
+            seq.done = True
 
-    # -- worker thread ---------------------------------------------------------------------
+    # -- scheduler (event loop) --------------------------------------------------------------
 
-    def _prefill(self, state: BatchState, prompt: list[int], sampler: Sampler) -> int:
+    async def _schedule(self) -> None:
+        """Admit and prefill waiting sequences, decode the running ones; exit when idle (a
+        new request starts it again), so no task outlives its work or its event loop."""
+        loop = asyncio.get_running_loop()
+        while self._waiting or self._running:
+            while self._waiting and len(self._running) < self.max_batch_size:
+                seq = self._waiting.popleft()
+                if seq.done:
+                    continue
+                try:
+                    token = await loop.run_in_executor(self._executor, self._prefill, seq)
+                except Exception as e:  # this sequence fails; the others go on
+                    self._fail(seq, e)
+                    continue
+                self._accept(seq, token)
+                if not seq.done:
+                    self._running.append(seq)
+            batch = [s for s in self._running if not s.done]
+            if batch:
+                try:
+                    tokens = await loop.run_in_executor(self._executor, self._decode, batch)
+                except Exception as e:  # the forward itself failed: every row of it fails
+                    tokens = [e] * len(batch)
+                for seq, token in zip(batch, tokens, strict=True):
+                    if isinstance(token, Exception):
+                        self._fail(seq, token)
+                    elif not seq.done:
+                        self._accept(seq, token)
+            for seq in self._running:
+                if seq.done:
+                    seq.state = None  # no forward is running now: the KV state can go
+            self._running = [s for s in self._running if not s.done]
+
+    def _fail(self, seq: _Sequence, error: Exception) -> None:
+        seq.out.put_nowait(error)
+        seq.done = True
+        seq.state = None
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        """Record a sampled token and hand its Step to the consumer; end the sequence if due."""
+        params = seq.params
+        seq.ids.append(token)
+        n = len(seq.ids) - len(seq.prompt)
+        ends = (token == self.eos_id and not params.ignore_eos) or token in params.stop_token_ids
+        last = ends or n == params.max_tokens
+        text = seq.detok.push(token) + (seq.detok.flush() if last else "")
+        text, stopped = seq.stops.feed(text)
+        if stopped:
+            step = Step(token, text, "stop")
+        elif last:  # release what was held back for a stop string
+            step = Step(token, text + seq.stops.flush(), "stop" if ends else "length")
+        else:
+            step = Step(token, text)
+        seq.out.put_nowait(step)
+        if step.finish_reason is not None:
+            seq.done = True
+            seq.state = None
+
+    # -- worker thread -----------------------------------------------------------------------
+
+    def _prefill(self, seq: _Sequence) -> int:
         with torch.inference_mode():
-            for start in range(0, len(prompt), PREFILL_CHUNK):
-                chunk = torch.tensor([prompt[start : start + PREFILL_CHUNK]], device=self.device)
+            max_len = len(seq.prompt) + seq.params.max_tokens
+            state = self.model.new_state(1, max_len, self.device)
+            for start in range(0, len(seq.prompt), PREFILL_CHUNK):
+                chunk = torch.tensor([seq.prompt[start : start + PREFILL_CHUNK]], device=self.device)
                 logits = self.model(chunk, state, last_only=True)  # [1, V]
-            return int(sampler(logits[0], prompt))
+            seq.state = state.seqs[0]
+            return int(seq.sampler(logits[0], seq.ids))
 
-    def _decode(self, state: BatchState, token: int, ids: list[int], sampler: Sampler) -> int:
+    def _decode(self, batch: list[_Sequence]) -> list[int | Exception]:
+        """One token for every sequence of `batch`, each at its own position; a row whose
+        sampling fails (a mask that allows nothing) gets its exception instead."""
         with torch.inference_mode():
-            logits = self.model(torch.tensor([[token]], device=self.device), state, last_only=True)
-            # The id goes back to the host here: the loop needs it for EOS / stop strings.
-            return int(sampler(logits[0], ids))
+            tokens = torch.tensor([[s.ids[-1]] for s in batch], device=self.device)  # [B, 1]
+            state = BatchState([s.state for s in batch])
+            logits = self.model(tokens, state, last_only=True)  # [B, V]
+            sampled: list[torch.Tensor | Exception] = []
+            for b, seq in enumerate(batch):  # each row has its own params, seed and mask
+                try:
+                    sampled.append(seq.sampler(logits[b], seq.ids))
+                except Exception as e:
+                    sampled.append(e)
+            # The ids come back in one host sync, which the loop needs for EOS / stop strings.
+            ok = [t for t in sampled if isinstance(t, torch.Tensor)]
+            ids = iter(torch.stack(ok).tolist() if ok else [])
+            return [t if isinstance(t, Exception) else next(ids) for t in sampled]

@@ -200,6 +200,11 @@ def _plan(modules: dict[str, nn.Module], shards: _Shards, int2_files: dict[int, 
     ignored: set[str] = set()
     plan: dict[str, Any] = {}
     problems: list[str] = []
+    num_experts: dict[int, int] = {}
+    for mpath in modules:
+        if m := _ROUTED.fullmatch(mpath):
+            layer = int(m.group(1))
+            num_experts[layer] = max(num_experts.get(layer, 0), int(m.group(2)) + 1)
 
     def need(name: str) -> bool:
         expected.add(name)
@@ -216,7 +221,10 @@ def _plan(modules: dict[str, nn.Module], shards: _Shards, int2_files: dict[int, 
             if m and int(m.group(1)) in int2_files:
                 # The INT2 file replaces these; the shards may still hold the FP4 originals.
                 ignored.update({wname, f"{prefix}scale"})
-                plan[mpath] = ("int2", int(m.group(1)), int(m.group(2)), m.group(3))
+                layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+                plan[mpath] = ("int2", layer, expert, proj)
+                if expert == 0:
+                    problems += _check_int2(int2_files[layer], proj, module, num_experts[layer])
             elif need(wname):
                 fmt = _stored_linear_format(wname, shards.meta(wname)[1])
                 names = tensor_names(wname, fmt)
@@ -255,9 +263,8 @@ def _load_module(module: nn.Module, mpath: str, plan: dict[str, Any], shards: _S
                 _, layer, expert, proj = entry
                 if layer not in int2_handles:
                     int2_handles[layer] = _read_int2_layer(int2_files[layer], stack, device)
-                fields = [int2_handles[layer][fm.int2_key(proj, f)] for f in fm.INT2_FIELDS]
-                _check_int2_experts(int2_files[layer], proj, fields, expert)
-                module.load_int2(*(f[expert] for f in fields), name=f"{int2_files[layer].name} {proj}[{expert}]")
+                fields = [int2_handles[layer][fm.int2_key(proj, f)][expert] for f in fm.INT2_FIELDS]
+                module.load_int2(*fields, name=f"{int2_files[layer].name} {proj}[{expert}]")
             elif entry[0] == fm.WeightFormat.DENSE:
                 module.load_dense(shards.get(wname), name=wname)
             elif entry[0] == fm.WeightFormat.FP8:
@@ -276,16 +283,35 @@ def _load_module(module: nn.Module, mpath: str, plan: dict[str, Any], shards: _S
 
 def _read_int2_layer(file: Path, stack: ExitStack, device: torch.device) -> dict[str, torch.Tensor]:
     f = stack.enter_context(safe_open(file, framework="pt", device=str(device)))
-    keys = set(f.keys())
-    wanted = {fm.int2_key(p, k) for p in ("w1", "w2", "w3") for k in fm.INT2_FIELDS}
-    if missing := sorted(wanted - keys):
-        raise CheckpointError(f"{file}: missing INT2 tensors {missing} (found {sorted(keys)})")
-    return {k: f.get_tensor(k) for k in wanted}
+    return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
 
 
-def _check_int2_experts(file: Path, proj: str, fields: list[torch.Tensor], expert: int) -> None:
-    n = fields[0].shape[0]
-    if any(t.dim() != 3 or t.shape[0] != n for t in fields) or expert >= n:
-        shapes = [list(t.shape) for t in fields]
-        raise CheckpointError(f"{file.name} {proj}: expected [E, out, *] tensors with E > {expert}, "
-                              f"found shapes {shapes}")
+def _check_int2(file: Path, proj: str, linear: Linear, num_experts: int) -> list[str]:
+    """Problems of one projection's three tensors in an INT2-G64 layer file (none if it fits)."""
+    with safe_open(file, framework="pt") as f:
+        keys = set(f.keys())
+        found = {}
+        for field in fm.INT2_FIELDS:
+            key = fm.int2_key(proj, field)
+            if key not in keys:
+                return [f"{file.name}: {key} missing (found {sorted(keys)})"]
+            s = f.get_slice(key)
+            found[field] = (tuple(s.get_shape()), _ST_DTYPES.get(s.get_dtype(), s.get_dtype()))
+    problems = []
+    if unexpected := keys - {fm.int2_key(p, k) for p in ("w1", "w2", "w3") for k in fm.INT2_FIELDS}:
+        problems.append(f"{file.name}: unexpected tensors {sorted(unexpected)}")
+    names = {"weight": f"{file.name} {fm.int2_key(proj, 'w_packed')}",
+             "scale": f"{file.name} {fm.int2_key(proj, 'w_scale')}",
+             "zero": f"{file.name} {fm.int2_key(proj, 'w_zero_packed')}"}
+    for (shape, _), name in zip(found.values(), names.values(), strict=True):
+        if not shape or shape[0] != num_experts:
+            problems.append(f"{name}: expected {num_experts} experts first, found shape {list(shape)}")
+    if problems:
+        return problems
+    try:  # one expert's slice, against the Linear's INT2 spec
+        linear.check_stored(fm.WeightFormat.INT2, names,
+                            {k: (shape[1:], dtype) for k, (shape, dtype) in
+                             zip(("weight", "scale", "zero"), found.values(), strict=True)})
+    except (TypeError, ValueError) as e:
+        problems.append(str(e))
+    return problems

@@ -20,7 +20,7 @@ from proxy.metrics import Metrics
 from proxy.middleware import auth_middleware, error_middleware, observe_middleware
 from proxy.models import ModelRegistry
 from proxy.reasoning_cache import ReasoningCache
-from proxy.routes import anthropic, chat, completions, models, ops
+from proxy.routes import anthropic, chat, completions, models, ops, responses
 from proxy.settings import Settings
 from proxy.turn import TurnRunner
 
@@ -69,11 +69,12 @@ def create_app(
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
     app.router.add_get("/v1/models", models.list_models)
-    app.router.add_get("/v1/models/{model_id}", models.get_model)
+    app.router.add_get("/v1/models/{model_id:.+}", models.get_model)  # ids may hold "/"
     app.router.add_get("/health", ops.health)
     app.router.add_get("/ready", ops.ready)
     app.router.add_get("/metrics", ops.metrics)
     anthropic.add_routes(app)  # POST /v1/messages, /v1/messages/count_tokens
+    responses.add_routes(app)  # POST /v1/responses
     return app
 
 

@@ -73,6 +73,14 @@ def from_validation_error(exc: ValidationError) -> ApiError:
 def from_backend_error(exc: BackendError) -> ApiError:
     if exc.reason == "timeout":
         return ApiError(504, f"upstream timed out: {exc.message}", code="upstream_timeout")
+    if exc.status in (400, 413, 422):
+        # The engine refused this request (prompt over its context, bad option): the client's
+        # to fix, so not a 5xx the SDK would retry.
+        return ApiError(400, f"the engine refused the request: {exc.message}",
+                        code="upstream_rejected")
+    if exc.status == 429:
+        return ApiError(429, f"the engine is overloaded: {exc.message}", code="upstream_overloaded",
+                        headers={"Retry-After": "1"})
     return ApiError(502, f"upstream failed ({exc.reason}): {exc.message}", code="upstream_error")
 
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from proxy.errors import ApiError
+from proxy.timing import RequestClock
 
 
 class ConcurrencyLimiter:
@@ -23,7 +24,8 @@ class ConcurrencyLimiter:
         self.num_waiting = 0
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, clock: RequestClock | None = None) -> AsyncIterator[None]:
+        """Hold a generation slot; time spent queueing is a wait on `clock` (not overhead)."""
         if self._semaphore.locked() and self.num_waiting >= self.max_queue:
             raise ApiError(
                 429,
@@ -33,10 +35,14 @@ class ConcurrencyLimiter:
                 headers={"Retry-After": str(self.retry_after_s)},
             )
         self.num_waiting += 1
+        if clock is not None:
+            clock.wait_begin()
         try:
             await self._semaphore.acquire()
         finally:
             self.num_waiting -= 1
+            if clock is not None:
+                clock.wait_end()
         try:
             yield
         finally:

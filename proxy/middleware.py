@@ -68,15 +68,16 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         inflight.dec()
         stream = "true" if request[state.STREAM] else "false"
         elapsed = clock.elapsed()
+        overhead = max(0.0, elapsed - clock.waited)
         metrics.requests.labels(endpoint, str(status)).inc()
         metrics.duration.labels(endpoint, stream).observe(elapsed)
-        metrics.overhead.labels(endpoint).observe(clock.overhead())
+        metrics.overhead.labels(endpoint).observe(overhead)
         if request.app[state.SETTINGS].log_requests:
             fields = {
                 "request_id": request_id, "method": request.method, "path": request.path,
                 "endpoint": endpoint, "status": status, "stream": request[state.STREAM],
                 "duration_ms": round(elapsed * 1000, 3),
-                "overhead_ms": round(clock.overhead() * 1000, 3),
+                "overhead_ms": round(overhead * 1000, 3),
                 **request[state.LOG_FIELDS],
             }
             log.info("request", extra={"fields": fields})

@@ -120,12 +120,12 @@ class TurnRunner:
                         clock.wait_end()
                         return
                     now = clock.wait_end()
-                    if delta.num_tokens:
+                    if delta.text:  # not the usage corrections (text "", late token counts)
                         if clock.first_token_at is None:
                             clock.first_token_at = now
                             metrics.ttft.labels(endpoint).observe(now - clock.started)
                         elif last_at is not None:
-                            metrics.itl.observe((now - last_at) / delta.num_tokens)
+                            metrics.itl.observe((now - last_at) / max(1, delta.num_tokens))
                         last_at = now
                     yield delta
         except BackendError as exc:
@@ -242,8 +242,8 @@ class Turn:
                 if delta.finish_reason is not None:
                     self._backend_finish = delta.finish_reason
                 text = delta.text
-                if not text:
-                    continue
+                if not text or self._saw_eos:
+                    continue  # keep reading: a usage correction may still come
                 cut = text.find(EOS)
                 if cut >= 0:
                     # Nothing follows EOS. It is held back (fed just before finish) so that a
@@ -256,8 +256,6 @@ class Turn:
                 self._generated.append(text)
                 for event in self._feed(text):
                     yield event
-                if self._saw_eos:
-                    break
                 if self._first_call_done and not self.parallel_tool_calls:
                     self._stopped_after_first_call = True
                     break  # closing `deltas` cancels the backend request

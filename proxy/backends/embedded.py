@@ -40,7 +40,8 @@ class EmbeddedBackend:
         unset max_tokens the context left after the prompt."""
         context_left = self.engine.max_new_tokens(prompt_len)
         return EngineSampling(
-            max_tokens=min(sampling.max_tokens, context_left) if sampling.max_tokens else context_left,
+            max_tokens=(context_left if sampling.max_tokens is None
+                        else min(sampling.max_tokens, context_left)),
             temperature=DEFAULT_TEMPERATURE if sampling.temperature is None else sampling.temperature,
             top_p=DEFAULT_TOP_P if sampling.top_p is None else sampling.top_p,
             top_k=sampling.top_k or 0,

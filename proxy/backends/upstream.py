@@ -40,7 +40,7 @@ class UpstreamBackend:
         base_url: str,
         kind: UpstreamKind = UpstreamKind.VLLM,
         *,
-        model: str | None = None,
+        model: str | None = None,  # None: the first of the engine's /v1/models
         prompt_format: str | None = None,
         connect_timeout_s: float = 10.0,
         read_timeout_s: float = 600.0,
@@ -54,6 +54,7 @@ class UpstreamBackend:
             total=None, connect=connect_timeout_s, sock_read=read_timeout_s
         )
         self._session: aiohttp.ClientSession | None = None
+        self._model_checked = model is not None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UpstreamBackend:
@@ -119,14 +120,32 @@ class UpstreamBackend:
             body.update(_SPECIAL_TOKEN_FIELDS)
         return body
 
+    async def _discover_model(self) -> None:
+        # vLLM and SGLang want the served model's name in `model`; ask once, on first use
+        # (the engine may still be loading when the proxy starts).
+        assert self._session is not None
+        self._model_checked = True
+        try:
+            async with self._session.get(
+                self.base_url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                if resp.status == 200:
+                    data = (await resp.json()).get("data") or []
+                    if data and isinstance(data[0].get("id"), str):
+                        self.model = data[0]["id"]
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            self._model_checked = False  # try again next time; generate reports the failure
+
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         await self.start()
         assert self._session is not None
+        if not self._model_checked:
+            await self._discover_model()
         body = self.build_body(req)
         try:
             resp = await self._session.post(self.base_url + "/v1/completions", json=body)
         except TimeoutError as exc:
-            raise BackendError("timeout", "no connection within the connect timeout") from exc
+            raise BackendError("timeout", "no response within the timeout") from exc
         except aiohttp.ClientError as exc:
             raise BackendError("connect", f"{type(exc).__name__}: {exc}") from exc
         try:

@@ -3,7 +3,7 @@
 Stream: `message_start`, `ping`, then per content block `content_block_start`, its
 `content_block_delta`s (`thinking_delta`, `text_delta`, `input_json_delta`) and
 `content_block_stop`; a thinking block gets its `signature_delta` just before its stop (the
-signature covers the whole text). Then `message_delta` (stop reason, output tokens) and
+signature covers the whole text). A tool_use block goes out when its invoke has closed. Then `message_delta` (stop reason, output tokens) and
 `message_stop`. Blocks come in the order the parser emits: thinking, text, tool calls. The
 `anthropic` SDK's accumulator rebuilds from them the message `message_body` returns.
 """
@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from dsml.events import (
+    CallOutcome,
     ContentDelta,
     Event,
     ReasoningDelta,
@@ -50,8 +51,9 @@ ERROR_TYPES = {
 
 
 def anthropic_error(err: ApiError) -> tuple[int, dict[str, Any]]:
-    """Status and body of an error in Anthropic's shape; a full concurrency limit is 529."""
-    status = 529 if err.code == "overloaded" else err.status_code
+    """Status and body of an error in Anthropic's shape; overloaded (this server's concurrency
+    limit full, or the engine's) is 529, which Claude Code retries with backoff."""
+    status = 529 if err.code in ("overloaded", "upstream_overloaded") else err.status_code
     kind = ERROR_TYPES.get(status, "api_error")
     return status, {"type": "error", "error": {"type": kind, "message": err.message}}
 
@@ -92,6 +94,7 @@ class AnthropicStreamEncoder:
         self._index = -1
         self._open: str | None = None  # "thinking" | "text" | "tool_use"
         self._thinking: list[str] = []
+        self._call: tuple[str, str, list[str]] | None = None  # (id, name, fragments) held
 
     def start(self) -> bytes:
         # Called after the first event: the prompt is tokenized, its token count known.
@@ -138,18 +141,32 @@ class AnthropicStreamEncoder:
             out = b"" if self._open == "text" else self._start_block("text", '{"type":"text","text":""}')
             return out + self._delta(f'{{"type":"text_delta","text":{_dumps(event.text)}}}')
         if isinstance(event, ToolCallStart):
-            call_id = wire_call_id(event.id, TOOL_ID_PREFIX)
-            return self._start_block("tool_use", f'{{"type":"tool_use","id":{_dumps(call_id)},'
-                                     f'"name":{_dumps(event.name)},"input":{{}}}}')
+            # The open text/thinking block stays open: if this call turns out truncated, its
+            # text continues that block, as in the non-streaming message.
+            self._call = (wire_call_id(event.id, TOOL_ID_PREFIX), event.name, [])
+            return b""
         if isinstance(event, ToolCallArgsDelta):
-            if not event.fragment:
-                return b""
-            return self._delta(f'{{"type":"input_json_delta","partial_json":{_dumps(event.fragment)}}}')
+            if event.fragment and self._call is not None:
+                self._call[2].append(event.fragment)
+            return b""
         if isinstance(event, ToolCallEnd):
-            return self._close()
+            return self._tool_use_block(event)
         if isinstance(event, KeepAlive):
             return PING
         return b""  # Notice: metrics only
+
+    def _tool_use_block(self, end: ToolCallEnd) -> bytes:
+        # A call is held until its invoke closes: one cut off by the end of the stream is not
+        # a call (its text comes back as content), and a client must never run half of it.
+        call, self._call = self._call, None
+        if call is None or end.outcome is CallOutcome.TRUNCATED:
+            return b""
+        call_id, name, fragments = call
+        out = self._start_block("tool_use", f'{{"type":"tool_use","id":{_dumps(call_id)},'
+                                f'"name":{_dumps(name)},"input":{{}}}}')
+        for fragment in fragments:
+            out += self._delta(f'{{"type":"input_json_delta","partial_json":{_dumps(fragment)}}}')
+        return out + self._close()
 
     def finish(self, turn: Turn) -> bytes:
         reason, sequence = stop_reason(turn, self._stop_sequences)

@@ -57,7 +57,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                               top_p=req.top_p, top_k=req.top_k, stop=list(stops))
     clock = request[state.CLOCK]
-    async with app[state.LIMITER].slot():
+    async with app[state.LIMITER].slot(clock):  # queueing is a wait, not overhead
         turn = app[state.RUNNER].start(prompt, sampling, endpoint=ENDPOINT, clock=clock,
                                        parallel_tool_calls=parallel)
         if req.stream:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from dsml.prompt import Prompt
@@ -9,14 +11,36 @@ from dsml.request import render_chat
 from proxy import state
 from proxy.backends.base import SamplingParams
 from proxy.encoders.chat import ChatStreamEncoder, chat_completion_body
+from proxy.errors import ApiError
 from proxy.routes.common import drain, read_json, stream_turn
 from schemas.openai_chat import ChatCompletionRequest
 
 ENDPOINT = "chat_completions"
 
 
+def narrow_allowed_tools(payload: dict[str, Any]) -> None:
+    """`tool_choice: {"type": "allowed_tools", ...}` -> only those tools, and their mode.
+
+    V4 has no way to be told "these tools exist but only those may be called", so the
+    prompt offers just the allowed ones (the model cannot call what it was not shown).
+    """
+    choice = payload.get("tool_choice")
+    if not (isinstance(choice, dict) and choice.get("type") == "allowed_tools"):
+        return
+    allowed = choice["allowed_tools"]
+    names = {(t.get("function") or {}).get("name") or t.get("name") for t in allowed["tools"]}
+    tools = [t for t in payload.get("tools") or [] if t["function"]["name"] in names]
+    unknown = names - {t["function"]["name"] for t in tools}
+    if unknown:
+        raise ApiError(400, f"tool_choice.allowed_tools names undeclared tools: {sorted(unknown)}",
+                       param="tool_choice.allowed_tools.tools")
+    payload["tools"] = tools
+    payload["tool_choice"] = allowed["mode"] if tools else "none"
+
+
 def render(app: web.Application, chat: ChatCompletionRequest, default_thinking: bool) -> Prompt:
     payload = chat.model_dump(exclude_none=True, by_alias=True)
+    narrow_allowed_tools(payload)
     app[state.REASONING_CACHE].backfill(payload["messages"])
     return render_chat(payload, dialect=app[state.SETTINGS].dialect,
                        default_thinking=default_thinking)
@@ -39,7 +63,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = ChatCompletionRequest.model_validate(await read_json(request))
     request[state.LOG_FIELDS]["model"] = chat.model
     prompt = render(app, chat, app[state.MODELS].thinking(chat.model))
-    async with app[state.LIMITER].slot():
+    async with app[state.LIMITER].slot(request[state.CLOCK]):
         turn = app[state.RUNNER].start(
             prompt, sampling(chat), endpoint=ENDPOINT, clock=request[state.CLOCK],
             parallel_tool_calls=chat.parallel_tool_calls is not False,

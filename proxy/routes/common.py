@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import aclosing
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from dsml.errors import DsmlError
 from dsml.events import Event
 from proxy import state
-from proxy.backends.base import BackendError
 from proxy.errors import ApiError, to_api_error
+from proxy.logs import ACCESS_LOGGER
 from proxy.middleware import REQUEST_ID_HEADER
 from proxy.turn import Turn
+
+log = logging.getLogger(ACCESS_LOGGER)
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -23,7 +25,12 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body of {request.content_length} bytes is over the "
                        f"limit of {limit} bytes", code="body_too_large")
-    raw = await request.read()
+    clock = request[state.CLOCK]
+    clock.wait_begin()  # receiving the body is the client's time, not ours
+    try:
+        raw = await request.read()
+    finally:
+        clock.wait_end()
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -83,9 +90,13 @@ async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder) 
                 if data:
                     await _write(response, data, clock)
             await _write(response, encoder.finish(turn), clock)
-        except (BackendError, DsmlError) as exc:
+        except Exception as exc:  # the status line is gone: the error becomes an SSE event
             err = to_api_error(exc)
-            assert err is not None
+            if err is None:
+                log.exception("unhandled error mid-stream", extra={"fields": {
+                    "request_id": request[state.REQUEST_ID]}})
+                err = ApiError(500, f"internal error ({type(exc).__name__})",
+                               code="internal_error")
             request[state.LOG_FIELDS]["error"] = err.message
             await _write(response, encoder.error(err), clock)
     await response.write_eof()

@@ -43,7 +43,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     gen = generate_request(app, req)
     metrics, clock = app[state.METRICS], request[state.CLOCK]
     num_prompt = len(gen.prompt_ids or [])
-    async with app[state.LIMITER].slot():
+    async with app[state.LIMITER].slot(request[state.CLOCK]):
         deltas = app[state.RUNNER].deltas(gen, endpoint=ENDPOINT, clock=clock)
         num_completion, finish, texts = 0, "stop", []
         async with aclosing(deltas):

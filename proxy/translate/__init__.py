@@ -20,6 +20,11 @@ from proxy.turn import Turn
 
 _CALL = "call_"
 
+# An image a tool returned (Claude Code's Read on a PNG) stays in the history for the rest of
+# the session: refusing it would fail every later request, so the model reads this instead.
+# An image the user sent is still a 400 (the renderer's), which the user can act on.
+IMAGE_OMITTED = {"type": "text", "text": "[image omitted: this model reads text only]"}
+
 
 def wire_call_id(call_id: str, prefix: str) -> str:
     """The parser's `call_…` id under a protocol's own prefix (`toolu_`): same suffix, so

@@ -16,6 +16,7 @@ Decisions (README, "Claude Code"):
 - `tool_result` with `is_error: true` is prefixed with "Error: ": V4's tool-result turn has
   no error flag, and the model should not read a failure as an output.
 - A trailing assistant message without tool calls is a prefill: the turn continues it.
+- Images in a `tool_result` become a short text placeholder (see IMAGE_OMITTED).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from proxy.errors import ApiError
 from proxy.signature import ReasoningSigner
-from proxy.translate import chat_call_id
+from proxy.translate import IMAGE_OMITTED, chat_call_id
 from schemas.anthropic import (
     CountTokensRequest,
     ImageBlock,
@@ -150,7 +151,7 @@ def _tool_result(block: ToolResultBlock) -> dict[str, Any]:
     if content is None:
         content = ""
     elif not isinstance(content, str):
-        content = [_part(b) for b in content]
+        content = [_part(b) if isinstance(b, TextBlock) else IMAGE_OMITTED for b in content]
     if block.is_error:
         if isinstance(content, str):
             content = "Error: " + content

@@ -33,7 +33,9 @@ def output_lines(proc: subprocess.CompletedProcess[bytes]) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "path", [DATA / "render.jsonl", DATA / "dialects" / "v4-0731" / "render.jsonl"]
+    "path",
+    [DATA / "render.jsonl", *sorted((DATA / "dialects").glob("*/render.jsonl"))],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_render_jsonl_matches_vectors(path: Path) -> None:
     vectors = read_jsonl(path)

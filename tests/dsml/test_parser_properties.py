@@ -69,10 +69,15 @@ def check_calls(events: list) -> None:
             assert json.loads(frags[ev.index]) == ev.arguments
 
 
-def run_traced(chunks: list[str], tools, thinking: bool) -> tuple[StreamParser, list]:
-    parser, events = parse_chunks(chunks, tools, thinking, trace=True)
+def run_traced(chunks: list[str], tools, thinking: bool, strict: bool = False) -> tuple[StreamParser, list]:
+    parser, events = parse_chunks(chunks, tools, thinking, strict=strict, trace=True)
     check_accounting(parser, "".join(chunks))
     check_calls(events)
+    # Tracing turns the fast paths of feed() off: both must give the same events.
+    plain, plain_events = parse_chunks(chunks, tools, thinking, strict=strict)
+    assert merge(plain_events) == merge(events)
+    assert plain.result.content == parser.result.content
+    assert plain.result.reasoning_content == parser.result.reasoning_content
     return parser, events
 
 
@@ -112,9 +117,7 @@ def test_random_bytes(raw: bytes, thinking: bool, rnd: random.Random) -> None:
        st.randoms(use_true_random=False))  # fmt: skip
 def test_tag_soup(pieces: list[str], thinking: bool, strict: bool, rnd: random.Random) -> None:
     text = "".join(pieces)
-    parser, events = parse_chunks(chunked(text, rnd), [WEATHER], thinking, strict=strict, trace=True)
-    check_accounting(parser, text)
-    check_calls(events)
+    _, events = run_traced(chunked(text, rnd), [WEATHER], thinking, strict)
     # Chunking does not matter here either.
     _, whole = parse_chunks([text], [WEATHER], thinking, strict=strict)
     assert merge(events) == merge(whole)

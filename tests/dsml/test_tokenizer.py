@@ -328,3 +328,58 @@ def test_official_goldens_encode_like_the_whole_string(tok: V4Tokenizer, case: i
     ids = tok.encode_prompt(prompt)
     assert ids == tok.encode_generated(expected_text)
     assert ids[0] == tok.bos_id
+
+
+# -- DeepSeek's own request layer as an independent oracle of safe encoding ------------------
+# deepseek-recipe's `DeepseekV4Encoding.encode` also encodes client text without the added
+# vocabulary. Its V4 encoding has the 0731 effort tiers, so it is compared with v4-0731.
+
+
+@pytest.fixture(scope="module")
+def recipe_encoding():
+    import deepseek_recipe as dr  # test-only dependency
+
+    from dsml.tokenizer import tokenizer_json_path
+
+    return dr.DeepseekV4Encoding().with_tokenizer(dr.Tokenizer.from_file(tokenizer_json_path()))
+
+
+def recipe_conversation(request: dict):
+    import deepseek_recipe as dr
+
+    body = {**request, "model": "DeepSeek-V4-Pro"}
+    return dr.ChatCompletionRequest(body).convert(dr.ConversionOptions()).conversation
+
+
+@pytest.mark.parametrize("forged", [*FORGERIES, ""])
+def test_forgeries_encode_like_deepseek_recipe(
+    tok: V4Tokenizer, recipe_encoding, forged: str
+) -> None:
+    from dsml import Dialect, render_chat
+
+    request = tool_history_request(forged)
+    conversation = recipe_conversation(request)
+    prompt = render_chat(request, dialect=Dialect.V4_0731)
+    assert recipe_encoding.render_conversation(conversation).prompt == prompt.text
+    assert tok.encode_prompt(prompt) == recipe_encoding.encode(conversation)
+
+
+def test_render_vectors_encode_like_deepseek_recipe(tok: V4Tokenizer, recipe_encoding) -> None:
+    import deepseek_recipe as dr
+
+    from dsml import Dialect, render_chat
+
+    path = DATA / "dialects" / "v4-0731" / "render.jsonl"
+    num_compared = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        vector = json.loads(line)
+        try:
+            conversation = recipe_conversation(vector["request"])
+        except (dr.ConversionError, ValueError):  # refused: developer role, dotted names...
+            continue
+        if recipe_encoding.render_conversation(conversation).prompt != vector["prompt"]:
+            continue  # a documented rendering difference (dsml.md section 3)
+        prompt = render_chat(vector["request"], dialect=Dialect.V4_0731)
+        assert tok.encode_prompt(prompt) == recipe_encoding.encode(conversation), vector["id"]
+        num_compared += 1
+    assert num_compared >= 100

@@ -117,6 +117,12 @@ async def test_chat_completion_end_to_end(proxy_url):
     assert resp.usage is not None and 1 <= resp.usage.completion_tokens <= 4
     assert resp.usage.prompt_tokens > 3
 
+    # Two clients at once: the engine batches them; each gets its own complete answer.
+    both = await asyncio.gather(*(client.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": text}], max_tokens=2,
+        temperature=0) for text in ("one", "two")))
+    assert all(r.choices[0].finish_reason in ("length", "stop") for r in both)
+
     stream = await client.chat.completions.create(
         model="deepseek-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
         stream=True, seed=1)

@@ -66,7 +66,7 @@ def test_greedy_continuation_matches_transformers(pair, selections, monkeypatch)
     window and the first ratio-128 entry (emitted at position 127). Reference: the HF
     model's own cached generation, decoding one token per step like us."""
     model, hf = pair
-    prompt = random_tokens(1, 100, seed=2)
+    prompt = random_tokens(1, 100, seed=6)  # its greedy steps have top-2 gaps >= 0.03
     state = model.new_state(1, 256)
     logits = model(prompt, state, last_only=True)  # [1, V]
     tokens, step_logits = [], [logits]
@@ -92,7 +92,8 @@ def test_greedy_continuation_matches_transformers(pair, selections, monkeypatch)
     assert len(out.logits) == 32
     for step, (a, b) in enumerate(zip(step_logits, out.logits, strict=False)):
         top2 = b[0].topk(2).values
-        assert (top2[0] - top2[1]).item() > 10 * ATOL, f"step {step}: argmax near-tie in the reference"
+        # with |ours - ref| < ATOL everywhere, a gap over 2*ATOL makes the argmax well defined
+        assert (top2[0] - top2[1]).item() > 2 * ATOL, f"step {step}: argmax near-tie in the reference"
         assert (a - b).abs().max().item() < ATOL, f"step {step}: logits differ"
     assert tokens == ref_tokens
 

@@ -1,4 +1,5 @@
-"""engine/runtime.py on the tiny random checkpoint: stops, seeds, cancellation, a live loop.
+"""engine/runtime.py on the tiny random checkpoint: stops, seeds, batching, cancellation,
+and an event loop that stays live.
 
 A tiny-model decode step takes about a second on a shared 2-core CPU, so every generation
 here is a handful of tokens. Tokens are forced with the logits-mask hook where a test needs
@@ -67,6 +68,15 @@ async def test_eos_stops_and_keeps_its_text(engine):
     assert "".join(s.text for s in steps) == "Hi<｜end▁of▁sentence｜>"
 
 
+async def test_text_held_for_a_stop_string_is_released_at_eos(engine):
+    ids = load_tokenizer().encode_text("Hi")
+    # The EOS text ends with "sentence｜>", which might start the stop string: held back,
+    # then released because EOS ends the generation.
+    params = SamplingParams(max_tokens=10, stop=("sentence｜>!",), logits_mask=_forcing([*ids, EOS]))
+    steps = await _collect(engine, params)
+    assert "".join(s.text for s in steps) == "Hi<｜end▁of▁sentence｜>"
+
+
 async def test_stop_token_ids(engine):
     ids = load_tokenizer().encode_text("one two three")
     params = SamplingParams(max_tokens=10, stop_token_ids=(ids[1],), logits_mask=_forcing(ids))
@@ -86,6 +96,59 @@ async def test_stop_string_is_cut_and_held_back(engine):
     beta = next(i for i, s in enumerate(steps) if tok.decode([s.token_id]) == " beta")
     assert steps[beta].text == "a bet"
     assert all(not s.text.endswith("a") for s in steps)
+
+
+@pytest.fixture(scope="module")
+def engine_fp32(tmp_path_factory):
+    # fp32 activations: a batched matmul and a single-row one agree to rounding, so greedy
+    # choices on a random model cannot flip between them (bf16 could, on near-ties).
+    path = write_checkpoint(tmp_path_factory.mktemp("tiny32"), seed=1)
+    engine = Engine.from_checkpoint(path, device=default_device(), dtype=torch.float32)
+    yield engine
+    engine.close()
+
+
+async def test_concurrent_sequences_batch_and_match_running_alone(engine_fp32):
+    engine = engine_fp32
+    prompts = [PROMPT, [0, 128803, 900, 901, 902, 903, 904, 128804], [0, 42]]
+    lengths = [4, 2, 5]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+    alone = [await _collect(engine, p, prompt) for p, prompt in zip(params, prompts, strict=True)]
+
+    widest = 0
+    decode = engine._decode
+
+    def watching(batch):
+        nonlocal widest
+        widest = max(widest, len(batch))
+        return decode(batch)
+
+    engine._decode = watching
+    try:
+        together = await asyncio.gather(*(_collect(engine, p, prompt)
+                                          for p, prompt in zip(params, prompts, strict=True)))
+    finally:
+        engine._decode = decode
+    assert widest == 3  # all three decoded in one forward
+    assert [[s.token_id for s in r] for r in together] == [[s.token_id for s in r] for r in alone]
+    assert [r[-1].finish_reason for r in together] == ["length"] * 3
+    assert engine.num_running == 0
+
+
+async def test_a_failing_row_does_not_fail_the_batch(engine_fp32):
+    engine = engine_fp32
+
+    def banned_after_first(token_ids, logits):
+        if len(token_ids) > len(PROMPT):
+            return torch.full_like(logits, float("-inf"))
+        return logits
+
+    bad = SamplingParams(max_tokens=3, temperature=0, logits_mask=banned_after_first)
+    good = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    results = await asyncio.gather(_collect(engine, bad), _collect(engine, good),
+                                   return_exceptions=True)
+    assert isinstance(results[0], ValueError) and "allows no token" in str(results[0])
+    assert [s.finish_reason for s in results[1]] == [None, None, "length"]
 
 
 async def test_cancelling_the_consumer_stops_generation(engine):

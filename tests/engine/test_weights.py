@@ -200,3 +200,58 @@ def test_linear_shape_and_dtype_errors_name_the_tensor(tmp_path, change, message
 def test_missing_directory_contents(tmp_path):
     with pytest.raises(CheckpointError, match=r"no model\.safetensors\.index\.json"):
         load_checkpoint(_meta_toy(), tmp_path, device="cpu")
+
+
+def _int2_tensors() -> dict[str, torch.Tensor]:
+    out = {}
+    for proj in ("w1", "w2", "w3"):
+        w = _rand(E, *((H, INTER) if proj == "w2" else (INTER, H)), seed=7)
+        for field, t in zip(fm.INT2_FIELDS, fm.quantize_int2(w), strict=True):
+            out[fm.int2_key(proj, field)] = t
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.pop("w2.w_scale"), r"layer_00\.safetensors: w2\.w_scale missing"),
+    (lambda t: t.update({"w1.w_scale": t["w1.w_scale"].float()}),
+     r"layer_00\.safetensors w1\.w_scale: expected dtype float16, found float32"),
+    (lambda t: t.update({"w3.w_packed": t["w3.w_packed"][:1]}),
+     r"layer_00\.safetensors w3\.w_packed: expected 2 experts first, found shape \[1, 128, 8\]"),
+    (lambda t: t.update({"w1.w_zero_packed": torch.zeros(E, INTER, 2, dtype=torch.int8)}),
+     r"layer_00\.safetensors w1\.w_zero_packed: expected shape \[128, 1\], found \[128, 2\]"),
+    (lambda t: t.update({"w4.w_packed": t["w1.w_packed"].clone()}),
+     r"unexpected tensors \['w4\.w_packed'\]"),
+])
+def test_int2_file_mismatches(tmp_path, change, message):
+    path = _write(tmp_path, _release())
+    tensors = _int2_tensors()
+    change(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / fm.int2_file_name(0))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_meta_toy(), path, device="cpu")
+
+
+def test_linear_formats_directly():
+    lin = Linear(256, 128)
+    assert lin.format == WeightFormat.DENSE and list(lin.state_dict()) == ["weight"]
+    w = _rand(128, 256)
+    x = torch.randn(3, 256)
+    for fmt, load, expected in [
+        (WeightFormat.FP8, lambda: lin.load_fp8(*fm.quantize_fp8(w)),
+         fm.dequantize_fp8(*fm.quantize_fp8(w), torch.float32)),
+        (WeightFormat.FP4, lambda: lin.load_fp4(*fm.quantize_fp4(w)),
+         fm.dequantize_fp4(*fm.quantize_fp4(w), torch.float32)),
+        (WeightFormat.INT2, lambda: lin.load_int2(*fm.quantize_int2(w)),
+         fm.dequantize_int2(*fm.quantize_int2(w), torch.float32)),
+        (WeightFormat.DENSE, lambda: lin.load_dense(w.bfloat16()), w.bfloat16().float()),
+    ]:
+        load()
+        assert lin.format == fmt
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, expected))
+    lin.load_fp8(*fm.quantize_fp8(w), name="a.wq_a.weight")
+    assert sorted(lin.state_dict()) == ["scale", "weight"]
+    with pytest.raises(TypeError, match=r"a\.wq_a\.scale: expected dtype float8_e8m0fnu or uint8, found float32"):
+        lin.load_fp8(fm.quantize_fp8(w)[0], torch.ones(1, 2), name="a.wq_a.weight")
+    with pytest.raises(ValueError, match=r"x w_packed: expected shape \[128, 16\], found \[128, 8\]"):
+        lin.load_int2(torch.zeros(128, 8, dtype=torch.uint32), torch.zeros(128, 4, dtype=torch.float16),
+                      torch.zeros(128, 2, dtype=torch.int8), name="x")

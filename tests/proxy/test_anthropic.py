@@ -13,7 +13,7 @@ from typing import Any
 import anthropic
 import pytest
 
-from tests.fakes.upstream import FakeUpstream, Reply
+from tests.fakes.upstream import FakeUpstream
 from tests.proxy.conftest import ProxyServer, load_cases
 from tests.proxy.test_chat_cases import PARSE_IDS, reply_for
 
@@ -83,6 +83,8 @@ def check(case: dict[str, Any], plain: Any, streamed: Any) -> None:
         signatures = [b.signature for b in message.content if b.type == "thinking"]
         assert all(signatures), "every thinking block is signed"
     assert [b.type for b in plain.content] == [b.type for b in streamed.content]
+    assert ([b.signature for b in plain.content if b.type == "thinking"]
+            == [b.signature for b in streamed.content if b.type == "thinking"])
 
 
 @pytest.mark.parametrize("case_id", PARSE_IDS)
@@ -103,7 +105,9 @@ async def test_plain_text_and_system(proxy: ProxyServer, fake: FakeUpstream) -> 
         message = await client.messages.create(
             model="deepseek-v4", max_tokens=100, system=[{"type": "text", "text": "Be brief."}],
             messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-            metadata={"user_id": "u1"}, temperature=0.5, top_p=0.9, top_k=20)
+            metadata={"user_id": "u1"},
+            # This SDK release dropped the sampling keywords; older clients still send them.
+            extra_body={"temperature": 0.5, "top_p": 0.9, "top_k": 20})
     assert message.id.startswith("msg_")
     assert message.model == "deepseek-v4"
     assert [b.type for b in message.content] == ["thinking", "text"]

@@ -8,6 +8,7 @@ import pytest
 
 from tests.fakes.upstream import FakeUpstream, refused_url
 from tests.proxy.conftest import ProxyServer, StartProxy
+from tests.proxy.test_turn_policy import metric, scrape
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -45,6 +46,11 @@ async def test_models(start_proxy: StartProxy) -> None:
     assert model.id == "deepseek-reasoner" and model.owned_by == "dsml-proxy"
     with pytest.raises(openai.NotFoundError):
         await client.models.retrieve("gpt-4o")
+    org = await start_proxy(model_name="deepseek-ai/DeepSeek-V4-Flash")
+    model = await org.client().models.retrieve("deepseek-ai/DeepSeek-V4-Flash")
+    assert model.id == "deepseek-ai/DeepSeek-V4-Flash"
+    samples = await scrape(org)
+    assert metric(samples, "dsml_proxy_requests_total", endpoint="models", status="200") == 1
 
 
 async def test_model_names_select_thinking(start_proxy: StartProxy, fake: FakeUpstream) -> None:
@@ -78,6 +84,7 @@ async def test_vllm_request_fields(proxy: ProxyServer, fake: FakeUpstream) -> No
     assert sent["skip_special_tokens"] is False
     assert sent["spaces_between_special_tokens"] is False
     assert sent["stream"] is True
+    assert sent["model"] == "deepseek-ai/DeepSeek-V4-Flash"  # asked of the engine's /v1/models
     assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["seed"],
             sent["stop"]) == (77, 0.3, 0.9, 5, ["END"])
 

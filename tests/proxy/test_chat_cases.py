@@ -113,3 +113,15 @@ async def test_wild_cases(proxy: ProxyServer, fake: FakeUpstream, case_id: str) 
     case = WILD[case_id]
     plain, streamed = await run_both(proxy, fake, case)
     check(case, plain, streamed)
+
+
+@pytest.mark.parametrize("case_id", ["w-think-terminal", "w-think-quoted", "w-self-closing",
+                                     *PARALLEL_IDS[:3]])
+async def test_engines_that_emit_eos_text(start_proxy: Any, case_id: str) -> None:
+    """llama.cpp (--special) and ds4 stream EOS as text; vLLM does not. Same result."""
+    case = {**PARSE, **WILD}[case_id]
+    async with FakeUpstream(keep_eos=True) as eos_fake:
+        proxy = await start_proxy(upstream=eos_fake.url)
+        plain, streamed = await run_both(proxy, eos_fake, case)
+        check(case, plain, streamed)
+        assert len(eos_fake.requests) == 2  # no recovery continuation was needed

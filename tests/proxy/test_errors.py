@@ -142,3 +142,12 @@ async def test_mid_stream_failure_is_an_sse_error_event(proxy: ProxyServer,
                 received.append(chunk.choices[0].delta.content)
     assert "".join(received) == "one two three"
     assert "upstream" in str(info.value.message)
+
+
+async def test_engine_refusal_is_400_not_retried(proxy: ProxyServer, fake: FakeUpstream) -> None:
+    """An engine's 400 (e.g. prompt over its context) is the client's to fix: no 5xx."""
+    fake.push(Reply(status=400, text="This model's maximum context length is 8192 tokens"))
+    with pytest.raises(openai.BadRequestError) as info:
+        await proxy.client().chat.completions.create(model="deepseek-chat", messages=MESSAGES)
+    error = assert_error_shape(info.value.response.json())
+    assert error["code"] == "upstream_rejected" and "maximum context length" in error["message"]

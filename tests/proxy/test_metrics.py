@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dsml.events import RepairKind, TurnOutcome
@@ -93,10 +95,8 @@ async def test_counts_follow_what_happened(proxy: ProxyServer, fake: FakeUpstrea
                                                       messages=MESSAGES)).usage)
     # 5: an engine error.
     fake.push(Reply(status=500, text="boom"))
-    try:
+    with pytest.raises(openai.InternalServerError):
         await client.chat.completions.create(model="deepseek-chat", messages=MESSAGES)
-    except Exception:
-        pass
 
     s = await scrape(proxy)
     assert metric(s, "dsml_proxy_requests_total", endpoint="chat_completions", status="200") == 4
@@ -125,9 +125,7 @@ async def test_counts_follow_what_happened(proxy: ProxyServer, fake: FakeUpstrea
     assert metric(s, "dsml_proxy_inflight_requests", endpoint="chat_completions") == 0
 
     down = await start_proxy(upstream=refused_url())
-    try:
+    with pytest.raises(openai.InternalServerError):
         await down.client().chat.completions.create(model="deepseek-chat", messages=MESSAGES)
-    except Exception:
-        pass
     s = await scrape(down)
     assert metric(s, "dsml_proxy_upstream_errors_total", reason="connect") == 1

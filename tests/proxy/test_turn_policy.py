@@ -187,3 +187,16 @@ async def test_call_inside_reasoning_is_not_recovered_twice(proxy: ProxyServer,
     samples = await scrape(proxy)
     assert metric(samples, "dsml_proxy_tool_turns_total",
                   outcome="recovered_from_thinking") == 1
+
+
+async def test_allowed_tools_narrow_the_offer(proxy: ProxyServer, fake: FakeUpstream) -> None:
+    fake.push('<｜DSML｜invoke name="get_time">\n<｜DSML｜parameter name="zone" string="true">'
+              "CET</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>" + EOS)
+    resp = await proxy.client().chat.completions.create(
+        model="deepseek-chat", messages=MESSAGES, tools=WEATHER,
+        tool_choice={"type": "allowed_tools", "allowed_tools": {
+            "mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]}})
+    prompt = fake.prompt_text(0)
+    assert '"name": "get_time"' in prompt and '"name": "get_weather"' not in prompt
+    assert prompt.endswith(BLOCK)
+    assert [c.function.name for c in resp.choices[0].message.tool_calls] == ["get_time"]
