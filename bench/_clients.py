@@ -65,9 +65,13 @@ class Phase:
         return self.chunks / self.wall_s
 
     @property
+    def busy_s(self) -> float:
+        """The streams' time between first and last bytes, summed (no request setup)."""
+        return sum(s.ended - s.first_at for s in self.streams)
+
+    @property
     def in_stream_chunks_per_s(self) -> float:
-        """Chunks over the time between each stream's first and last bytes (no request setup)."""
-        busy = sum(s.ended - s.first_at for s in self.streams)
+        busy = self.busy_s
         return self.chunks / busy if busy > 0 else 0.0
 
 

@@ -1,10 +1,11 @@
 """Proxy throughput, CPU and latency: the real server between aiohttp clients and a fast engine.
 
-    python bench/proxy.py                 # ~1 min: prints the table, writes bench/results/proxy.json
+    python bench/proxy.py                 # ~2 min: prints the table, writes bench/results/proxy.json
     python bench/proxy.py --quick         # a shorter run (development)
     python bench/proxy.py --soak 120      # 64 streams for 120 s: the proxy's memory over time
                                           # (writes bench/results/proxy_soak.json)
-    python bench/proxy.py --profile FILE  # the proxy under cProfile too: top functions printed
+    python bench/proxy.py --profile FILE  # the proxy under cProfile (CPU clock): top functions
+    python bench/proxy.py --out PATH      # the JSON elsewhere
 
 Three processes, all on 127.0.0.1, so that each one's CPU time is its own:
 
@@ -20,17 +21,20 @@ floor of any Python relay). Measured: chunks/s for 1 stream and for 64 concurren
 the proxy's CPU time per chunk (/proc/<pid>/stat before and after a phase), time to first
 chunk through the proxy minus straight to the engine (interleaved pairs), and every streamed
 answer's tool calls against the corpus' expected ones.
+
+Two chunk counts, because the proxy does not relay one for one: engine chunks are the
+engine's SSE events (one per token; comparable across direct, proxy and relay), chunks out
+are what the client gets (through the proxy, chat-completion chunks: the parser merges the
+tokens of a tag or of a parameter value, about four engine chunks per chat chunk here).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
-import pstats
 import statistics
 import sys
 import time
@@ -47,18 +51,9 @@ import _relay
 import aiohttp
 from _clients import Phase, check_chat, check_completion, count_events, run_phase, stream_one
 from _procs import REPO, ProxyProcess, cpu_seconds, cpu_times, rss_bytes
+from _proxy_report import print_profile, soak_table, table, verdicts
 
 RESULTS = REPO / "bench" / "results"
-
-# For scale (issue 3), measured on this kind of machine.
-LITELLM_CHUNKS_PER_S = 1250
-LITELLM_CPU_US_PER_CHUNK = 700
-BARE_RELAY_CHUNKS_PER_S = 31000
-BARE_RELAY_CPU_US_PER_CHUNK = 17
-TARGET_CHUNKS_PER_S = 20000
-TARGET_CPU_US_PER_CHUNK = 50
-TARGET_ADDED_TTFC_P50_MS = 1.0
-
 
 @dataclass
 class Config:
@@ -138,6 +133,7 @@ async def timed_phase(session: aiohttp.ClientSession, target: Target, engine: di
         "chunks_out": phase.chunks,
         "chunks_out_per_s": round(phase.chunks_per_s),
         "in_stream_chunks_out_per_s": round(phase.in_stream_chunks_per_s),
+        "in_stream_engine_chunks_per_s": round(tokens / phase.busy_s) if phase.busy_s else 0,
         "engine_cpu_us_per_engine_chunk": round(eng / tokens * 1e6, 2),
     }
     if pid:
@@ -301,10 +297,10 @@ async def soak(seconds: float, cfg: Config, engine: dict[str, Any], proxy_proc: 
         deadline = start + seconds
         samples.append((0.0, rss_bytes(pid)))
         cpu0 = cpu_seconds(pid)
-        chunks = 0
+        chunks = tokens = 0
 
         async def worker(k: int) -> None:
-            nonlocal chunks
+            nonlocal chunks, tokens
             i = k
             while time.perf_counter() < deadline:
                 case = i % len(payloads)
@@ -314,6 +310,7 @@ async def soak(seconds: float, cfg: Config, engine: dict[str, Any], proxy_proc: 
                 if expected["reasoning_content"]:  # the proxy remembers it per call id
                     counts["reasoning_cache_puts"] += len(expected["tool_calls"])
                 chunks += count_events(s.body)
+                tokens += engine["events"][case]
                 if check_chat(s.body, cases[case]["expected"]):
                     counts["failed"] += 1
                 i += cfg.concurrency
@@ -332,104 +329,13 @@ async def soak(seconds: float, cfg: Config, engine: dict[str, Any], proxy_proc: 
     half = len(samples) // 2
     return {
         "seconds": seconds, "streams": cfg.concurrency, "warmup_check": warm, **counts,
-        "chunks_per_s": round(chunks / wall), "proxy_cpu_us_per_chunk": round(cpu / chunks * 1e6, 2),
+        "engine_chunks_per_s": round(tokens / wall), "chunks_out_per_s": round(chunks / wall),
+        "proxy_cpu_us_per_engine_chunk": round(cpu / tokens * 1e6, 2),
         "rss_mb_samples": [[round(t, 1), m] for (t, _), m in zip(samples, mb, strict=True)],
         "rss_mb_start": mb[0], "rss_mb_end": mb[-1], "rss_mb_max": max(mb),
         "rss_growth_mb": round(mb[-1] - mb[0], 1),
         "rss_growth_second_half_mb": round(mb[-1] - mb[half], 1),
     }
-
-
-# -- reporting ---------------------------------------------------------------------------------
-
-
-def verdicts(res: dict[str, Any], concurrency: int) -> list[dict[str, Any]]:
-    one = res["1_stream"]["proxy"]
-    many = res[f"{concurrency}_streams"]["proxy"]
-    added = res["ttfc"]["added_ms"]["p50"]
-    out_rate, in_rate = one["chunks_out_per_s"], one["engine_chunks_per_s"]
-    cpu_out, cpu_in = many["server_cpu_us_per_chunk_out"], many["server_cpu_us_per_engine_chunk"]
-    return [
-        {"target": f">= {TARGET_CHUNKS_PER_S:,} chat chunks/s out, 1 stream",
-         "measured": out_rate, "met": out_rate >= TARGET_CHUNKS_PER_S},
-        {"target": f">= {TARGET_CHUNKS_PER_S:,} engine chunks (tokens)/s relayed, 1 stream",
-         "measured": in_rate, "met": in_rate >= TARGET_CHUNKS_PER_S},
-        {"target": f">= 15x LiteLLM ({15 * LITELLM_CHUNKS_PER_S:,} chunks/s), 1 stream, tokens",
-         "measured": f"{in_rate / LITELLM_CHUNKS_PER_S:.1f}x",
-         "met": in_rate >= 15 * LITELLM_CHUNKS_PER_S},
-        {"target": f"<= {TARGET_CPU_US_PER_CHUNK} us proxy CPU per chat chunk out "
-                   f"({concurrency} streams)", "measured": cpu_out,
-         "met": cpu_out <= TARGET_CPU_US_PER_CHUNK},
-        {"target": f"<= {TARGET_CPU_US_PER_CHUNK} us proxy CPU per engine chunk "
-                   f"({concurrency} streams)", "measured": cpu_in,
-         "met": cpu_in <= TARGET_CPU_US_PER_CHUNK},
-        {"target": f"< {TARGET_ADDED_TTFC_P50_MS} ms added time to first chunk, p50",
-         "measured": added, "met": added < TARGET_ADDED_TTFC_P50_MS},
-    ]
-
-
-def table(res: dict[str, Any], cfg: Config) -> str:
-    names = [n for n in ("direct", "proxy", "relay") if n in res["1_stream"]]
-    heads = {"direct": "direct (engine)", "proxy": "dsml-proxy", "relay": "bare relay"}
-    lines = []
-
-    def row(label: str, values: list[Any]) -> None:
-        cells = [f"{v:,}" if isinstance(v, int) else str(v) for v in values]
-        lines.append(f"{label:<36}" + "".join(f"{c:>16}" for c in cells))
-
-    def get(r: dict[str, Any], key: str) -> list[Any]:
-        return [r[n].get(key, "-") for n in names]
-
-    row("", [*(heads[n] for n in names), "proxy/direct"])
-    for label in ("1_stream", f"{cfg.concurrency}_streams"):
-        r = res[label]
-        ratio = r["proxy"]["engine_chunks_per_s"] / r["direct"]["engine_chunks_per_s"]
-        row(label.replace("_", " ") + ": engine chunks/s",
-            [*get(r, "engine_chunks_per_s"), f"{ratio:.3f}"])
-        row("  chunks out/s (proxy: chat chunks)", get(r, "chunks_out_per_s"))
-        row("  in-stream chunks out/s", get(r, "in_stream_chunks_out_per_s"))
-        row("  server CPU us / engine chunk", get(r, "server_cpu_us_per_engine_chunk"))
-        row("  server CPU us / chunk out", get(r, "server_cpu_us_per_chunk_out"))
-        row("  server CPU ms / request", get(r, "server_cpu_ms_per_request"))
-        row("  server CPU user / sys s", [
-            f"{r[n]['server_cpu_user_s']} / {r[n]['server_cpu_sys_s']}" if n != "direct" else "-"
-            for n in names])
-        row("  engine CPU us / engine chunk", get(r, "engine_cpu_us_per_engine_chunk"))
-    t = res["ttfc"]
-    row("time to first chunk p50 / p99 ms",
-        [f"{t['direct_ms']['p50']:.2f} / {t['direct_ms']['p99']:.2f}",
-         f"{t['proxy_ms']['p50']:.2f} / {t['proxy_ms']['p99']:.2f}"])
-    row("  added by the proxy p50 / p99 ms",
-        ["", f"{t['added_ms']['p50']:.2f} / {t['added_ms']['p99']:.2f}"])
-    own = t["proxy_own_view"]
-    row("  proxy metrics: TTFT/overhead ms", ["", f"{own['time_to_first_token_mean_ms']:.2f} / "
-                                              f"{own['overhead_mean_ms']:.2f}"])
-    row("  proxy CPU ms per request (c=1)", ["", own["cpu_per_request_ms"]])
-    lines.append("")
-    for v in res["targets"]:
-        lines.append(f"  [{'met' if v['met'] else 'NOT met'}] {v['target']}: {v['measured']}")
-    lines.append("")
-    lines.append(
-        f"  For scale (issue 3): LiteLLM ~{LITELLM_CHUNKS_PER_S:,} chunks/s for one stream, "
-        f"~{LITELLM_CPU_US_PER_CHUNK} us CPU/chunk; a bare aiohttp relay re-encoding each "
-        f"chunk's JSON ~{BARE_RELAY_CHUNKS_PER_S:,} chunks/s, {BARE_RELAY_CPU_US_PER_CHUNK} us/chunk.")
-    if "relay" in names:
-        relay_us = res[f"{cfg.concurrency}_streams"]["relay"]["server_cpu_us_per_engine_chunk"]
-        lines.append(f"  This run's bare relay: {relay_us} us/chunk (the issue's machine: "
-                     f"{BARE_RELAY_CPU_US_PER_CHUNK}); scale the proxy's CPU figures by "
-                     f"{BARE_RELAY_CPU_US_PER_CHUNK / relay_us:.2f} to compare with the issue's.")
-    lines.append("  direct = the same clients reading the fake engine; engine chunks = its SSE "
-                 "events (one per token); chunks out through the proxy are chat-completion "
-                 "chunks (role, content/reasoning/tool-call deltas, finish, usage).")
-    return "\n".join(lines)
-
-
-def print_profile(path: Path, top: int = 25) -> str:
-    buf = io.StringIO()
-    stats = pstats.Stats(str(path), stream=buf)
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return buf.getvalue()
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -471,12 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.soak:
             report["soak"] = asyncio.run(soak(args.soak, cfg, engine, proxy_proc, cases))
-            print(json.dumps(report["soak"], indent=1))
+            print(soak_table(report["soak"]))
         else:
             res = asyncio.run(benchmark(cfg, engine, proxy_proc, relay, cases))
             res["targets"] = verdicts(res, cfg.concurrency)
             report.update(res)
-            print(table(res, cfg))
+            print(table(res, cfg.concurrency))
     finally:
         proxy_proc.stop()
         if relay_proc is not None:

@@ -9,7 +9,9 @@ longer than `MAX_HEAD`. Once a DSML tag head is recognised its attributes are sc
 the closing `>` (quotes may hide a `>`), bounded by `MAX_TAG`.
 
 The lexer keeps only the undecided tail between deltas, so each character is examined a
-bounded number of times however long the stream gets.
+bounded number of times however long the stream gets. `absorb()` and `hold_prefix()` are
+the parser's fast paths for deltas that only extend a marker still arriving (most deltas
+of a tool-call block, which a tokenizer splits after `<`, `｜DSML｜`, `parameter`, ...).
 """
 
 from __future__ import annotations

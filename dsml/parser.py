@@ -19,31 +19,43 @@ Three layers: `dsml.lexer.IncrementalLexer` turns deltas into text and marker to
 (holding back only a possible marker prefix), a state machine written as a transition
 table (`_TABLE[state][token kind]`) consumes them, and `dsml.events` are what comes out.
 
-Decisions beyond the spec:
+Policies (dsml.md section 6) and the decisions the spec leaves open:
 
 - A string value streams as JSON-escaped fragments only when the schema allows a string
   there. A `string="true"` value the schema types otherwise (and every `string="false"`
   value) is held until its parameter closes, then coerced, so streamed fragments are never
-  retracted: the concatenated fragments are always `json.dumps(arguments)`.
-- A lone `arguments`/`input` parameter that the schema does not declare is held until the
-  invoke closes (it may be a wrapper to unwrap).
-- `string="false"` text that is not JSON: kept as a string when the schema allows strings
-  (repaired), else the call ends `invalid_json` with the raw text as the value.
-- strict=True: calls are not streamed; each is emitted whole (start, one fragment, end) when
-  its invoke closes and validates; an invalid call emits nothing as a call and is listed in
-  `StreamParser.rejected`.
-- An unterminated block at the end of the stream: a call that had started ends with
-  `CallOutcome.TRUNCATED` (its streamed JSON closed, so fragments stay valid JSON), is not
-  in `ParseResult.tool_calls`, and the unread text comes back as content.
+  retracted: a call's fragments always concatenate to `json.dumps(arguments,
+  ensure_ascii=False)`. A lone `arguments`/`input` parameter the schema does not declare
+  is held until the invoke closes (it may be a wrapper to unwrap).
+- `string="false"` text that is not JSON (NaN and 1e999 included): kept as a string when
+  the schema allows strings (repaired), else the call ends `invalid_json` with the raw
+  text as the value and an error naming the parameter.
+- strict=True: calls are not streamed; each is emitted whole (start, one fragment, end)
+  when its invoke closes and validates. An invalid call emits no events, is listed in
+  `StreamParser.rejected`, and leaves no gap in the indices.
+- Inside reasoning a block (or an invoke without opener) is held; it becomes calls when it
+  closes, names declared tools and only whitespace, `</think>` and EOS follow. Otherwise
+  its text is released as reasoning, verbatim. An invoke without opener in content is
+  held until it closes and becomes a call when it names a declared tool and carries the
+  schema's required arguments; otherwise it is content.
+- Text inside a block that the state machine cannot read is kept; at the block's end
+  `dsml.repair` (lxml) reads it, and what it cannot turn into calls is content.
+- End of stream inside a block: a started call ends with `CallOutcome.TRUNCATED` (its
+  streamed JSON closed, so fragments stay valid JSON; the member was added to events.py)
+  and is not in `ParseResult.tool_calls`; the text from the end of the last complete
+  invoke comes back as content; the turn is `truncated` (no EOS) or `malformed` (EOS).
+- Each kind of repair is noticed once per block (orphan closers and lxml repairs each
+  time); a call with any tolerance applied validates as `repaired`.
 - `trace=True` records `spans`: (kind, text) pieces in input order, kind one of reasoning,
-  content, markup, value, ignored; their texts concatenate to everything fed.
+  content, markup, value, ignored; their texts concatenate to everything fed. It turns
+  the fast paths off (tests compare both).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
-import secrets
 import string
 from collections.abc import Callable
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
@@ -91,6 +103,7 @@ _WRAPPERS = ("arguments", "input")
 _JUNK_ERROR = "unreadable text inside the invoke (returned as content)"
 _NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]').search
 _ALPHANUM = string.ascii_letters + string.digits
+_RNG = random.Random()  # seeded from os.urandom at import
 _new = object.__new__
 # Frozen dataclasses spend ~300 ns in __init__ (object.__setattr__ per field); the hot
 # paths set the slots directly instead (~2x cheaper, same objects).
@@ -124,14 +137,30 @@ def _escape(text: str) -> str:
 
 
 def default_id() -> str:
-    """`call_` + 24 random alphanumerics (one urandom call; bytes >= 248 are skipped so
-    that every character is equally likely)."""
-    chars = [_ALPHANUM[b % 62] for b in secrets.token_bytes(40) if b < 248]
-    return "call_" + "".join(chars[:24]) if len(chars) >= 24 else default_id()
+    """`call_` + 24 random alphanumerics. Call ids only need to be unique within a
+    conversation, not secret; a seeded Mersenne Twister costs ~2 us where an urandom
+    syscall per id measured ~20 us on a busy VM."""
+    return "call_" + "".join(_RNG.choices(_ALPHANUM, k=24))
 
 
 # json.dumps builds a new encoder per call when given options (~2 us); this one is reused.
-_dumps = json.JSONEncoder(ensure_ascii=False).encode
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _dumps(value: Any) -> str:
+    """json.dumps(value, ensure_ascii=False), with the scalars written directly."""
+    kind = type(value)
+    if kind is str:
+        return encode_basestring(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        return float.__repr__(value)  # finite: loads_strict refuses NaN and overflow
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    return _encode(value)
 
 
 class _Call:
@@ -206,8 +235,8 @@ class StreamParser:
         self._notices: list[Notice] = []
         self.rejected: list[ToolCall] = []  # strict mode: invalid calls not emitted
         self._nl = ""  # held trailing newlines: the block separator if a block follows
-        self._ws = ""  # whitespace between tags inside a block
-        self._after_ws = ""  # whitespace after a block
+        self._ws = ""  # whitespace between tags inside a block (its first 3 chars suffice)
+        self._after_ws: list[str] = []  # whitespace after a block
         self._hold: _Hold | None = None
         self._call: _Call | None = None
         self._next_index = 0
@@ -256,7 +285,7 @@ class StreamParser:
                     return []
                 if fast == FAST_WS:
                     if text.isspace():
-                        self._ws += text
+                        self._ws = (self._ws + text)[:3]
                         return []
                 elif text and (text[-1] != "\n" or not self._has_tools):
                     if fast == FAST_CONTENT:
@@ -301,7 +330,7 @@ class StreamParser:
             self._vparts.append(head)
             return []
         if fast == FAST_WS:
-            self._ws += head
+            self._ws = (self._ws + head)[:3]
             return []
         if fast == FAST_CONTENT:
             self._content.append(head)
@@ -500,7 +529,7 @@ class StreamParser:
             self._reject(raw, tag)
             return
         if self._state == AFTER:
-            sep, self._after_ws = self._after_ws, ""
+            sep, self._after_ws = "".join(self._after_ws), []
         else:
             sep, self._nl = self._nl, ""
         self._seen = set()
@@ -558,7 +587,7 @@ class StreamParser:
         if self._in_junk:
             self._on_junk(raw, tag)
         elif raw.isspace():
-            self._ws += raw
+            self._ws = (self._ws + raw)[:3]
             self._span("markup", raw)
         else:
             self._start_junk(raw, tag)
@@ -567,7 +596,7 @@ class StreamParser:
         """Whitespace before text inside a block is markup however the deltas split it."""
         body = raw.lstrip()
         if len(body) < len(raw):
-            self._ws += raw[: len(raw) - len(body)]
+            self._ws = (self._ws + raw[: len(raw) - len(body)])[:3]
             self._span("markup", raw[: len(raw) - len(body)])
         return body
 
@@ -627,7 +656,7 @@ class StreamParser:
         if self._in_junk:
             self._on_junk(raw, tag)
         elif raw.isspace():
-            self._ws += raw
+            self._ws = (self._ws + raw)[:3]
             self._span("markup", raw)
         elif call.emitted == 0 and call.pending is None and not call.args:
             raw = self._leading_ws(raw)
@@ -897,7 +926,7 @@ class StreamParser:
             self._state = AFTER
             return
         self._state = AFTER
-        self._after_ws = ""
+        self._after_ws = []
         self._block_start = -1
         if self._junk:
             self._repair_junk()
@@ -934,7 +963,7 @@ class StreamParser:
     # ----------------------------------------------------------------- after a block
 
     def _flush_after_ws(self) -> None:
-        ws, self._after_ws = self._after_ws, ""
+        ws, self._after_ws = "".join(self._after_ws), []
         self._span("markup", ws)
 
     def _on_after_text(self, raw: str, tag: Tag | None) -> None:
@@ -943,13 +972,13 @@ class StreamParser:
             if hold is not None:
                 self._span("markup", raw)
             else:
-                self._after_ws += raw
+                self._after_ws.append(raw)
             return
         if hold is not None:
             self._reject(raw, tag)
             return
-        text = self._after_ws + raw
-        self._after_ws = ""
+        text = "".join(self._after_ws) + raw
+        self._after_ws = []
         self._state = CONTENT
         self._text(CONTENT, text)
 

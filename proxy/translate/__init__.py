@@ -87,6 +87,8 @@ class KeepAliveTurn:
                     yield event
             finally:
                 if pending is not None:
+                    # Closed early (client gone, or an error being written): stop the read of
+                    # the turn; whatever it ended with is moot now.
                     pending.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
                         await pending

@@ -289,6 +289,20 @@ def test_nan_is_not_json() -> None:
     assert outcome == CallOutcome.INVALID_JSON and args == {"n": "NaN"}
 
 
+def test_float_overflow_is_not_json() -> None:
+    args, outcome, _, _ = _one("n", "false", "1e999")
+    assert outcome == CallOutcome.INVALID_JSON and args == {"n": "1e999"}
+
+
+def test_empty_delta_is_a_no_op() -> None:
+    parser = StreamParser([WEATHER], False)
+    assert parser.feed("") == []
+    assert parser.feed("Hi") == [ContentDelta("Hi")]
+    assert parser.feed("") == []
+    parser.finish()
+    assert parser.result.content == "Hi" and parser.result.raw == "Hi"
+
+
 def test_schema_invalid_outcome_still_delivered() -> None:
     args, outcome, _, events = _one("i", "false", "1.5")
     assert outcome == CallOutcome.SCHEMA_INVALID and args == {"i": 1.5}
@@ -466,6 +480,18 @@ def test_invoke_without_opener_for_undeclared_tool_stays_text() -> None:
     assert r.tool_calls == []
     assert r.content == 'See <｜DSML｜invoke name="other">\n there.'  # the orphan closer is stripped
     assert "orphan_closer" in notices
+
+
+def test_text_after_a_block_is_content() -> None:
+    r, _ = _weather("\n\n" + CANON + "\n\nP.S. done" + markers.EOS)
+    assert summary_of(r) == ("\n\nP.S. done", [("get_weather", {"city": "Oslo", "days": 2})])
+
+
+def test_two_blocks() -> None:
+    r, notices = _weather("A\n\n" + CANON + "\n\n" + CANON.replace("Oslo", "Bergen") + markers.EOS)
+    assert summary_of(r) == ("A", [("get_weather", {"city": "Oslo", "days": 2}),
+                                   ("get_weather", {"city": "Bergen", "days": 2})])  # fmt: skip
+    assert notices == set()
 
 
 def test_orphan_closers_are_stripped() -> None:
