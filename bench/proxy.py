@@ -233,8 +233,14 @@ async def warm_up(session: aiohttp.ClientSession, proxy: Target, cases: list[dic
 
 
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "processor": platform.processor() or None,
+    model = None
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpus": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+            "python": platform.python_version(), "aiohttp": aiohttp.__version__,
             "note": "shared with other engineers' jobs: figures are noisy; compare within a run"}
 
 

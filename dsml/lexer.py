@@ -25,7 +25,9 @@ from dsml.events import RepairKind
 from dsml.markers import EOS, THINK_CLOSE
 
 # Token kinds (ints: they index the parser's transition table).
-TEXT, THINK, END, CALLS_OPEN, CALLS_CLOSE, INVOKE_OPEN, INVOKE_CLOSE, PARAM_OPEN, PARAM_CLOSE = range(9)
+TEXT, THINK, END, CALLS_OPEN, CALLS_CLOSE, INVOKE_OPEN, INVOKE_CLOSE, PARAM_OPEN, PARAM_CLOSE = (
+    range(9)
+)
 NUM_KINDS = 9
 
 # Tag names by kind. `tool_calls` is v4; `calls` is the v4.1 block tag (spaced, see below);
@@ -39,7 +41,7 @@ _HEAD = re.compile(
     r"<(/?)(｜｜|｜|\|\||\||)DSML(｜｜|｜|\|\||\|)( ?)"
     r"(tool_calls|toolcalls|tool-calls|function_calls|calls|invoke|parameter)(?=[\s/>])"
 )
-_Q = "\"“”"  # straight and typographic quotes
+_Q = '"“”'  # straight and typographic quotes
 _ATTR = rf"\s+[\w-]+\s*=\s*[{_Q}][^{_Q}]*[{_Q}]"
 _TAG_END = re.compile(rf"(?:{_ATTR})*\s*(/?)>")
 # Every prefix of an attribute list (fullmatch): decides whether to wait for more text.
@@ -62,7 +64,9 @@ _KIND = {
 
 def _heads() -> list[str]:
     out = []
-    for slash, before, after, space, name in product(("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES):
+    for slash, before, after, space, name in product(
+        ("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES
+    ):
         out.append(f"<{slash}{before}DSML{after}{space}{name}")
     return out
 
@@ -123,7 +127,9 @@ _HEAD_INFO = {
         _KIND[_NAMES[name], slash == "/"],
         _head_repairs(before, after, space, name),
     )
-    for slash, before, after, space, name in product(("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES)
+    for slash, before, after, space, name in product(
+        ("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES
+    )
 }
 
 
@@ -252,5 +258,3 @@ class IncrementalLexer:
         end = n if lt < 0 else lt
         self._pos = end
         return TEXT, buf[pos:end], None
-
-

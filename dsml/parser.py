@@ -416,7 +416,12 @@ class StreamParser:
         fast = FAST_NONE
         lex = self._lex
         # After _run() the lexer holds text only while it waits for a marker to complete.
-        if self.spans is None and not (lex.tag_wait or lex.prefix_wait) and not self._nl and self._hold is None:
+        if (
+            self.spans is None
+            and not (lex.tag_wait or lex.prefix_wait)
+            and not self._nl
+            and self._hold is None
+        ):
             if st == CONTENT:
                 fast = FAST_CONTENT
             elif st == REASONING:
@@ -751,7 +756,9 @@ class StreamParser:
                     call.repairs.append(RepairKind.TYPE_COERCION)
                     self._notice(RepairKind.TYPE_COERCION, key)
                 else:
-                    call.errors.append(f"parameter {key!r}: string=\"false\" value is not JSON ({exc})")
+                    call.errors.append(
+                        f'parameter {key!r}: string="false" value is not JSON ({exc})'
+                    )
             else:
                 if isinstance(value, str) and not type_allows(types, value):
                     value, changed = coerce_value(value, types)  # a JSON string holding an array
@@ -797,7 +804,12 @@ class StreamParser:
                 except ValueError:
                     inner = None
             tool = call.tool
-            if isinstance(inner, dict) and tool is not None and inner and set(inner) <= set(tool.properties):
+            if (
+                isinstance(inner, dict)
+                and tool is not None
+                and inner
+                and set(inner) <= set(tool.properties)
+            ):
                 call.pending = None
                 call.repairs.append(RepairKind.WRAPPED_ARGUMENTS)
                 self._notice(RepairKind.WRAPPED_ARGUMENTS, key)
@@ -830,7 +842,9 @@ class StreamParser:
             return
         params = repair.read_parameters(text)
         if params is None:
-            call.errors.append(f"invoke body is neither parameters nor a JSON object: {text[:200]!r}")
+            call.errors.append(
+                f"invoke body is neither parameters nor a JSON object: {text[:200]!r}"
+            )
             return
         call.repairs.append(RepairKind.LXML_REPAIR)
         self._notice(RepairKind.LXML_REPAIR, call.name)
@@ -876,7 +890,9 @@ class StreamParser:
             if call.streaming:
                 self._end_call(call, outcome, error)
             elif invalid:  # strict mode
-                self.rejected.append(ToolCall("", call.name, call.args, "".join(call.jparts), outcome, error))
+                self.rejected.append(
+                    ToolCall("", call.name, call.args, "".join(call.jparts), outcome, error)
+                )
             else:
                 self._deliver(call, outcome, error)
             self._mark = len(self.spans) if self.spans is not None else 0
@@ -902,7 +918,9 @@ class StreamParser:
 
     def _end_call(self, call: _Call, outcome: CallOutcome, error: str | None) -> None:
         self._out.append(ToolCallEnd(call.index, call.args, outcome, error))
-        self._calls.append(ToolCall(call.id, call.name, call.args, "".join(call.jparts), outcome, error))
+        self._calls.append(
+            ToolCall(call.id, call.name, call.args, "".join(call.jparts), outcome, error)
+        )
 
     def _deliver(self, call: _Call, outcome: CallOutcome, error: str | None) -> None:
         call.index = self._next_index
@@ -948,7 +966,9 @@ class StreamParser:
             call = _Call(inv.name, self._tools.get(inv.name), streaming=False)
             call.repairs.append(RepairKind.LXML_REPAIR)
             if inv.params:
-                self._write_object(call, {k: self._convert(call, k, a, v) for k, a, v in inv.params})
+                self._write_object(
+                    call, {k: self._convert(call, k, a, v) for k, a, v in inv.params}
+                )
             elif inv.body:
                 call.body = [inv.body]
                 self._read_body(call)
@@ -956,7 +976,9 @@ class StreamParser:
             outcome, error = self._outcome(call)
             self._notice(RepairKind.LXML_REPAIR, inv.name, dedupe=False)
             if self._strict and outcome not in (CallOutcome.VALID, CallOutcome.REPAIRED):
-                self.rejected.append(ToolCall("", call.name, call.args, "".join(call.jparts), outcome, error))
+                self.rejected.append(
+                    ToolCall("", call.name, call.args, "".join(call.jparts), outcome, error)
+                )
             else:
                 self._deliver(call, outcome, error)
 
@@ -1100,7 +1122,9 @@ class StreamParser:
         if self._unterminated:
             return TurnOutcome.MALFORMED if self._eos else TurnOutcome.TRUNCATED
         if self._calls:
-            return TurnOutcome.RECOVERED_FROM_THINKING if self._recovered else TurnOutcome.TOOL_CALLS
+            return (
+                TurnOutcome.RECOVERED_FROM_THINKING if self._recovered else TurnOutcome.TOOL_CALLS
+            )
         if self._malformed or self.rejected:
             return TurnOutcome.MALFORMED
         if "".join(self._content).strip():

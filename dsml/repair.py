@@ -24,7 +24,9 @@ _CANON = {"invoke": "invoke", "parameter": "parameter"}
 @dataclass(slots=True)
 class RepairedInvoke:
     name: str | None
-    params: list[tuple[str, str | None, str]] = field(default_factory=list)  # (key, string attr, text)
+    params: list[tuple[str, str | None, str]] = field(
+        default_factory=list
+    )  # (key, string attr, text)
     body: str = ""  # text directly inside the invoke (a JSON body, if any)
 
 
@@ -67,7 +69,9 @@ def read_parameters(text: str) -> list[tuple[str, str | None, str]] | None:
     root = _parse(text)
     if root is None:
         return None
-    params = [(p.get("name"), p.get("string"), "".join(p.itertext())) for p in root.iter("parameter")]
+    params = [
+        (p.get("name"), p.get("string"), "".join(p.itertext())) for p in root.iter("parameter")
+    ]
     params = [p for p in params if p[0] is not None]
     return params or None  # type: ignore[return-value]
 

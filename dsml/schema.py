@@ -136,10 +136,14 @@ def _fast_check(schema: Any, depth: int = 0) -> Check | None:
         if key in _ANNOTATIONS:
             continue
         if key == "type":
-            types = frozenset([arg] if isinstance(arg, str) else arg if isinstance(arg, list) else ())
+            types = frozenset(
+                [arg] if isinstance(arg, str) else arg if isinstance(arg, list) else ()
+            )
             if not types or not types <= set(_PY_TYPES):
                 return None
-            checks.append(lambda v, t=types, a=arg: None if _type_ok(v, t) else f"{v!r} is not of type {a!r}")
+            checks.append(
+                lambda v, t=types, a=arg: None if _type_ok(v, t) else f"{v!r} is not of type {a!r}"
+            )
         elif key == "properties" and isinstance(arg, dict):
             subs = {}
             for name, sub in arg.items():
@@ -175,7 +179,9 @@ def _fast_check(schema: Any, depth: int = 0) -> Check | None:
     return lambda v, cs=tuple(checks): next((e for c in cs if (e := c(v)) is not None), None)
 
 
-def _each(v: Any, subs: dict[str, Check] | None, extra: Check | None, known: tuple[str, ...]) -> str | None:
+def _each(
+    v: Any, subs: dict[str, Check] | None, extra: Check | None, known: tuple[str, ...]
+) -> str | None:
     """`properties` (subs) or `additionalProperties` (extra, for keys not in known)."""
     if not isinstance(v, dict):
         return None
@@ -219,14 +225,30 @@ def _num(v: Any) -> bool:
 
 
 _BOUNDS = {
-    "minimum": lambda n: lambda v: None if not _num(v) or v >= n else f"{v!r} is less than the minimum of {n!r}",
-    "maximum": lambda n: lambda v: None if not _num(v) or v <= n else f"{v!r} is greater than the maximum of {n!r}",
-    "exclusiveMinimum": lambda n: lambda v: None if not _num(v) or v > n else f"{v!r} is less than or equal to {n!r}",
-    "exclusiveMaximum": lambda n: lambda v: None if not _num(v) or v < n else f"{v!r} is greater than or equal to {n!r}",
-    "minLength": lambda n: lambda v: None if not isinstance(v, str) or len(v) >= n else f"{v!r} is too short",
-    "maxLength": lambda n: lambda v: None if not isinstance(v, str) or len(v) <= n else f"{v!r} is too long",
-    "minItems": lambda n: lambda v: None if not isinstance(v, list) or len(v) >= n else f"{v!r} is too short",
-    "maxItems": lambda n: lambda v: None if not isinstance(v, list) or len(v) <= n else f"{v!r} is too long",
+    "minimum": lambda n: (
+        lambda v: None if not _num(v) or v >= n else f"{v!r} is less than the minimum of {n!r}"
+    ),
+    "maximum": lambda n: (
+        lambda v: None if not _num(v) or v <= n else f"{v!r} is greater than the maximum of {n!r}"
+    ),
+    "exclusiveMinimum": lambda n: (
+        lambda v: None if not _num(v) or v > n else f"{v!r} is less than or equal to {n!r}"
+    ),
+    "exclusiveMaximum": lambda n: (
+        lambda v: None if not _num(v) or v < n else f"{v!r} is greater than or equal to {n!r}"
+    ),
+    "minLength": lambda n: (
+        lambda v: None if not isinstance(v, str) or len(v) >= n else f"{v!r} is too short"
+    ),
+    "maxLength": lambda n: (
+        lambda v: None if not isinstance(v, str) or len(v) <= n else f"{v!r} is too long"
+    ),
+    "minItems": lambda n: (
+        lambda v: None if not isinstance(v, list) or len(v) >= n else f"{v!r} is too short"
+    ),
+    "maxItems": lambda n: (
+        lambda v: None if not isinstance(v, list) or len(v) <= n else f"{v!r} is too long"
+    ),
 }
 
 
@@ -241,7 +263,9 @@ class ToolSchema:
         props = self.parameters.get("properties")
         self.properties: dict[str, Any] = props if isinstance(props, dict) else {}
         req = self.parameters.get("required")
-        self.required: list[str] = [r for r in req if isinstance(r, str)] if isinstance(req, list) else []
+        self.required: list[str] = (
+            [r for r in req if isinstance(r, str)] if isinstance(req, list) else []
+        )
         self._types: dict[str, frozenset[str] | None] = {}
         self._validator: Draft202012Validator | bool | None = False  # False: not built yet
         self._fast: Check | bool | None = False

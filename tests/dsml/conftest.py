@@ -41,7 +41,9 @@ def counter_ids() -> Any:
     return lambda: f"call_{next(counter):024d}"
 
 
-def parse_chunks(chunks: Iterable[str], tools: Any, thinking: bool, **kw: Any) -> tuple[StreamParser, list[Event]]:
+def parse_chunks(
+    chunks: Iterable[str], tools: Any, thinking: bool, **kw: Any
+) -> tuple[StreamParser, list[Event]]:
     parser = StreamParser(tools, thinking, id_factory=counter_ids(), **kw)
     events: list[Event] = []
     for chunk in chunks:

@@ -118,7 +118,7 @@ def test_held_tail_never_exceeds_longest_marker_in_text() -> None:
 
 def test_marker_lookalike_at_end_is_released() -> None:
     tools = [_tool("f", {})]
-    for tail in ("2 <", "x <｜DSML｜", "y </think", "z <｜end▁of▁sen", "w <｜DSML｜invoke name=\"f"):
+    for tail in ("2 <", "x <｜DSML｜", "y </think", "z <｜end▁of▁sen", 'w <｜DSML｜invoke name="f'):
         for thinking in (False, True):
             prefix = "</think>" if thinking else ""
             result = parse_completion(prefix + tail, tools, thinking)
@@ -153,8 +153,17 @@ def render_calls(calls: list[tuple[str, dict]]) -> str:
             is_str = isinstance(value, str)
             text = value if is_str else json.dumps(value, ensure_ascii=False)
             params.append(markers.parameter_open(key, is_str) + text + markers.PARAMETER_CLOSE)
-        invokes.append(markers.invoke_open(name) + "\n" + "\n".join(params) + "\n" + markers.INVOKE_CLOSE)
-    return "\n\n" + markers.TOOL_CALLS_OPEN + "\n" + "\n".join(invokes) + "\n" + markers.TOOL_CALLS_CLOSE
+        invokes.append(
+            markers.invoke_open(name) + "\n" + "\n".join(params) + "\n" + markers.INVOKE_CLOSE
+        )
+    return (
+        "\n\n"
+        + markers.TOOL_CALLS_OPEN
+        + "\n"
+        + "\n".join(invokes)
+        + "\n"
+        + markers.TOOL_CALLS_CLOSE
+    )
 
 
 ALL_TYPES = _tool(
@@ -175,7 +184,7 @@ ROUND_TRIP = [
     {"s": "plain"},
     {"s": 'quotes " and \\ backslash \\n not a newline'},
     {"s": "line1\nline2\ttab\r\x00\x1f control"},
-    {"s": "<ok> & &amp; <｜DSML｜invoke name=\"x\"> </think> <｜User｜> 😀 北京"},
+    {"s": '<ok> & &amp; <｜DSML｜invoke name="x"> </think> <｜User｜> 😀 北京'},
     {"s": ""},
     {"i": 42},
     {"i": -7},
@@ -267,7 +276,7 @@ def test_non_string_parameter_is_held_until_close(key: str, text: str, value: ob
     args, outcome, _, events = _one(key, "false", text)
     assert args == {key: value} and outcome == CallOutcome.VALID
     frags = [e.fragment for e in events if isinstance(e, ToolCallArgsDelta)]
-    assert frags == ["{" + json.dumps(key) + ": " + json.dumps(value) , "}"]
+    assert frags == ["{" + json.dumps(key) + ": " + json.dumps(value), "}"]
 
 
 def test_invalid_json_value_is_an_error_outcome() -> None:
@@ -441,7 +450,13 @@ def test_wrapper_with_foreign_keys_is_kept() -> None:
 
 @pytest.mark.parametrize(
     ("key", "text", "value"),
-    [("i", "7", 7), ("n", "2.5", 2.5), ("b", "true", True), ("a", "[1, 2]", [1, 2]), ("o", '{"k": 1}', {"k": 1})],
+    [
+        ("i", "7", 7),
+        ("n", "2.5", 2.5),
+        ("b", "true", True),
+        ("a", "[1, 2]", [1, 2]),
+        ("o", '{"k": 1}', {"k": 1}),
+    ],
 )
 def test_string_true_values_the_schema_types_otherwise(key: str, text: str, value: object) -> None:
     args, outcome, notices, _ = _one(key, "true", text)
@@ -478,7 +493,9 @@ def test_invoke_without_opener_for_undeclared_tool_stays_text() -> None:
     text = 'See <｜DSML｜invoke name="other">\n</｜DSML｜invoke> there.'
     r, notices = _weather(text)
     assert r.tool_calls == []
-    assert r.content == 'See <｜DSML｜invoke name="other">\n there.'  # the orphan closer is stripped
+    assert (
+        r.content == 'See <｜DSML｜invoke name="other">\n there.'
+    )  # the orphan closer is stripped
     assert "orphan_closer" in notices
 
 
@@ -518,7 +535,9 @@ def test_lxml_repairs_a_stray_invoke_between_invokes() -> None:
 def test_unreadable_junk_in_block_is_returned_as_content() -> None:
     block = "Hm.\n\n<｜DSML｜tool_calls>\nwhat is this\n</｜DSML｜tool_calls>"
     r, _ = _weather(block)
-    assert r.tool_calls == [] and r.content == "Hm.what is this\n"  # the newline before it is markup
+    assert (
+        r.tool_calls == [] and r.content == "Hm.what is this\n"
+    )  # the newline before it is markup
     assert r.turn_outcome == TurnOutcome.MALFORMED
 
 
@@ -556,11 +575,19 @@ def test_every_truncation_never_loses_text() -> None:
 
 
 def test_completed_invokes_of_a_truncated_block_stand() -> None:
-    two = CANON.replace("</｜DSML｜invoke>\n", "</｜DSML｜invoke>\n" + CANON.split("\n", 1)[1].split("</｜DSML｜invoke>")[0] + "</｜DSML｜invoke>\n", 1)
+    two = CANON.replace(
+        "</｜DSML｜invoke>\n",
+        "</｜DSML｜invoke>\n"
+        + CANON.split("\n", 1)[1].split("</｜DSML｜invoke>")[0]
+        + "</｜DSML｜invoke>\n",
+        1,
+    )
     text = "\n\n" + two[: two.rindex("Oslo")]
     r = parse_completion(text, [WEATHER], False)
     assert [c.arguments for c in r.tool_calls] == [{"city": "Oslo", "days": 2}]
-    assert r.content.startswith('\n<｜DSML｜invoke name="get_weather">') and r.content.endswith('string="true">')
+    assert r.content.startswith('\n<｜DSML｜invoke name="get_weather">') and r.content.endswith(
+        'string="true">'
+    )
     assert r.turn_outcome == TurnOutcome.TRUNCATED
 
 
@@ -637,7 +664,9 @@ def test_strict_mode_holds_and_rejects_invalid_calls() -> None:
     text = "\n\n" + bad.replace("</｜DSML｜tool_calls>", "") + CANON.split("\n", 1)[1] + markers.EOS
     parser, events = parse_chunks(split(text, 4), [WEATHER], False, strict=True)
     r = parser.result
-    assert [(c.arguments, c.outcome) for c in r.tool_calls] == [({"city": "Oslo", "days": 2}, CallOutcome.VALID)]
+    assert [(c.arguments, c.outcome) for c in r.tool_calls] == [
+        ({"city": "Oslo", "days": 2}, CallOutcome.VALID)
+    ]
     assert [c.outcome for c in parser.rejected] == [CallOutcome.INVALID_JSON]
     starts = [e for e in events if isinstance(e, ToolCallStart)]
     assert [s.index for s in starts] == [0]

@@ -69,7 +69,9 @@ def check_calls(events: list) -> None:
             assert json.loads(frags[ev.index]) == ev.arguments
 
 
-def run_traced(chunks: list[str], tools, thinking: bool, strict: bool = False) -> tuple[StreamParser, list]:
+def run_traced(
+    chunks: list[str], tools, thinking: bool, strict: bool = False
+) -> tuple[StreamParser, list]:
     parser, events = parse_chunks(chunks, tools, thinking, strict=strict, trace=True)
     check_accounting(parser, "".join(chunks))
     check_calls(events)

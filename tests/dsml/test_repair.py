@@ -39,7 +39,9 @@ def test_read_parameters_none_when_nothing_found() -> None:
 
 
 def test_entities_are_not_expanded() -> None:
-    found = repair.read_invokes('<!DOCTYPE r [<!ENTITY e "boom">]><invoke name="f"><parameter name="a">&e;</parameter></invoke>')
+    found = repair.read_invokes(
+        '<!DOCTYPE r [<!ENTITY e "boom">]><invoke name="f"><parameter name="a">&e;</parameter></invoke>'
+    )
     assert all("boom" not in p[2] for inv in found for p in inv.params)
 
 
@@ -66,7 +68,10 @@ def test_lxml_oracle_agrees_on_well_formed_vector_blocks() -> None:
     assert compared > 50
 
 
-_SAFE = st.text(alphabet=st.characters(blacklist_characters="<>&\"'\r", blacklist_categories=("Cs", "Cc")), max_size=30)
+_SAFE = st.text(
+    alphabet=st.characters(blacklist_characters="<>&\"'\r", blacklist_categories=("Cs", "Cc")),
+    max_size=30,
+)
 _VALUES = st.one_of(_SAFE, st.integers(), st.booleans(), st.none(), st.lists(st.integers(), max_size=3),
                     st.floats(allow_nan=False, allow_infinity=False))  # fmt: skip
 

@@ -40,7 +40,9 @@ def test_registry_reads_openai_tools() -> None:
     ],
 )
 def test_param_types(sub: dict, types: set | None) -> None:
-    tool = ToolSchema("t", {"type": "object", "properties": {"p": sub}, "$defs": {"Point": {"type": "object"}}})
+    tool = ToolSchema(
+        "t", {"type": "object", "properties": {"p": sub}, "$defs": {"Point": {"type": "object"}}}
+    )
     got = tool.param_types("p")
     assert (None if got is None else set(got)) == types
     assert tool.param_types("undeclared") is None
@@ -102,7 +104,9 @@ def test_unsupported_keywords_use_jsonschema() -> None:
 
 
 def test_remote_ref_is_never_fetched() -> None:
-    tool = ToolSchema("t", {"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}})
+    tool = ToolSchema(
+        "t", {"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}}
+    )
     error = tool.validate({"x": 1})
     assert error is not None and "cannot be resolved" in error
 
@@ -110,7 +114,11 @@ def test_remote_ref_is_never_fetched() -> None:
 def test_local_ref_resolves() -> None:
     tool = ToolSchema(
         "t",
-        {"type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "$defs": {"P": {"type": "integer"}}},
+        {
+            "type": "object",
+            "properties": {"p": {"$ref": "#/$defs/P"}},
+            "$defs": {"P": {"type": "integer"}},
+        },
     )
     assert tool.validate({"p": 1}) is None
     assert tool.validate({"p": "x"}) is not None
@@ -144,10 +152,17 @@ def test_fast_check_agrees_with_jsonschema_on_vectors() -> None:
             fast = _fast_check(params)
             assert fast is not None, params  # the vectors use only the common subset
             oracle = Draft202012Validator(params)
-            calls = [c["arguments"] for c in vec["expected"]["tool_calls"] if c["name"] == tool["function"]["name"]]
+            calls = [
+                c["arguments"]
+                for c in vec["expected"]["tool_calls"]
+                if c["name"] == tool["function"]["name"]
+            ]
             for args in calls or [{}]:
                 for candidate in _mutations(args, rnd):
-                    assert (fast(candidate) is None) == oracle.is_valid(candidate), (params, candidate)
+                    assert (fast(candidate) is None) == oracle.is_valid(candidate), (
+                        params,
+                        candidate,
+                    )
                     checked += 1
     assert checked > 500
 
@@ -159,7 +174,11 @@ def test_fast_check_agrees_with_jsonschema_on_vectors() -> None:
         ({"const": [1, {"a": True}]}, [[1, {"a": True}]], [[True, {"a": 1}]]),
         ({"type": "integer"}, [1, 2.0, 10**30], [1.5, True, "1"]),
         ({"type": "number", "exclusiveMaximum": 3}, [2.9, -1], [3, "2"]),
-        ({"type": "array", "items": {"type": "string"}, "maxItems": 1}, [[], ["a"]], [[1], ["a", "b"]]),
+        (
+            {"type": "array", "items": {"type": "string"}, "maxItems": 1},
+            [[], ["a"]],
+            [[1], ["a", "b"]],
+        ),
         ({"type": "string", "minLength": 2}, ["ab"], ["a", 12]),
         ({"type": "object", "additionalProperties": {"type": "integer"}}, [{"a": 1}], [{"a": "x"}]),
         (False, [], [1, None]),
