@@ -222,13 +222,7 @@ class IncrementalLexer:
             end = n if lt < 0 else lt
             self._pos = end
             return TEXT, buf[pos:end], None
-        if buf.startswith(EOS, pos):
-            self._pos = pos + len(EOS)
-            return END, EOS, None
-        if not value_mode and buf.startswith(THINK_CLOSE, pos):
-            self._pos = pos + len(THINK_CLOSE)
-            return THINK, THINK_CLOSE, None
-        m = _HEAD.match(buf, pos)
+        m = _HEAD.match(buf, pos)  # DSML tags first: most `<` in a tool block start one
         if m is not None:
             kind, head_repairs = _HEAD_INFO[m.group()]
             if not value_mode or kind == PARAM_CLOSE:
@@ -250,6 +244,12 @@ class IncrementalLexer:
                 if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):
                     self.tag_wait = True
                     return None
+        elif buf.startswith(EOS, pos):
+            self._pos = pos + len(EOS)
+            return END, EOS, None
+        elif not value_mode and buf.startswith(THINK_CLOSE, pos):
+            self._pos = pos + len(THINK_CLOSE)
+            return THINK, THINK_CLOSE, None
         elif not final and n - pos <= MAX_HEAD and buf[pos:] in _PREFIXES:
             self.prefix_wait = True
             return None

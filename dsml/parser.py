@@ -386,17 +386,19 @@ class StreamParser:
 
     def _run(self, final: bool) -> None:
         lex = self._lex
-        while self._state != DONE:
-            tok = lex.next(self._state == VALUE, final)
+        table = _TABLE
+        while (state := self._state) != DONE:
+            tok = lex.next(state == VALUE, final)
             if tok is None:
                 return
             kind, raw, tag = tok
             self._kind = kind
             if kind != TEXT:
                 self._in_junk = False
-            if self._hold is not None:
-                self._hold.raw.append(raw)
-            _TABLE[self._state][kind](self, raw, tag)
+            hold = self._hold
+            if hold is not None:
+                hold.raw.append(raw)
+            table[state][kind](self, raw, tag)
         # After EOS: what the lexer still holds is ignored text.
         self._span("ignored", lex.held)
         lex.clear()
