@@ -195,7 +195,7 @@ async def ttfc_pairs(session: aiohttp.ClientSession, direct: Target, proxy: Targ
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    """The proxy's /metrics, unlabelled-or-not, as {sample line name: value}."""
+    """The proxy's own `dsml_proxy_*` samples, as {name with labels: value}."""
     async with session.get(url + "/metrics") as resp:
         text = await resp.text()
     out = {}
@@ -221,8 +221,8 @@ def own_view(before: dict[str, float], after: dict[str, float], n: int,
             "cpu_per_request_ms": round(cpu_s / n * 1e3, 3)}
 
 
-async def warm_up(session: aiohttp.ClientSession, proxy: Target, cases: list[dict[str, Any]],
-                  cfg: Config) -> dict[str, Any]:
+async def warm_up(session: aiohttp.ClientSession, proxy: Target,
+                  cases: list[dict[str, Any]]) -> dict[str, Any]:
     """Every case once through the proxy, untimed: warms its caches, checks every answer."""
     phase = await run_phase(session, proxy.url, proxy.payloads, concurrency=4, duration_s=0,
                             min_requests=len(cases))
@@ -256,7 +256,7 @@ async def benchmark(cfg: Config, engine: dict[str, Any], proxy_proc: ProxyProces
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        out["warmup_check"] = await warm_up(session, proxy, cases, cfg)
+        out["warmup_check"] = await warm_up(session, proxy, cases)
         # Warm the direct path and the relay too (connections, first-request costs).
         for t in targets:
             await run_phase(session, t.url, t.payloads, concurrency=cfg.concurrency,
@@ -298,7 +298,7 @@ async def soak(seconds: float, cfg: Config, engine: dict[str, Any], proxy_proc: 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=120)) as session:
-        warm = await warm_up(session, Target("proxy", url, payloads, pid), cases, cfg)
+        warm = await warm_up(session, Target("proxy", url, payloads, pid), cases)
         start = time.perf_counter()
         deadline = start + seconds
         samples.append((0.0, rss_bytes(pid)))

@@ -94,6 +94,62 @@ class Notice:
 
 Event = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallArgsDelta | ToolCallEnd | Notice
 
+# Fast constructors for the parser's hot paths. Frozen dataclasses spend ~300 ns in
+# __init__ (object.__setattr__ per field); setting the slots directly is ~2x cheaper and
+# builds the same objects.
+_new = object.__new__
+_set_text = ContentDelta.text.__set__  # type: ignore[attr-defined]
+_set_rtext = ReasoningDelta.text.__set__  # type: ignore[attr-defined]
+_set_index = ToolCallArgsDelta.index.__set__  # type: ignore[attr-defined]
+_set_fragment = ToolCallArgsDelta.fragment.__set__  # type: ignore[attr-defined]
+
+
+def content_delta(text: str) -> ContentDelta:
+    ev = _new(ContentDelta)
+    _set_text(ev, text)
+    return ev
+
+
+def reasoning_delta(text: str) -> ReasoningDelta:
+    ev = _new(ReasoningDelta)
+    _set_rtext(ev, text)
+    return ev
+
+
+def args_delta(index: int, fragment: str) -> ToolCallArgsDelta:
+    ev = _new(ToolCallArgsDelta)
+    _set_index(ev, index)
+    _set_fragment(ev, fragment)
+    return ev
+
+
+_set_start_index = ToolCallStart.index.__set__  # type: ignore[attr-defined]
+_set_start_id = ToolCallStart.id.__set__  # type: ignore[attr-defined]
+_set_start_name = ToolCallStart.name.__set__  # type: ignore[attr-defined]
+_set_end_index = ToolCallEnd.index.__set__  # type: ignore[attr-defined]
+_set_end_arguments = ToolCallEnd.arguments.__set__  # type: ignore[attr-defined]
+_set_end_outcome = ToolCallEnd.outcome.__set__  # type: ignore[attr-defined]
+_set_end_error = ToolCallEnd.error.__set__  # type: ignore[attr-defined]
+
+
+def tool_call_start(index: int, id: str, name: str) -> ToolCallStart:
+    ev = _new(ToolCallStart)
+    _set_start_index(ev, index)
+    _set_start_id(ev, id)
+    _set_start_name(ev, name)
+    return ev
+
+
+def tool_call_end(
+    index: int, arguments: dict[str, Any], outcome: CallOutcome, error: str | None
+) -> ToolCallEnd:
+    ev = _new(ToolCallEnd)
+    _set_end_index(ev, index)
+    _set_end_arguments(ev, arguments)
+    _set_end_outcome(ev, outcome)
+    _set_end_error(ev, error)
+    return ev
+
 
 @dataclass(slots=True)
 class ToolCall:

@@ -8,10 +8,17 @@ the next `<` is released at once. At a `<` the lexer either recognises a marker,
 longer than `MAX_HEAD`. Once a DSML tag head is recognised its attributes are scanned up to
 the closing `>` (quotes may hide a `>`), bounded by `MAX_TAG`.
 
+Tags are read in every spelling whatever the dialect; the dialect that rendered the
+prompt (`dsml.dialects`) only decides which spelling is native, i.e. not a repair: v4.1's
+spaced ` calls`/` invoke`/` parameter`, v3.2's `function_calls`, v4's `tool_calls`.
+
 The lexer keeps only the undecided tail between deltas, so each character is examined a
-bounded number of times however long the stream gets. `absorb()` and `hold_prefix()` are
-the parser's fast paths for deltas that only extend a marker still arriving (most deltas
-of a tool-call block, which a tokenizer splits after `<`, `｜DSML｜`, `parameter`, ...).
+bounded number of times however long the stream gets. Deltas that only extend a marker
+still arriving (most deltas of a tool-call block, which a tokenizer splits after `<`,
+`｜DSML｜`, `parameter`, ...) need not reach next(): `MARKER_PREFIXES` says whether a held
+head may still grow, `absorb()` takes such a delta, and `markers` maps the text of every
+complete marker read so far to its token, so the delta that brings the `>` costs a dict
+lookup (the parser's fast paths in `dsml.parser` use all three).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections.abc import Mapping
 from itertools import product
 from types import MappingProxyType
 
+from dsml.dialects import Dialect, texts
 from dsml.events import RepairKind
 from dsml.markers import EOS, THINK_CLOSE
 
@@ -74,9 +82,9 @@ def _heads() -> list[str]:
 _DSML_HEADS = _heads()
 MAX_HEAD = max(len(h) for h in [*_DSML_HEADS, THINK_CLOSE, EOS])
 MAX_TAG = 2048  # a tag with attributes; longer than any tool or parameter name we accept
-# `rest in _PREFIXES` means "wait for more": proper prefixes of `</think>` and EOS, and
+# `rest in MARKER_PREFIXES` means "wait for more": proper prefixes of `</think>` and EOS, and
 # DSML heads up to their full name (the next character must show where the name ends).
-_PREFIXES = frozenset(
+MARKER_PREFIXES = frozenset(
     [h[:i] for h in _DSML_HEADS for i in range(1, len(h) + 1)]
     + [m[:i] for m in (THINK_CLOSE, EOS) for i in range(1, len(m))]
 )
@@ -99,7 +107,9 @@ class Tag:
         return f"Tag({self.raw!r})"
 
 
-def _head_repairs(before: str, after: str, space: str, name: str) -> tuple[RepairKind, ...]:
+def _head_repairs(
+    before: str, after: str, space: str, name: str, native: frozenset[str]
+) -> tuple[RepairKind, ...]:
     out = []
     if before == "":
         out.append(RepairKind.MISSING_BAR)
@@ -107,9 +117,16 @@ def _head_repairs(before: str, after: str, space: str, name: str) -> tuple[Repai
         out.append(RepairKind.ASCII_BARS)
     if len(before) == 2 or len(after) == 2:
         out.append(RepairKind.DOUBLED_BARS)
-    if space or name not in ("tool_calls", "invoke", "parameter"):
+    if space + name not in native:
         out.append(RepairKind.TAG_SPELLING)
     return tuple(out)
+
+
+def _native_names(dialect: Dialect) -> frozenset[str]:
+    """The tag names (after `｜DSML｜`, a leading space included) the dialect's prompt
+    teaches: writing them is not a repair (v4.1's ` calls`, v3.2's `function_calls`)."""
+    t = texts(dialect)
+    return frozenset((t.block_tag, t.invoke_tag, t.parameter_tag))
 
 
 def _attr_repairs(head: tuple[RepairKind, ...], attr_text: str) -> tuple[RepairKind, ...]:
@@ -121,31 +138,71 @@ def _attr_repairs(head: tuple[RepairKind, ...], attr_text: str) -> tuple[RepairK
     return tuple(out)
 
 
-# Every head spelling -> (token kind, repairs it implies); one dict lookup per tag.
-_HEAD_INFO = {
-    f"<{slash}{before}DSML{after}{space}{name}": (
-        _KIND[_NAMES[name], slash == "/"],
-        _head_repairs(before, after, space, name),
-    )
-    for slash, before, after, space, name in product(
-        ("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES
-    )
-}
+def _head_info(dialect: Dialect) -> dict[str, tuple[int, tuple[RepairKind, ...]]]:
+    """Every head spelling -> (token kind, repairs it implies in `dialect`)."""
+    native = _native_names(dialect)
+    return {
+        f"<{slash}{before}DSML{after}{space}{name}": (
+            _KIND[_NAMES[name], slash == "/"],
+            _head_repairs(before, after, space, name, native),
+        )
+        for slash, before, after, space, name in product(
+            ("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES
+        )
+    }
 
 
-# Tags without attributes (closers, block openers) as ready-made tokens: (kind, raw, tag).
-_BARE_TOKENS = {
-    head: (kind, head + ">", Tag(kind, head + ">", MappingProxyType({}), False, repairs))
-    for head, (kind, repairs) in _HEAD_INFO.items()
+def _bare_tokens(info: dict[str, tuple[int, tuple[RepairKind, ...]]]) -> dict[str, tuple]:
+    """Tags without attributes (closers, block openers) as ready-made tokens: (kind, raw, tag)."""
+    return {
+        head: (kind, head + ">", Tag(kind, head + ">", MappingProxyType({}), False, repairs))
+        for head, (kind, repairs) in info.items()
+    }
+
+
+# Per dialect, built once at import (4 x 560 spellings): one dict lookup per tag.
+_HEAD_INFO = {d: _head_info(d) for d in Dialect}
+_BARE_TOKENS = {d: _bare_tokens(info) for d, info in _HEAD_INFO.items()}
+
+# Complete markers already read, by their exact text, per dialect: the parser's fast path
+# (`StreamParser._decide`) looks a marker up here when its `>` arrives. A tool-call block repeats a few tags (`<｜DSML｜invoke name="get_weather">`,
+# each parameter opener, the closers), and a dict lookup replaces two regex matches, an
+# attribute scan and a Tag per tag (the 12% of deltas that complete a tag took ~60% of the
+# parser's time). Shared by all lexers, like a compiled-regex cache; bounded because tag
+# text is model output, and cleared when full so it follows the current tool set.
+_MAX_CACHED = 4096
+_MARKERS: dict[Dialect, dict[str, tuple[int, str, Tag | None]]] = {
+    d: {raw: tok for raw, tok in ((t[1], t) for t in bare.values())}
+    for d, bare in _BARE_TOKENS.items()
 }
+for _cache in _MARKERS.values():
+    _cache[THINK_CLOSE] = (THINK, THINK_CLOSE, None)
+    _cache[EOS] = (END, EOS, None)
+_NUM_FIXED = len(_MARKERS[Dialect.V4])
+# Markers that end a value (the lexer reads nothing else as markup in value mode).
+VALUE_MARKERS = frozenset((PARAM_CLOSE, END))
+
+
+def starts_tag(text: str) -> bool:
+    """`text` is a complete DSML tag head followed by the start of its attributes (`<｜DSML｜
+    invoke name="ge`): only a `>` can decide it now."""
+    m = _HEAD.match(text)
+    return m is not None and _TAG_PARTIAL.fullmatch(text, m.end()) is not None
 
 
 class IncrementalLexer:
     """Holds the undecided tail; `next()` returns one token or None (needs more text)."""
 
-    __slots__ = ("_buf", "_pos", "prefix_wait", "tag_wait")
+    __slots__ = (
+        "_bare_tokens", "_buf", "_head_info", "_pos", "markers", "prefix_wait", "tag_wait"
+    )  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(self, dialect: Dialect | str = Dialect.V4) -> None:
+        dialect = Dialect(dialect)  # ValueError names an unknown dialect
+        self._head_info = _HEAD_INFO[dialect]
+        self._bare_tokens = _BARE_TOKENS[dialect]
+        # Complete markers by their text -> token, shared per dialect (see _MARKERS).
+        self.markers = _MARKERS[dialect]
         self._buf = ""
         self._pos = 0
         # A recognised tag head waits for its `>`: until a delta brings `>`, `<` or a
@@ -173,7 +230,7 @@ class IncrementalLexer:
             return len(buf) <= MAX_TAG
         if self.prefix_wait:
             cand = self._buf[self._pos :] + text
-            if len(cand) <= MAX_HEAD and cand in _PREFIXES:
+            if len(cand) <= MAX_HEAD and cand in MARKER_PREFIXES:
                 self._buf = cand
                 self._pos = 0
                 return True
@@ -187,16 +244,6 @@ class IncrementalLexer:
                     self.tag_wait = True
                     return True
         return False
-
-    def hold_prefix(self, tail: str) -> bool:
-        """With nothing held: keep `tail` if it is only the start of a marker head."""
-        if self._pos < len(self._buf) or len(tail) > MAX_HEAD or tail not in _PREFIXES:
-            return False
-        self._buf = tail
-        self._pos = 0
-        self.prefix_wait = True
-        self.tag_wait = False
-        return True
 
     def clear(self) -> None:
         """Drop everything not yet read (text after EOS)."""
@@ -224,12 +271,12 @@ class IncrementalLexer:
             return TEXT, buf[pos:end], None
         m = _HEAD.match(buf, pos)  # DSML tags first: most `<` in a tool block start one
         if m is not None:
-            kind, head_repairs = _HEAD_INFO[m.group()]
+            kind, head_repairs = self._head_info[m.group()]
             if not value_mode or kind == PARAM_CLOSE:
                 hend = m.end()
                 if buf[hend] == ">":  # closers: no attributes, one shared token per spelling
                     self._pos = hend + 1
-                    return _BARE_TOKENS[m.group()]
+                    return self._bare_tokens[m.group()]
                 tail = _TAG_END.match(buf, hend)
                 if tail is not None:
                     end = tail.end()
@@ -240,7 +287,13 @@ class IncrementalLexer:
                     repairs = head_repairs
                     if _CANONICAL_ATTRS.fullmatch(attr_text) is None:
                         repairs = _attr_repairs(head_repairs, attr_text)
-                    return kind, raw, Tag(kind, raw, attrs, tail.group(1) == "/", repairs)
+                    tok = kind, raw, Tag(kind, raw, attrs, tail.group(1) == "/", repairs)
+                    cache = self.markers
+                    if len(cache) >= _MAX_CACHED:  # keep the fixed markers, drop the rest
+                        for key in list(cache)[_NUM_FIXED:]:
+                            del cache[key]
+                    cache[raw] = tok
+                    return tok
                 if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):
                     self.tag_wait = True
                     return None
@@ -250,7 +303,7 @@ class IncrementalLexer:
         elif not value_mode and buf.startswith(THINK_CLOSE, pos):
             self._pos = pos + len(THINK_CLOSE)
             return THINK, THINK_CLOSE, None
-        elif not final and n - pos <= MAX_HEAD and buf[pos:] in _PREFIXES:
+        elif not final and n - pos <= MAX_HEAD and buf[pos:] in MARKER_PREFIXES:
             self.prefix_wait = True
             return None
         # Not a marker: the `<` is text, up to the next `<`.

@@ -42,6 +42,10 @@ from engine.config import (
 from engine.linear import Linear
 from engine.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
+# Queries scored at once in the reference attention and indexer: bounds the fp32 score
+# tensor of a long prefill (64 heads x 256 queries x 4K keys = 256 MiB instead of 4 GiB).
+QUERY_BLOCK = 256
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32 with an fp32 copy of the weight."""
@@ -81,7 +85,9 @@ def fp8_roundtrip(x: torch.Tensor, block: int = QAT_KV_FP8_BLOCK) -> torch.Tenso
 
 
 def fp4_roundtrip(x: torch.Tensor, block: int = QAT_INDEXER_FP4_BLOCK) -> torch.Tensor:
-    """Quantise x's last dim to e2m1 (nearest grid value) in blocks of `block` and back."""
+    """Quantise x's last dim to e2m1 (nearest grid value) in blocks of `block` and back.
+    An exact midpoint rounds toward zero here, where hardware rounds to even; random
+    activations essentially never sit on one."""
     xb = x.float().unflatten(-1, (-1, block))
     scale = _pow2_scale(xb, FP4_E2M1_MAX)
     y = (xb / scale).clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX)
@@ -120,7 +126,9 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32), requires_grad=False)
         self.norm = RMSNorm(head_dim, config.rms_norm_eps, dtype)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token rows, fp32: kv [B, T, C] and gate score [B, T, C] (with ape[p % r])."""
         xf = x.float()
         kv = self.wkv(xf)
@@ -149,7 +157,9 @@ class Compressor(nn.Module):
             rows_sc = torch.cat([ring_score[old], score[:used]])
             if first < 0:  # entry 0 of an overlapping compressor: no previous block
                 rows_kv = torch.cat([rows_kv.new_zeros(r, rows_kv.shape[1]), rows_kv])
-                rows_sc = torch.cat([rows_sc.new_full((r, rows_sc.shape[1]), float("-inf")), rows_sc])
+                rows_sc = torch.cat(
+                    [rows_sc.new_full((r, rows_sc.shape[1]), float("-inf")), rows_sc]
+                )
             if self.overlap:
                 bkv, bsc = rows_kv.view(m + 1, r, 2 * d), rows_sc.view(m + 1, r, 2 * d)
                 pool_kv = torch.cat([bkv[:-1, :, :d], bkv[1:, :, d:]], dim=1)  # [m, 2r, D]
@@ -211,8 +221,12 @@ class Indexer(nn.Module):
         n_entries = (start + q.shape[0]) // r  # N
         st.index_keys[start // r : n_entries] = new.to(st.index_keys.dtype)
         keys = st.index_keys[:n_entries].float()  # [N, Di]
-        scores = torch.einsum("nhd,td->nht", q, keys).relu()
-        scores = (scores * w.unsqueeze(-1)).sum(dim=1)  # [n, N]
+        scores = torch.cat(
+            [
+                (torch.einsum("nhd,td->nht", qb, keys).relu() * wb.unsqueeze(-1)).sum(dim=1)
+                for qb, wb in zip(q.split(QUERY_BLOCK), w.split(QUERY_BLOCK), strict=True)
+            ]
+        )  # [n, N]
         visible = torch.arange(n_entries, device=q.device) < ((positions + 1) // r).unsqueeze(-1)
         scores = scores.masked_fill(~visible, float("-inf"))
         # exact ties are common (ReLU zeros on every head); a stable sort gives them to the
@@ -241,9 +255,15 @@ class Attention(nn.Module):
         self.wkv = Linear(c.hidden_size, c.head_dim, dtype=dtype)
         self.kv_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
         # grouped output projection: each group of Hh/G heads (Hh*D/G wide) -> o_lora_rank
-        self.wo_a = Linear(c.num_attention_heads * c.head_dim // c.o_groups, c.o_groups * c.o_lora_rank, dtype=dtype)
+        self.wo_a = Linear(
+            c.num_attention_heads * c.head_dim // c.o_groups,
+            c.o_groups * c.o_lora_rank,
+            dtype=dtype,
+        )
         self.wo_b = Linear(c.o_groups * c.o_lora_rank, c.hidden_size, dtype=dtype)
-        self.attn_sink = nn.Parameter(torch.empty(c.num_attention_heads, dtype=torch.float32), requires_grad=False)
+        self.attn_sink = nn.Parameter(
+            torch.empty(c.num_attention_heads, dtype=torch.float32), requires_grad=False
+        )
         if self.ratio != RATIO_WINDOW:
             self.compressor = Compressor(c, self.ratio, c.head_dim, dtype)
         if self.ratio == RATIO_SPARSE:
@@ -264,7 +284,9 @@ class Attention(nn.Module):
         q = apply_rope(q, cos_h, sin_h)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, T, D]
         if c.qat:
-            kv = torch.cat([fp8_roundtrip(kv[..., : c.nope_head_dim]), kv[..., c.nope_head_dim :]], -1)
+            kv = torch.cat(
+                [fp8_roundtrip(kv[..., : c.nope_head_dim]), kv[..., c.nope_head_dim :]], -1
+            )
 
         if self.ratio != RATIO_WINDOW:
             ckv, csc = self.compressor.project(x, pos)  # [B, T, C] fp32
@@ -281,15 +303,23 @@ class Attention(nn.Module):
             p = pos[b, :n]
             keys, allowed = self._window_row(st, kv[b, :n], s, p)
             if self.ratio != RATIO_WINDOW:
-                new = self.compressor.compress_row(ckv[b, :n], csc[b, :n], s, st.comp_kv, st.comp_score)
+                new = self.compressor.compress_row(
+                    ckv[b, :n], csc[b, :n], s, st.comp_kv, st.comp_score
+                )
                 if c.qat:
-                    new = torch.cat([fp8_roundtrip(new[:, : c.nope_head_dim]), new[:, c.nope_head_dim :]], -1)
+                    new = torch.cat(
+                        [fp8_roundtrip(new[:, : c.nope_head_dim]), new[:, c.nope_head_dim :]], -1
+                    )
                 n_entries = (s + n) // self.ratio  # N
                 st.entries[s // self.ratio : n_entries] = new.to(st.entries.dtype)
                 entries = st.entries[:n_entries]
-                visible = torch.arange(n_entries, device=x.device) < ((p + 1) // self.ratio).unsqueeze(-1)
+                visible = torch.arange(n_entries, device=x.device) < (
+                    (p + 1) // self.ratio
+                ).unsqueeze(-1)
                 if self.ratio == RATIO_SPARSE:
-                    visible, _ = self.indexer.select_row(st, iq[b, :n], iw[b, :n], ikv[b, :n], isc[b, :n], s, p)
+                    visible, _ = self.indexer.select_row(
+                        st, iq[b, :n], iw[b, :n], ikv[b, :n], isc[b, :n], s, p
+                    )
                 keys = torch.cat([keys, entries])
                 allowed = torch.cat([allowed, visible], dim=1)
             out[b, :n] = self._attend(q[b, :n], keys, allowed)
@@ -313,18 +343,21 @@ class Attention(nn.Module):
         delta = positions.unsqueeze(-1) - key_pos  # query pos - key pos
         allowed = (delta >= 0) & (delta < W)
         k = min(n, W)
-        st.window[torch.arange(start + n - k, start + n, device=kv.device) % W] = kv[n - k :].to(st.window.dtype)
+        st.window[torch.arange(start + n - k, start + n, device=kv.device) % W] = kv[n - k :].to(
+            st.window.dtype
+        )
         return keys, allowed
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """q [n, Hh, D], keys [M, D] (also the values), allowed [n, M] -> [n, Hh, D]."""
         kf = keys.float()
-        scores = torch.einsum("nhd,md->hnm", q.float(), kf) * self.softmax_scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        # the sink is one extra logit per head whose value is dropped: it only adds
-        # exp(sink - max) to the denominator, letting a head attend to "nothing"
-        sink = self.attn_sink.float().view(-1, 1, 1).expand(-1, q.shape[0], 1)
-        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
-        return torch.einsum("hnm,md->nhd", probs, kf).to(q.dtype)
-
-
+        out = []
+        for qb, ab in zip(q.split(QUERY_BLOCK), allowed.split(QUERY_BLOCK), strict=True):
+            scores = torch.einsum("nhd,md->hnm", qb.float(), kf) * self.softmax_scale
+            scores = scores.masked_fill(~ab, float("-inf"))
+            # the sink is one extra logit per head whose value is dropped: it only adds
+            # exp(sink - max) to the denominator, letting a head attend to "nothing"
+            sink = self.attn_sink.float().view(-1, 1, 1).expand(-1, qb.shape[0], 1)
+            probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+            out.append(torch.einsum("hnm,md->nhd", probs, kf))
+        return torch.cat(out).to(q.dtype)

@@ -35,17 +35,22 @@ Public API (kept stable for the weights/runtime code):
                                                   # num_tokens[b] valid tokens (others ignored,
                                                   # their logits are garbage)
     last = model(tokens, state, num_tokens=n, last_only=True)     # [B, V]: each row's last
-    logits, hidden = model(tokens, state, return_hidden=True)     # hidden [B, T, hc, H]
+    logits, hidden = model(tokens, state, return_hidden=True)     # hidden [B, T, S, H]
     draft = model.forward_mtp(next_tokens, hidden, state, num_tokens=n, last_only=True)
 
 Positions come from the state: row b's tokens sit at positions state[b].length + t, and
-each call advances state[b].length by num_tokens[b]. Any chunking gives the same result (one
-prefill, chunked prefill, prefill after a cached prefix, single-token decode), and a batch
-gives the same result as its rows run alone. `forward_mtp(next_tokens, hidden, ...)` runs
+each call advances state[b].length by num_tokens[b]. Any chunking gives the same result to
+fp rounding (one prefill, chunked prefill, prefill after a cached prefix, single-token
+decode), and a batch gives the same result as its rows run alone. Sequences join or leave a
+batch by building a new `BatchState` from `SequenceState`s (`state.select(rows)`,
+`SequenceState.new(cfg, max_len, device, dtype)`); `SequenceState.clone()` forks one.
+Internally the model turns (state, num_tokens) into an explicit `cache.ForwardBatch`
+(starts, counts, positions) passed to every layer. `forward_mtp(next_tokens, hidden, ...)` runs
 the MTP block on (token_{p+1}, main hidden state at p) for positions starting at
 state[b].mtp_length, with its own window cache, and returns draft logits for position p+2.
 The QAT rounding (FP8 KV, Hadamard + FP4 indexer) follows `config.qat` (default True; False
-matches `transformers`).
+matches `transformers`). Top-k ties (indexer, router) go to the lower index, so a batch's
+shape or chunking never changes a selection; near-ties still follow fp rounding.
 
 Shape letters: B batch rows, T tokens per row, S = hc_mult (4) residual streams, H hidden
 (4096), V vocab, M = (2+S)*S hyper-connection mix size (24).
@@ -175,8 +180,12 @@ class MTPBlock(Block):
         self.hnorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         width = c.hc_mult * c.hidden_size
-        self.hc_head_fn = nn.Parameter(torch.empty(c.hc_mult, width, dtype=torch.float32), requires_grad=False)
-        self.hc_head_base = nn.Parameter(torch.empty(c.hc_mult, dtype=torch.float32), requires_grad=False)
+        self.hc_head_fn = nn.Parameter(
+            torch.empty(c.hc_mult, width, dtype=torch.float32), requires_grad=False
+        )
+        self.hc_head_base = nn.Parameter(
+            torch.empty(c.hc_mult, dtype=torch.float32), requires_grad=False
+        )
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
 
     def forward(  # type: ignore[override]
@@ -185,7 +194,9 @@ class MTPBlock(Block):
         """e = embed(next tokens) [B, T, H], hidden [B, T, S, H] -> collapsed, normed [B, T, H]."""
         x = self.e_proj(self.enorm(e)).unsqueeze(2) + self.h_proj(self.hnorm(hidden))
         h = super().forward(x.to(e.dtype), ids, batch)
-        return self.norm(hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.config))
+        return self.norm(
+            hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.config)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +213,12 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.head = Linear(c.hidden_size, c.vocab_size, dtype=dtype)
         width = c.hc_mult * c.hidden_size
-        self.hc_head_fn = nn.Parameter(torch.empty(c.hc_mult, width, dtype=torch.float32), requires_grad=False)
-        self.hc_head_base = nn.Parameter(torch.empty(c.hc_mult, dtype=torch.float32), requires_grad=False)
+        self.hc_head_fn = nn.Parameter(
+            torch.empty(c.hc_mult, width, dtype=torch.float32), requires_grad=False
+        )
+        self.hc_head_base = nn.Parameter(
+            torch.empty(c.hc_mult, dtype=torch.float32), requires_grad=False
+        )
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
         self.mtp = nn.ModuleList(
             MTPBlock(c.num_hidden_layers + i, c, dtype) for i in range(c.num_nextn_predict_layers)
@@ -223,12 +238,18 @@ class Transformer(nn.Module):
         if num_tokens is None:
             counts = [T] * B
         else:
-            counts = [int(n) for n in (num_tokens.tolist() if torch.is_tensor(num_tokens) else num_tokens)]
+            counts = [
+                int(n) for n in (num_tokens.tolist() if torch.is_tensor(num_tokens) else num_tokens)
+            ]
         if len(counts) != B or any(not 0 <= n <= T for n in counts):
-            raise ValueError(f"num_tokens must give 0..{T} valid tokens for each of {B} rows, got {counts}")
+            raise ValueError(
+                f"num_tokens must give 0..{T} valid tokens for each of {B} rows, got {counts}"
+            )
         for b, (s, n) in enumerate(zip(lengths, counts, strict=True)):
             if s + n > state[b].max_len:
-                raise ValueError(f"row {b}: position {s + n - 1} exceeds the state's max_len {state[b].max_len}")
+                raise ValueError(
+                    f"row {b}: position {s + n - 1} exceeds the state's max_len {state[b].max_len}"
+                )
         starts = torch.tensor(lengths, dtype=torch.int64, device=tokens.device)
         positions = starts.unsqueeze(1) + torch.arange(T, device=tokens.device)
         return ForwardBatch(state, list(lengths), counts, positions)

@@ -92,7 +92,9 @@ class MoE(nn.Module):
             for _ in range(c.n_routed_experts)
         )
         self.shared_experts = (
-            Expert(c.hidden_size, c.moe_intermediate_size, dtype, None) if c.n_shared_experts else None
+            Expert(c.hidden_size, c.moe_intermediate_size, dtype, None)
+            if c.n_shared_experts
+            else None
         )
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,9 @@ def rope_inv_freq(config: ModelConfig, ratio: int, device=None) -> torch.Tensor:
     return inv_freq / config.rope_factor * (1 - keep) + inv_freq * keep
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [*positions.shape, R/2] (fp32)."""
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
     return angles.cos(), angles.sin()

@@ -55,6 +55,7 @@ class Step:
     token_id: int
     text: str
     finish_reason: str | None = None  # "stop" | "length"
+    stop_reason: str | None = None  # the stop string that ended it (None: EOS, stop id, length)
 
 
 class StopStrings:
@@ -68,16 +69,20 @@ class StopStrings:
         self.stops = tuple(stops)
         self._longest = max((len(s) for s in self.stops), default=0)
         self._pending = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one did
 
     def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string ended it)."""
+        """(text safe to emit, whether a stop string ended it); `matched` names the string."""
         if not self.stops:
             return text, False
         buf = self._pending + text
-        hits = [i for s in self.stops if (i := buf.find(s)) >= 0]
+        hits = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
         if hits:
             self._pending = ""
-            return buf[: min(hits)], True
+            # The earliest match cuts the text (the first listed wins a tie): that is the
+            # one reported (vLLM's `stop_reason`; Anthropic's `stop_sequence`).
+            cut, self.matched = min(hits, key=lambda hit: hit[0])
+            return buf[:cut], True
         keep = 0
         for k in range(min(len(buf), self._longest - 1), 0, -1):
             tail = buf[-k:]
@@ -251,7 +256,7 @@ class Engine:
         text = seq.detok.push(token) + (seq.detok.flush() if last else "")
         text, stopped = seq.stops.feed(text)
         if stopped:
-            step = Step(token, text, "stop")
+            step = Step(token, text, "stop", seq.stops.matched)
         elif last:  # release what was held back for a stop string
             step = Step(token, text + seq.stops.flush(), "stop" if ends else "length")
         else:

@@ -27,8 +27,14 @@ log = logging.getLogger("dsml_proxy")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsml-proxy", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API",
-                           argument_default=argparse.SUPPRESS)
+    serve = sub.add_parser(
+        "serve", help="serve the OpenAI-compatible API", argument_default=argparse.SUPPRESS,
+        epilog="Every setting also reads DSML_PROXY_<NAME> from the environment and <name> "
+               "from the --config TOML file (flags > environment > TOML > defaults). The "
+               "reasoning signing secret has no flag, as anything on a command line shows in "
+               "`ps`: set DSML_PROXY_REASONING_SIGNING_SECRET or reasoning_signing_secret in "
+               "the TOML file (unset: a random key per process, so reasoning replayed after a "
+               "restart is dropped).")
     serve.add_argument("--upstream", metavar="URL",
                        help="base URL of an engine with /v1/completions")
     serve.add_argument("--upstream-kind", choices=[k.value for k in UpstreamKind],
@@ -50,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a turn that ended inside reasoning once (default on)")
     serve.add_argument("--max-concurrency", type=int, help="turns generating at once")
     serve.add_argument("--max-queue", type=int, help="turns waiting; beyond: 429")
+    serve.add_argument("--response-store-size", type=int, metavar="N",
+                       help="responses kept for /v1/responses previous_response_id "
+                            "(default 1024)")
+    serve.add_argument("--response-store-ttl", dest="response_store_ttl_s", type=float,
+                       metavar="SECONDS", help="... each for at most this long (default 3600)")
+    serve.add_argument("--keepalive-interval", dest="keepalive_interval_s", type=float,
+                       metavar="SECONDS",
+                       help="SSE keep-alive while a streamed turn is silent (default 5)")
     serve.add_argument("--config", dest="config_file", metavar="FILE", help="a TOML file")
     serve.add_argument("--log-level", help="INFO (default), DEBUG, WARNING")
     return parser

@@ -4,12 +4,22 @@ Each app gets its own `CollectorRegistry` (tests build many apps in one process)
 label combination is created at zero up front, so dashboards and rate() see a series before
 the first event. Tool-turn outcomes, call outcomes and repairs are observed from the same
 parser events the encoders consume (`TurnObserver`).
+
+Tool-turn and tool-call outcomes carry an `endpoint` label besides api.md's `outcome`
+(issue 5: "metrics carry the endpoint label; the dashboard shows tool-turn success per
+protocol"). Chat completions, Anthropic messages and Responses share one renderer and
+parser, but each protocol's clients (Claude Code, Codex, chat agents) send different
+histories and tool sets, so a regression in one shows up only per endpoint. The label is
+bounded (TURN_ENDPOINTS); the overall success rate is the sum over it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 from dsml.events import (
     CallOutcome,
@@ -23,12 +33,17 @@ from dsml.events import (
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-# Bounded label values. `messages` and `responses` are the Anthropic and Responses endpoints.
+# Bounded label values (proxy.middleware.ENDPOINT_BY_PATH maps routes to them). `messages`
+# and `responses` are the Anthropic and Responses endpoints; `messages_count_tokens` is
+# Anthropic's POST /v1/messages/count_tokens (no generation).
 ENDPOINTS = (
-    "chat_completions", "completions", "messages", "responses",
+    "chat_completions", "completions", "messages", "messages_count_tokens", "responses",
     "models", "health", "ready", "metrics", "other",
 )
 GENERATION_ENDPOINTS = ("chat_completions", "completions", "messages", "responses")
+# The endpoints that run DSML turns (raw /v1/completions does not parse): the `endpoint`
+# values of the tool-turn and tool-call counters.
+TURN_ENDPOINTS = ("chat_completions", "messages", "responses")
 STATUSES = ("200", "400", "401", "404", "405", "413", "422", "429", "500", "502", "503", "504",
             "529")  # 529: Anthropic's "overloaded" (/v1/messages when the limit is full)
 TOKEN_KINDS = ("prompt", "completion", "reasoning")
@@ -68,10 +83,12 @@ class Metrics:
         self.tokens = Counter(p + "tokens", "Tokens by kind", ["kind"], registry=r)
         self.upstream_errors = Counter(p + "upstream_errors", "Backend failures by reason",
                                        ["reason"], registry=r)
-        self.tool_turns = Counter(p + "tool_turns", "Turns that offered tools, by outcome",
-                                  ["outcome"], registry=r)
-        self.tool_calls = Counter(p + "tool_calls", "Tool calls by validation outcome",
-                                  ["outcome"], registry=r)
+        self.tool_turns = Counter(p + "tool_turns",
+                                  "Turns that offered tools, by endpoint and outcome",
+                                  ["endpoint", "outcome"], registry=r)
+        self.tool_calls = Counter(p + "tool_calls",
+                                  "Tool calls by endpoint and validation outcome",
+                                  ["endpoint", "outcome"], registry=r)
         self.repairs = Counter(p + "dsml_repairs", "DSML tolerances applied, by kind",
                                ["kind"], registry=r)
         self.build_info = Gauge(p + "build_info", "Build and configuration",
@@ -90,28 +107,51 @@ class Metrics:
             self.tokens.labels(kind)
         for reason in UPSTREAM_REASONS:
             self.upstream_errors.labels(reason)
-        for outcome in TurnOutcome:
-            self.tool_turns.labels(outcome.value)
-        for outcome in CallOutcome:
-            self.tool_calls.labels(outcome.value)
+        for endpoint in TURN_ENDPOINTS:
+            for outcome in TurnOutcome:
+                self.tool_turns.labels(endpoint, outcome.value)
+            for outcome in CallOutcome:
+                self.tool_calls.labels(endpoint, outcome.value)
         for kind in RepairKind:
             self.repairs.labels(kind.value)
 
     def scrape(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated:
+    """A registry's view without the `_created` samples of counters and histograms.
+
+    They double the exposition (one per labelled child, and every combination here exists
+    from the start) and no dashboard or alert uses them. prometheus-client's switch,
+    `disable_created_metrics()`, is process-wide (a module global read at each collection),
+    so calling it would change the exposition of every other registry in the process, e.g.
+    an application embedding this one; dropping them from our own scrape touches nothing else.
+    """
+
+    __slots__ = ("_registry",)
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():  # fresh Metric objects on every collection
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 class TurnObserver:
     """Feeds one turn's parser events into the metrics (no per-event allocation)."""
 
-    __slots__ = ("_metrics",)
+    __slots__ = ("_endpoint", "_metrics")
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, endpoint: str) -> None:
         self._metrics = metrics
+        self._endpoint = endpoint
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, ToolCallEnd):
-            self._metrics.tool_calls.labels(event.outcome.value).inc()
+            self._metrics.tool_calls.labels(self._endpoint, event.outcome.value).inc()
         elif isinstance(event, Notice):
             self._metrics.repairs.labels(event.kind.value).inc()
 
@@ -122,4 +162,4 @@ class TurnObserver:
         m.tokens.labels("completion").inc(completion_tokens)
         m.tokens.labels("reasoning").inc(reasoning_tokens)
         if result.turn_outcome is not None:
-            m.tool_turns.labels(result.turn_outcome.value).inc()
+            m.tool_turns.labels(self._endpoint, result.turn_outcome.value).inc()

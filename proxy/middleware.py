@@ -19,11 +19,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger(ACCESS_LOGGER)
 
-# Route -> the `endpoint` label (bounded); anything else is "other".
+# Route -> the `endpoint` label (bounded); anything else is "other". Every value here is
+# in proxy.metrics.ENDPOINTS, so its series exist at zero from the start.
 ENDPOINT_BY_PATH = {
     "/v1/chat/completions": "chat_completions",
     "/v1/completions": "completions",
     "/v1/messages": "messages",
+    # Claude Code calls it around every turn: its own label keeps those quick tokenizer-only
+    # requests out of the messages latency figures, and out of "other".
+    "/v1/messages/count_tokens": "messages_count_tokens",
     "/v1/responses": "responses",
     "/v1/models": "models",
     "/v1/models/{model_id}": "models",

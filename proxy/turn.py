@@ -150,7 +150,7 @@ class Turn:
         self.endpoint = endpoint
         self._clock = clock
         self.parallel_tool_calls = parallel_tool_calls
-        self._observer = TurnObserver(runner.metrics)
+        self._observer = TurnObserver(runner.metrics, endpoint)
         self._parser: Any = None
         self._prompt_ids: list[int] = []
         self._generated: list[str] = []  # model-side text after the prompt (forced text included)
@@ -158,12 +158,16 @@ class Turn:
         self._saw_think_close = False
         self._saw_eos = False
         self._backend_finish: str | None = None
+        self._backend_stop: str | None = None  # the stop string the backend says ended it
         self._num_calls_started = 0
         self._first_call_done = False
         self._stopped_after_first_call = False
         # Final figures, valid once events() is exhausted.
         self.result: ParseResult | None = None
         self.finish_reason = "stop"
+        # The client's stop string that ended the turn (finish_reason "stop"); None on EOS,
+        # and where the backend does not say which stop string matched.
+        self.stop_sequence: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.reasoning_tokens = 0
@@ -183,6 +187,7 @@ class Turn:
         if forced and prompt.thinking:
             async for event in self._generate(stop=[THINK_CLOSE]):
                 yield event
+            self._backend_stop = None  # our own `</think>` stop, never the client's
             if self._backend_finish != "length" and not self._num_calls_started:
                 self._saw_eos = False  # an EOS inside reasoning: force the call all the same
                 for event in self._inject(("" if self._saw_think_close else THINK_CLOSE) + forced):
@@ -231,7 +236,7 @@ class Turn:
             prompt_text=self.prompt.text + generated,
             sampling=sampling,
         )
-        self._backend_finish = None
+        self._backend_finish = self._backend_stop = None
         async with aclosing(
             self._runner.deltas(req, endpoint=self.endpoint, clock=self._clock)
         ) as deltas:
@@ -241,6 +246,7 @@ class Turn:
                     self.reasoning_tokens += delta.num_tokens
                 if delta.finish_reason is not None:
                     self._backend_finish = delta.finish_reason
+                    self._backend_stop = delta.stop_reason
                 text = delta.text
                 if not text or self._saw_eos:
                     continue  # keep reading: a usage correction may still come
@@ -331,6 +337,8 @@ class Turn:
                 cache.put(call.id, result.reasoning_content)
         else:
             self.finish_reason = "length" if self._backend_finish == "length" else "stop"
+            if self.finish_reason == "stop" and self._backend_stop in self.sampling.stop:
+                self.stop_sequence = self._backend_stop
         self.result = result
         self._observer.on_turn(
             result,

@@ -34,6 +34,9 @@ class GenerateDelta:
     text: str  # detokenized text, special tokens kept
     num_tokens: int  # tokens this delta covers
     finish_reason: str | None = None  # "stop" | "length" | None while running
+    # With finish_reason "stop": the stop string that ended generation (excluded from the
+    # text). None for EOS, a stop token id, or a backend that does not say which matched.
+    stop_reason: str | None = None
 
 
 class BackendError(Exception):

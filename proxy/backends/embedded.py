@@ -68,7 +68,8 @@ class EmbeddedBackend:
         async for step in self.engine.stream(prompt_ids, sampling):
             pending += 1
             if step.text or step.finish_reason is not None:
-                yield GenerateDelta(text=step.text, num_tokens=pending, finish_reason=step.finish_reason)
+                yield GenerateDelta(text=step.text, num_tokens=pending,
+                                    finish_reason=step.finish_reason, stop_reason=step.stop_reason)
                 pending = 0
 
     async def ready(self) -> bool:

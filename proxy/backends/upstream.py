@@ -34,6 +34,14 @@ _IDS_BY_DEFAULT = {UpstreamKind.VLLM, UpstreamKind.SGLANG}
 _SPECIAL_TOKEN_FIELDS = {"skip_special_tokens": False, "spaces_between_special_tokens": False}
 
 
+def _matched_stop(choice: dict[str, Any]) -> str | None:
+    """The stop string that ended a choice, where the engine says: vLLM's `stop_reason` and
+    SGLang's `matched_stop` hold the matched stop string, a stop token id (an int: EOS
+    included, for SGLang) or null. llama.cpp's and ds4's /v1/completions do not say."""
+    stop = choice.get("stop_reason", choice.get("matched_stop"))
+    return stop if isinstance(stop, str) else None
+
+
 class UpstreamBackend:
     def __init__(
         self,
@@ -177,12 +185,15 @@ class UpstreamBackend:
                 for choice in data.get("choices") or ():
                     text = choice.get("text") or ""
                     reason = choice.get("finish_reason")
+                    matched = None
                     if reason is not None:
                         finish = "length" if reason == "length" else "stop"
+                        matched = _matched_stop(choice) if finish == "stop" else None
                     if text or reason is not None:
                         n = 1 if text else 0
                         num_counted += n
-                        yield GenerateDelta(text, n, finish if reason is not None else None)
+                        yield GenerateDelta(text, n, finish if reason is not None else None,
+                                            matched)
                 if usage and usage.get("completion_tokens") is not None:
                     # SSE events can carry several tokens (speculative decoding, batching):
                     # the engine's own count is authoritative.

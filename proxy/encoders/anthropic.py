@@ -23,10 +23,9 @@ from dsml.events import (
     ToolCallEnd,
     ToolCallStart,
 )
-from dsml.markers import EOS
 from proxy.errors import ApiError
 from proxy.signature import ReasoningSigner
-from proxy.translate import KeepAlive, wire_call_id
+from proxy.translate import wire_call_id
 from proxy.translate.anthropic import TOOL_ID_PREFIX
 from proxy.turn import Turn
 from schemas.anthropic import Message, TextOut, ThinkingOut, ToolUseOut, Usage
@@ -62,20 +61,19 @@ def new_message_id() -> str:
     return "msg_" + uuid.uuid4().hex
 
 
-def stop_reason(turn: Turn, stop_sequences: list[str]) -> tuple[str, str | None]:
+def stop_reason(turn: Turn) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence).
 
-    Backends report only "stop", not which stop string matched, and engines that drop EOS
-    (vLLM) make a natural end look the same: with `stop_sequences` set, a "stop" without a
-    seen EOS is reported as `stop_sequence` (named when there is exactly one).
+    `stop_sequence` only when the backend said which of the request's stop strings matched
+    (vLLM's `stop_reason`, SGLang's `matched_stop`, the embedded engine); a natural end
+    (EOS), or a backend that does not say (llama.cpp, ds4), is `end_turn`.
     """
     if turn.finish_reason == "tool_calls":
         return "tool_use", None
     if turn.finish_reason == "length":
         return "max_tokens", None
-    raw = turn.result.raw if turn.result is not None else ""
-    if stop_sequences and not raw.endswith(EOS):
-        return "stop_sequence", stop_sequences[0] if len(stop_sequences) == 1 else None
+    if turn.stop_sequence is not None:
+        return "stop_sequence", turn.stop_sequence
     return "end_turn", None
 
 
@@ -84,13 +82,11 @@ def _event(name: str, body: str) -> bytes:
 
 
 class AnthropicStreamEncoder:
-    def __init__(self, turn: Turn, model: str, signer: ReasoningSigner,
-                 stop_sequences: list[str]) -> None:
+    def __init__(self, turn: Turn, model: str, signer: ReasoningSigner) -> None:
         self.id = new_message_id()
         self.model = model
         self._turn = turn
         self._signer = signer
-        self._stop_sequences = stop_sequences
         self._index = -1
         self._open: str | None = None  # "thinking" | "text" | "tool_use"
         self._thinking: list[str] = []
@@ -126,7 +122,7 @@ class AnthropicStreamEncoder:
         return out + _event("content_block_stop",
                             f'{{"type":"content_block_stop","index":{self._index}}}')
 
-    def encode(self, event: Event | KeepAlive) -> bytes:
+    def encode(self, event: Event) -> bytes:
         if isinstance(event, ReasoningDelta):
             if not event.text:
                 return b""
@@ -151,8 +147,6 @@ class AnthropicStreamEncoder:
             return b""
         if isinstance(event, ToolCallEnd):
             return self._tool_use_block(event)
-        if isinstance(event, KeepAlive):
-            return PING
         return b""  # Notice: metrics only
 
     def _tool_use_block(self, end: ToolCallEnd) -> bytes:
@@ -169,7 +163,7 @@ class AnthropicStreamEncoder:
         return out + self._close()
 
     def finish(self, turn: Turn) -> bytes:
-        reason, sequence = stop_reason(turn, self._stop_sequences)
+        reason, sequence = stop_reason(turn)
         delta = {"type": "message_delta",
                  "delta": {"stop_reason": reason, "stop_sequence": sequence},
                  "usage": {"output_tokens": turn.completion_tokens}}
@@ -179,9 +173,11 @@ class AnthropicStreamEncoder:
     def error(self, err: ApiError) -> bytes:
         return _event("error", _dumps(anthropic_error(err)[1]))
 
+    def keepalive(self) -> bytes:
+        return PING  # Anthropic's own keep-alive event; the SDK skips it
 
-def message_body(turn: Turn, model: str, signer: ReasoningSigner,
-                 stop_sequences: list[str]) -> dict[str, Any]:
+
+def message_body(turn: Turn, model: str, signer: ReasoningSigner) -> dict[str, Any]:
     result = turn.result
     assert result is not None, "message_body() before the turn finished"
     content: list[ThinkingOut | TextOut | ToolUseOut] = []
@@ -192,7 +188,7 @@ def message_body(turn: Turn, model: str, signer: ReasoningSigner,
         content.append(TextOut(text=result.content))
     content.extend(ToolUseOut(id=wire_call_id(c.id, TOOL_ID_PREFIX), name=c.name, input=c.arguments)
                    for c in result.tool_calls)
-    reason, sequence = stop_reason(turn, stop_sequences)
+    reason, sequence = stop_reason(turn)
     message = Message(id=new_message_id(), model=model, content=content, stop_reason=reason,
                       stop_sequence=sequence,
                       usage=Usage(input_tokens=turn.prompt_tokens,

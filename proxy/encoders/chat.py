@@ -26,6 +26,9 @@ from proxy.turn import Turn
 
 _dumps = json.dumps
 DONE = b"data: [DONE]\n\n"
+# An SSE comment: keeps idle connections open while a turn is silent; SSE clients (the
+# openai SDK included) skip comment lines.
+KEEPALIVE = b": keep-alive\n\n"
 
 
 def new_completion_id() -> str:
@@ -101,6 +104,9 @@ class ChatStreamEncoder:
 
     def error(self, err: ApiError) -> bytes:
         return sse_error_event(err)
+
+    def keepalive(self) -> bytes:
+        return KEEPALIVE
 
 
 def chat_completion_body(turn: Turn, model: str, completion_id: str | None = None) -> dict[str, Any]:

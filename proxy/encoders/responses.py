@@ -31,7 +31,6 @@ from dsml.events import (
 )
 from proxy.errors import ApiError
 from proxy.signature import ReasoningSigner
-from proxy.translate import KeepAlive
 from proxy.turn import Turn
 from schemas.responses import ResponsesRequest, ToolChoiceFunction
 
@@ -180,7 +179,7 @@ class ResponsesStreamEncoder:
         self.output.append(item)
         return out
 
-    def encode(self, event: Event | KeepAlive) -> bytes:
+    def encode(self, event: Event) -> bytes:
         if isinstance(event, ReasoningDelta | ContentDelta):
             if not event.text:
                 return b""
@@ -201,8 +200,6 @@ class ResponsesStreamEncoder:
             return b""
         if isinstance(event, ToolCallEnd):
             return self._function_call(event)
-        if isinstance(event, KeepAlive):
-            return KEEPALIVE
         return b""  # Notice: metrics only
 
     def _function_call(self, end: ToolCallEnd) -> bytes:
@@ -234,3 +231,6 @@ class ResponsesStreamEncoder:
         response = {**self.response, "status": "failed", "output": self.output,
                     "error": {"code": err.code or err.type, "message": err.message}}
         return self._emit("response.failed", response=response)
+
+    def keepalive(self) -> bytes:
+        return KEEPALIVE  # a comment: no event, so no sequence_number is used up

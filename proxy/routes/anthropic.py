@@ -23,7 +23,6 @@ from proxy.logs import ACCESS_LOGGER
 from proxy.middleware import Handler
 from proxy.routes.common import drain, read_json, stream_turn
 from proxy.signature import app_signer
-from proxy.translate import KeepAliveTurn
 from proxy.translate.anthropic import to_chat
 from schemas.anthropic import CountTokensRequest, MessagesRequest
 
@@ -53,19 +52,19 @@ async def messages(request: web.Request) -> web.StreamResponse:
     req = MessagesRequest.model_validate(await read_json(request))
     request[state.LOG_FIELDS]["model"] = req.model
     prompt, parallel = render(app, req)
-    stops = req.stop_sequences or []
     sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
-                              top_p=req.top_p, top_k=req.top_k, stop=list(stops))
+                              top_p=req.top_p, top_k=req.top_k,
+                              stop=list(req.stop_sequences or ()))
     clock = request[state.CLOCK]
     async with app[state.LIMITER].slot(clock):  # queueing is a wait, not overhead
         turn = app[state.RUNNER].start(prompt, sampling, endpoint=ENDPOINT, clock=clock,
                                        parallel_tool_calls=parallel)
         if req.stream:
-            encoder = AnthropicStreamEncoder(turn, req.model, app_signer(app), stops)
-            interval = app[state.SETTINGS].keepalive_interval_s
-            return await stream_turn(request, KeepAliveTurn(turn, interval, clock), encoder)  # type: ignore[arg-type]
+            encoder = AnthropicStreamEncoder(turn, req.model, app_signer(app))
+            return await stream_turn(request, turn, encoder,
+                                     keepalive_s=app[state.SETTINGS].keepalive_interval_s)
         await drain(request, turn)
-    return web.json_response(message_body(turn, req.model, app_signer(app), stops))
+    return web.json_response(message_body(turn, req.model, app_signer(app)))
 
 
 async def count_tokens(request: web.Request) -> web.Response:

@@ -71,6 +71,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             encoder = ChatStreamEncoder(chat.model, include_usage=include_usage)
-            return await stream_turn(request, turn, encoder)
+            return await stream_turn(request, turn, encoder,
+                                     keepalive_s=app[state.SETTINGS].keepalive_interval_s)
         await drain(request, turn)
     return web.json_response(chat_completion_body(turn, chat.model))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Awaitable
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -14,6 +17,7 @@ from proxy import state
 from proxy.errors import ApiError, to_api_error
 from proxy.logs import ACCESS_LOGGER
 from proxy.middleware import REQUEST_ID_HEADER
+from proxy.timing import RequestClock
 from proxy.turn import Turn
 
 log = logging.getLogger(ACCESS_LOGGER)
@@ -41,12 +45,13 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 
 class StreamEncoder(Protocol):
-    """What an endpoint's streaming encoder provides (chat now; messages, responses later)."""
+    """What an endpoint's streaming encoder provides (chat, messages, responses)."""
 
     def start(self) -> bytes: ...
     def encode(self, event: Event) -> bytes: ...
     def finish(self, turn: Turn) -> bytes: ...
     def error(self, err: ApiError) -> bytes: ...
+    def keepalive(self) -> bytes: ...  # what goes out while the turn is silent
 
 
 async def drain(request: web.Request, turn: Turn) -> None:
@@ -57,51 +62,65 @@ async def drain(request: web.Request, turn: Turn) -> None:
     log_turn(request, turn)
 
 
-async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder) -> web.StreamResponse:
+async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder, *,
+                      keepalive_s: float | None = None) -> web.StreamResponse:
     """SSE: prepare, one write per event, finish, write_eof.
 
     The first event is awaited before the response is prepared, so a backend that is down or
     a request the backend refuses still gets a proper HTTP status (502/504). After that,
     failures become an SSE error event. A client disconnect cancels this task (the runner
     uses `handler_cancellation`), which closes the backend stream at once.
+
+    With `keepalive_s`, `encoder.keepalive()` goes out whenever nothing was written for that
+    long: a long prefill, reasoning held back by the parser, a forced tool choice's second
+    phase can keep a turn silent for minutes, and proxies and clients (Codex) drop idle
+    connections. Silence before the first event opens the stream early (status 200 and the
+    encoder's start), so a backend failure after that is an SSE error event too.
     """
     request[state.STREAM] = True
-    clock = request[state.CLOCK]
+    out = _SseStream(request, encoder)
     async with aclosing(turn.events()) as events:
-        first: Event | None
+        keepalive = None
+        if keepalive_s is not None:
+            # A task beside this one, so events are still read here directly (their per-event
+            # cost is what the benchmark counts); it only acts when the stream is silent.
+            keepalive = asyncio.ensure_future(out.keep_alive(keepalive_s))
         try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            first = None
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
-            REQUEST_ID_HEADER: request[state.REQUEST_ID],
-        })
-        await response.prepare(request)
-        try:
-            head = encoder.start()
-            if first is not None:
-                head += encoder.encode(first)
-            await _write(response, head, clock)
-            async for event in events:
-                data = encoder.encode(event)
-                if data:
-                    await _write(response, data, clock)
-            await _write(response, encoder.finish(turn), clock)
-        except Exception as exc:  # the status line is gone: the error becomes an SSE event
-            err = to_api_error(exc)
-            if err is None:
-                log.exception("unhandled error mid-stream", extra={"fields": {
-                    "request_id": request[state.REQUEST_ID]}})
-                err = ApiError(500, f"internal error ({type(exc).__name__})",
-                               code="internal_error")
-            request[state.LOG_FIELDS]["error"] = err.message
-            await _write(response, encoder.error(err), clock)
-    await response.write_eof()
+            first: Event | Exception | None
+            try:
+                first = await anext(events, None)
+            except Exception as exc:
+                if not out.opened:
+                    raise  # nothing sent yet: a proper HTTP status
+                first = exc
+            try:
+                if isinstance(first, Exception):
+                    await out.open()
+                    raise first
+                await out.open(first)
+                async for event in events:
+                    data = encoder.encode(event)
+                    if data:
+                        await out.write(data)
+                await out.write(encoder.finish(turn))
+            except Exception as exc:  # the status line is gone: the error becomes an SSE event
+                err = to_api_error(exc)
+                if err is None:
+                    log.exception("unhandled error mid-stream", extra={"fields": {
+                        "request_id": request[state.REQUEST_ID]}})
+                    err = ApiError(500, f"internal error ({type(exc).__name__})",
+                                   code="internal_error")
+                request[state.LOG_FIELDS]["error"] = err.message
+                await out.write(encoder.error(err))
+        finally:
+            if keepalive is not None:
+                # Done, failed or the client is gone: no keep-alive after this (write_eof).
+                keepalive.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await keepalive
+    await out.response.write_eof()
     log_turn(request, turn)
-    return response
+    return out.response
 
 
 def log_turn(request: web.Request, turn: Turn) -> None:
@@ -112,7 +131,69 @@ def log_turn(request: web.Request, turn: Turn) -> None:
         fields["turn_outcome"] = turn.result.turn_outcome.value
 
 
-async def _write(response: web.StreamResponse, data: bytes, clock: Any) -> None:
-    clock.wait_begin()
-    await response.write(data)
-    clock.wait_end()
+class _SseStream:
+    """The SSE response of one turn: opened once (by the handler or the keep-alive task),
+    writes timed as waits on the client, and the time of the last write."""
+
+    def __init__(self, request: web.Request, encoder: StreamEncoder) -> None:
+        self.request = request
+        self.encoder = encoder
+        self.response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+            REQUEST_ID_HEADER: request[state.REQUEST_ID],
+        })
+        self.opened = False
+        self._clock: RequestClock = request[state.CLOCK]
+        self._lock = asyncio.Lock()  # the open, against the keep-alive task's
+        self._loop = asyncio.get_running_loop()
+        self.last_write = self._loop.time()
+
+    async def open(self, first: Event | None = None, *, then: bytes = b"",
+                   timed: bool = True) -> None:
+        """Prepare the response and write the encoder's start (once), then `first` encoded
+        (after the start: encoders number their events), then `then`."""
+        async with self._lock:
+            if not self.opened:
+                self.opened = True
+                await self.response.prepare(self.request)
+                data = self.encoder.start()
+                if first is not None:
+                    data += self.encoder.encode(first)
+                # Under the lock: the start goes out before anything the other side writes.
+                await self._write(data + then, timed)
+                return
+        data = self.encoder.encode(first) if first is not None else b""
+        if data or then:
+            await self._write(data + then, timed)
+
+    def _write(self, data: bytes, timed: bool) -> Awaitable[None]:
+        return self.write(data) if timed else self._write_untimed(data)
+
+    async def write(self, data: bytes) -> None:
+        self.last_write = self._loop.time()
+        self._clock.wait_begin()
+        await self.response.write(data)
+        self._clock.wait_end()
+
+    async def _write_untimed(self, data: bytes) -> None:
+        self.last_write = self._loop.time()
+        await self.response.write(data)
+
+    async def keep_alive(self, interval_s: float) -> None:
+        """Write the encoder's keep-alive whenever nothing was written for `interval_s`
+        (opening the stream first if need be), until cancelled.
+
+        This task runs only while the handler is suspended, which is inside a clock wait
+        (the backend's, or a write's): its writes are untimed, or they would break that wait.
+        aiohttp writes each call's bytes at once, so a keep-alive never splits an event.
+        """
+        data = self.encoder.keepalive()
+        while True:
+            now = self._loop.time()
+            due = self.last_write + interval_s
+            if now < due:
+                await asyncio.sleep(due - now)
+            else:
+                await self.open(then=data, timed=False)

@@ -19,7 +19,6 @@ from proxy.errors import ApiError
 from proxy.response_store import ResponseStore
 from proxy.routes.common import drain, read_json, stream_turn
 from proxy.signature import app_signer
-from proxy.translate import KeepAliveTurn
 from proxy.translate.responses import input_messages, output_message, to_chat
 from schemas.responses import ResponsesRequest
 
@@ -65,9 +64,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         turn = app[state.RUNNER].start(prompt, sampling, endpoint=ENDPOINT, clock=clock,
                                        parallel_tool_calls=parallel)
         if req.stream:
-            interval = app[state.SETTINGS].keepalive_interval_s
-            streamed = await stream_turn(request, KeepAliveTurn(turn, interval, clock),  # type: ignore[arg-type]
-                                         ResponsesStreamEncoder(response, signer))
+            streamed = await stream_turn(request, turn, ResponsesStreamEncoder(response, signer),
+                                         keepalive_s=app[state.SETTINGS].keepalive_interval_s)
         else:
             await drain(request, turn)
     if turn.result is not None and req.store is not False:

@@ -18,7 +18,8 @@ from tests.deploy.promql import Query, parse, parse_label_values, substitute_gra
 PROVISIONING = DEPLOY / "grafana" / "provisioning"
 
 # api.md's metric table: every metric the server exports, its type and labels. The
-# dashboard shows each of them (the headline first).
+# dashboard shows each of them (the headline first). The tool metrics also carry
+# `endpoint` (issue 5: tool-turn success per protocol).
 API_METRICS = {
     "dsml_proxy_requests_total": ("counter", {"endpoint", "status"}),
     "dsml_proxy_inflight_requests": ("gauge", {"endpoint"}),
@@ -28,13 +29,18 @@ API_METRICS = {
     "dsml_proxy_overhead_seconds": ("histogram", {"endpoint"}),
     "dsml_proxy_tokens_total": ("counter", {"kind"}),
     "dsml_proxy_upstream_errors_total": ("counter", {"reason"}),
-    "dsml_proxy_tool_turns_total": ("counter", {"outcome"}),
-    "dsml_proxy_tool_calls_total": ("counter", {"outcome"}),
+    "dsml_proxy_tool_turns_total": ("counter", {"endpoint", "outcome"}),
+    "dsml_proxy_tool_calls_total": ("counter", {"endpoint", "outcome"}),
     "dsml_proxy_dsml_repairs_total": ("counter", {"kind"}),
     "dsml_proxy_build_info": ("gauge", {"version", "dialect", "backend"}),
 }
 TOOL_TURN_SUCCESS = {"tool_calls", "answer", "recovered_from_thinking", "recovered_empty"}
 TOOL_TURN_FAILURE = {"malformed", "truncated", "empty"}
+# The endpoints that run DSML turns: the `endpoint` values of the tool metrics.
+TURN_ENDPOINTS = {"chat_completions", "messages", "responses"}
+# Tool metrics whose panels may sum over `endpoint`: the headline is the overall success
+# rate, and outcome breakdowns stay readable; the per-protocol panel splits tool turns.
+SUMMED_OVER_ENDPOINTS = {"dsml_proxy_tool_turns_total", "dsml_proxy_tool_calls_total"}
 RATE_FUNCTIONS = {"rate", "irate", "increase"}
 
 
@@ -102,7 +108,25 @@ def test_headline_is_the_tool_turn_success_rate(dashboard):
     (outcomes,) = [m for m in numerator.matchers if m.label == "outcome"]
     assert outcomes.op == "=~" and set(outcomes.value.split("|")) == TOOL_TURN_SUCCESS
     assert not [m for m in denominator.matchers if m.label == "outcome"], "denominator: all turns"
+    assert not q.grouping_labels, "the headline is one number: summed over every endpoint"
+    assert not [m for s in q.selectors for m in s.matchers if m.label == "endpoint"]
     assert first["fieldConfig"]["defaults"]["unit"] == "percentunit"
+
+
+def test_tool_turn_success_per_protocol(dashboard):
+    # Issue 5: the dashboard shows tool-turn success per protocol.
+    (panel,) = [p for p in panels(dashboard) if p["title"] == "Tool-turn success rate by protocol"]
+    (target,) = panel["targets"]
+    q = parse(target["expr"])
+    numerator, denominator = q.selectors
+    assert numerator.name == denominator.name == "dsml_proxy_tool_turns_total"
+    (outcomes,) = [m for m in numerator.matchers if m.label == "outcome"]
+    assert outcomes.op == "=~" and set(outcomes.value.split("|")) == TOOL_TURN_SUCCESS
+    assert not [m for m in denominator.matchers if m.label == "outcome"]
+    # Both sides `sum by (endpoint)`, so the division matches endpoint to endpoint.
+    assert target["expr"].count("sum by (endpoint) (") == 2, target["expr"]
+    assert q.grouping_labels == {"endpoint"} and target["legendFormat"] == "{{endpoint}}"
+    assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
 
 
 def test_dashboard_shows_every_api_metric(dashboard):
@@ -118,7 +142,7 @@ def test_per_protocol_breakdown_wherever_the_metric_has_an_endpoint(dashboard):
         q = parse(t["expr"])
         for s in q.selectors:
             base = re.sub(r"_(bucket|sum|count)$", "", s.name)
-            if "endpoint" in API_METRICS[base][1]:
+            if "endpoint" in API_METRICS[base][1] and base not in SUMMED_OVER_ENDPOINTS:
                 assert "endpoint" in q.grouping_labels, f"{title!r}: split it by endpoint"
 
 
@@ -214,5 +238,5 @@ def test_server_exports_the_api_metrics_the_dashboard_relies_on(scrape, name):
 def test_tool_turn_outcomes_are_preinitialised(scrape):
     # The success ratio needs every outcome present from the start (api.md: every label
     # combination pre-initialised to zero), or rate() has nothing to divide.
-    outcomes = {s["outcome"] for s in scrape.labels["dsml_proxy_tool_turns_total"]}
-    assert outcomes == TOOL_TURN_SUCCESS | TOOL_TURN_FAILURE
+    series = {(s["endpoint"], s["outcome"]) for s in scrape.labels["dsml_proxy_tool_turns_total"]}
+    assert series == {(e, o) for e in TURN_ENDPOINTS for o in TOOL_TURN_SUCCESS | TOOL_TURN_FAILURE}

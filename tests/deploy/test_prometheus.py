@@ -64,6 +64,16 @@ def test_tool_turn_alert_counts_recovered_turns_as_success(alert_rules):
     assert set(m.value.split("|")) == TOOL_TURN_SUCCESS
 
 
+def test_tool_turn_alert_sums_over_endpoints(alert_rules):
+    # Tool-turn series carry `endpoint` (issue 5); the alert is on the overall figure, so
+    # every aggregation keeps only `job` and nothing filters an endpoint out.
+    (rule,) = [r for r in rules(alert_rules) if r["alert"] == "DsmlProxyToolTurnSuccessLow"]
+    q = parse(rule["expr"])
+    assert q.grouping_labels == {"job"}
+    assert not [m for s in q.selectors for m in s.matchers if m.label == "endpoint"]
+    assert rule["expr"].count("sum by (job) (") == len(q.selectors)
+
+
 def test_scrape_job_matches_the_down_alert_and_the_compose_service(alert_rules):
     config = load_yaml(PROMETHEUS / "prometheus.yml")
     (job,) = config["scrape_configs"]

@@ -20,10 +20,16 @@ from engine.moe import Gate
 
 DEVICE = os.environ.get("DSML_TEST_DEVICE", "cpu")
 
+# One intra-op thread: the tiny model's ops are small, and on the shared 2-core CI machine
+# two OpenMP threads spin against other processes: a decode step measured 430 ms with 2
+# threads vs 36 ms with 1 under load ~5. DSML_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("DSML_TEST_THREADS", "1")))
+
 
 def tiny_config(**overrides) -> ModelConfig:
-    """ModelConfig.tiny() with QAT off (the plain-precision path `transformers` implements)."""
-    return ModelConfig.tiny().replace(qat=False, **overrides)
+    """ModelConfig.tiny() with QAT off (the plain-precision path `transformers` implements)
+    unless overridden."""
+    return ModelConfig.tiny().replace(**{"qat": False, **overrides})
 
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Transformer:

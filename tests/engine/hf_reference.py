@@ -108,7 +108,9 @@ def build_hf_model(model: Transformer):
             if target is None:
                 continue
             if theirs[target].shape != value.shape:
-                raise ValueError(f"{name} {tuple(value.shape)} -> {target} {tuple(theirs[target].shape)}")
+                raise ValueError(
+                    f"{name} {tuple(value.shape)} -> {target} {tuple(theirs[target].shape)}"
+                )
             theirs[target].copy_(value)
             filled.add(target)
         for layer in range(c.num_hidden_layers):
@@ -152,8 +154,12 @@ class Replay:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
             return logits, weights * router.routed_scaling_factor, experts
 
-        def indexer_wrapper(indexer, hidden_states, q_residual, position_ids, past_key_values, layer_idx):
-            own = indexer_forward(indexer, hidden_states, q_residual, position_ids, past_key_values, layer_idx)
+        def indexer_wrapper(
+            indexer, hidden_states, q_residual, position_ids, past_key_values, layer_idx
+        ):
+            own = indexer_forward(
+                indexer, hidden_states, q_residual, position_ids, past_key_values, layer_idx
+            )
             selected, gap = indexes.pop(0)  # [n, N] for batch row 0
             if own.shape[0] != 1:
                 raise ValueError("selection replay supports batch size 1")
@@ -173,7 +179,9 @@ class Replay:
         monkeypatch.setattr(hf_mod.DeepseekV4TopKRouter, "forward", router_forward)
         monkeypatch.setattr(hf_mod.DeepseekV4Indexer, "forward", indexer_wrapper)
 
-    def _check(self, own: torch.Tensor, ours: torch.Tensor, gap: torch.Tensor, clear: float) -> None:
+    def _check(
+        self, own: torch.Tensor, ours: torch.Tensor, gap: torch.Tensor, clear: float
+    ) -> None:
         rows = gap > clear
         self.total += gap.numel()
         self.checked += int(rows.sum())

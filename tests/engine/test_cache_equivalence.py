@@ -45,7 +45,9 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if worst >= ATOL:
         bad = diff.flatten(2).amax(-1) if diff.dim() > 2 else diff
         where = (bad >= ATOL).nonzero().tolist()[:8]
-        raise AssertionError(f"{what}: max |diff| {worst:.3e} >= {ATOL}; first (row, position): {where}")
+        raise AssertionError(
+            f"{what}: max |diff| {worst:.3e} >= {ATOL}; first (row, position): {where}"
+        )
 
 
 def test_single_token_decode_equals_prefill(model):
@@ -78,7 +80,14 @@ def test_prefill_after_cached_prefix_and_fork(model):
         suffix = random_tokens(1, 70, seed=seed)
         fork = state.select([0])
         fork.seqs[0] = state.seqs[0].clone()
-        got = torch.cat([model(suffix[:, :68], fork), model(suffix[:, 68:69], fork), model(suffix[:, 69:], fork)], 1)
+        got = torch.cat(
+            [
+                model(suffix[:, :68], fork),
+                model(suffix[:, 68:69], fork),
+                model(suffix[:, 69:], fork),
+            ],
+            1,
+        )
         full = model(torch.cat([prefix, suffix], 1), model.new_state(1, 512))[:, 130:]
         assert_close(got, full, f"suffix {seed} after cached prefix")
     assert state.lengths == [130]  # the clones did not touch the original
@@ -128,7 +137,10 @@ def test_mtp_chunked_equals_full(model):
     full = model.forward_mtp(nxt, h, state)
     assert full.shape == (1, 160, model.config.vocab_size) and state.mtp_lengths == [160]
     fresh = model.new_state(1, 512)
-    parts = [model.forward_mtp(nxt[:, a:b], h[:, a:b], fresh) for a, b in ((0, 100), (100, 159), (159, 160))]
+    parts = [
+        model.forward_mtp(nxt[:, a:b], h[:, a:b], fresh)
+        for a, b in ((0, 100), (100, 159), (159, 160))
+    ]
     assert_close(torch.cat(parts, 1), full, "MTP chunks")
 
 

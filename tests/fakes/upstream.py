@@ -6,7 +6,9 @@ SSE `data: {"choices":[{"text":..., "finish_reason":...}]}` and non-streaming), 
 SSE event per token through the real incremental detokenizer, so tags arrive split exactly
 as an engine splits them. Like vLLM it ends at EOS without emitting EOS's text (set
 `keep_eos=True` to emit it), applies `stop` strings (excluded from the output) and
-`max_tokens` (finish_reason "length").
+`max_tokens` (finish_reason "length"), and says on the finishing choice which stop string
+matched in `stop_reason` (null for EOS or length), as vLLM does; `report_stop_reason=False`
+leaves the field out, like llama.cpp's and ds4's servers.
 
     async with FakeUpstream() as fake:
         fake.push("Hello<｜end▁of▁sentence｜>")      # or fake.responder = lambda body: Reply(...)
@@ -53,9 +55,10 @@ Responder = Callable[[dict[str, Any]], "Reply | str"]
 
 class FakeUpstream:
     def __init__(self, *, token_delay_s: float = 0.0, keep_eos: bool = False,
-                 tokenizer: V4Tokenizer | None = None) -> None:
+                 tokenizer: V4Tokenizer | None = None, report_stop_reason: bool = True) -> None:
         self.token_delay_s = token_delay_s
         self.keep_eos = keep_eos
+        self.report_stop_reason = report_stop_reason
         self.tokenizer = tokenizer or load_tokenizer()
         self.queue: deque[Reply | str] = deque()
         self.responder: Responder | None = None
@@ -142,6 +145,12 @@ class FakeUpstream:
 
     def _script(self, reply: Reply, body: dict[str, Any]) -> tuple[list[tuple[str, int]], str]:
         """The events to send and the finish reason, after EOS, stop strings and max_tokens."""
+        events, finish, _ = self._plan(reply, body)
+        return events, finish
+
+    def _plan(self, reply: Reply, body: dict[str, Any]
+              ) -> tuple[list[tuple[str, int]], str, str | None]:
+        """`_script` plus the stop string that ended it (vLLM's `stop_reason`), if one did."""
         stops = body.get("stop") or []
         stops = [stops] if isinstance(stops, str) else list(stops)
         max_tokens = body.get("max_tokens")
@@ -150,24 +159,25 @@ class FakeUpstream:
         finish = reply.finish_reason or "stop"
         for text, n in self.pieces(reply.text):
             if max_tokens is not None and num_tokens + n > max_tokens:
-                return events, "length"
+                return events, "length", None
             if not self.keep_eos and EOS in text:
                 text = text[: text.index(EOS)]
                 if text:
                     events.append((text, n))
-                return events, "stop"
+                return events, "stop", None
             candidate = emitted + text
-            hits = [candidate.find(s, max(0, len(emitted) - len(s))) for s in stops]
-            hits = [h for h in hits if h >= 0]
+            hits = [(h, s) for s in stops
+                    if (h := candidate.find(s, max(0, len(emitted) - len(s)))) >= 0]
             if hits:
-                cut = min(hits) - len(emitted)
+                at, matched = min(hits, key=lambda hit: hit[0])  # the earliest match cuts
+                cut = at - len(emitted)
                 if cut > 0:
                     events.append((text[:cut], n))
-                return events, "stop"
+                return events, "stop", matched
             events.append((text, n))
             emitted = candidate
             num_tokens += n
-        return events, finish
+        return events, finish, None
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -178,20 +188,26 @@ class FakeUpstream:
         if reply.status != 200:
             return web.json_response({"error": {"message": reply.text, "type": "server_error"}},
                                      status=reply.status)
-        events, finish = self._script(reply, body)
+        events, finish, matched = self._plan(reply, body)
         num_tokens = sum(n for _, n in events)
+        # vLLM puts `stop_reason` on every choice: null until the last, then the matched stop
+        # string (or a stop token id; null for EOS).
+        stop = {"stop_reason": matched} if self.report_stop_reason else {}
         if not body.get("stream"):
             return web.json_response({
                 "id": "cmpl-fake", "object": "text_completion", "model": "fake",
                 "choices": [{"index": 0, "text": "".join(t for t, _ in events),
-                             "finish_reason": finish}],
+                             "finish_reason": finish, **stop}],
                 "usage": {"prompt_tokens": len(body.get("prompt") or ()),
                           "completion_tokens": num_tokens},
             })
-        return await self._stream(request, reply, events, finish, body)
+        return await self._stream(request, reply, events, finish, body, stop)
 
     async def _stream(self, request: web.Request, reply: Reply, events: list[tuple[str, int]],
-                      finish: str, body: dict[str, Any]) -> web.StreamResponse:
+                      finish: str, body: dict[str, Any], stop: dict[str, Any] | None = None
+                      ) -> web.StreamResponse:
+        stop = stop or {}
+        running = dict.fromkeys(stop)  # {"stop_reason": None} while reporting
         delay = self.token_delay_s if reply.token_delay_s is None else reply.token_delay_s
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -206,11 +222,12 @@ class FakeUpstream:
                     await asyncio.sleep(delay)
                 last = k == len(events) - 1
                 choice = {"index": 0, "text": text, "logprobs": None,
-                          "finish_reason": finish if last else None}
+                          "finish_reason": finish if last else None, **(stop if last else running)}
                 await response.write(b"data: " + json.dumps({"choices": [choice]}).encode()
                                      + b"\n\n")
             if not events:
-                choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish,
+                          **stop}
                 await response.write(b"data: " + json.dumps({"choices": [choice]}).encode()
                                      + b"\n\n")
             if (body.get("stream_options") or {}).get("include_usage"):

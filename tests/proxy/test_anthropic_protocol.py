@@ -152,6 +152,44 @@ async def test_tool_choice_and_stop_sequences(proxy: ProxyServer, fake: FakeUpst
     assert fake.requests[-1]["stop"] == ["three"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("completion", "expected"), [
+    # The backend says which stop string matched (vLLM's `stop_reason`): that one is named,
+    # whichever of several it was.
+    ("one two three four", ("stop_sequence", "three", "one two ")),
+    ("one two four three", ("stop_sequence", "four", "one two ")),
+    # A natural end (EOS, which vLLM does not emit as text) with stop_sequences set is
+    # end_turn, not a guessed stop_sequence.
+    ("one two" + EOS, ("end_turn", None, "one two")),
+])
+async def test_stop_sequence_is_the_one_that_matched(
+        proxy: ProxyServer, fake: FakeUpstream, stream: bool, completion: str,
+        expected: tuple[str, str | None, str]) -> None:
+    request: dict[str, Any] = {"model": "deepseek-chat", "max_tokens": 100, "messages": [USER],
+                               "stop_sequences": ["zzz", "three", "four"]}
+    fake.push(completion)
+    async with client_for(proxy) as client:
+        if stream:
+            async with client.messages.stream(**request) as s:
+                message = await s.get_final_message()
+        else:
+            message = await client.messages.create(**request)
+    assert (message.stop_reason, message.stop_sequence, message.content[0].text) == expected
+
+
+async def test_stop_sequence_unknown_to_the_backend_is_end_turn(start_proxy: StartProxy) -> None:
+    # llama.cpp's and ds4's /v1/completions do not say which stop string matched: the
+    # proxy does not guess.
+    async with FakeUpstream(report_stop_reason=False) as quiet:
+        proxy = await start_proxy(upstream=quiet.url)
+        quiet.push("one two three")
+        async with client_for(proxy) as client:
+            message = await client.messages.create(model="deepseek-chat", max_tokens=100,
+                                                   messages=[USER], stop_sequences=["three"])
+    assert (message.stop_reason, message.stop_sequence) == ("end_turn", None)
+    assert message.content[0].text == "one two "
+
+
 async def test_errors_in_anthropic_shape(start_proxy: StartProxy, fake: FakeUpstream) -> None:
     proxy = await start_proxy(api_keys="k1")
     async with client_for(proxy, api_key="wrong") as client:
@@ -251,8 +289,14 @@ async def test_metrics_count_per_endpoint(proxy: ProxyServer, fake: FakeUpstream
                   status="200") == 0
     assert metric(text, "dsml_proxy_request_duration_seconds_count", endpoint="messages",
                   stream="true") == 1
-    assert metric(text, "dsml_proxy_tool_turns_total", outcome="tool_calls") == 2
-    assert metric(text, "dsml_proxy_tool_calls_total", outcome="valid") == 2
+    assert metric(text, "dsml_proxy_tool_turns_total",
+                  endpoint="messages", outcome="tool_calls") == 2
+    assert metric(text, "dsml_proxy_tool_calls_total", endpoint="messages", outcome="valid") == 2
+    # Per protocol (issue 5): the other endpoints' tool series stay at zero.
+    for other in ("chat_completions", "responses"):
+        assert metric(text, "dsml_proxy_tool_turns_total",
+                      endpoint=other, outcome="tool_calls") == 0
+        assert metric(text, "dsml_proxy_tool_calls_total", endpoint=other, outcome="valid") == 0
 
 
 def test_tool_choice_mapping_and_signatures() -> None:
@@ -309,7 +353,8 @@ async def test_empty_turn_is_recovered(proxy: ProxyServer, fake: FakeUpstream,
     assert (call.name, call.input) == ("get_weather", {"city": "Paris"})
     assert message.stop_reason == "tool_use"
     text = await scrape(proxy)
-    assert metric(text, "dsml_proxy_tool_turns_total", outcome="recovered_empty") == 1
+    assert metric(text, "dsml_proxy_tool_turns_total",
+                  endpoint="messages", outcome="recovered_empty") == 1
 
 
 @pytest.mark.parametrize("stream", [False, True])

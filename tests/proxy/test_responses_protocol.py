@@ -204,7 +204,12 @@ async def test_metrics_count_per_endpoint(proxy: ProxyServer, fake: FakeUpstream
     assert metric(text, "dsml_proxy_request_duration_seconds_count", endpoint="responses",
                   stream="true") == 1
     assert metric(text, "dsml_proxy_time_to_first_token_seconds_count", endpoint="responses") == 2
-    assert metric(text, "dsml_proxy_tool_turns_total", outcome="tool_calls") == 2
+    assert metric(text, "dsml_proxy_tool_turns_total",
+                  endpoint="responses", outcome="tool_calls") == 2
+    assert metric(text, "dsml_proxy_tool_calls_total", endpoint="responses", outcome="valid") == 2
+    for other in ("chat_completions", "messages"):
+        assert metric(text, "dsml_proxy_tool_turns_total",
+                      endpoint=other, outcome="tool_calls") == 0
 
 
 def test_sealed_reasoning_round_trips_and_rejects_tampering() -> None:
@@ -231,7 +236,8 @@ async def test_empty_turn_is_recovered(proxy: ProxyServer, fake: FakeUpstream,
     assert reasoning.content[0].text.endswith("for Paris.")
     assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
     text = await scrape(proxy)
-    assert metric(text, "dsml_proxy_tool_turns_total", outcome="recovered_empty") == 1
+    assert metric(text, "dsml_proxy_tool_turns_total",
+                  endpoint="responses", outcome="recovered_empty") == 1
 
 
 @pytest.mark.parametrize("stream", [False, True])

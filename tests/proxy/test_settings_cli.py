@@ -33,6 +33,42 @@ def test_flags_env_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert Settings().recover_empty_turns is True
 
 
+@pytest.mark.parametrize(("flag", "field", "env", "toml_key"), [
+    ("--response-store-size", "response_store_size", "DSML_PROXY_RESPONSE_STORE_SIZE",
+     "response_store_size"),
+    ("--response-store-ttl", "response_store_ttl_s", "DSML_PROXY_RESPONSE_STORE_TTL_S",
+     "response_store_ttl_s"),
+    ("--keepalive-interval", "keepalive_interval_s", "DSML_PROXY_KEEPALIVE_INTERVAL_S",
+     "keepalive_interval_s"),
+])
+def test_store_and_keepalive_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        flag: str, field: str, env: str, toml_key: str) -> None:
+    for k in [k for k in os.environ if k.startswith("DSML_PROXY_")]:
+        monkeypatch.delenv(k)
+    config = tmp_path / "proxy.toml"
+    default = Settings.model_fields[field].default
+    assert getattr(settings_from_args(["serve"]), field) == default
+    config.write_text(f"{toml_key} = 11\n")
+    base = ["serve", "--config", str(config)]
+    assert getattr(settings_from_args(base), field) == 11  # TOML beats the default
+    monkeypatch.setenv(env, "22")
+    assert getattr(settings_from_args(base), field) == 22  # env beats TOML
+    assert getattr(settings_from_args([*base, flag, "33"]), field) == 33  # flag beats env
+    with pytest.raises(SystemExit):
+        settings_from_args(["serve", flag, "soon"])  # argparse: not a number
+
+
+def test_no_flag_for_the_signing_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        settings_from_args(["serve", "--reasoning-signing-secret", "s3cret"])
+    with pytest.raises(SystemExit):
+        settings_from_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "DSML_PROXY_REASONING_SIGNING_SECRET" in help_text and "`ps`" in help_text
+    for flag in ("--response-store-size", "--response-store-ttl", "--keepalive-interval"):
+        assert flag in help_text
+
+
 def test_bad_settings_fail_early() -> None:
     with pytest.raises(ValueError):
         Settings(dialect="v9")

@@ -132,8 +132,10 @@ async def test_parallel_tool_calls_false_stops_after_first(proxy: ProxyServer,
     # The proxy hung up on the engine instead of letting it write the other two calls.
     await asyncio.wait_for(fake.disconnected.wait(), 5)
     samples = await scrape(proxy)
-    assert metric(samples, "dsml_proxy_tool_turns_total", outcome="tool_calls") == 1
-    assert metric(samples, "dsml_proxy_tool_turns_total", outcome="truncated") == 0
+    assert metric(samples, "dsml_proxy_tool_turns_total",
+                  endpoint="chat_completions", outcome="tool_calls") == 1
+    assert metric(samples, "dsml_proxy_tool_turns_total",
+                  endpoint="chat_completions", outcome="truncated") == 0
 
 
 def _recovering_responder(body: dict[str, Any], fake: FakeUpstream) -> Reply:
@@ -157,8 +159,10 @@ async def test_empty_turn_is_recovered(proxy: ProxyServer, fake: FakeUpstream,
     assert message.reasoning_content.endswith("for Paris.")  # type: ignore[attr-defined]
     assert [c.function.name for c in message.tool_calls] == ["get_weather"]
     samples = await scrape(proxy)
-    assert metric(samples, "dsml_proxy_tool_turns_total", outcome="recovered_empty") == 1
-    assert metric(samples, "dsml_proxy_tool_turns_total", outcome="empty") == 0
+    assert metric(samples, "dsml_proxy_tool_turns_total",
+                  endpoint="chat_completions", outcome="recovered_empty") == 1
+    assert metric(samples, "dsml_proxy_tool_turns_total",
+                  endpoint="chat_completions", outcome="empty") == 0
 
 
 async def test_empty_turn_recovery_can_be_turned_off(start_proxy: StartProxy,
@@ -172,7 +176,8 @@ async def test_empty_turn_recovery_can_be_turned_off(start_proxy: StartProxy,
     assert resp.choices[0].message.tool_calls is None
     assert resp.choices[0].message.content is None
     samples = await scrape(proxy)
-    assert metric(samples, "dsml_proxy_tool_turns_total", outcome="empty") == 1
+    assert metric(samples, "dsml_proxy_tool_turns_total",
+                  endpoint="chat_completions", outcome="empty") == 1
 
 
 async def test_call_inside_reasoning_is_not_recovered_twice(proxy: ProxyServer,
@@ -186,7 +191,7 @@ async def test_call_inside_reasoning_is_not_recovered_twice(proxy: ProxyServer,
     assert [c.function.name for c in resp.choices[0].message.tool_calls] == ["get_weather"]
     samples = await scrape(proxy)
     assert metric(samples, "dsml_proxy_tool_turns_total",
-                  outcome="recovered_from_thinking") == 1
+                  endpoint="chat_completions", outcome="recovered_from_thinking") == 1
 
 
 async def test_allowed_tools_narrow_the_offer(proxy: ProxyServer, fake: FakeUpstream) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import aclosing
 
 import pytest
+from aiohttp import web
 
 from proxy.backends.base import Backend, BackendError, GenerateRequest, SamplingParams
 from proxy.backends.upstream import UpstreamBackend
@@ -100,3 +102,76 @@ async def test_aclose_drops_the_upstream_connection(fake: FakeUpstream) -> None:
         await asyncio.wait_for(fake.disconnected.wait(), 5)
     finally:
         await backend.close()
+
+
+async def finish_of(backend: UpstreamBackend, req: GenerateRequest = REQ) -> tuple[str, str | None]:
+    """(finish_reason, stop_reason) of the delta that finishes the stream."""
+    finishing = [d async for d in backend.generate(req) if d.finish_reason is not None]
+    assert len(finishing) == 1
+    return finishing[0].finish_reason, finishing[0].stop_reason  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("completion", "stops", "max_tokens", "expected"), [
+    ("alpha beta gamma delta", ["gamma", "beta"], None, ("stop", "beta")),  # earliest match
+    ("alpha beta gamma delta", ["gamma"], None, ("stop", "gamma")),
+    ("alpha beta<｜end▁of▁sentence｜>", ["gamma"], None, ("stop", None)),  # EOS: no string
+    ("alpha beta gamma delta", ["delta"], 2, ("length", None)),
+])
+async def test_stop_reason_names_the_matched_stop_string(
+        fake: FakeUpstream, completion: str, stops: list[str], max_tokens: int | None,
+        expected: tuple[str, str | None]) -> None:
+    backend = UpstreamBackend(fake.url)
+    req = GenerateRequest(prompt_ids=[0], prompt_text=None,
+                          sampling=SamplingParams(max_tokens=max_tokens, stop=stops))
+    fake.push(completion)
+    try:
+        assert await finish_of(backend, req) == expected
+    finally:
+        await backend.close()
+
+
+# The finishing choice as engines write it: vLLM `stop_reason` (string, stop token id or
+# null), SGLang `matched_stop` (string, or a token id, EOS included), llama.cpp nothing.
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"stop_reason": "X"}, "X"),
+    ({"stop_reason": 128803}, None),
+    ({"stop_reason": None}, None),
+    ({"matched_stop": "X"}, "X"),
+    ({"matched_stop": 1}, None),
+    ({}, None),
+])
+async def test_stop_reason_as_each_engine_spells_it(fields: dict, expected: str | None) -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for choice in ({"index": 0, "text": "hi", "finish_reason": None},
+                       {"index": 0, "text": "", "finish_reason": "stop", **fields}):
+            await response.write(b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    backend = UpstreamBackend(f"http://127.0.0.1:{runner.addresses[0][1]}", model="m")
+    try:
+        assert await finish_of(backend) == ("stop", expected)
+    finally:
+        await backend.close()
+        await runner.cleanup()
+
+
+async def test_stop_reason_left_out_by_the_engine() -> None:
+    async with FakeUpstream(report_stop_reason=False) as fake:
+        backend = UpstreamBackend(fake.url)
+        fake.push("alpha beta gamma")
+        try:
+            assert await finish_of(backend) == ("stop", None)
+            req = GenerateRequest(prompt_ids=[0], prompt_text=None,
+                                  sampling=SamplingParams(stop=["beta"]))
+            fake.push("alpha beta gamma")
+            assert await finish_of(backend, req) == ("stop", None)
+        finally:
+            await backend.close()

@@ -1,0 +1,389 @@
+"""Handlers of the states inside a tool-call block: BLOCK, INVOKE, BODY and VALUE.
+
+A `BlockStates` method handles one token in one state (see `dsml.states` for the table).
+Inside a block the grammar is strict (dsml.md section 5): invokes separated by newlines,
+parameters inside them, nothing else. Whitespace between tags is markup (more than the
+canonical newlines is noticed as WHITESPACE); other text is either an invoke body (a JSON
+object instead of parameters) or junk that `dsml.repair` reads when the block closes.
+Value conversion and validation are `dsml.calls`' job; this module decides when they run
+and what is emitted.
+
+A mixin of `dsml.parser.StreamParser`: it uses the parser's state and output helpers
+(`_notice`, `_span`, `_emit_text`, `_out`, ...).
+"""
+
+from __future__ import annotations
+
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from typing import Any
+
+from dsml import repair
+from dsml.calls import (
+    JUNK_ERROR,
+    M_STR,
+    WRAPPERS,
+    Call,
+    close_value,
+    convert,
+    escape,
+    param_mode,
+    unwrap,
+    validate_call,
+)
+from dsml.events import (
+    CallOutcome,
+    RepairKind,
+    ToolCall,
+    args_delta,
+    tool_call_end,
+    tool_call_start,
+)
+from dsml.lexer import Tag
+from dsml.schema import loads_strict
+from dsml.states import AFTER, BLOCK, BODY, CONTENT, INVOKE, VALUE
+
+
+class BlockStates:
+    """Token handlers for BLOCK, INVOKE, BODY and VALUE, and the delivery of calls."""
+
+    __slots__ = ()
+
+    def _check_ws(self) -> None:
+        ws, self._ws = self._ws, ""
+        if ws not in ("\n", "\n\n", ""):
+            self._notice(RepairKind.WHITESPACE, repr(ws))
+
+    def _on_block_text(self, raw: str, tag: Tag | None) -> None:
+        if self._in_junk:
+            self._on_junk(raw, tag)
+        elif raw.isspace():
+            self._ws = (self._ws + raw)[:3]
+            self._span("markup", raw)
+        else:
+            self._start_junk(raw, tag)
+
+    def _leading_ws(self, raw: str) -> str:
+        """Whitespace before text inside a block is markup however the deltas split it."""
+        body = raw.lstrip()
+        if len(body) < len(raw):
+            self._ws = (self._ws + raw[: len(raw) - len(body)])[:3]
+            self._span("markup", raw[: len(raw) - len(body)])
+        return body
+
+    def _start_junk(self, raw: str, tag: Tag | None) -> None:
+        """The text up to the next tag is junk (read again at the block's end)."""
+        if self._hold is None:
+            raw = self._leading_ws(raw)
+        self._in_junk = True
+        self._on_junk(raw, tag)
+
+    def _on_junk(self, raw: str, tag: Tag | None) -> None:
+        """Something the state machine cannot read inside a block."""
+        hold = self._hold
+        if hold is not None:
+            self._reject(raw, tag)
+            return
+        call = self._call
+        if self._state == INVOKE and call is not None and JUNK_ERROR not in call.errors:
+            call.errors.append(JUNK_ERROR)
+        self._junk.append(raw)
+        if self.spans is not None:  # decided at the block's end: repaired calls or content
+            self._junk_spans.append(len(self.spans))
+            self.spans.append(("junk", raw))
+
+    def _on_invoke_open(self, raw: str, tag: Tag | None) -> None:
+        assert tag is not None
+        self._check_ws()
+        name = tag.attrs.get("name")
+        if name is None:
+            self._on_junk(raw, tag)
+            return
+        tool = self._tools.get(name)
+        hold = self._hold
+        if hold is not None and tool is None:
+            self._reject(raw, tag)
+            return
+        streaming = hold is None and not self._strict
+        call = Call(name, tool, streaming)
+        self._call = call
+        self._span("markup", raw)
+        self._tag_repairs(tag, call)
+        if streaming:
+            call.index = self._next_index
+            self._next_index += 1
+            call.id = self._id_factory()
+            self._out.append(tool_call_start(call.index, call.id, name))
+        if tag.self_closing:
+            call.repairs.append(RepairKind.SELF_CLOSING_INVOKE)
+            self._notice(RepairKind.SELF_CLOSING_INVOKE, raw)
+            self._close_call(call)
+            return
+        self._state = INVOKE
+
+    def _on_invoke_text(self, raw: str, tag: Tag | None) -> None:
+        call = self._call
+        assert call is not None
+        if self._in_junk:
+            self._on_junk(raw, tag)
+        elif raw.isspace():
+            self._ws = (self._ws + raw)[:3]
+            self._span("markup", raw)
+        elif call.emitted == 0 and call.pending is None and not call.args:
+            raw = self._leading_ws(raw)
+            call.body = [raw]
+            self._span("markup", raw)
+            self._state = BODY
+        else:
+            self._start_junk(raw, tag)
+
+    def _on_body_any(self, raw: str, tag: Tag | None) -> None:
+        assert self._call is not None and self._call.body is not None
+        self._call.body.append(raw)
+        self._span("markup", raw)
+
+    def _on_param_open(self, raw: str, tag: Tag | None) -> None:
+        assert tag is not None
+        call = self._call
+        assert call is not None
+        if self._ws:
+            self._check_ws()
+        key = tag.attrs.get("name")
+        if key is None:
+            self._on_junk(raw, tag)
+            return
+        self._span("markup", raw)
+        if tag.repairs:
+            self._tag_repairs(tag, call)
+        if call.pending is not None:
+            self._flush_pending(call)
+        tool = call.tool
+        types = tool.param_types(key) if tool is not None else None
+        attr = tag.attrs.get("string")
+        if attr is None:
+            call.repairs.append(RepairKind.MISSING_STRING_ATTR)
+            self._notice(RepairKind.MISSING_STRING_ATTR, raw)
+        mode = param_mode(attr, types)
+        call.key = key
+        call.mode = mode
+        call.types = types
+        call.vparts = []
+        call.wrapper = wrapper = (
+            key in WRAPPERS and tool is not None and key not in tool.properties
+            and bool(tool.properties) and call.emitted == 0 and not call.args
+        )  # fmt: skip
+        if mode == M_STR and call.streaming and not wrapper:
+            frag = ("{" if call.emitted == 0 else ", ") + encode_basestring(key) + ': "'
+            call.jparts.append(frag)
+            call.emitted += 1
+            self._out.append(args_delta(call.index, frag))
+        self._state = VALUE
+
+    def _on_value_text(self, raw: str, tag: Tag | None) -> None:
+        call = self._call
+        assert call is not None
+        call.vparts.append(raw)
+        self._span("value", raw)
+        if call.streaming and call.mode == M_STR and not call.wrapper:
+            frag = escape(raw)
+            call.jparts.append(frag)
+            self._out.append(args_delta(call.index, frag))
+
+    def _on_param_close(self, raw: str, tag: Tag | None) -> None:
+        call = self._call
+        assert call is not None and tag is not None
+        self._span("markup", raw)
+        if tag.repairs:
+            self._tag_repairs(tag, call)
+        text = "".join(call.vparts)
+        key, mode, types = call.key, call.mode, call.types
+        call.vparts = []
+        self._state = INVOKE
+        if mode == M_STR and call.streaming and not call.wrapper:
+            call.args[key] = text
+            call.jparts.append('"')
+            self._out.append(args_delta(call.index, '"'))
+            return
+        value, coerced, error = close_value(mode, types, key, text)
+        if coerced:
+            call.repairs.append(RepairKind.TYPE_COERCION)
+            self._notice(RepairKind.TYPE_COERCION, key)
+        elif error is not None:
+            call.errors.append(error)
+        if call.wrapper:
+            call.pending = (key, value)
+            call.wrapper = False
+            return
+        self._write_param(call, key, value)
+
+    def _write_param(self, call: Call, key: str, value: Any) -> None:
+        frag = call.write_param(key, value)
+        if call.streaming:
+            self._out.append(args_delta(call.index, frag))
+
+    def _flush_pending(self, call: Call) -> None:
+        if call.pending is not None:
+            key, value = call.pending
+            call.pending = None
+            self._write_param(call, key, value)
+
+    def _on_invoke_close(self, raw: str, tag: Tag | None) -> None:
+        call = self._call
+        assert call is not None and tag is not None
+        if self._ws:
+            self._check_ws()
+        self._span("markup", raw)
+        if tag.repairs:
+            self._tag_repairs(tag, call)
+        if call.body is not None:
+            self._read_body(call)
+        elif call.pending is not None:
+            key = call.pending[0]
+            inner = unwrap(call)
+            if inner is not None:
+                call.pending = None
+                call.repairs.append(RepairKind.WRAPPED_ARGUMENTS)
+                self._notice(RepairKind.WRAPPED_ARGUMENTS, key)
+                self._write_object(call, inner)
+            else:
+                self._flush_pending(call)
+        self._close_call(call)
+
+    def _write_object(self, call: Call, obj: dict[str, Any]) -> None:
+        frag = call.write_object(obj)
+        if frag is not None and call.streaming:
+            self._out.append(args_delta(call.index, frag))
+
+    def _read_body(self, call: Call) -> None:
+        assert call.body is not None
+        text = "".join(call.body).strip()
+        call.body = None
+        try:
+            obj = loads_strict(text)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            call.repairs.append(RepairKind.JSON_BODY)
+            self._notice(RepairKind.JSON_BODY, call.name)
+            self._write_object(call, obj)
+            return
+        params = repair.read_parameters(text)
+        if params is None:
+            call.errors.append(
+                f"invoke body is neither parameters nor a JSON object: {text[:200]!r}"
+            )
+            return
+        call.repairs.append(RepairKind.LXML_REPAIR)
+        self._notice(RepairKind.LXML_REPAIR, call.name)
+        obj = {}
+        for key, attr, value_text in params:
+            obj[key] = convert(call, key, attr, value_text)
+        self._write_object(call, obj)
+
+    def _close_call(self, call: Call) -> None:
+        """The invoke closed: finish the JSON, validate, deliver or hold."""
+        closing = "}" if call.emitted else "{}"
+        call.jparts.append(closing)
+        if call.streaming:
+            self._out.append(args_delta(call.index, closing))
+        outcome, error = validate_call(call, self._tools)
+        self._call = None
+        hold = self._hold
+        self._state = BLOCK
+        invalid = outcome not in (CallOutcome.VALID, CallOutcome.REPAIRED)
+        if hold is None:
+            if self._junk:  # resolve it now: the unfinished part of the block starts here
+                self._repair_junk()
+            if call.streaming:
+                self._end_call(call, outcome, error)
+            elif invalid:  # strict mode
+                self.rejected.append(
+                    ToolCall("", call.name, call.args, "".join(call.jparts), outcome, error)
+                )
+            else:
+                self._deliver(call, outcome, error)
+            self._mark = len(self.spans) if self.spans is not None else 0
+            self._block_start = self._offset()
+            return
+        if self._strict and invalid:
+            self._reject(None, None)
+            return
+        call.outcome, call.error = outcome, error
+        hold.calls.append(call)
+        if hold.bare:
+            tool = call.tool
+            assert tool is not None
+            if any(r not in call.args for r in tool.required):
+                self._malformed = self._malformed or hold.region == CONTENT
+                self._reject(None, None)
+            elif hold.region == CONTENT:
+                self._accept()
+                self._state = CONTENT
+            else:
+                hold.closed = True
+                self._state = AFTER
+
+    def _end_call(self, call: Call, outcome: CallOutcome, error: str | None) -> None:
+        self._out.append(tool_call_end(call.index, call.args, outcome, error))
+        self._calls.append(
+            ToolCall(call.id, call.name, call.args, "".join(call.jparts), outcome, error)
+        )
+
+    def _deliver(self, call: Call, outcome: CallOutcome, error: str | None) -> None:
+        call.index = self._next_index
+        self._next_index += 1
+        call.id = self._id_factory()
+        self._out.append(tool_call_start(call.index, call.id, call.name))
+        self._out.append(args_delta(call.index, "".join(call.jparts)))
+        self._end_call(call, outcome, error)
+
+    def _on_block_close(self, raw: str, tag: Tag | None) -> None:
+        assert tag is not None
+        self._check_ws()
+        self._span("markup", raw)
+        self._tag_repairs(tag, None)
+        hold = self._hold
+        if hold is not None:
+            if hold.bare:  # an orphan closer after a bare invoke: reading failed
+                self._reject(raw, tag)
+                return
+            hold.closed = True
+            self._state = AFTER
+            return
+        self._state = AFTER
+        self._after_ws = []
+        self._block_start = -1
+        if self._junk:
+            self._repair_junk()
+
+    def _repair_junk(self) -> None:
+        junk = "".join(self._junk)
+        self._junk = []
+        found = [inv for inv in repair.read_invokes(junk) if inv.name is not None]
+        if self.spans is not None:
+            for i in self._junk_spans:
+                self.spans[i] = ("markup" if found else "content", self.spans[i][1])
+        self._junk_spans = []
+        if not found:
+            self._malformed = True
+            self._emit_text(CONTENT, junk, span=False)
+            return
+        for inv in found:
+            assert inv.name is not None
+            call = Call(inv.name, self._tools.get(inv.name), streaming=False)
+            call.repairs.append(RepairKind.LXML_REPAIR)
+            if inv.params:
+                self._write_object(
+                    call, {k: convert(call, k, a, v) for k, a, v in inv.params}
+                )
+            elif inv.body:
+                call.body = [inv.body]
+                self._read_body(call)
+            call.jparts.append("}" if call.emitted else "{}")
+            outcome, error = validate_call(call, self._tools)
+            self._notice(RepairKind.LXML_REPAIR, inv.name, dedupe=False)
+            if self._strict and outcome not in (CallOutcome.VALID, CallOutcome.REPAIRED):
+                self.rejected.append(
+                    ToolCall("", call.name, call.args, "".join(call.jparts), outcome, error)
+                )
+            else:
+                self._deliver(call, outcome, error)

@@ -1,0 +1,295 @@
+"""Handlers of the text states (REASONING, CONTENT, AFTER a block) and the decisions
+about held text.
+
+Reasoning and content stream as they arrive, except up to two trailing newlines when tools
+were offered: they are the block separator if a block follows. A block opener in content
+starts a streaming block (`dsml.block`); one inside reasoning, or an invoke without its
+opener, starts a `Hold`: its text is kept until `_accept` turns it into calls or `_reject`
+releases it verbatim (dsml.md section 6, "Thinking"). `_end` and `_truncate` settle the
+stream at EOS or at its end.
+
+A mixin of `dsml.parser.StreamParser`, like `dsml.block.BlockStates`.
+"""
+
+from __future__ import annotations
+
+from dsml.calls import M_STR, Call
+from dsml.events import (
+    CallOutcome,
+    Event,
+    Notice,
+    RepairKind,
+    ToolCallEnd,
+    TurnOutcome,
+    args_delta,
+)
+from dsml.lexer import Tag
+from dsml.states import AFTER, BLOCK, BODY, CONTENT, DONE, INVOKE, REASONING, VALUE
+
+
+class Hold:
+    """Text held back until decided: a block inside reasoning, or an invoke without opener."""
+
+    __slots__ = ("bare", "calls", "closed", "events", "raw", "region", "spans", "think_at")
+
+    def __init__(self, region: int, raw: list[str], bare: bool) -> None:
+        self.region = region  # REASONING or CONTENT: where the raw text goes if rejected
+        self.raw = raw
+        self.bare = bare
+        self.calls: list[Call] = []
+        self.events: list[Event] = []  # notices waiting for the decision
+        self.spans: list[tuple[str, str]] = []
+        self.closed = False  # the block (or bare invoke) closed; waiting for EOS
+        self.think_at = -1  # index in raw of a `</think>` seen after the block
+
+
+class RegionStates:
+    """Token handlers for REASONING, CONTENT and AFTER; accept/reject/end/truncate."""
+
+    __slots__ = ()
+
+    def _text(self, region: int, text: str) -> None:
+        """Reasoning/content text; with tools, up to two trailing newlines are held (they
+        are the block separator if a block follows)."""
+        if self._nl:
+            text = self._nl + text
+            self._nl = ""
+        if self._has_tools and text.endswith("\n"):
+            keep = 2 if text.endswith("\n\n") else 1
+            self._nl = text[-keep:]
+            text = text[:-keep]
+        self._emit_text(region, text)
+
+    def _flush_nl(self) -> None:
+        if self._nl:
+            nl, self._nl = self._nl, ""
+            self._emit_text(self._state if self._state in (REASONING, CONTENT) else CONTENT, nl)
+
+    def _on_reasoning_text(self, raw: str, tag: Tag | None) -> None:
+        self._text(REASONING, raw)
+
+    def _on_content_text(self, raw: str, tag: Tag | None) -> None:
+        self._text(CONTENT, raw)
+
+    def _on_think(self, raw: str, tag: Tag | None) -> None:
+        self._flush_nl()
+        self._span("markup", raw)
+        self._state = CONTENT
+
+    def _on_eos(self, raw: str, tag: Tag | None) -> None:
+        if self._hold is not None:
+            self._hold.raw.pop()  # EOS is not part of the held text
+        self._end(eos=True, raw=raw)
+
+    def _on_orphan(self, raw: str, tag: Tag | None) -> None:
+        if not self._has_tools:
+            self._text(CONTENT, raw)
+            return
+        self._flush_nl()
+        self._span("markup", raw)
+        self._notice(RepairKind.ORPHAN_CLOSER, raw, dedupe=False)
+
+    def _on_block_open(self, raw: str, tag: Tag | None) -> None:
+        region = REASONING if self._state == REASONING else CONTENT
+        if not self._has_tools:
+            self._text(region, raw)
+            return
+        if self._hold is not None:
+            self._reject(raw, tag)
+            return
+        if self._state == AFTER:
+            sep, self._after_ws = "".join(self._after_ws), []
+        else:
+            sep, self._nl = self._nl, ""
+        self._seen = set()
+        self._junk = []
+        self._junk_spans = []
+        if region == REASONING:
+            self._hold = Hold(REASONING, [sep, raw], bare=False)
+        else:
+            self._block_start = self._offset() - len(raw) - len(sep)
+            self._mark = len(self.spans) if self.spans is not None else 0
+        self._span("markup", sep + raw)
+        if len(sep) < 2:
+            self._notice(RepairKind.BLOCK_SEPARATOR, repr(sep))
+        assert tag is not None
+        self._tag_repairs(tag, None)
+        self._ws = ""
+        self._state = BLOCK
+
+    def _on_bare_invoke(self, raw: str, tag: Tag | None) -> None:
+        """An invoke without the block opener: held until it closes (dsml.md section 6)."""
+        region = REASONING if self._state == REASONING else CONTENT
+        assert tag is not None
+        name = tag.attrs.get("name")
+        tool = self._tools.get(name) if name is not None else None
+        if self._hold is not None:
+            self._reject(raw, tag)
+            return
+        if tool is None:
+            if self._state == AFTER:
+                self._on_after_text(raw, tag)
+            else:
+                self._text(region, raw)
+            return
+        if self._state == AFTER:
+            self._flush_after_ws()
+        sep, self._nl = self._nl, ""
+        self._seen = set()
+        self._junk = []
+        self._junk_spans = []
+        self._hold = Hold(region, [sep, raw], bare=True)
+        self._span("markup", sep)
+        self._notice(RepairKind.MISSING_OPENER, raw)
+        self._ws = ""
+        self._state = BLOCK
+        self._on_invoke_open(raw, tag)
+
+    # ----------------------------------------------------------------- after a block
+
+    def _flush_after_ws(self) -> None:
+        ws, self._after_ws = "".join(self._after_ws), []
+        self._span("markup", ws)
+
+    def _on_after_text(self, raw: str, tag: Tag | None) -> None:
+        hold = self._hold
+        if raw.isspace():
+            if hold is not None:
+                self._span("markup", raw)
+            else:
+                self._after_ws.append(raw)
+            return
+        if hold is not None:
+            self._reject(raw, tag)
+            return
+        text = "".join(self._after_ws) + raw
+        self._after_ws = []
+        self._state = CONTENT
+        self._text(CONTENT, text)
+
+    def _on_after_think(self, raw: str, tag: Tag | None) -> None:
+        hold = self._hold
+        if hold is not None and hold.region == REASONING and hold.think_at < 0:
+            hold.think_at = len(hold.raw) - 1  # the `</think>` just appended
+            self._span("markup", raw)
+            return
+        self._on_after_text(raw, tag)
+
+    def _on_after_tag(self, raw: str, tag: Tag | None) -> None:
+        if self._hold is not None:
+            self._reject(raw, tag)
+            return
+        self._on_after_text(raw, tag)
+
+    def _on_after_orphan(self, raw: str, tag: Tag | None) -> None:
+        if self._hold is not None:
+            self._reject(raw, tag)
+            return
+        self._flush_after_ws()
+        self._span("markup", raw)
+        self._notice(RepairKind.ORPHAN_CLOSER, raw, dedupe=False)
+
+    # ----------------------------------------------------------------- decisions
+
+    def _accept(self) -> None:
+        hold = self._hold
+        assert hold is not None
+        self._hold = None
+        events, spans = hold.events, hold.spans
+        for ev in events:
+            assert isinstance(ev, Notice)
+            self._notices.append(ev)
+            self._out.append(ev)
+        if self.spans is not None:
+            self.spans.extend(spans)
+        for call in hold.calls:
+            self._deliver(call, call.outcome, call.error)
+        if hold.region == REASONING and hold.calls:
+            self._recovered = True
+            self._notice(RepairKind.RECOVERED_FROM_THINKING, str(len(hold.calls)), dedupe=False)
+
+    def _reject(self, raw: str | None, tag: Tag | None) -> None:
+        """Release held text verbatim to its region. With `raw` (the token being handled),
+        that token is taken back out and read again in the restored state."""
+        hold = self._hold
+        assert hold is not None
+        self._hold = None
+        self._call = None
+        if raw is not None:
+            hold.raw.pop()
+        region = hold.region
+        self._state = region
+        if hold.think_at >= 0:
+            self._text(REASONING, "".join(hold.raw[: hold.think_at]))
+            self._on_think(hold.raw[hold.think_at], None)
+            self._text(CONTENT, "".join(hold.raw[hold.think_at + 1 :]))
+        else:
+            self._text(region, "".join(hold.raw))
+        if raw is not None:
+            self._table[self._state][self._kind](self, raw, tag)
+
+    def _end(self, eos: bool, raw: str = "") -> None:
+        """EOS or the end of the stream."""
+        self._eos = eos
+        st = self._state
+        hold = self._hold
+        if hold is not None:
+            if hold.closed:
+                self._accept()
+            else:
+                self._reject(None, None)
+            st = self._state
+        if st in (REASONING, CONTENT):
+            self._flush_nl()
+        elif st == AFTER:
+            self._flush_after_ws()
+        elif st in (BLOCK, INVOKE, BODY, VALUE):
+            self._truncate(self._offset() - len(raw))
+        self._span("markup", raw)
+        self._state = DONE
+
+    def _truncate(self, end: int) -> None:
+        """An unterminated block: a started call ends TRUNCATED; unread text becomes content."""
+        call = self._call
+        self._call = None
+        if call is not None and call.streaming:
+            if call.mode == M_STR and self._state == VALUE and not call.wrapper:
+                call.args[call.key] = "".join(call.vparts)
+                closing = '"}'
+            else:
+                closing = "}" if call.emitted else "{}"
+            call.jparts.append(closing)
+            self._out.append(args_delta(call.index, closing))
+            self._out.append(
+                ToolCallEnd(call.index, call.args, CallOutcome.TRUNCATED,
+                            "the block ended before this invoke closed; its text is returned as content")
+            )  # fmt: skip
+        start = self._block_start
+        if start < 0:
+            return
+        text = "".join(self._raw)[start:end]
+        if self.spans is not None:
+            del self.spans[self._mark :]
+        self._junk = []
+        self._junk_spans = []
+        if text.strip():
+            self._unterminated = True
+            self._emit_text(CONTENT, text)
+        else:
+            self._span("markup", text)
+        self._block_start = -1
+
+    def _turn_outcome(self) -> TurnOutcome | None:
+        if not self._has_tools:
+            return None
+        if self._unterminated:
+            return TurnOutcome.MALFORMED if self._eos else TurnOutcome.TRUNCATED
+        if self._calls:
+            return (
+                TurnOutcome.RECOVERED_FROM_THINKING if self._recovered else TurnOutcome.TOOL_CALLS
+            )
+        if self._malformed or self.rejected:
+            return TurnOutcome.MALFORMED
+        if "".join(self._content).strip():
+            return TurnOutcome.ANSWER
+        return TurnOutcome.EMPTY
