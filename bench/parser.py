@@ -37,10 +37,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dsml.parser import StreamParser
-
 from dsml.detokenizer import IncrementalDetokenizer
 from dsml.markers import EOS
+from dsml.parser import StreamParser
 from dsml.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -312,11 +311,10 @@ def main() -> None:
     for size_kb in ARG_SIZES_KB:
         case = big_argument_case(size_kb)
         check_big_argument(case)
-        repeats = max(3, args.repeats // 2)
-        row = measure(f"dsml {size_kb} KB", lambda c=case: run_parser([c]), [case], repeats)
+        row = measure(f"dsml {size_kb} KB", lambda c=case: run_parser([c]), [case], args.repeats)
         recipe = recipe_runner([case])
         if recipe is not None:
-            r = measure(f"recipe {size_kb} KB", recipe, [case], repeats)
+            r = measure(f"recipe {size_kb} KB", recipe, [case], args.repeats)
             row["recipe_us_per_delta"] = r["us_per_delta"]
         row["size_kb"] = size_kb
         big_rows.append(row)

@@ -302,7 +302,7 @@ class BlockStates:
             else:
                 self._deliver(call, outcome, error)
             self._mark = len(self.spans) if self.spans is not None else 0
-            self._block_start = self._offset()
+            self._block_start = self._here(0)
             return
         if self._strict and invalid:
             self._reject(None, None)
@@ -351,7 +351,7 @@ class BlockStates:
             return
         self._state = AFTER
         self._after_ws = []
-        self._block_start = -1
+        self._block_start = None
         if self._junk:
             self._repair_junk()
 

@@ -107,7 +107,7 @@ class RegionStates:
         if region == REASONING:
             self._hold = Hold(REASONING, [sep, raw], bare=False)
         else:
-            self._block_start = self._offset() - len(raw) - len(sep)
+            self._block_start = self._here(len(raw) + len(sep))
             self._mark = len(self.spans) if self.spans is not None else 0
         self._span("markup", sep + raw)
         if len(sep) < 2:
@@ -264,9 +264,9 @@ class RegionStates:
                 ToolCallEnd(call.index, call.args, CallOutcome.TRUNCATED,
                             "the block ended before this invoke closed; its text is returned as content")
             )  # fmt: skip
-        start = self._block_start
-        if start < 0:
+        if self._block_start is None:
             return
+        start = self._resolve(self._block_start)
         text = "".join(self._raw)[start:end]
         if self.spans is not None:
             del self.spans[self._mark :]
@@ -277,7 +277,7 @@ class RegionStates:
             self._emit_text(CONTENT, text)
         else:
             self._span("markup", text)
-        self._block_start = -1
+        self._block_start = None
 
     def _turn_outcome(self) -> TurnOutcome | None:
         if not self._has_tools:

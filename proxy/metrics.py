@@ -1,4 +1,5 @@
-"""Prometheus metrics with exactly the names, types and labels of api.md.
+"""Prometheus metrics with the names, types and labels of api.md (plus `endpoint` on the
+tool metrics, below).
 
 Each app gets its own `CollectorRegistry` (tests build many apps in one process). Every
 label combination is created at zero up front, so dashboards and rate() see a series before
