@@ -93,7 +93,8 @@ class BlockStates:
 
     def _on_invoke_open(self, raw: str, tag: Tag | None) -> None:
         assert tag is not None
-        self._check_ws()
+        if self._ws:
+            self._check_ws()
         name = tag.attrs.get("name")
         if name is None:
             self._on_junk(raw, tag)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from dsml.events import CallOutcome, RepairKind
@@ -47,7 +47,19 @@ def default_id() -> str:
     return f"call_{_RNG.getrandbits(96):024x}"
 
 
-# json.dumps builds a new encoder per call when given options (~2 us); this one is reused.
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# json.dumps(value, ensure_ascii=False) builds a new encoder per call (~2 us), and even a
+# reused JSONEncoder.encode builds its C encoder per call; this C encoder is built once
+# (~0.8 us per list or object instead of ~2.2). No circular-reference check: values come
+# from JSON text. Same separators, float repr and escaping as json.dumps.
+_c_encoder = (
+    c_make_encoder(None, _not_json, encode_basestring, None, ": ", ", ", False, False, True)
+    if c_make_encoder is not None
+    else None
+)
 _encode = json.JSONEncoder(ensure_ascii=False).encode
 
 
@@ -64,37 +76,36 @@ def dumps(value: Any) -> str:
         return "null"
     if kind is bool:
         return "true" if value else "false"
+    if _c_encoder is not None:
+        return "".join(_c_encoder(value, 0))
     return _encode(value)
 
 
 class Call:
-    """One invoke being read."""
+    """One invoke being read. Immutable defaults are class attributes: one is built per
+    invoke, and setting 19 slots took ~2 us of the ~5 us an invoke opener cost."""
 
-    __slots__ = (
-        "args", "body", "emitted", "error", "errors", "id", "index", "jparts", "key", "mode",
-        "name", "outcome", "pending", "repairs", "streaming", "tool", "types", "vparts", "wrapper",
-    )  # fmt: skip
+    id = ""
+    index = -1
+    emitted = 0  # parameters written into jparts
+    body: list[str] | None = None  # raw text of a JSON body
+    pending: tuple[str, Any] | None = None  # a wrapper candidate, not yet written
+    key = ""  # the parameter being read: name, value mode, schema types, wrapper candidate
+    mode = M_STR
+    types: frozenset[str] | None = None
+    wrapper = False
+    outcome = CallOutcome.VALID  # decided at the invoke closer
+    error: str | None = None
 
     def __init__(self, name: str, tool: ToolSchema | None, streaming: bool) -> None:
         self.name = name
         self.tool = tool
         self.streaming = streaming
-        self.id = ""
-        self.index = -1
         self.args: dict[str, Any] = {}
         self.jparts: list[str] = []  # argument JSON fragments (emitted or, if held, to emit)
-        self.emitted = 0  # parameters written into jparts
         self.repairs: list[RepairKind] = []
         self.errors: list[str] = []  # invalid_json messages
-        self.body: list[str] | None = None  # raw text of a JSON body
-        self.pending: tuple[str, Any] | None = None  # a wrapper candidate, not yet written
-        self.key = ""
-        self.mode = M_STR
-        self.types: frozenset[str] | None = None
-        self.vparts: list[str] = []
-        self.wrapper = False
-        self.outcome = CallOutcome.VALID  # decided at the invoke closer
-        self.error: str | None = None
+        self.vparts: list[str] = []  # the value being read, as it arrived
 
     def write_param(self, key: str, value: Any) -> str:
         """Add a finished parameter; returns its JSON fragment (already in jparts)."""
@@ -176,7 +187,7 @@ def unwrap(call: Call) -> dict[str, Any] | None:
 def validate_call(call: Call, tools: ToolRegistry) -> tuple[CallOutcome, str | None]:
     """Validate a closed call against its tool's schema."""
     if call.tool is None:
-        names = ", ".join(sorted(tools.tools)) or "none"
+        names = ", ".join(tools.names()) or "none"
         return CallOutcome.UNKNOWN_TOOL, f"unknown tool {call.name!r}; declared: {names}"
     if call.errors:
         return CallOutcome.INVALID_JSON, "; ".join(call.errors)

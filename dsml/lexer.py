@@ -190,6 +190,17 @@ def starts_tag(text: str) -> bool:
     return m is not None and _TAG_PARTIAL.fullmatch(text, m.end()) is not None
 
 
+# Heads followed by the start of their first attribute as the model writes it (` name="`):
+# the delta after `<｜DSML｜invoke` is usually ` name`. The parser's fast path switches to
+# waiting for the `>` with a set lookup instead of starts_tag()'s two regex matches.
+TAG_STARTS = frozenset(
+    t
+    for h in _DSML_HEADS
+    for t in (h + ' name="'[:i] for i in range(1, 8))
+    if starts_tag(t)
+)
+
+
 class IncrementalLexer:
     """Holds the undecided tail; `next()` returns one token or None (needs more text)."""
 

@@ -82,6 +82,7 @@ from dsml.events import (
 from dsml.lexer import (
     MARKER_PREFIXES,
     MAX_TAG,
+    TAG_STARTS,
     TEXT,
     VALUE_MARKERS,
     IncrementalLexer,
@@ -195,6 +196,10 @@ class StreamParser(RegionStates, BlockStates):
             elif held in MARKER_PREFIXES:
                 self._pending = held
                 return []
+            elif held in TAG_STARTS:  # the head is complete and its attributes begin
+                self._pending = held
+                self._fast = FAST_TAG
+                return []
             return self._decide(text)
         if fast:
             events = self._fast_text(text, fast)
@@ -234,8 +239,7 @@ class StreamParser(RegionStates, BlockStates):
             return self._feed_slow(held + text)
         out = self._out = []
         rest = text[end + 1 :]
-        lex = self._lex
-        lex.push(rest)  # unread while the handler runs, so offsets (_here) stay exact
+        self._pending = rest  # unread while the handler runs, so offsets (_here) stay exact
         kind, raw, tag = tok
         self._kind = kind
         self._in_junk = False
@@ -243,15 +247,13 @@ class StreamParser(RegionStates, BlockStates):
         if hold is not None:
             hold.raw.append(raw)
         self._table[self._state][kind](self, raw, tag)
+        self._pending = ""
+        self._update_fast()
         if not rest:
-            self._update_fast()
             return out
         if self._state == DONE:
-            self._run(False)  # after EOS: the rest is ignored text
-            self._update_fast()
+            self._span("ignored", rest)  # after EOS
             return out
-        lex.clear()
-        self._update_fast()
         fast = self._fast
         more = self._fast_text(rest, fast) if fast else None
         if more is None:

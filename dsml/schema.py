@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import marshal
 import math
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -69,11 +70,25 @@ def _finite_float(text: str) -> float:
 
 
 # One decoder for every call: json.loads with options builds a new one each time (~2 us).
-_DECODE = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_DECODE = _DECODER.decode
+_SCAN = _DECODER.scan_once  # the C scanner, with the hooks above
+_WS = " \t\n\r"
 
 
 def loads_strict(text: str) -> Any:
     """json.loads without NaN/Infinity (they would make the streamed arguments invalid JSON)."""
+    # Most values are one JSON value without surrounding whitespace: the C scanner alone
+    # reads them (decode() adds two regex matches, ~1 us). Anything else, errors included,
+    # goes through decode() so the result and the error message are json's own.
+    if text and text[0] not in _WS and text[-1] not in _WS:
+        try:
+            value, end = _SCAN(text, 0)
+        except (StopIteration, ValueError):
+            pass
+        else:
+            if end == len(text):
+                return value
     return _DECODE(text)
 
 
@@ -216,27 +231,37 @@ def _properties(subs: dict[str, Check]) -> Check:
     return check
 
 
-_FAST_CHECKS: dict[str, Check | None] = {}
-_MAX_FAST_CHECKS = 512
+class _Derived:
+    """What is derived from one tool schema's content: its check and parameter types.
+    Shared by equal schemas (see _derived)."""
+
+    __slots__ = ("check", "types")
+
+    def __init__(self) -> None:
+        self.check: Check | bool | None = False  # False: not built yet
+        self.types: dict[str, frozenset[str] | None] = {}
 
 
-def _cached_fast_check(schema: Any) -> Check | None:
-    """`_fast_check`, cached by the schema's repr. Building a check costs ~20 us, about four
-    validations, and a turn rarely calls a tool more than once; an agent sends the same
-    tools every turn, so the check is built once per process. repr (~1 us for a typical
-    tool) tells apart everything JSON does (1, 1.0, True), so equal keys mean equal schemas.
-    The check is built from a private copy: closures keep parts of the schema."""
+_DERIVED: dict[bytes, _Derived] = {}
+_MAX_DERIVED = 512
+
+
+def _derived(schema: dict[str, Any]) -> _Derived:
+    """The derived data of `schema`, cached by its marshal bytes. Building a check costs
+    ~10-20 us (several validations) and a turn rarely calls a tool more than once; an
+    agent sends the same tools every turn, so it is built once per process. marshal (~1 us
+    a tool; repr took ~4) round-trips exactly, so equal bytes mean equal schemas with
+    equal types (1, 1.0 and True differ)."""
     try:
-        key = repr(schema)
-    except RecursionError:
-        return _fast_check(schema)
-    check = _FAST_CHECKS.get(key, False)
-    if check is False:
-        check = _fast_check(copy.deepcopy(schema))
-        if len(_FAST_CHECKS) >= _MAX_FAST_CHECKS:
-            _FAST_CHECKS.clear()
-        _FAST_CHECKS[key] = check
-    return check
+        key = marshal.dumps(schema)
+    except ValueError:  # not plain data (or too deep): private, uncached
+        return _Derived()
+    derived = _DERIVED.get(key)
+    if derived is None:
+        if len(_DERIVED) >= _MAX_DERIVED:
+            _DERIVED.clear()
+        derived = _DERIVED[key] = _Derived()
+    return derived
 
 
 def _each(
@@ -328,7 +353,7 @@ _BOUNDS = {
 class ToolSchema:
     """One declared tool: its parameter schema, type lookup and validator."""
 
-    __slots__ = ("_fast", "_types", "_validator", "name", "parameters", "properties", "required")
+    __slots__ = ("_derived", "_validator", "name", "parameters", "properties", "required")
 
     def __init__(self, name: str, parameters: dict[str, Any] | None) -> None:
         self.name = name
@@ -339,23 +364,32 @@ class ToolSchema:
         self.required: list[str] = (
             [r for r in req if isinstance(r, str)] if isinstance(req, list) else []
         )
-        self._types: dict[str, frozenset[str] | None] = {}
         self._validator: Draft202012Validator | bool | None = False  # False: not built yet
-        self._fast: Check | bool | None = False
+        self._derived: _Derived | None = None  # looked up when first needed
 
     def param_types(self, key: str) -> frozenset[str] | None:
         """JSON types the schema allows for parameter `key`; None when anything goes."""
-        if key not in self._types:
+        derived = self._derived or self._derive()
+        types = derived.types
+        if key not in types:
             sub = self.properties.get(key)
-            self._types[key] = None if sub is None else _types_of(sub, self.parameters, 0)
-        return self._types[key]
+            types[key] = None if sub is None else _types_of(sub, self.parameters, 0)
+        return types[key]
+
+    def _derive(self) -> _Derived:
+        self._derived = derived = _derived(self.parameters)
+        return derived
 
     def validate(self, arguments: dict[str, Any]) -> str | None:
         """The first validation error message, or None when `arguments` is valid."""
-        if self._fast is False:
-            self._fast = _cached_fast_check(self.parameters)
-        if self._fast is not None:
-            return self._fast(arguments)
+        derived = self._derived or self._derive()
+        check = derived.check
+        if check is False:
+            # From a private copy: the check's closures keep parts of the schema, and the
+            # caller's dict may change after this request.
+            check = derived.check = _fast_check(copy.deepcopy(self.parameters))
+        if check is not None:
+            return check(arguments)  # type: ignore[operator]
         if self._validator is False:
             try:
                 text = json.dumps(self.parameters, sort_keys=True)
@@ -377,10 +411,16 @@ class ToolSchema:
         return f"{where}: {err.message}" if where else err.message
 
 
+_ONE_TYPE = {t: frozenset([t]) for t in _PY_TYPES}
+
+
 def _types_of(sub: Any, root: dict[str, Any], depth: int) -> frozenset[str] | None:
     """Types a subschema accepts: `type`, `enum`/`const`, unions and local `$ref`s."""
     if not isinstance(sub, dict) or depth > 8:
         return None
+    t = sub.get("type")
+    if type(t) is str and "$ref" not in sub and t in _ONE_TYPE:
+        return _ONE_TYPE[t]  # the usual `{"type": "string", ...}`: no new frozenset
     if isinstance(sub.get("$ref"), str) and sub["$ref"].startswith("#/"):
         node: Any = root
         for part in sub["$ref"][2:].split("/"):
@@ -409,22 +449,34 @@ def _types_of(sub: Any, root: dict[str, Any], depth: int) -> frozenset[str] | No
 
 
 class ToolRegistry:
-    """The tools of one request, by name."""
+    """The tools of one request, by name. A ToolSchema is built when a call first names
+    its tool: a request often offers many tools and calls one or two."""
 
-    __slots__ = ("tools",)
+    __slots__ = ("_built", "_defs")
 
     def __init__(self, tools: list[dict[str, Any]] | None) -> None:
-        self.tools: dict[str, ToolSchema] = {}
+        self._defs: dict[str, Any] = {}  # name -> parameters
+        self._built: dict[str, ToolSchema] = {}
         for tool in tools or []:
             fn = tool.get("function", tool) if isinstance(tool, dict) else None
             if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-                self.tools[fn["name"]] = ToolSchema(fn["name"], fn.get("parameters"))
+                self._defs[fn["name"]] = fn.get("parameters")
+
+    @property
+    def tools(self) -> dict[str, ToolSchema]:
+        return {name: self.get(name) for name in self._defs}  # type: ignore[misc]
 
     def __bool__(self) -> bool:
-        return bool(self.tools)
+        return bool(self._defs)
+
+    def names(self) -> list[str]:
+        return sorted(self._defs)
 
     def get(self, name: str) -> ToolSchema | None:
-        return self.tools.get(name)
+        schema = self._built.get(name)
+        if schema is None and name in self._defs:
+            schema = self._built[name] = ToolSchema(name, self._defs[name])
+        return schema
 
 
 def coerce_value(value: Any, types: frozenset[str] | None) -> tuple[Any, bool]:

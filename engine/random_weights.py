@@ -193,7 +193,7 @@ def _routed_group(modules: dict[str, nn.Module], prefix: str, specs: list[Tensor
                                  name=f"{prefix} INT2 {proj}[{e}]")
         elif fmt == WeightFormat.FP4:
             packed, scale = random_fp4(n, out_features, in_features, std, g, device)
-            for k, (e, spec) in enumerate(entries):
+            for k, (_, spec) in enumerate(entries):
                 modules[spec.name.removesuffix(".weight")].load_fp4(packed[k], scale[k],
                                                                     name=spec.name)
         else:  # FP8 / dense experts (configs other than V4-Flash): one at a time

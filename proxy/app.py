@@ -39,7 +39,9 @@ def create_app(
 ) -> web.Application:
     settings = settings or Settings()
     tokenizer = tokenizer or load_tokenizer()
-    metrics = Metrics(version=__version__, dialect=settings.dialect, backend=backend.name)
+    registry = ModelRegistry(settings.model_name, settings.default_thinking, settings.dialect,
+                             settings.models)
+    metrics = Metrics(version=__version__, dialect=registry.dialects, backend=backend.name)
     cache = ReasoningCache(settings.reasoning_cache_size)
 
     # The body limit is checked by read_json (413 in our error shape); aiohttp's own limit
@@ -54,7 +56,7 @@ def create_app(
     app[state.BACKEND] = backend
     app[state.TOKENIZER] = tokenizer
     app[state.METRICS] = metrics
-    app[state.MODELS] = ModelRegistry(settings.model_name, settings.default_thinking)
+    app[state.MODELS] = registry
     app[state.LIMITER] = ConcurrencyLimiter(
         settings.max_concurrency, settings.max_queue, settings.retry_after_s
     )
@@ -62,7 +64,7 @@ def create_app(
     app[state.RUNNER] = TurnRunner(
         backend, tokenizer, metrics, reasoning_cache=cache,
         recover_empty_turns=settings.recover_empty_turns,
-        strict_tool_calls=settings.strict_tool_calls,
+        strict_tool_calls=settings.strict_tool_calls, dialect=settings.dialect,
     )
     app.cleanup_ctx.append(_backend_lifecycle)
 

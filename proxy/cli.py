@@ -17,11 +17,23 @@ from typing import Any
 
 from aiohttp import web
 
+from dsml.dialects import Dialect
 from proxy.backends.base import Backend
 from proxy.logs import configure_logging
 from proxy.settings import Settings, UpstreamKind
 
 log = logging.getLogger("dsml_proxy")
+
+
+def _served_model(value: str) -> dict[str, str]:
+    """`--served-model NAME[=DIALECT]` -> a `Settings.models` entry."""
+    name, sep, dialect = value.partition("=")
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME[=DIALECT], got {value!r}")
+    if sep and dialect not in {d.value for d in Dialect}:
+        raise argparse.ArgumentTypeError(
+            f"unknown dialect {dialect!r}; one of {', '.join(d.value for d in Dialect)}")
+    return {"name": name, "dialect": dialect} if sep else {"name": name}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
                        help="require this Bearer key (repeatable)")
-    serve.add_argument("--dialect", help="v4 (default) or v4-0731")
+    serve.add_argument("--dialect", choices=[d.value for d in Dialect],
+                       help="the prompt format of the model behind the backend (default v4): "
+                            "renders prompts and parses output for --model-name, "
+                            "deepseek-chat and deepseek-reasoner")
     serve.add_argument("--model-name", help="the served default model name")
+    serve.add_argument("--served-model", dest="models", action="append", type=_served_model,
+                       metavar="NAME[=DIALECT]",
+                       help="one more model name, rendered and parsed in DIALECT (default: "
+                            "--dialect); repeatable. Every name goes to the same backend. "
+                            "Also `models = [{name = ..., dialect = ...}]` in the TOML file "
+                            "or DSML_PROXY_MODELS as a JSON list")
     serve.add_argument("--recover-empty-turns", action=argparse.BooleanOptionalAction,
                        help="continue a turn that ended inside reasoning once (default on)")
     serve.add_argument("--max-concurrency", type=int, help="turns generating at once")
@@ -112,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(backend, settings)
     log.info("serving", extra={"fields": {
         "url": f"http://{settings.host}:{settings.port}", "backend": backend.name,
-        "dialect": settings.dialect, "model_name": settings.model_name}})
+        "dialect": settings.dialect, "model_name": settings.model_name,
+        "models": {m.name: m.dialect or settings.dialect for m in settings.models}}})
     web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
                 access_log=None, print=None)
     return 0

@@ -12,11 +12,18 @@ protocol"). Chat completions, Anthropic messages and Responses share one rendere
 parser, but each protocol's clients (Claude Code, Codex, chat agents) send different
 histories and tool sets, so a regression in one shows up only per endpoint. The label is
 bounded (TURN_ENDPOINTS); the overall success rate is the sum over it.
+
+The dialect (dsml.md section 2) is a label of `build_info` only, never of a per-request
+series (issue 6). A server that serves several dialects (per-model `models` in the
+settings) exposes one `build_info` series per dialect it serves, the default dialect's
+included, each at 1: "which replicas can render v3.2" is then
+`dsml_proxy_build_info{dialect="v3.2"}`, and a server with one dialect keeps exactly one
+series.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -63,7 +70,8 @@ ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1
 
 
 class Metrics:
-    def __init__(self, *, version: str, dialect: str, backend: str) -> None:
+    def __init__(self, *, version: str, dialect: str | Sequence[str], backend: str) -> None:
+        """`dialect`: the served dialect, or every served one (one build_info series each)."""
         r = self.registry = CollectorRegistry(auto_describe=True)
         p = "dsml_proxy_"
         self.requests = Counter(p + "requests", "HTTP requests by endpoint and status",
@@ -94,7 +102,8 @@ class Metrics:
                                ["kind"], registry=r)
         self.build_info = Gauge(p + "build_info", "Build and configuration",
                                 ["version", "dialect", "backend"], registry=r)
-        self.build_info.labels(version, dialect, backend).set(1)
+        for name in [dialect] if isinstance(dialect, str) else dialect:
+            self.build_info.labels(version, str(name), backend).set(1)
 
         for endpoint in ENDPOINTS:
             self.inflight.labels(endpoint)

@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -27,6 +27,39 @@ class UpstreamKind(StrEnum):
     DS4 = "ds4"
 
 
+def _dialect_value(value: str) -> str:
+    from dsml.dialects import Dialect
+
+    try:
+        return Dialect(value).value
+    except ValueError:
+        raise ValueError(
+            f"unknown dialect {value!r}; one of {', '.join(d.value for d in Dialect)}"
+        ) from None
+
+
+class ServedModel(BaseModel):
+    """One extra model name this server answers to, and the dialect it renders and parses
+    with. Every name goes to the same backend: the name only picks the prompt format, so one
+    server can front e.g. a V3.2 and a V4 deployment behind a router, or tests compare them.
+
+        models = [{name = "deepseek-v3.2", dialect = "v3.2"}, {name = "v4.1", dialect = "v4.1"}]
+        DSML_PROXY_MODELS='[{"name": "deepseek-v3.2", "dialect": "v3.2"}]'
+        dsml-proxy serve --served-model deepseek-v3.2=v3.2
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    dialect: str | None = None  # None: the server's `dialect`
+    thinking: bool | None = None  # default thinking mode; None: as for the server default
+
+    @field_validator("dialect")
+    @classmethod
+    def _check_dialect(cls, value: str | None) -> str | None:
+        return None if value is None else _dialect_value(value)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DSML_PROXY_", extra="forbid")
 
@@ -34,7 +67,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     model_name: str = "deepseek-v4"  # the server default model (thinking = default_thinking)
-    dialect: str = "v4"  # a dsml.Dialect value
+    dialect: str = "v4"  # a dsml.Dialect value: of model_name, deepseek-chat/-reasoner
+    models: list[ServedModel] = Field(default_factory=list)  # more names, each its dialect
     default_thinking: bool = True  # DeepSeek's API default when a request says nothing
 
     # -- backend -----------------------------------------------------------------------------
@@ -95,9 +129,16 @@ class Settings(BaseSettings):
     @field_validator("dialect")
     @classmethod
     def _check_dialect(cls, value: str) -> str:
-        from dsml.dialects import Dialect
+        return _dialect_value(value)
 
-        return Dialect(value).value
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, value: list[ServedModel]) -> list[ServedModel]:
+        names = [m.name for m in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"models lists these names more than once: {duplicates}")
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -16,6 +16,10 @@ What the runner adds on top of the parser (dsml.md section 6 does the rest):
 - Empty-turn recovery: a thinking turn that ends inside reasoning, with no answer and no
   call, is continued once after an appended `</think>` (TurnOutcome.RECOVERED_EMPTY).
 - Reasoning produced for tool calls is remembered by call id (`ReasoningCache`).
+
+The dialect (dsml.md section 2) of the request's model decides the forced opener's tag
+spelling, the parser's native tags and how the prompt travels: as token ids where the V4
+tokenizer is the model's (v4, v4-0731), as text otherwise (see `sends_ids`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from contextlib import aclosing
 from typing import Any
 
 import dsml
+from dsml.dialects import Dialect, texts
+from dsml.errors import UnsupportedError
 from dsml.events import (
     Event,
     ParseResult,
@@ -35,7 +41,7 @@ from dsml.events import (
     ToolCallStart,
     TurnOutcome,
 )
-from dsml.markers import EOS, THINK_CLOSE, TOOL_CALLS_CLOSE, TOOL_CALLS_OPEN, invoke_open
+from dsml.markers import DSML, EOS, THINK_CLOSE
 from dsml.prompt import Prompt
 from dsml.tokenizer import V4Tokenizer
 from proxy.backends.base import (
@@ -49,25 +55,60 @@ from proxy.metrics import Metrics, TurnObserver
 from proxy.reasoning_cache import ReasoningCache
 from proxy.timing import RequestClock
 
-FORCED_BLOCK = "\n\n" + TOOL_CALLS_OPEN + "\n"
-# End of an invoke in any tolerated spelling: `</｜DSML｜invoke>`, `</|DSML|invoke>`, `.../>`.
+
+def forced_block(dialect: Dialect | str = Dialect.V4) -> str:
+    """What the model writes before its first invoke: `\\n\\n<｜DSML｜tool_calls>\\n` in v4 and
+    v4-0731, `<｜DSML｜ calls>` in v4.1, `<｜DSML｜function_calls>` in v3.2 (dsml.md 2, 5)."""
+    return f"\n\n<{DSML}{texts(dialect).block_tag}>\n"
+
+
+def block_close(dialect: Dialect | str = Dialect.V4) -> str:
+    return f"</{DSML}{texts(dialect).block_tag}>"
+
+
+FORCED_BLOCK = forced_block(Dialect.V4)
+# End of an invoke in any tolerated spelling: `</｜DSML｜invoke>`, `</｜DSML｜ invoke>`,
+# `</|DSML|invoke>`, `.../>`.
 _INVOKE_END = re.compile(r"invoke\s*>|/>")
+# Dialects whose model reads the V4 tokenizer's ids (dsml.tokenizer). V4.1 has a
+# `<｜System｜>` token the V4 vocabulary lacks, and V3.2 has its own tokenizer (its think
+# tokens have other ids): their prompts go to the engine as text, tokenized by the engine
+# with the model's own tokenizer.
+V4_TOKENIZER_DIALECTS = frozenset({Dialect.V4, Dialect.V4_0731})
 
 
-def forced_opener(prompt: Prompt) -> str:
+def sends_ids(dialect: Dialect | str) -> bool:
+    """Whether a turn in this dialect sends the backend token ids (else only the text)."""
+    return Dialect(dialect) in V4_TOKENIZER_DIALECTS
+
+
+def count_prompt_tokens(tokenizer: V4Tokenizer, prompt: Prompt) -> int:
+    """The prompt's length in tokens. Exact where the tokenizer knows every control string of
+    the prompt; a control string it lacks (v4.1's `<｜System｜>`) counts as the one token it
+    is in the dialect's own vocabulary, the rest is counted with the V4 tokenizer."""
+    try:
+        return len(tokenizer.encode_prompt(prompt))
+    except UnsupportedError:
+        known = [s for s in prompt.segments if not s.control or s.text in tokenizer.control_ids]
+        unknown = len(prompt.segments) - len(known)
+        return len(tokenizer.encode_prompt(Prompt(known))) + unknown
+
+
+def forced_opener(prompt: Prompt, dialect: Dialect | str = Dialect.V4) -> str:
     """The text that forces the prompt's tool choice, "" when the model may choose."""
     if not prompt.tools:
         return ""
+    block = forced_block(dialect)
     choice: Any = prompt.tool_choice
     if choice == "required":
-        return FORCED_BLOCK
+        return block
     if isinstance(choice, dict):
         if choice.get("type") == "allowed_tools":
             mode = (choice.get("allowed_tools") or {}).get("mode")
-            return FORCED_BLOCK if mode == "required" else ""
+            return block if mode == "required" else ""
         name = (choice.get("function") or {}).get("name")
         if name:
-            return FORCED_BLOCK + invoke_open(name) + "\n"
+            return block + f'<{DSML}{texts(dialect).invoke_tag} name="{name}">\n'
     return ""
 
 
@@ -83,8 +124,10 @@ class TurnRunner:
         reasoning_cache: ReasoningCache,
         recover_empty_turns: bool = True,
         strict_tool_calls: bool = False,
+        dialect: Dialect | str = Dialect.V4,
     ) -> None:
         self.backend = backend
+        self.dialect = Dialect(dialect)  # of turns started without one
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.reasoning_cache = reasoning_cache
@@ -99,9 +142,12 @@ class TurnRunner:
         endpoint: str,
         clock: RequestClock,
         parallel_tool_calls: bool = True,
+        dialect: Dialect | str | None = None,
     ) -> Turn:
+        """`dialect`: the one that rendered `prompt` (the request's model's)."""
         return Turn(self, prompt, sampling, endpoint=endpoint, clock=clock,
-                    parallel_tool_calls=parallel_tool_calls)
+                    parallel_tool_calls=parallel_tool_calls,
+                    dialect=self.dialect if dialect is None else Dialect(dialect))
 
     async def deltas(
         self, req: GenerateRequest, *, endpoint: str, clock: RequestClock
@@ -143,9 +189,12 @@ class Turn:
         endpoint: str,
         clock: RequestClock,
         parallel_tool_calls: bool,
+        dialect: Dialect = Dialect.V4,
     ) -> None:
         self._runner = runner
         self.prompt = prompt
+        self.dialect = dialect
+        self._send_ids = sends_ids(dialect)
         self.sampling = sampling
         self.endpoint = endpoint
         self._clock = clock
@@ -177,13 +226,15 @@ class Turn:
 
     async def events(self) -> AsyncIterator[Event]:
         runner, prompt = self._runner, self.prompt
-        self._prompt_ids = runner.tokenizer.encode_prompt(prompt)
-        self.prompt_tokens = len(self._prompt_ids)
-        self._parser = dsml.StreamParser(
-            tools=prompt.tools, thinking=prompt.thinking, strict=runner.strict_tool_calls
-        )
+        if self._send_ids:
+            self._prompt_ids = runner.tokenizer.encode_prompt(prompt)
+            self.prompt_tokens = len(self._prompt_ids)
+        else:
+            self.prompt_tokens = count_prompt_tokens(runner.tokenizer, prompt)
+        self._parser = self._new_parser(thinking=prompt.thinking,
+                                        strict=runner.strict_tool_calls)
         user_stop = list(self.sampling.stop)
-        forced = forced_opener(prompt)
+        forced = forced_opener(prompt, self.dialect)
         if forced and prompt.thinking:
             async for event in self._generate(stop=[THINK_CLOSE]):
                 yield event
@@ -232,7 +283,8 @@ class Turn:
         req = GenerateRequest(
             # Model-side text is re-encoded with control tokens matched: it is what the
             # model wrote (or what we force it to have written), never client text.
-            prompt_ids=self._prompt_ids + tokenizer.encode_generated(generated),
+            prompt_ids=self._prompt_ids + tokenizer.encode_generated(generated)
+            if self._send_ids else None,
             prompt_text=self.prompt.text + generated,
             sampling=sampling,
         )
@@ -275,6 +327,11 @@ class Turn:
             self._saw_think_close = True
         return self._feed(text)
 
+    def _new_parser(self, *, thinking: bool, strict: bool = False) -> Any:
+        # The rendering dialect's own tags are native to the parser, not repairs.
+        return dsml.StreamParser(tools=self.prompt.tools, thinking=thinking, strict=strict,
+                                 dialect=self.dialect)
+
     def _feed(self, text: str) -> list[Event]:
         return self._filter(self._parser.feed(text))
 
@@ -300,7 +357,7 @@ class Turn:
         tail = generated[ends[-1].end():] if ends else generated
         if tail.strip():
             return []  # something else had started; the parser's end-of-stream rules apply
-        return self._feed(("" if tail.endswith("\n") else "\n") + TOOL_CALLS_CLOSE)
+        return self._feed(("" if tail.endswith("\n") else "\n") + block_close(self.dialect))
 
     def _should_recover_empty(self) -> bool:
         if not (
@@ -317,7 +374,7 @@ class Turn:
         # A tool block written inside reasoning is only decided at the end of the stream
         # (dsml.md section 6), so ask a throwaway parser how this turn would end. This runs
         # once, only for turns that never left reasoning.
-        probe = dsml.StreamParser(tools=self.prompt.tools, thinking=True)
+        probe = self._new_parser(thinking=True)
         probe.feed("".join(self._generated))
         probe.finish()
         return not probe.result.tool_calls

@@ -126,6 +126,11 @@ class UpstreamBackend:
             body["stop"] = list(s.stop)
         if self.kind in _IDS_BY_DEFAULT:
             body.update(_SPECIAL_TOKEN_FIELDS)
+        if self.kind is UpstreamKind.VLLM and isinstance(prompt, str):
+            # vLLM's /v1/completions adds the tokenizer's BOS to a text prompt by default; the
+            # rendered prompt already starts with it (text goes out for dialects whose
+            # tokenizer the proxy lacks, proxy.turn.sends_ids, or with upstream_prompt=text).
+            body["add_special_tokens"] = False
         return body
 
     async def _discover_model(self) -> None:

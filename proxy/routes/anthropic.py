@@ -21,9 +21,11 @@ from proxy.encoders.anthropic import AnthropicStreamEncoder, anthropic_error, me
 from proxy.errors import ApiError, to_api_error
 from proxy.logs import ACCESS_LOGGER
 from proxy.middleware import Handler
+from proxy.models import ModelSpec
 from proxy.routes.common import drain, read_json, stream_turn
 from proxy.signature import app_signer
 from proxy.translate.anthropic import to_chat
+from proxy.turn import count_prompt_tokens
 from schemas.anthropic import CountTokensRequest, MessagesRequest
 
 ENDPOINT = "messages"
@@ -38,27 +40,27 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(PATHS[1], count_tokens)
 
 
-def render(app: web.Application, req: CountTokensRequest) -> tuple[Prompt, bool]:
-    default_thinking = app[state.MODELS].thinking(req.model)  # 404 for an unknown model
+def render(app: web.Application, req: CountTokensRequest) -> tuple[Prompt, bool, ModelSpec]:
+    """The prompt in the model's dialect, whether calls may be parallel, and the model."""
+    model = app[state.MODELS].get(req.model)  # 404 for an unknown model
     chat, parallel = to_chat(req, app_signer(app))
     app[state.REASONING_CACHE].backfill(chat["messages"])
-    prompt = render_chat(chat, dialect=app[state.SETTINGS].dialect,
-                         default_thinking=default_thinking)
-    return prompt, parallel
+    prompt = render_chat(chat, dialect=model.dialect, default_thinking=model.thinking)
+    return prompt, parallel, model
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = MessagesRequest.model_validate(await read_json(request))
     request[state.LOG_FIELDS]["model"] = req.model
-    prompt, parallel = render(app, req)
+    prompt, parallel, model = render(app, req)
     sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                               top_p=req.top_p, top_k=req.top_k,
                               stop=list(req.stop_sequences or ()))
     clock = request[state.CLOCK]
     async with app[state.LIMITER].slot(clock):  # queueing is a wait, not overhead
         turn = app[state.RUNNER].start(prompt, sampling, endpoint=ENDPOINT, clock=clock,
-                                       parallel_tool_calls=parallel)
+                                       parallel_tool_calls=parallel, dialect=model.dialect)
         if req.stream:
             encoder = AnthropicStreamEncoder(turn, req.model, app_signer(app))
             return await stream_turn(request, turn, encoder,
@@ -70,9 +72,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's length with the real tokenizer: rendered exactly as /v1/messages would."""
     req = CountTokensRequest.model_validate(await read_json(request))
-    prompt, _ = render(request.app, req)
+    prompt, _, _ = render(request.app, req)
     return web.json_response(
-        {"input_tokens": len(request.app[state.TOKENIZER].encode_prompt(prompt))})
+        {"input_tokens": count_prompt_tokens(request.app[state.TOKENIZER], prompt)})
 
 
 @web.middleware

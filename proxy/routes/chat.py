@@ -12,6 +12,7 @@ from proxy import state
 from proxy.backends.base import SamplingParams
 from proxy.encoders.chat import ChatStreamEncoder, chat_completion_body
 from proxy.errors import ApiError
+from proxy.models import ModelSpec
 from proxy.routes.common import drain, read_json, stream_turn
 from schemas.openai_chat import ChatCompletionRequest
 
@@ -38,12 +39,12 @@ def narrow_allowed_tools(payload: dict[str, Any]) -> None:
     payload["tool_choice"] = allowed["mode"] if tools else "none"
 
 
-def render(app: web.Application, chat: ChatCompletionRequest, default_thinking: bool) -> Prompt:
+def render(app: web.Application, chat: ChatCompletionRequest, model: ModelSpec) -> Prompt:
+    """The prompt in the model's dialect (image parts: UnsupportedError, a 400)."""
     payload = chat.model_dump(exclude_none=True, by_alias=True)
     narrow_allowed_tools(payload)
     app[state.REASONING_CACHE].backfill(payload["messages"])
-    return render_chat(payload, dialect=app[state.SETTINGS].dialect,
-                       default_thinking=default_thinking)
+    return render_chat(payload, dialect=model.dialect, default_thinking=model.thinking)
 
 
 def sampling(chat: ChatCompletionRequest) -> SamplingParams:
@@ -62,11 +63,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     chat = ChatCompletionRequest.model_validate(await read_json(request))
     request[state.LOG_FIELDS]["model"] = chat.model
-    prompt = render(app, chat, app[state.MODELS].thinking(chat.model))
+    model = app[state.MODELS].get(chat.model)  # 404 for an unknown model
+    prompt = render(app, chat, model)
     async with app[state.LIMITER].slot(request[state.CLOCK]):
         turn = app[state.RUNNER].start(
             prompt, sampling(chat), endpoint=ENDPOINT, clock=request[state.CLOCK],
-            parallel_tool_calls=chat.parallel_tool_calls is not False,
+            parallel_tool_calls=chat.parallel_tool_calls is not False, dialect=model.dialect,
         )
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)

@@ -48,13 +48,12 @@ async def responses(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = ResponsesRequest.model_validate(await read_json(request))
     request[state.LOG_FIELDS]["model"] = req.model
-    default_thinking = app[state.MODELS].thinking(req.model)  # 404 for an unknown model
+    model = app[state.MODELS].get(req.model)  # 404 for an unknown model
     signer = app_signer(app)
     messages = history(app, req) + input_messages(req, signer)
     chat, parallel = to_chat(req, messages)
     app[state.REASONING_CACHE].backfill(chat["messages"])
-    prompt = render_chat(chat, dialect=app[state.SETTINGS].dialect,
-                         default_thinking=default_thinking)
+    prompt = render_chat(chat, dialect=model.dialect, default_thinking=model.thinking)
     sampling = SamplingParams(max_tokens=req.max_output_tokens, temperature=req.temperature,
                               top_p=req.top_p)
     response = envelope(req, new_id("resp_"), chat.get("tools", []))
@@ -62,7 +61,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     streamed: web.StreamResponse | None = None
     async with app[state.LIMITER].slot(clock):  # queueing is a wait, not overhead
         turn = app[state.RUNNER].start(prompt, sampling, endpoint=ENDPOINT, clock=clock,
-                                       parallel_tool_calls=parallel)
+                                       parallel_tool_calls=parallel, dialect=model.dialect)
         if req.stream:
             streamed = await stream_turn(request, turn, ResponsesStreamEncoder(response, signer),
                                          keepalive_s=app[state.SETTINGS].keepalive_interval_s)

@@ -32,3 +32,15 @@ def test_forced_opener(choice: Any, expected: str) -> None:
 
 def test_no_tools_never_forces() -> None:
     assert forced_opener(prompt("required", tools=[])) == ""
+
+
+@pytest.mark.parametrize(("dialect", "block", "invoke"), [
+    ("v4", "<｜DSML｜tool_calls>", "<｜DSML｜invoke"),
+    ("v4-0731", "<｜DSML｜tool_calls>", "<｜DSML｜invoke"),
+    ("v4.1", "<｜DSML｜ calls>", "<｜DSML｜ invoke"),
+    ("v3.2", "<｜DSML｜function_calls>", "<｜DSML｜invoke"),
+])
+def test_each_dialect_forces_with_its_own_tags(dialect: str, block: str, invoke: str) -> None:
+    assert forced_opener(prompt("required"), dialect) == f"\n\n{block}\n"
+    named = {"type": "function", "function": {"name": "a.b-c"}}
+    assert forced_opener(prompt(named), dialect) == f'\n\n{block}\n{invoke} name="a.b-c">\n'

@@ -175,3 +175,15 @@ async def test_stop_reason_left_out_by_the_engine() -> None:
             assert await finish_of(backend, req) == ("stop", None)
         finally:
             await backend.close()
+
+
+@pytest.mark.parametrize("kind", list(UpstreamKind))
+def test_text_prompts_get_no_second_bos(kind: UpstreamKind) -> None:
+    # Dialects without the V4 tokenizer send text only (proxy.turn.sends_ids); the rendered
+    # text starts with BOS, which vLLM would otherwise add once more.
+    text_only = GenerateRequest(prompt_ids=None, prompt_text="<p>", sampling=REQ.sampling)
+    body = UpstreamBackend("http://x", kind).build_body(text_only)
+    assert body["prompt"] == "<p>"
+    assert body.get("add_special_tokens", True) is (kind is not UpstreamKind.VLLM)
+    # With ids (vLLM's default) nothing is tokenized upstream: no field.
+    assert "add_special_tokens" not in UpstreamBackend("http://x", kind).build_body(REQ)
