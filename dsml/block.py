@@ -20,6 +20,7 @@ from typing import Any
 from dsml import repair
 from dsml.calls import (
     JUNK_ERROR,
+    M_JSON,
     M_STR,
     WRAPPERS,
     Call,
@@ -107,8 +108,10 @@ class BlockStates:
         streaming = hold is None and not self._strict
         call = Call(name, tool, streaming)
         self._call = call
-        self._span("markup", raw)
-        self._tag_repairs(tag, call)
+        if self.spans is not None:
+            self._span("markup", raw)
+        if tag.repairs:
+            self._tag_repairs(tag, call)
         if streaming:
             call.index = self._next_index
             self._next_index += 1
@@ -152,7 +155,8 @@ class BlockStates:
         if key is None:
             self._on_junk(raw, tag)
             return
-        self._span("markup", raw)
+        if self.spans is not None:
+            self._span("markup", raw)
         if tag.repairs:
             self._tag_repairs(tag, call)
         if call.pending is not None:
@@ -160,10 +164,13 @@ class BlockStates:
         tool = call.tool
         types = tool.param_types(key) if tool is not None else None
         attr = tag.attrs.get("string")
-        if attr is None:
-            call.repairs.append(RepairKind.MISSING_STRING_ATTR)
-            self._notice(RepairKind.MISSING_STRING_ATTR, raw)
-        mode = param_mode(attr, types)
+        if attr == "false":
+            mode = M_JSON
+        else:
+            if attr is None:
+                call.repairs.append(RepairKind.MISSING_STRING_ATTR)
+                self._notice(RepairKind.MISSING_STRING_ATTR, raw)
+            mode = param_mode(attr, types)
         call.key = key
         call.mode = mode
         call.types = types
@@ -192,7 +199,8 @@ class BlockStates:
     def _on_param_close(self, raw: str, tag: Tag | None) -> None:
         call = self._call
         assert call is not None and tag is not None
-        self._span("markup", raw)
+        if self.spans is not None:
+            self._span("markup", raw)
         if tag.repairs:
             self._tag_repairs(tag, call)
         text = "".join(call.vparts)
@@ -232,7 +240,8 @@ class BlockStates:
         assert call is not None and tag is not None
         if self._ws:
             self._check_ws()
-        self._span("markup", raw)
+        if self.spans is not None:
+            self._span("markup", raw)
         if tag.repairs:
             self._tag_repairs(tag, call)
         if call.body is not None:

@@ -202,19 +202,48 @@ class StreamParser(RegionStates, BlockStates):
                 return []
             return self._decide(text)
         if fast:
-            events = self._fast_text(text, fast)
-            if events is not None:
-                return events
+            if "<" not in text:
+                if fast == FAST_VALUE:
+                    self._vparts.append(text)
+                    frag = text if NEEDS_ESCAPE(text) is None else encode_basestring(text)[1:-1]
+                    self._jparts.append(frag)
+                    ev = _new(ToolCallArgsDelta)
+                    _set_index(ev, self._cindex)
+                    _set_fragment(ev, frag)
+                    return [ev]
+                if fast == FAST_HELD_VALUE:
+                    self._vparts.append(text)
+                    return []
+                if fast == FAST_WS:
+                    if text.isspace():
+                        self._ws = (self._ws + text)[:3]
+                        return []
+                elif text[-1] != "\n" or not self._has_tools:
+                    if fast == FAST_CONTENT:
+                        self._content.append(text)
+                        ev = _new(ContentDelta)
+                        _set_text(ev, text)
+                        return [ev]
+                    self._reasoning.append(text)
+                    ev = _new(ReasoningDelta)
+                    _set_rtext(ev, text)
+                    return [ev]
+            else:
+                events = self._fast_split(text, fast)
+                if events is not None:
+                    return events
         lex = self._lex
         if (lex.tag_wait or lex.prefix_wait) and lex.absorb(text):
             return []  # trace mode: the lexer itself holds a marker still arriving
+        if text[0] == "<" and self.spans is None and self._state != DONE:
+            return self._decide(text)  # a whole marker in one delta (EOS, `</think>`)?
         return self._feed_slow(text)
 
     def _decide(self, text: str) -> list[Event]:
-        """`text` decides the marker held in _pending. When the two make a marker read
-        before (`IncrementalLexer.markers`: one dict lookup), it is handled here as _run()
-        would, then the rest of the delta (a newline after a tag, the start of a value)
-        through the fast paths if they apply; else the lexer reads them like any text."""
+        """`text` (the last piece fed) decides the marker held in _pending. When the two
+        make a marker read before (`IncrementalLexer.markers`: one dict lookup), it is
+        handled here as _run() would, and the rest of the delta is fed again (a newline
+        after a tag, the start of a value); else the lexer reads them like any text."""
         held = self._pending
         end = text.find(">")
         if end < 0:
@@ -237,9 +266,10 @@ class StreamParser(RegionStates, BlockStates):
         # the first `>` after balanced quotes), so this is the token next() would give.
         if tok is None or (self._state == VALUE and tok[0] not in VALUE_MARKERS):
             return self._feed_slow(held + text)
-        out = self._out = []
         rest = text[end + 1 :]
-        self._pending = rest  # unread while the handler runs, so offsets (_here) stay exact
+        if rest:  # split the piece: offsets (_here) count what was read, not the rest
+            self._raw[-1] = text[: end + 1]
+        out = self._out = []
         kind, raw, tag = tok
         self._kind = kind
         self._in_junk = False
@@ -247,51 +277,12 @@ class StreamParser(RegionStates, BlockStates):
         if hold is not None:
             hold.raw.append(raw)
         self._table[self._state][kind](self, raw, tag)
-        self._pending = ""
         self._update_fast()
-        if not rest:
-            return out
-        if self._state == DONE:
-            self._span("ignored", rest)  # after EOS
-            return out
-        fast = self._fast
-        more = self._fast_text(rest, fast) if fast else None
-        if more is None:
-            more = self._feed_slow(rest)
-        if more:
-            out.extend(more)
+        if rest:
+            more = self.feed(rest)
+            if more:
+                out.extend(more)
         return out
-
-    def _fast_text(self, text: str, fast: int) -> list[Event] | None:
-        """A delta in a text or value state; None when the slow path must decide."""
-        if "<" not in text:
-            if fast == FAST_VALUE:
-                self._vparts.append(text)
-                frag = text if NEEDS_ESCAPE(text) is None else encode_basestring(text)[1:-1]
-                self._jparts.append(frag)
-                ev = _new(ToolCallArgsDelta)
-                _set_index(ev, self._cindex)
-                _set_fragment(ev, frag)
-                return [ev]
-            if fast == FAST_HELD_VALUE:
-                self._vparts.append(text)
-                return []
-            if fast == FAST_WS:
-                if text.isspace():
-                    self._ws = (self._ws + text)[:3]
-                    return []
-            elif text[-1] != "\n" or not self._has_tools:
-                if fast == FAST_CONTENT:
-                    self._content.append(text)
-                    ev = _new(ContentDelta)
-                    _set_text(ev, text)
-                    return [ev]
-                self._reasoning.append(text)
-                ev = _new(ReasoningDelta)
-                _set_rtext(ev, text)
-                return [ev]
-            return None
-        return self._fast_split(text, fast)
 
     def _fast_split(self, text: str, fast: int) -> list[Event] | None:
         """`text` + `<…`: the part before the `<` is plain text for the fast path and the

@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     settings = settings_from_args(argv)
     configure_logging(settings.log_level)
+    from proxy import state
     from proxy.app import create_app
+    from proxy.turn import sends_ids
 
     backend = make_backend(settings)
     app = create_app(backend, settings)
@@ -135,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         "url": f"http://{settings.host}:{settings.port}", "backend": backend.name,
         "dialect": settings.dialect, "model_name": settings.model_name,
         "models": {m.name: m.dialect or settings.dialect for m in settings.models}}})
+    text_dialects = [d.value for d in app[state.MODELS].dialects if not sends_ids(d)]
+    if text_dialects:
+        # dsml.md section 4: only token ids keep client text from forging control tokens.
+        log.warning(
+            "dialects %s: the proxy has no tokenizer of these models, so their prompts go to "
+            "the engine as text and the engine tokenizes them; control strings inside client "
+            "text (e.g. <｜User｜>) then become control tokens", ", ".join(text_dialects))
     web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
                 access_log=None, print=None)
     return 0

@@ -2,7 +2,8 @@
 
 For debugging and for clients that format DeepSeek prompts themselves: no rendering and no
 DSML parsing. A text prompt is tokenized with control strings matched (the client wrote the
-whole prompt, so there is nothing to forge).
+whole prompt, so there is nothing to forge); for a model whose dialect has another tokenizer
+than V4's (v4.1, v3.2: proxy.turn.sends_ids) it goes to the engine as text instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from proxy.backends.base import BackendError, GenerateRequest, SamplingParams
 from proxy.encoders.completions import CompletionStreamEncoder, completion_body
 from proxy.errors import ApiError, sse_error_event, to_api_error
 from proxy.routes.common import read_json
+from proxy.turn import sends_ids
 from schemas.openai_completions import CompletionRequest
 
 ENDPOINT = "completions"
@@ -23,7 +25,11 @@ ENDPOINT = "completions"
 
 def generate_request(app: web.Application, req: CompletionRequest) -> GenerateRequest:
     tokenizer = app[state.TOKENIZER]
-    if isinstance(req.prompt, str):
+    dialect = app[state.MODELS].dialect(req.model)  # 404 for unknown names
+    if isinstance(req.prompt, str) and not sends_ids(dialect):
+        # The V4 tokenizer is not this model's (proxy.turn.sends_ids): the engine tokenizes.
+        ids, text = None, req.prompt
+    elif isinstance(req.prompt, str):
         ids, text = tokenizer.encode_generated(req.prompt), req.prompt
     else:
         bad = [i for i in req.prompt if not 0 <= i < tokenizer.vocab_size]
@@ -36,13 +42,19 @@ def generate_request(app: web.Application, req: CompletionRequest) -> GenerateRe
     return GenerateRequest(prompt_ids=ids, prompt_text=text, sampling=sampling)
 
 
+def prompt_tokens(app: web.Application, gen: GenerateRequest) -> int:
+    if gen.prompt_ids is not None:
+        return len(gen.prompt_ids)
+    # A text prompt the engine tokenizes: counted with the V4 tokenizer (an estimate).
+    return len(app[state.TOKENIZER].encode_generated(gen.prompt_text or ""))
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = CompletionRequest.model_validate(await read_json(request))
-    app[state.MODELS].thinking(req.model)  # 404 for unknown names
     gen = generate_request(app, req)
     metrics, clock = app[state.METRICS], request[state.CLOCK]
-    num_prompt = len(gen.prompt_ids or [])
+    num_prompt = prompt_tokens(app, gen)
     async with app[state.LIMITER].slot(request[state.CLOCK]):
         deltas = app[state.RUNNER].deltas(gen, endpoint=ENDPOINT, clock=clock)
         num_completion, finish, texts = 0, "stop", []

@@ -68,8 +68,10 @@ def test_lxml_oracle_agrees_on_well_formed_vector_blocks() -> None:
     assert compared > 50
 
 
+# The oracle's normalise() turns typographic quotes into `"` (a tolerance for attributes),
+# so values that contain them are not comparable with it.
 _SAFE = st.text(
-    alphabet=st.characters(blacklist_characters="<>&\"'\r", blacklist_categories=("Cs", "Cc")),
+    alphabet=st.characters(blacklist_characters="<>&\"'\r“”", blacklist_categories=("Cs", "Cc")),
     max_size=30,
 )
 _VALUES = st.one_of(_SAFE, st.integers(), st.booleans(), st.none(), st.lists(st.integers(), max_size=3),

@@ -9,10 +9,15 @@ One server can serve several dialects under different model names (`Settings.mod
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -25,9 +30,10 @@ from dsml.tokenizer import load_tokenizer
 from proxy.cli import settings_from_args
 from proxy.settings import Settings
 from proxy.turn import count_prompt_tokens
-from tests.fakes.upstream import FakeUpstream
+from tests.fakes.upstream import FakeUpstream, refused_url
 from tests.proxy.conftest import DATA, ProxyServer, StartProxy
 from tests.proxy.test_chat_cases import check, request_for, run_both
+from tests.proxy.test_settings_cli import _wait_http
 from tests.proxy.test_turn_policy import scrape
 
 DIALECTS = [d.value for d in Dialect]
@@ -275,6 +281,21 @@ async def test_messages_and_responses_follow_the_model(multi: ProxyServer,
     assert await repairs(multi) == 0
 
 
+@pytest.mark.parametrize(("model", "dialect"), [("ds-v3.2", "v3.2"), ("ds-v4.1", "v4.1"),
+                                               ("ds-v4", "v4-0731")])
+async def test_raw_completions_follow_the_model(multi: ProxyServer, fake: FakeUpstream,
+                                                model: str, dialect: str) -> None:
+    fake.push("4" + EOS)
+    prompt = "<｜begin▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜></think>"
+    reply = await multi.client().completions.create(model=model, prompt=prompt)
+    assert reply.choices[0].text == "4"
+    if dialect in IDS_DIALECTS:
+        assert sent_prompt(fake, dialect) == load_tokenizer().encode_generated(prompt)
+    else:
+        assert sent_prompt(fake, dialect) == prompt
+    assert reply.usage.prompt_tokens == len(load_tokenizer().encode_generated(prompt))
+
+
 async def test_count_prompt_tokens_counts_the_system_token() -> None:
     tokenizer = load_tokenizer()
     request = {"messages": [{"role": "system", "content": "Be brief."}, *MESSAGES]}
@@ -350,8 +371,6 @@ async def test_build_info_one_series_per_served_dialect(multi: ProxyServer,
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    import os
-
     for key in [k for k in os.environ if k.startswith("DSML_PROXY_")]:
         monkeypatch.delenv(key)
     return monkeypatch
@@ -402,3 +421,35 @@ def test_per_model_dialects_flag_env_and_toml(tmp_path: Path,
         Settings(models=[{"name": "a"}, {"name": "a", "dialect": "v3.2"}])
     with pytest.raises(ValueError):
         Settings(models=[{"name": "a", "dialects": "v3.2"}])  # a typo is not ignored
+
+
+async def test_console_script_serves_several_dialects(fake: FakeUpstream) -> None:
+    port = int(refused_url().rsplit(":", 1)[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSML_PROXY_")}
+    env["DSML_PROXY_MODELS"] = '[{"name": "from-env", "dialect": "v4-0731"}]'
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from proxy.cli import main; main()", "serve",
+        "--upstream", fake.url, "--port", str(port), "--dialect", "v4.1",
+        "--served-model", "ds-v3.2=v3.2", "--served-model", "ds-v3.2-chat=v3.2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert await _wait_http(base + "/health", proc) == 200
+        fake.push("Hmm.</think>Hello!" + EOS)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(base + "/v1/chat/completions", json={
+                    "model": "ds-v3.2", "messages": MESSAGES}) as resp:
+                assert resp.status == 200
+            async with session.get(base + "/v1/models") as resp:
+                ids = [m["id"] for m in (await resp.json())["data"]]
+            async with session.get(base + "/metrics") as resp:
+                metrics = await resp.text()
+        assert fake.prompt_text() == render_chat({"messages": MESSAGES}, dialect="v3.2").text
+        # Flags beat the environment: the env's list is replaced, not merged.
+        assert ids == ["deepseek-chat", "deepseek-reasoner", "deepseek-v4", "ds-v3.2",
+                       "ds-v3.2-chat"]
+        assert sorted(labels["dialect"] for labels in build_info(metrics)) == ["v3.2", "v4.1"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    assert "dialects v4.1, v3.2: the proxy has no tokenizer of these models" in stderr.decode()
