@@ -91,7 +91,8 @@ MARKER_PREFIXES = frozenset(
 
 
 class Tag:
-    """One complete DSML tag. A plain slotted class: built once per tag on the hot path."""
+    """One complete DSML tag. A plain slotted class, built once per distinct tag text and
+    then shared through the marker cache: read-only for its users."""
 
     __slots__ = ("attrs", "kind", "raw", "repairs", "self_closing")
 
@@ -165,11 +166,12 @@ _HEAD_INFO = {d: _head_info(d) for d in Dialect}
 _BARE_TOKENS = {d: _bare_tokens(info) for d, info in _HEAD_INFO.items()}
 
 # Complete markers already read, by their exact text, per dialect: the parser's fast path
-# (`StreamParser._decide`) looks a marker up here when its `>` arrives. A tool-call block repeats a few tags (`<｜DSML｜invoke name="get_weather">`,
-# each parameter opener, the closers), and a dict lookup replaces two regex matches, an
-# attribute scan and a Tag per tag (the 12% of deltas that complete a tag took ~60% of the
-# parser's time). Shared by all lexers, like a compiled-regex cache; bounded because tag
-# text is model output, and cleared when full so it follows the current tool set.
+# (`StreamParser._decide`) looks a marker up here when its `>` arrives. A tool-call block
+# repeats a few tags (`<｜DSML｜invoke name="get_weather">`, each parameter opener, the
+# closers), and a dict lookup replaces two regex matches, an attribute scan and a Tag per
+# tag (the ~12% of deltas that complete a tag took ~60% of the parser's time). Shared by
+# all lexers, like a compiled-regex cache; bounded because tag text is model output, and
+# emptied (but for the fixed markers) when full, so it follows the current tool set.
 _MAX_CACHED = 4096
 _MARKERS: dict[Dialect, dict[str, tuple[int, str, Tag | None]]] = {
     d: {raw: tok for raw, tok in ((t[1], t) for t in bare.values())}
@@ -209,7 +211,8 @@ class IncrementalLexer:
     )  # fmt: skip
 
     def __init__(self, dialect: Dialect | str = Dialect.V4) -> None:
-        dialect = Dialect(dialect)  # ValueError names an unknown dialect
+        if type(dialect) is not Dialect:
+            dialect = Dialect(dialect)  # ValueError names an unknown dialect
         self._head_info = _HEAD_INFO[dialect]
         self._bare_tokens = _BARE_TOKENS[dialect]
         # Complete markers by their text -> token, shared per dialect (see _MARKERS).
@@ -236,9 +239,11 @@ class IncrementalLexer:
             if ">" in text or "<" in text or "\n" in text:
                 return False
             buf = self._buf[self._pos :] + text
+            if len(buf) > MAX_TAG:
+                return False  # next() decides (the `<` is text); the caller pushes `text`
             self._buf = buf
             self._pos = 0
-            return len(buf) <= MAX_TAG
+            return True
         if self.prefix_wait:
             cand = self._buf[self._pos :] + text
             if len(cand) <= MAX_HEAD and cand in MARKER_PREFIXES:
@@ -302,7 +307,7 @@ class IncrementalLexer:
                     cache = self.markers
                     if len(cache) >= _MAX_CACHED:  # keep the fixed markers, drop the rest
                         for key in list(cache)[_NUM_FIXED:]:
-                            del cache[key]
+                            cache.pop(key, None)
                     cache[raw] = tok
                     return tok
                 if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):

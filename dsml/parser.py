@@ -136,11 +136,12 @@ class StreamParser(RegionStates, BlockStates):
         self._id_factory = id_factory or default_id
         # The dialect that rendered the prompt: its own tag spelling is not a repair (the
         # lexer still reads every dialect's tags). A bad name raises ValueError here.
-        self.dialect = Dialect(dialect)
+        self.dialect = dialect if type(dialect) is Dialect else Dialect(dialect)
         self._lex = IncrementalLexer(self.dialect)
         self._state = REASONING if thinking else CONTENT
         self._out: list[Event] = []
         self._raw: list[str] = []
+        self._keep = self._raw.append  # bound once: feed() calls it for every delta
         self._content: list[str] = []
         self._reasoning: list[str] = []
         self._calls: list[ToolCall] = []
@@ -180,7 +181,7 @@ class StreamParser(RegionStates, BlockStates):
     def feed(self, text: str) -> list[Event]:
         if not text:
             return []
-        self._raw.append(text)
+        self._keep(text)
         fast = self._fast
         # Fast paths (dsml.md section 6 asks for linear work; issue 2 for <= 1 us a delta).
         # Most deltas of a tool-call block only extend a marker still arriving (a tokenizer
@@ -228,6 +229,11 @@ class StreamParser(RegionStates, BlockStates):
                     ev = _new(ReasoningDelta)
                     _set_rtext(ev, text)
                     return [ev]
+                else:  # trailing newlines: held, they may separate a block (see _text)
+                    out = self._out = []
+                    self._text(CONTENT if fast == FAST_CONTENT else REASONING, text)
+                    self._fast = FAST_NONE
+                    return out
             else:
                 events = self._fast_split(text, fast)
                 if events is not None:
@@ -247,6 +253,10 @@ class StreamParser(RegionStates, BlockStates):
         held = self._pending
         end = text.find(">")
         if end < 0:
+            if not held and text in MARKER_PREFIXES:  # e.g. `<` after a held separator
+                self._pending = text
+                self._fast = FAST_PREFIX
+                return []
             if (
                 self._fast == FAST_PREFIX
                 and "<" not in text

@@ -24,6 +24,9 @@ engine's prefix cache keys on.
 from __future__ import annotations
 
 import re
+import threading
+from array import array
+from collections import OrderedDict
 from functools import cache
 from importlib import resources
 
@@ -51,6 +54,46 @@ EXPECTED_CONTROL_IDS = {
 CONTROL_STRINGS = (*EXPECTED_CONTROL_IDS, *markers.TASK_TOKENS.values(), markers.SYSTEM)
 # Longest first, so that no control string is cut short by another that prefixes it.
 CONTROL_RE = re.compile("|".join(map(re.escape, sorted(CONTROL_STRINGS, key=len, reverse=True))))
+
+
+# Agents resend the same tools and history every turn, and BPE is the whole cost of
+# encode_prompt (about 1 ms for a 1.6 KB tools prompt on the 2-core dev box; 0.08 ms per
+# render vector once its pieces are cached, 0.66 ms when only pieces of 64+ chars were).
+# Every piece between two control tokens is cached; the bound is on characters so that a
+# few huge pieces cannot hold much memory (ids are stored as uint32).
+PIECE_CACHE_MAX_CHARS = 4_000_000
+
+
+class _PieceCache:
+    """Thread-safe LRU of text -> BPE ids, bounded by the total length of the texts."""
+
+    def __init__(self, max_chars: int) -> None:
+        self._max_chars = max_chars
+        self._num_chars = 0
+        self._entries: OrderedDict[str, array] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> array | None:
+        with self._lock:
+            ids = self._entries.get(text)
+            if ids is not None:
+                self._entries.move_to_end(text)
+            return ids
+
+    def put(self, text: str, ids: array) -> None:
+        if len(text) > self._max_chars:
+            return
+        with self._lock:
+            if text in self._entries:
+                return
+            self._entries[text] = ids
+            self._num_chars += len(text)
+            while self._num_chars > self._max_chars:
+                evicted, _ = self._entries.popitem(last=False)
+                self._num_chars -= len(evicted)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def tokenizer_json_path() -> str:
@@ -103,6 +146,7 @@ class V4Tokenizer:
         # Every added token: none of them may come out of client text.
         self.special_ids: frozenset[int] = frozenset(self._generated.get_added_tokens_decoder())
         self.bytes_by_id: tuple[bytes, ...] = self._build_bytes_by_id()
+        self._pieces = _PieceCache(PIECE_CACHE_MAX_CHARS)
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -122,12 +166,21 @@ class V4Tokenizer:
                         f"control string {match.group()!r} is not a token of the V4 tokenizer"
                     )
                 pending.append(segment.text[start : match.start()])
-                ids += self.encode_text("".join(pending))
+                ids += self._encode_piece("".join(pending))
                 pending.clear()
                 ids.append(token_id)
                 start = match.end()
             pending.append(segment.text[start:])
-        ids += self.encode_text("".join(pending))
+        ids += self._encode_piece("".join(pending))
+        return ids
+
+    def _encode_piece(self, text: str) -> list[int] | array:
+        if not text:
+            return []
+        ids = self._pieces.get(text)
+        if ids is None:
+            ids = array("I", self.encode_text(text))
+            self._pieces.put(text, ids)
         return ids
 
     def encode_text(self, text: str) -> list[int]:

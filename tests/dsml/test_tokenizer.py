@@ -193,6 +193,30 @@ def test_control_segment_with_dsml_inside_markup(tok: V4Tokenizer) -> None:
     assert ids == tok.encode_generated(prompt.text)
 
 
+def test_cached_pieces_give_the_same_ids(tok: V4Tokenizer) -> None:
+    prompt = chat_prompt(f"A long question, asked again on the next turn: {'lorem ipsum ' * 40}")
+    first = tok.encode_prompt(prompt)
+    first_copy = list(first)
+    first.clear()  # the caller owns the list: the cache must not be aliased by it
+    assert tok.encode_prompt(prompt) == first_copy == tok.encode_generated(prompt.text)
+
+
+def test_piece_cache_is_bounded_by_characters() -> None:
+    from array import array
+
+    from dsml.tokenizer import _PieceCache
+
+    cache = _PieceCache(max_chars=10)
+    cache.put("aaaa", array("I", [1]))
+    cache.put("bbbb", array("I", [2]))
+    assert cache.get("aaaa") == array("I", [1])  # now the most recently used
+    cache.put("cccc", array("I", [3]))  # 12 chars > 10: evicts the least recent, "bbbb"
+    assert cache.get("bbbb") is None
+    assert cache.get("aaaa") is not None and cache.get("cccc") is not None
+    cache.put("x" * 11, array("I", [4]))  # larger than the whole budget: not kept
+    assert cache.get("x" * 11) is None and len(cache) == 2
+
+
 def test_control_string_outside_v4_vocabulary_is_refused(tok: V4Tokenizer) -> None:
     assert markers.SYSTEM in CONTROL_STRINGS
     with pytest.raises(UnsupportedError, match="System"):
