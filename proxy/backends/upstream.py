@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from dsml.markers import THINK_CLOSE
 from proxy.backends.base import BackendError, GenerateDelta, GenerateRequest
 from proxy.settings import Settings, UpstreamKind
 
@@ -173,45 +174,159 @@ class UpstreamBackend:
             resp.close()
 
     async def _read_stream(self, resp: aiohttp.ClientResponse) -> AsyncIterator[GenerateDelta]:
-        num_counted = 0
-        finish: str | None = None
+        # Whatever is buffered is read at once: at speed an engine's events arrive many to a
+        # read, and they go on as one merged delta (see SseReader), not one per token.
+        reader = SseReader()
+        out: list[GenerateDelta] = []
         try:
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments, `event:` lines
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
+            async for chunk in resp.content.iter_any():
+                error: Exception | None = None
+                try:
+                    reader.feed(chunk, out)
+                except (BackendError, ValueError, AttributeError, TypeError) as exc:
+                    error = exc  # after what the read held before the bad event
+                if out:
+                    for delta in out:
+                        yield delta
+                    out.clear()
+                if error is not None:
+                    raise error
+                if reader.done:
                     return
-                data = json.loads(payload)
-                if "error" in data:
-                    raise BackendError("stream", f"upstream error event: {data['error']}")
-                usage = data.get("usage")
-                for choice in data.get("choices") or ():
-                    text = choice.get("text") or ""
-                    reason = choice.get("finish_reason")
-                    matched = None
-                    if reason is not None:
-                        finish = "length" if reason == "length" else "stop"
-                        matched = _matched_stop(choice) if finish == "stop" else None
-                    if text or reason is not None:
-                        n = 1 if text else 0
-                        num_counted += n
-                        yield GenerateDelta(text, n, finish if reason is not None else None,
-                                            matched)
-                if usage and usage.get("completion_tokens") is not None:
-                    # SSE events can carry several tokens (speculative decoding, batching):
-                    # the engine's own count is authoritative.
-                    missing = int(usage["completion_tokens"]) - num_counted
-                    if missing > 0:
-                        num_counted += missing
-                        yield GenerateDelta("", missing, None)
+            reader.end(out)  # an event the stream did not terminate
+            for delta in out:
+                yield delta
         except TimeoutError as exc:
             raise BackendError("timeout", "no data from the upstream within the read timeout") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                 aiohttp.ClientConnectionError) as exc:
             raise BackendError("stream", f"stream broken: {type(exc).__name__}: {exc}") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+        except (ValueError, AttributeError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError
             raise BackendError("stream", f"unreadable SSE event: {exc}") from exc
-        if finish is None:
+        if reader.done:
+            return
+        if reader.finish is None:
             raise BackendError("stream", "upstream closed the stream before finishing")
+
+
+class SseReader:
+    """The engine's SSE byte stream -> merged `GenerateDelta`s, one per read (pure, no I/O).
+
+    `feed(chunk, out)` takes the bytes of one read and appends to `out` one delta for all the
+    complete events they end: texts joined, token counts summed, the finish reason and stop
+    string of the last event that has one. Events may be split anywhere across reads; lines
+    may end in `\n`, `\r\n` or `\r`; comment lines (`:`) and other fields are skipped; the
+    `data:` lines of one event are joined with `\n` (the SSE rules). `data: [DONE]` sets
+    `done`, and nothing after it is read.
+
+    All complete events of a read are decoded by one `json.loads` of a JSON array. Should
+    that fail (or not give one value per event), they are decoded one by one, and the bad
+    event raises (ValueError, or BackendError for an `error` event) once `out` holds the
+    delta of the events before it.
+
+    A delta never goes on past an event whose text holds `</think>`: the turn counts the
+    tokens of a delta as reasoning when the delta starts inside reasoning, so that count is
+    the same as with one delta per event. Nothing else depends on how text is cut (the DSML
+    parser is chunking-invariant), and a slow engine still gives one token per read.
+    """
+
+    __slots__ = ("_buf", "_cr", "done", "finish", "num_counted")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._cr = False  # the last read ended in "\r": maybe half of a "\r\n"
+        self.done = False
+        self.finish: str | None = None  # "stop" | "length" once an event said so
+        self.num_counted = 0
+
+    def feed(self, chunk: bytes, out: list[GenerateDelta]) -> None:
+        if self.done or not chunk:
+            return
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk = chunk[:-1]
+                self._cr = True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = self._buf + chunk if self._buf else chunk
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self._buf = buf
+            return
+        self._buf = buf[cut + 2:]
+        self._events(buf[:cut].split(b"\n\n"), out)
+
+    def end(self, out: list[GenerateDelta]) -> None:
+        """End of the stream: a last event with no blank line after it still counts."""
+        buf, self._buf = self._buf, b""
+        if not self.done and buf.strip():
+            self._events([buf], out)
+
+    def _events(self, events: list[bytes], out: list[GenerateDelta]) -> None:
+        payloads = []
+        for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                payloads.append(event[6:])  # the usual event: one data line
+            elif event:
+                data = [line[5:].strip() for line in event.split(b"\n")
+                        if line.startswith(b"data:")]
+                if data:
+                    payloads.append(b"\n".join(data))
+        if not payloads:
+            return
+        for k, payload in enumerate(payloads):
+            if payload.strip() == b"[DONE]":
+                del payloads[k:]
+                self.done = True
+                break
+        if len(payloads) == 1:
+            self._merge([json.loads(payloads[0])], out)
+            return
+        try:
+            decoded = json.loads(b"[" + b",".join(payloads) + b"]")
+        except ValueError:
+            decoded = None
+        if decoded is not None and len(decoded) == len(payloads):
+            self._merge(decoded, out)
+            return
+        good = []
+        try:
+            for payload in payloads:
+                good.append(json.loads(payload))
+        finally:  # what came before the bad event goes out first
+            self._merge(good, out)
+
+    def _merge(self, events: list[Any], out: list[GenerateDelta]) -> None:
+        texts: list[str] = []
+        num = 0
+        finish = stop = None
+        try:
+            for data in events:
+                if "error" in data:
+                    raise BackendError("stream", f"upstream error event: {data['error']}")
+                for choice in data.get("choices") or ():
+                    text = choice.get("text")
+                    if text:
+                        texts.append(text)
+                        num += 1
+                        self.num_counted += 1
+                    reason = choice.get("finish_reason")
+                    if reason is not None:
+                        finish = self.finish = "length" if reason == "length" else "stop"
+                        stop = _matched_stop(choice) if finish == "stop" else None
+                    if text and THINK_CLOSE in text:
+                        out.append(GenerateDelta("".join(texts), num, finish, stop))
+                        texts, num, finish, stop = [], 0, None, None
+                usage = data.get("usage")
+                if usage and usage.get("completion_tokens") is not None:
+                    # SSE events can carry several tokens (speculative decoding, batching):
+                    # the engine's own count is authoritative.
+                    missing = int(usage["completion_tokens"]) - self.num_counted
+                    if missing > 0:
+                        self.num_counted += missing
+                        num += missing
+        finally:
+            if texts or num or finish is not None:
+                out.append(GenerateDelta("".join(texts), num, finish, stop))
