@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from bisect import bisect_left
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -94,6 +95,21 @@ def count_prompt_tokens(tokenizer: V4Tokenizer, prompt: Prompt) -> int:
         return len(tokenizer.encode_prompt(Prompt(known))) + unknown
 
 
+def observe_many(histogram: Any, value: float, n: int) -> None:
+    """`histogram.observe(value)` n times, at the cost of one (an unlabelled Histogram)."""
+    if n == 1:
+        histogram.observe(value)
+        return
+    try:
+        bounds, buckets, total = histogram._upper_bounds, histogram._buckets, histogram._sum
+    except AttributeError:  # another prometheus_client layout: the plain way
+        for _ in range(n):
+            histogram.observe(value)
+        return
+    total.inc(value * n)
+    buckets[bisect_left(bounds, value)].inc(n)  # the first bucket with value <= bound
+
+
 def forced_opener(prompt: Prompt, dialect: Dialect | str = Dialect.V4) -> str:
     """The text that forces the prompt's tool choice, "" when the model may choose."""
     if not prompt.tools:
@@ -153,7 +169,12 @@ class TurnRunner:
         self, req: GenerateRequest, *, endpoint: str, clock: RequestClock
     ) -> AsyncIterator[GenerateDelta]:
         """The backend's deltas, timed: waits excluded from overhead, TTFT, inter-token latency,
-        upstream errors counted. Closing this iterator closes the backend stream at once."""
+        upstream errors counted. Closing this iterator closes the backend stream at once.
+
+        A delta may cover many tokens (the upstream backend merges what one read holds).
+        Inter-token latency stays per token: a delta of n tokens, t after the previous one,
+        counts as n latencies of t/n (n-1 zeros for the first delta), at the cost of one
+        observation per delta."""
         metrics = self.metrics
         last_at: float | None = None
         try:
@@ -167,11 +188,14 @@ class TurnRunner:
                         return
                     now = clock.wait_end()
                     if delta.text:  # not the usage corrections (text "", late token counts)
+                        num = delta.num_tokens
                         if clock.first_token_at is None:
                             clock.first_token_at = now
                             metrics.ttft.labels(endpoint).observe(now - clock.started)
+                            if num > 1:  # the first token's companions came with it
+                                observe_many(metrics.itl, 0.0, num - 1)
                         elif last_at is not None:
-                            metrics.itl.observe((now - last_at) / max(1, delta.num_tokens))
+                            observe_many(metrics.itl, (now - last_at) / max(1, num), max(1, num))
                         last_at = now
                     yield delta
         except BackendError as exc:
