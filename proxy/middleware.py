@@ -87,6 +87,17 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             log.info("request", extra={"fields": fields})
 
 
+def api_error_for(request: web.Request, exc: Exception) -> ApiError:
+    """The ApiError a handler's exception becomes (a 500 for anything unexpected, logged)."""
+    err = to_api_error(exc)
+    if err is None:
+        log.exception("unhandled error", extra={"fields": {
+            "request_id": request.get(state.REQUEST_ID)}})
+        err = ApiError(500, f"internal error ({type(exc).__name__})", code="internal_error")
+    request[state.LOG_FIELDS]["error"] = err.message
+    return err
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -94,13 +105,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        err = to_api_error(exc)
-        if err is None:
-            log.exception("unhandled error", extra={"fields": {
-                "request_id": request.get(state.REQUEST_ID)}})
-            err = ApiError(500, f"internal error ({type(exc).__name__})", code="internal_error")
-        request[state.LOG_FIELDS]["error"] = err.message
-        return error_response(err)
+        return error_response(api_error_for(request, exc))
 
 
 def _presented_key(request: web.Request) -> bytes:

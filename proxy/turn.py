@@ -95,6 +95,15 @@ def count_prompt_tokens(tokenizer: V4Tokenizer, prompt: Prompt) -> int:
         return len(tokenizer.encode_prompt(Prompt(known))) + unknown
 
 
+def _after_each_gt(text: str) -> list[str]:
+    """`text` cut after every ">" (where a DSML tag can end)."""
+    parts = text.split(">")
+    pieces = [part + ">" for part in parts[:-1]]
+    if parts[-1]:
+        pieces.append(parts[-1])
+    return pieces
+
+
 def observe_many(histogram: Any, value: float, n: int) -> None:
     """`histogram.observe(value)` n times, at the cost of one (an unlabelled Histogram)."""
     if n == 1:
@@ -332,14 +341,24 @@ class Turn:
                     # recovery continuation can still append `</think>`.
                     text = text[:cut]
                     self._saw_eos = True
-                if THINK_CLOSE in text:
-                    self._in_reasoning = False
-                    self._saw_think_close = True
-                self._generated.append(text)
-                for event in self._feed(text):
-                    yield event
-                if self._first_call_done and not self.parallel_tool_calls:
-                    self._stopped_after_first_call = True
+                if self.parallel_tool_calls or self._first_call_done:
+                    pieces: list[str] | tuple[str] = (text,)
+                else:
+                    # A delta can hold many tokens (the upstream backend merges what a read
+                    # holds): feed it up to each ">" in turn, so that generation stops right
+                    # after the first invoke's closing tag, as with one token per delta.
+                    pieces = _after_each_gt(text)
+                for piece in pieces:
+                    if THINK_CLOSE in piece:
+                        self._in_reasoning = False
+                        self._saw_think_close = True
+                    self._generated.append(piece)
+                    for event in self._feed(piece):
+                        yield event
+                    if self._first_call_done and not self.parallel_tool_calls:
+                        self._stopped_after_first_call = True
+                        break
+                if self._stopped_after_first_call:
                     break  # closing `deltas` cancels the backend request
 
     def _inject(self, text: str, *, in_prompt: bool = False) -> list[Event]:

@@ -9,7 +9,6 @@ and outside auth, so a bad key is answered in that shape too.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from aiohttp import web
 
@@ -18,9 +17,7 @@ from dsml.request import render_chat
 from proxy import state
 from proxy.backends.base import SamplingParams
 from proxy.encoders.anthropic import AnthropicStreamEncoder, anthropic_error, message_body
-from proxy.errors import ApiError, to_api_error
-from proxy.logs import ACCESS_LOGGER
-from proxy.middleware import Handler
+from proxy.middleware import Handler, api_error_for
 from proxy.models import ModelSpec
 from proxy.routes.common import drain, read_json, stream_turn
 from proxy.signature import app_signer
@@ -30,8 +27,6 @@ from schemas.anthropic import CountTokensRequest, MessagesRequest
 
 ENDPOINT = "messages"
 PATHS = ("/v1/messages", "/v1/messages/count_tokens")
-
-log = logging.getLogger(ACCESS_LOGGER)
 
 
 def add_routes(app: web.Application) -> None:
@@ -86,11 +81,6 @@ async def anthropic_errors(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        err = to_api_error(exc)
-        if err is None:
-            log.exception("unhandled error", extra={"fields": {
-                "request_id": request.get(state.REQUEST_ID)}})
-            err = ApiError(500, f"internal error ({type(exc).__name__})", code="internal_error")
-        request[state.LOG_FIELDS]["error"] = err.message
+        err = api_error_for(request, exc)
         status, body = anthropic_error(err)
         return web.json_response(body, status=status, headers=err.headers)
