@@ -6,13 +6,16 @@ call these flags; keep them stable.
     python -m dsml render [--dialect v4] < request.json     # the prompt, byte-exact
     python -m dsml render --jsonl FILE [--dialect v4]       # {"id", "prompt"} per line
     python -m dsml tokenize [--dialect v4] < request.json   # JSON list of prompt token ids
-    python -m dsml parse --jsonl FILE [--stream]            # {"id", "reasoning_content",
+    python -m dsml parse --jsonl FILE [--stream] [--dialect v4]
+                                                            # {"id", "reasoning_content",
                                                             #  "content", "tool_calls"} per line
 
 `render` without `--jsonl` writes exactly the prompt: no newline is added, so the output
 can be compared byte for byte with a reference. `--jsonl` input lines are shaped like
 `render.jsonl` (`id`, `request`, optional `dialect`, which wins over `--dialect`) or
-`parse.jsonl` (`id`, `thinking`, `tools`, `completion`); `FILE` may be `-` for stdin.
+`parse.jsonl` (`id`, `thinking`, `tools`, `completion`, optional `dialect`, which wins over
+`--dialect`: the dialect that rendered the prompt, whose own tag spelling is not a repair);
+`FILE` may be `-` for stdin.
 `parse --stream` feeds each completion token by token through the V4 tokenizer and the
 incremental detokenizer, as an engine would deliver it.
 
@@ -110,7 +113,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     sys.stdout.write(json.dumps(load_tokenizer().encode_prompt(prompt)) + "\n")
 
 
-def _parse_streamed(completion: str, tools: list[dict[str, Any]], thinking: bool):
+def _parse_streamed(completion: str, tools: list[dict[str, Any]], thinking: bool, dialect: Dialect):
     """Token by token, as an engine delivers it: model-output ids, detokenized one at a time."""
     from dsml.detokenizer import IncrementalDetokenizer
     from dsml.parser import StreamParser
@@ -118,7 +121,7 @@ def _parse_streamed(completion: str, tools: list[dict[str, Any]], thinking: bool
 
     tokenizer = load_tokenizer()
     detok = IncrementalDetokenizer(tokenizer)
-    parser = StreamParser(tools=tools, thinking=thinking)
+    parser = StreamParser(tools=tools, thinking=thinking, dialect=dialect)
     for token_id in tokenizer.encode_generated(completion):
         delta = detok.push(token_id)
         if delta:
@@ -137,10 +140,13 @@ def cmd_parse(args: argparse.Namespace) -> None:
         thinking = _field(record, "thinking", where)
         if not isinstance(completion, str) or not isinstance(tools, list):
             raise BadInput(f"{where}: 'completion' must be a string and 'tools' a list")
+        dialect = _dialect(record.get("dialect", args.dialect), where)
         if args.stream:
-            result = _parse_streamed(completion, tools, bool(thinking))
+            result = _parse_streamed(completion, tools, bool(thinking), dialect)
         else:
-            result = parse_completion(completion, tools=tools, thinking=bool(thinking))
+            result = parse_completion(
+                completion, tools=tools, thinking=bool(thinking), dialect=dialect
+            )
         calls = [{"name": c.name, "arguments": c.arguments} for c in result.tool_calls]
         _write_line(
             {
@@ -170,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parse = commands.add_parser("parse", help="completions -> reasoning, content, tool calls")
     parse.add_argument(
-        "--jsonl", metavar="FILE", required=True, help="lines of {id, thinking, tools, completion}"
+        "--jsonl",
+        metavar="FILE",
+        required=True,
+        help="lines of {id, thinking, tools, completion[, dialect]}",
     )
+    parse.add_argument("--dialect", choices=dialects, default=Dialect.V4.value)
     parse.add_argument(
         "--stream", action="store_true", help="feed token by token via tokenizer + detokenizer"
     )

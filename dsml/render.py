@@ -4,7 +4,7 @@ This is a port of `encode_messages` from DeepSeek's reference encoders: `encodin
 (V4 and V4-0731, which differ only in effort texts), its V4.1 successor (spaced tag names,
 a `<｜System｜>` turn for the effort budget and for mid-conversation system messages) and
 `encoding_dsv32.py` (V3.2: `function_calls`, positional `<function_results>`; its own
-`_V32Renderer` below). One change of output type: instead of one string it produces
+`V32Renderer` in `dsml.render_v32`). One change of output type: instead of one string it produces
 segments, so that only the control strings this renderer inserts can become special tokens
 (dsml.md section 4). `Prompt.text` is exactly the reference encoder's string.
 
@@ -422,66 +422,6 @@ class _Renderer:
             self.out.control(mk.THINK_OPEN if opens_reasoning else mk.THINK_CLOSE)
 
 
-class _V32Renderer(_Renderer):
-    """DeepSeek-V3.2 (`encoding_dsv32.py`): every user turn ends with the assistant opener,
-    tool results follow the calls as one `<function_results>` block per call group, matched
-    to calls by position, and earlier reasoning is dropped even when tools are offered."""
-
-    def render(self, messages: list[dict[str, Any]]) -> None:
-        for i, msg in enumerate(messages):
-            if msg.get("task") is not None or msg["role"] == "latest_reminder":
-                raise RenderError(
-                    f"messages[{i}]: DeepSeek-V3.2 has no tasks or reminder turns",
-                    param=f"messages[{i}]",
-                )
-        if self.thinking and self.drop_thinking:
-            messages = _drop_thinking(messages, False, kept_roles=("user", "system", "tool"))
-        last_user = _last_user_index(messages)
-        self.out.control(mk.BOS)
-        for i, msg in enumerate(messages):
-            role = msg["role"]
-            content_param = f"messages[{i}].content"
-            if role == "system":
-                self.out.text(_as_text(msg.get("content"), content_param))
-                self.attachments(msg, i)
-            elif role in ("user", "developer"):
-                content = _as_text(msg.get("content"), content_param)
-                self.out.control(mk.USER)
-                if role == "developer":
-                    if not content:
-                        raise RenderError("a developer message needs content", param=content_param)
-                    self.attachments(msg, i)
-                    content = f"\n\n# The user's message is: {content}"
-                self.out.text(content)
-                self.out.control(mk.ASSISTANT)
-                self.out.control(
-                    mk.THINK_OPEN if self.thinking and i == last_user else mk.THINK_CLOSE
-                )
-            elif role == "tool":
-                self.tool_result(i, messages, last_user)
-            else:
-                self.assistant(i, messages, last_user)
-
-    def tool_result(self, i: int, messages: list[dict[str, Any]], last_user: int) -> None:
-        caller = i - 1
-        while caller >= 0 and messages[caller]["role"] == "tool":
-            caller -= 1
-        calls = messages[caller].get("tool_calls") if caller >= 0 else None
-        position = i - caller  # 1 for the first result of the group
-        if messages[caller]["role"] != "assistant" or not calls or len(calls) < position:
-            raise RenderError(
-                f"messages[{i}]: a tool result must follow an assistant message with as many tool calls",
-                param=f"messages[{i}]",
-            )
-        if position == 1:
-            self.out.text("\n\n<function_results>")
-        text = _tool_result_text(messages[i].get("content"), f"messages[{i}].content")
-        self.out.text(f"\n<result>{text}</result>")
-        if position == len(calls):
-            self.out.text("\n</function_results>\n\n")
-            self.out.control(mk.THINK_OPEN if self.thinking and i >= last_user else mk.THINK_CLOSE)
-
-
 def _effort_prefix(dialect: Dialect, reasoning_effort: Effort | str | int | None) -> str:
     try:
         return texts(dialect).effort_prefix(reasoning_effort)
@@ -518,8 +458,11 @@ def render_messages(
     effort_prefix = _effort_prefix(dialect, reasoning_effort)  # checked in chat mode too
     effort_prefix = effort_prefix if thinking else ""
     if dialect == Dialect.V3_2:
+        # Imported here: dsml.render_v32 builds on this module's _Renderer and helpers.
+        from dsml.render_v32 import V32Renderer
+
         msgs = _checked(messages)
-        renderer: _Renderer = _V32Renderer(dialect, thinking, drop_thinking)
+        renderer: _Renderer = V32Renderer(dialect, thinking, drop_thinking)
         offered = [tool for msg in msgs for tool in (msg.get("tools") or [])]
         renderer.render(msgs)
     else:

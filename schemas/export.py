@@ -1,5 +1,8 @@
 """Export the wire models as JSON Schema files into schemas/json/ (for users' own tests).
 
+One file per model, `{name}.json` with the names in `MODELS`; users import them, so a name
+once published is not changed.
+
     python -m schemas.export          # rewrite the files
     python -m schemas.export --check  # exit 1 if a file is out of date
 """
@@ -12,10 +15,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from schemas.anthropic import CountTokensRequest, ErrorBody, Message, MessagesRequest
 from schemas.errors import ErrorResponse
 from schemas.openai_chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from schemas.openai_completions import Completion, CompletionRequest
 from schemas.openai_models import Model, ModelList
+from schemas.responses import ResponsesRequest
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -28,6 +33,14 @@ MODELS: dict[str, type[BaseModel]] = {
     "model": Model,
     "model_list": ModelList,
     "error": ErrorResponse,
+    # Anthropic Messages (/v1/messages, /v1/messages/count_tokens); prefixed because their
+    # names (message, error) would otherwise collide with the OpenAI ones.
+    "anthropic_messages_request": MessagesRequest,
+    "anthropic_count_tokens_request": CountTokensRequest,
+    "anthropic_message": Message,
+    "anthropic_error": ErrorBody,
+    # OpenAI Responses (/v1/responses): schemas/responses.py defines the request only.
+    "responses_request": ResponsesRequest,
 }
 
 

@@ -90,6 +90,69 @@ def test_parse_jsonl_matches_expected(path: Path, stream: bool) -> None:
         assert {k: line[k] for k in vector["expected"]} == vector["expected"], vector["id"]
 
 
+DIALECT_PARSE_FILES = sorted((DATA / "dialects").glob("*/parse.jsonl"))
+
+
+def _expected_fields_match(out: list[dict], vectors: list[dict]) -> None:
+    assert [o["id"] for o in out] == [v["id"] for v in vectors]
+    for line, vector in zip(out, vectors, strict=True):
+        assert set(line) == {"id", "reasoning_content", "content", "tool_calls"}
+        assert {k: line[k] for k in vector["expected"]} == vector["expected"], vector["id"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("path", DIALECT_PARSE_FILES, ids=lambda p: p.parent.name)
+def test_parse_dialect_flag_matches_expected(tmp_path: Path, path: Path, stream: bool) -> None:
+    """`--dialect` alone (no per-line field), native and foreign, gives the expected fields.
+
+    Every dialect's tags are read whatever the dialect; a foreign one only changes call
+    outcomes and notices (tests/dsml/test_parser_dialects.py), which the CLI does not print.
+    """
+    vectors = read_jsonl(path)
+    native = vectors[0]["dialect"]
+    assert native == path.parent.name
+    stripped = tmp_path / "parse.jsonl"
+    stripped.write_text(
+        "".join(json.dumps({k: v for k, v in vec.items() if k != "dialect"}) + "\n"
+                for vec in vectors),
+        encoding="utf-8",
+    )  # fmt: skip
+    for dialect in (native, "v4"):
+        args = ["parse", "--jsonl", str(stripped), "--dialect", dialect]
+        _expected_fields_match(output_lines(run_cli(*args, *(["--stream"] if stream else []))),
+                               vectors)  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_parse_dialect_reaches_the_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    stream: bool,
+) -> None:  # fmt: skip
+    """The flag is the default; a line's own `dialect` field wins over it."""
+    import dsml.parser
+    from dsml import cli
+
+    seen: list[str] = []
+    real_init = dsml.parser.StreamParser.__init__
+
+    def recording_init(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        real_init(self, *args, **kwargs)
+        seen.append(self.dialect.value)
+
+    monkeypatch.setattr(dsml.parser.StreamParser, "__init__", recording_init)
+    vector = read_jsonl(DATA / "dialects" / "v3.2" / "parse.jsonl")[0]
+    bare = {k: v for k, v in vector.items() if k != "dialect"}
+    path = tmp_path / "in.jsonl"
+    path.write_text(f"{json.dumps(vector)}\n{json.dumps(bare)}\n", encoding="utf-8")
+    for flag, want in ((None, ["v3.2", "v4"]), ("v4.1", ["v3.2", "v4.1"])):
+        seen.clear()
+        argv = ["parse", "--jsonl", str(path), *(["--dialect", flag] if flag else [])]
+        assert cli.main(argv + (["--stream"] if stream else [])) == 0
+        assert seen == want
+        out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [o["content"] for o in out] == [vector["expected"]["content"]] * 2
+
+
 def test_parse_reads_stdin_with_dash() -> None:
     vector = read_jsonl(DATA / "wild.jsonl")[0]
     out = output_lines(run_cli("parse", "--jsonl", "-", stdin=json.dumps(vector)))
@@ -148,6 +211,11 @@ def test_render_stdin_with_non_object_arguments_fails_cleanly() -> None:
         ),
         ("render", "[1, 2]\n", "expected a JSON object"),
         ("render", '{"id": "d", "dialect": "v9", "request": {}}\n', "unknown dialect 'v9'"),
+        (
+            "parse",
+            '{"id": "d", "dialect": "v9", "thinking": false, "completion": "hi"}\n',
+            "unknown dialect 'v9'",
+        ),
     ],
 )
 def test_bad_jsonl_lines(tmp_path: Path, command: str, content: str, message: str) -> None:
@@ -171,3 +239,4 @@ def test_usage_errors_exit_2() -> None:
     assert run_cli().returncode == 2
     assert run_cli("render", "--dialect", "v9").returncode == 2
     assert run_cli("parse").returncode == 2  # --jsonl is required
+    assert run_cli("parse", "--jsonl", "-", "--dialect", "v9").returncode == 2
