@@ -20,6 +20,7 @@ from typing import Any
 from dsml import repair
 from dsml.calls import (
     JUNK_ERROR,
+    M_COERCE,
     M_JSON,
     M_STR,
     WRAPPERS,
@@ -43,6 +44,11 @@ from dsml.lexer import Tag
 from dsml.schema import loads_strict
 from dsml.states import AFTER, BLOCK, BODY, CONTENT, INVOKE, VALUE
 
+_CANONICAL_WS = frozenset(("\n", "\n\n", ""))  # between tags: not a WHITESPACE repair
+# Outcomes a strict parser delivers; a tuple of members bound once (`CallOutcome.VALID` is a
+# ~90 ns lookup in 3.11 and an Enum hashes in Python, so no frozenset).
+_DELIVERABLE = (CallOutcome.VALID, CallOutcome.REPAIRED)
+
 
 class BlockStates:
     """Token handlers for BLOCK, INVOKE, BODY and VALUE, and the delivery of calls."""
@@ -51,7 +57,7 @@ class BlockStates:
 
     def _check_ws(self) -> None:
         ws, self._ws = self._ws, ""
-        if ws not in ("\n", "\n\n", ""):
+        if ws not in _CANONICAL_WS:
             self._notice(RepairKind.WHITESPACE, repr(ws))
 
     def _on_block_text(self, raw: str, tag: Tag | None) -> None:
@@ -94,9 +100,12 @@ class BlockStates:
 
     def _on_invoke_open(self, raw: str, tag: Tag | None) -> None:
         assert tag is not None
-        if self._ws:
-            self._check_ws()
-        name = tag.attrs.get("name")
+        ws = self._ws
+        if ws:  # _check_ws() inline: one call less per tag
+            self._ws = ""
+            if ws not in _CANONICAL_WS:
+                self._notice(RepairKind.WHITESPACE, repr(ws))
+        name = tag.name
         if name is None:
             self._on_junk(raw, tag)
             return
@@ -149,9 +158,12 @@ class BlockStates:
         assert tag is not None
         call = self._call
         assert call is not None
-        if self._ws:
-            self._check_ws()
-        key = tag.attrs.get("name")
+        ws = self._ws
+        if ws:  # _check_ws() inline: one call less per tag
+            self._ws = ""
+            if ws not in _CANONICAL_WS:
+                self._notice(RepairKind.WHITESPACE, repr(ws))
+        key = tag.name
         if key is None:
             self._on_junk(raw, tag)
             return
@@ -163,9 +175,11 @@ class BlockStates:
             self._flush_pending(call)
         tool = call.tool
         types = tool.param_types(key) if tool is not None else None
-        attr = tag.attrs.get("string")
+        attr = tag.string
         if attr == "false":
             mode = M_JSON
+        elif attr == "true":  # param_mode(), inline for the usual spelling
+            mode = M_STR if types is None or "string" in types else M_COERCE
         else:
             if attr is None:
                 call.repairs.append(RepairKind.MISSING_STRING_ATTR)
@@ -222,7 +236,9 @@ class BlockStates:
             call.pending = (key, value)
             call.wrapper = False
             return
-        self._write_param(call, key, value)
+        frag = call.write_param(key, value)  # _write_param(), inline
+        if call.streaming:
+            self._out.append(args_delta(call.index, frag))
 
     def _write_param(self, call: Call, key: str, value: Any) -> None:
         frag = call.write_param(key, value)
@@ -238,8 +254,11 @@ class BlockStates:
     def _on_invoke_close(self, raw: str, tag: Tag | None) -> None:
         call = self._call
         assert call is not None and tag is not None
-        if self._ws:
-            self._check_ws()
+        ws = self._ws
+        if ws:  # _check_ws() inline: one call less per tag
+            self._ws = ""
+            if ws not in _CANONICAL_WS:
+                self._notice(RepairKind.WHITESPACE, repr(ws))
         if self.spans is not None:
             self._span("markup", raw)
         if tag.repairs:
@@ -299,12 +318,15 @@ class BlockStates:
         self._call = None
         hold = self._hold
         self._state = BLOCK
-        invalid = outcome not in (CallOutcome.VALID, CallOutcome.REPAIRED)
+        invalid = outcome not in _DELIVERABLE
         if hold is None:
             if self._junk:  # resolve it now: the unfinished part of the block starts here
                 self._repair_junk()
-            if call.streaming:
-                self._end_call(call, outcome, error)
+            if call.streaming:  # _end_call(), inline
+                self._out.append(tool_call_end(call.index, call.args, outcome, error))
+                self._calls.append(
+                    ToolCall(call.id, call.name, call.args, "".join(call.jparts), outcome, error)
+                )
             elif invalid:  # strict mode
                 self.rejected.append(
                     ToolCall("", call.name, call.args, "".join(call.jparts), outcome, error)
@@ -312,7 +334,8 @@ class BlockStates:
             else:
                 self._deliver(call, outcome, error)
             self._mark = len(self.spans) if self.spans is not None else 0
-            self._block_start = self._here(0)
+            lex = self._lex  # self._here(0), inline
+            self._block_start = (len(self._raw), len(lex._buf) - lex._pos + len(self._pending))
             return
         if self._strict and invalid:
             self._reject(None, None)
@@ -348,9 +371,15 @@ class BlockStates:
 
     def _on_block_close(self, raw: str, tag: Tag | None) -> None:
         assert tag is not None
-        self._check_ws()
-        self._span("markup", raw)
-        self._tag_repairs(tag, None)
+        ws = self._ws
+        if ws:  # _check_ws(), inline
+            self._ws = ""
+            if ws not in _CANONICAL_WS:
+                self._notice(RepairKind.WHITESPACE, repr(ws))
+        if self.spans is not None:
+            self._span("markup", raw)
+        if tag.repairs:
+            self._tag_repairs(tag, None)
         hold = self._hold
         if hold is not None:
             if hold.bare:  # an orphan closer after a bare invoke: reading failed
@@ -391,7 +420,7 @@ class BlockStates:
             call.jparts.append("}" if call.emitted else "{}")
             outcome, error = validate_call(call, self._tools)
             self._notice(RepairKind.LXML_REPAIR, inv.name, dedupe=False)
-            if self._strict and outcome not in (CallOutcome.VALID, CallOutcome.REPAIRED):
+            if self._strict and outcome not in _DELIVERABLE:
                 self.rejected.append(
                     ToolCall("", call.name, call.args, "".join(call.jparts), outcome, error)
                 )

@@ -32,6 +32,10 @@ WRAPPERS = ("arguments", "input")
 JUNK_ERROR = "unreadable text inside the invoke (returned as content)"
 NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]').search
 _RNG = random.Random()  # seeded from os.urandom at import
+_getrandbits = _RNG.getrandbits
+_ID_TOP = 1 << 96
+# Enum members bound once: `CallOutcome.VALID` is a ~90 ns class attribute lookup (3.11).
+_VALID, _REPAIRED = CallOutcome.VALID, CallOutcome.REPAIRED
 
 
 def escape(text: str) -> str:
@@ -44,7 +48,8 @@ def default_id() -> str:
     to be unique within a conversation, not secret; one getrandbits of a seeded Mersenne
     Twister costs ~0.3 us, where choices() of 24 letters took ~2 us and an urandom
     syscall per id ~20 us on a busy VM."""
-    return f"call_{_RNG.getrandbits(96):024x}"
+    # hex() of the bits above a leading 1: the 24 digits of `:024x`, ~0.34 us instead of ~0.45.
+    return "call_" + hex(_getrandbits(96) | _ID_TOP)[3:]
 
 
 def _not_json(value: Any) -> Any:
@@ -194,7 +199,7 @@ def validate_call(call: Call, tools: ToolRegistry) -> tuple[CallOutcome, str | N
     error = call.tool.validate(call.args)
     if error is not None:
         return CallOutcome.SCHEMA_INVALID, error
-    return (CallOutcome.REPAIRED if call.repairs else CallOutcome.VALID), None
+    return (_REPAIRED if call.repairs else _VALID), None
 
 
 __all__ = [

@@ -94,7 +94,7 @@ class Tag:
     """One complete DSML tag. A plain slotted class, built once per distinct tag text and
     then shared through the marker cache: read-only for its users."""
 
-    __slots__ = ("attrs", "kind", "raw", "repairs", "self_closing")
+    __slots__ = ("attrs", "kind", "name", "raw", "repairs", "self_closing", "string")
 
     def __init__(self, kind: int, raw: str, attrs: Mapping[str, str], self_closing: bool,
                  repairs: tuple[RepairKind, ...]) -> None:  # fmt: skip
@@ -103,6 +103,10 @@ class Tag:
         self.attrs = attrs
         self.self_closing = self_closing
         self.repairs = repairs
+        # The two attributes the parser reads, looked up once per distinct tag text
+        # (the tag is cached) instead of once per tag read.
+        self.name = attrs.get("name")
+        self.string = attrs.get("string")
 
     def __repr__(self) -> str:
         return f"Tag({self.raw!r})"
@@ -183,6 +187,10 @@ for _cache in _MARKERS.values():
 _NUM_FIXED = len(_MARKERS[Dialect.V4])
 # Markers that end a value (the lexer reads nothing else as markup in value mode).
 VALUE_MARKERS = frozenset((PARAM_CLOSE, END))
+
+
+# Whether a buffer starts with a DSML tag head (`<｜DSML｜invoke`, `</|DSML|parameter`, ...).
+match_head = _HEAD.match
 
 
 def starts_tag(text: str) -> bool:

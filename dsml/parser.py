@@ -87,6 +87,7 @@ from dsml.lexer import (
     VALUE_MARKERS,
     IncrementalLexer,
     Tag,
+    match_head,
     starts_tag,
 )
 from dsml.regions import Hold, RegionStates
@@ -104,12 +105,18 @@ from dsml.states import (
     FAST_VALUE,
     FAST_WS,
     INVOKE,
+    NUM_STATES,
     REASONING,
     VALUE,
     transition_table,
 )
 
 _new = object.__new__
+# The fast path of plain text in each state but VALUE (see _update_fast).
+_FAST_OF_STATE = [FAST_NONE] * NUM_STATES
+_FAST_OF_STATE[CONTENT] = FAST_CONTENT
+_FAST_OF_STATE[REASONING] = FAST_REASONING
+_FAST_OF_STATE[INVOKE] = _FAST_OF_STATE[BLOCK] = FAST_WS
 # feed()'s fast paths build events inline (see dsml.events.content_delta for why).
 _set_text = ContentDelta.text.__set__  # type: ignore[attr-defined]
 _set_rtext = ReasoningDelta.text.__set__  # type: ignore[attr-defined]
@@ -163,7 +170,6 @@ class StreamParser(RegionStates, BlockStates):
         self._unterminated = False
         self._malformed = False
         self._recovered = False
-        self._fast = FAST_NONE
         self._pending = ""  # a marker still arriving, held by the fast path (not the lexer)
         self._markers = self._lex.markers
         self._kind = TEXT  # kind of the token being handled
@@ -174,7 +180,9 @@ class StreamParser(RegionStates, BlockStates):
         self.spans: list[tuple[str, str]] | None = [] if trace else None
         if not trace:
             self._span = self._no_span  # type: ignore[method-assign]
-        self._update_fast()
+            self._fast = FAST_REASONING if thinking else FAST_CONTENT  # as _update_fast()
+        else:
+            self._fast = FAST_NONE
 
     # ----------------------------------------------------------------- public API
 
@@ -201,7 +209,7 @@ class StreamParser(RegionStates, BlockStates):
                 self._pending = held
                 self._fast = FAST_TAG
                 return []
-            return self._decide(text)
+            return self._decide(text, held)
         if fast:
             if "<" not in text:
                 if fast == FAST_VALUE:
@@ -234,6 +242,10 @@ class StreamParser(RegionStates, BlockStates):
                     self._text(CONTENT if fast == FAST_CONTENT else REASONING, text)
                     self._fast = FAST_NONE
                     return out
+            elif text in MARKER_PREFIXES:  # `<`, `</`: a marker starts, nothing before it
+                self._pending = text
+                self._fast = FAST_PREFIX
+                return []
             else:
                 events = self._fast_split(text, fast)
                 if events is not None:
@@ -245,14 +257,16 @@ class StreamParser(RegionStates, BlockStates):
             return self._decide(text)  # a whole marker in one delta (EOS, `</think>`)?
         return self._feed_slow(text)
 
-    def _decide(self, text: str) -> list[Event]:
-        """`text` (the last piece fed) decides the marker held in _pending. When the two
-        make a marker read before (`IncrementalLexer.markers`: one dict lookup), it is
-        handled here as _run() would, and the rest of the delta is fed again (a newline
-        after a tag, the start of a value); else the lexer reads them like any text."""
+    def _decide(self, text: str, joined: str = "") -> list[Event]:
+        """`text` (the last piece fed) decides the marker held in _pending (`joined` is
+        the two together, when the caller has it). When the two make a marker read before
+        (`IncrementalLexer.markers`: one dict lookup), it is handled here as _run() would,
+        and the rest of the delta is fed again (a newline after a tag, the start of a
+        value); else the lexer reads them like any text."""
         held = self._pending
-        end = text.find(">")
-        if end < 0:
+        # One partition() (~60 ns) instead of find() and two slices (~200 ns).
+        before, gt, rest = text.partition(">")
+        if not gt:
             if not held and text in MARKER_PREFIXES:  # e.g. `<` after a held separator
                 self._pending = text
                 self._fast = FAST_PREFIX
@@ -266,19 +280,51 @@ class StreamParser(RegionStates, BlockStates):
                 self._pending = held + text
                 self._fast = FAST_TAG
                 return []
+            buf = joined or held + text
+            if self._still_tag(buf):
+                self._pending = buf
+                return []
             self._pending = ""
+            if (
+                self._fast == FAST_PREFIX
+                and "<" not in text
+                and self._state != DONE
+                and match_head(buf) is None
+            ):
+                # What looked like a marker is text (`<y`, `<tag`): the lexer would read
+                # `buf` as one TEXT token (its only `<` is the first character, and it is
+                # no marker prefix: feed() checked). Handled as _run() would, without it.
+                self._fast = FAST_NONE
+                out = self._out = []
+                self._kind = TEXT
+                hold = self._hold
+                if hold is not None:
+                    hold.raw.append(buf)
+                _TABLE[self._state][TEXT](self, buf, None)
+                self._update_fast()
+                return out
             self._fast = FAST_NONE
-            return self._feed_slow(held + text)
+            return self._feed_slow(buf)
         self._pending = ""
-        self._fast = FAST_NONE
-        tok = self._markers.get(held + text[: end + 1])
+        if rest:
+            piece = before + gt  # up to the `>`
+            tok = self._markers.get(held + piece)
+        else:  # the usual case: the delta ends with the `>`
+            piece = text
+            tok = self._markers.get(joined or held + text)
         # A buffer that starts with a complete marker reads as that marker (a tag ends at
         # the first `>` after balanced quotes), so this is the token next() would give.
-        if tok is None or (self._state == VALUE and tok[0] not in VALUE_MARKERS):
-            return self._feed_slow(held + text)
-        rest = text[end + 1 :]
-        if rest:  # split the piece: offsets (_here) count what was read, not the rest
-            self._raw[-1] = text[: end + 1]
+        if tok is None and rest and self._fast == FAST_TAG and ">" in rest:
+            piece, rest, tok = self._quoted_gt(text, held, len(before) + 1)
+        state = self._state
+        if tok is None or (state == VALUE and tok[0] not in VALUE_MARKERS):
+            buf = joined or held + text
+            if tok is None and self._still_tag(buf):  # a `>` inside a quoted value
+                self._pending = buf
+                return []
+            self._fast = FAST_NONE
+            return self._feed_slow(buf)
+        # (self._fast is set below, after the handler: no handler reads it.)
         out = self._out = []
         kind, raw, tag = tok
         self._kind = kind
@@ -286,13 +332,70 @@ class StreamParser(RegionStates, BlockStates):
         hold = self._hold
         if hold is not None:
             hold.raw.append(raw)
-        self._table[self._state][kind](self, raw, tag)
-        self._update_fast()
-        if rest:
-            more = self.feed(rest)
-            if more:
-                out.extend(more)
+        if piece is not text:  # split the piece: offsets (_here) count what was read
+            self._raw[-1] = piece
+        _TABLE[state][kind](self, raw, tag)
+        # _update_fast() for this case, inline (it runs after each of the ~15 tags of a
+        # call): no trace mode here, and the lexer holds nothing outside _run().
+        if self._nl or self._hold is not None:
+            fast = FAST_NONE
+        else:
+            st = self._state
+            if st == VALUE:
+                call = self._call
+                if call is None:
+                    fast = FAST_NONE
+                else:
+                    if call.streaming and call.mode == M_STR and not call.wrapper:
+                        fast = FAST_VALUE
+                        self._jparts = call.jparts
+                        self._cindex = call.index
+                    else:
+                        fast = FAST_HELD_VALUE
+                    self._vparts = call.vparts
+            else:
+                fast = _FAST_OF_STATE[st]
+                if fast == FAST_WS and self._in_junk:
+                    fast = FAST_NONE
+        self._fast = fast
+        if piece is text:
+            return out
+        if fast == FAST_WS and rest.isspace():  # the `\n` after a tag, as feed() would
+            self._keep(rest)
+            self._ws = (self._ws + rest)[:3]
+            return out
+        more = self.feed(rest)
+        if more:
+            out.extend(more)
         return out
+
+    def _quoted_gt(self, text: str, held: str, end: int) -> tuple[str, str, Any]:
+        """The first `>` of `text` was inside a quoted attribute (`name="p_<b>_1"`): try
+        the later ones. A cached marker that `held` + `text` starts with is the tag the
+        lexer would read (only one prefix of a text can be a complete tag), so it costs
+        a lookup per `>` instead of the lexer (~20 us)."""
+        markers = self._markers
+        while True:
+            end = text.find(">", end) + 1
+            if not end:
+                return text, "", None
+            tok = markers.get(held + text[:end])
+            if tok is not None:
+                if end == len(text):
+                    return text, "", tok
+                return text[:end], text[end:], tok
+
+    def _still_tag(self, buf: str) -> bool:
+        """A tag whose attributes are still arriving holds `buf` (its `<`, `>` or newline
+        are inside a quoted value: `name="p_<b>_1`): the lexer would only wait again
+        (`IncrementalLexer.next` sets tag_wait), which costs ~10 us a delta through
+        _feed_slow(). Not in VALUE, where only a closer is a tag."""
+        return (
+            self._fast == FAST_TAG
+            and self._state != VALUE
+            and len(buf) <= MAX_TAG
+            and starts_tag(buf)
+        )
 
     def _fast_split(self, text: str, fast: int) -> list[Event] | None:
         """`text` + `<…`: the part before the `<` is plain text for the fast path and the
@@ -384,7 +487,7 @@ class StreamParser(RegionStates, BlockStates):
 
     def _run(self, final: bool) -> None:
         lex = self._lex
-        table = self._table
+        table = _TABLE
         while (state := self._state) != DONE:
             tok = lex.next(state == VALUE, final)
             if tok is None:
@@ -422,34 +525,36 @@ class StreamParser(RegionStates, BlockStates):
         return sum(map(len, self._raw[:num_pieces])) - back
 
     def _update_fast(self) -> None:
-        st = self._state
-        fast = FAST_NONE
+        # Runs after every tag: the usual cases (a block state, a value) are tested first.
         lex = self._lex
         if self.spans is not None:
-            pass  # trace mode: no fast paths
+            fast = FAST_NONE  # trace mode: no fast paths
         elif lex.tag_wait or lex.prefix_wait:
             # After _run() the lexer holds text only while it waits for a marker to
             # complete: the fast path holds it from here.
             fast = FAST_TAG if lex.tag_wait else FAST_PREFIX
             self._pending = lex.held
             lex.clear()
-        elif not self._nl and self._hold is None:
-            if st == CONTENT:
-                fast = FAST_CONTENT
-            elif st == REASONING:
-                fast = FAST_REASONING
-            elif st == VALUE:
+        elif self._nl or self._hold is not None:
+            fast = FAST_NONE
+        else:
+            st = self._state
+            if st == VALUE:
                 call = self._call
-                if call is not None and call.streaming and call.mode == M_STR and not call.wrapper:
-                    fast = FAST_VALUE
-                    self._jparts = call.jparts
-                    self._cindex = call.index
-                elif call is not None:
-                    fast = FAST_HELD_VALUE
-                if call is not None:
+                if call is None:
+                    fast = FAST_NONE
+                else:
+                    if call.streaming and call.mode == M_STR and not call.wrapper:
+                        fast = FAST_VALUE
+                        self._jparts = call.jparts
+                        self._cindex = call.index
+                    else:
+                        fast = FAST_HELD_VALUE
                     self._vparts = call.vparts
-            elif st in (INVOKE, BLOCK) and not self._in_junk:
-                fast = FAST_WS
+            else:
+                fast = _FAST_OF_STATE[st]
+                if fast == FAST_WS and self._in_junk:
+                    fast = FAST_NONE
         self._fast = fast
 
     # ----------------------------------------------------------------- output helpers
@@ -495,8 +600,10 @@ class StreamParser(RegionStates, BlockStates):
                 call.repairs.append(kind)
 
 
-# The transition table: _table[state][token kind] -> handler(parser, raw, tag).
-StreamParser._table = transition_table(StreamParser)
+# The transition table: _table[state][token kind] -> handler(parser, raw, tag). Hot paths
+# read the module global: Python 3.11 does not specialize a class attribute read through
+# an instance (`self._table`), a global read is one cached lookup.
+StreamParser._table = _TABLE = transition_table(StreamParser)
 
 
 def parse_completion(

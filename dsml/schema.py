@@ -204,6 +204,25 @@ def _fast_check(schema: Any, depth: int = 0) -> Check | None:
 
 def _all_of(checks: tuple[Check, ...]) -> Check:
     """The first error of `checks`, in the schema's keyword order."""
+    if len(checks) == 2:  # unrolled: most subschemas have 2 or 3 keywords (type + one or two)
+        a, b = checks
+
+        def check2(v: Any) -> str | None:
+            err = a(v)
+            return err if err is not None else b(v)
+
+        return check2
+    if len(checks) == 3:
+        a, b, c = checks
+
+        def check3(v: Any) -> str | None:
+            err = a(v)
+            if err is not None:
+                return err
+            err = b(v)
+            return err if err is not None else c(v)
+
+        return check3
 
     def check(v: Any) -> str | None:
         for c in checks:

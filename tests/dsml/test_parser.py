@@ -703,6 +703,7 @@ def test_default_ids() -> None:
     ids = {default_id() for _ in range(200)}
     assert len(ids) == 200
     assert all(re.fullmatch(r"call_[A-Za-z0-9]{24}", i) for i in ids)
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", i) for i in ids)  # 96 bits, zero-padded
     parser = StreamParser([WEATHER], False)
     events = parser.feed(CANON)
     start = next(e for e in events if isinstance(e, ToolCallStart))

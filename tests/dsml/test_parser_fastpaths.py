@@ -133,3 +133,43 @@ _JSON = st.recursive(
 @given(_JSON)
 def test_dumps_writes_like_json_dumps(value: object) -> None:
     assert dumps(value) == json.dumps(value, ensure_ascii=False)
+
+
+_ODD = {
+    "type": "function",
+    "function": {
+        "name": "f",
+        "parameters": {
+            "type": "object",
+            "properties": {"p_<b>_1": {"type": "string"}, "x": {"type": "integer"}},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # `<`, `>` and a newline inside a quoted attribute: the tag keeps arriving.
+        '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="p_<b>_1" '
+        'string="true">a <y <tag> b</｜DSML｜parameter>\n<｜DSML｜parameter name="x\n" '
+        'string="false">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>',
+        # A `<` that starts no marker, in content, in a value and between tags.
+        'Hi <y and <tag\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n<b'
+        '<｜DSML｜parameter name="x" string="false"><y 3</｜DSML｜parameter>\n'
+        "</｜DSML｜invoke>\n</｜DSML｜tool_calls>",
+        'x <｜DSML｜invoke name="f" <y>\n<｜DSML｜tool_calls <b "a>"',
+    ],
+)
+def test_tag_and_text_shortcuts_give_what_the_lexer_gives(text: str) -> None:
+    """_decide() keeps a tag whose quoted attributes hold `<`, `>` or a newline waiting, and
+    reads a `<` that starts no marker as text, without the lexer: every split agrees with
+    the traced parser (no fast paths)."""
+    for tools in ([_ODD], None):
+        _, whole = parse_chunks([text], tools, False, trace=True)
+        for size in (1, 2, 3, 5):
+            _, events = parse_chunks(split(text, size), tools, False)
+            assert merge(events) == merge(whole), size
+        for cut in range(1, len(text)):
+            _, events = parse_chunks([text[:cut], text[cut:]], tools, False)
+            assert merge(events) == merge(whole), cut

@@ -67,6 +67,7 @@ def test_tag_spellings(tag: str, repairs: tuple) -> None:
     kind, raw, parsed = lex.next(False, True)
     assert kind == PARAM_OPEN and raw == tag
     assert dict(parsed.attrs) == {"name": "k", "string": "true"}
+    assert (parsed.name, parsed.string) == ("k", "true")  # read once per tag text
     assert parsed.repairs == repairs
 
 
