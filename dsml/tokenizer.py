@@ -59,16 +59,20 @@ CONTROL_RE = re.compile("|".join(map(re.escape, sorted(CONTROL_STRINGS, key=len,
 # Agents resend the same tools and history every turn, and BPE is the whole cost of
 # encode_prompt (about 1 ms for a 1.6 KB tools prompt on the 2-core dev box; 0.08 ms per
 # render vector once its pieces are cached, 0.66 ms when only pieces of 64+ chars were).
-# Every piece between two control tokens is cached; the bound is on characters so that a
-# few huge pieces cannot hold much memory (ids are stored as uint32).
+# Every piece between two control tokens is cached; the bounds are on characters, so that a
+# few huge pieces cannot hold much memory (ids are stored as uint32), and on entries, so that
+# many tiny ones cannot either. Cached ids are never handed out: encode_prompt copies them
+# into the list it returns, so no caller can change what the cache holds.
 PIECE_CACHE_MAX_CHARS = 4_000_000
+PIECE_CACHE_MAX_ENTRIES = 50_000
 
 
 class _PieceCache:
-    """Thread-safe LRU of text -> BPE ids, bounded by the total length of the texts."""
+    """Thread-safe LRU of text -> BPE ids, bounded by entries and total length of the texts."""
 
-    def __init__(self, max_chars: int) -> None:
+    def __init__(self, max_chars: int, max_entries: int = PIECE_CACHE_MAX_ENTRIES) -> None:
         self._max_chars = max_chars
+        self._max_entries = max_entries
         self._num_chars = 0
         self._entries: OrderedDict[str, array] = OrderedDict()
         self._lock = threading.Lock()
@@ -88,9 +92,13 @@ class _PieceCache:
                 return
             self._entries[text] = ids
             self._num_chars += len(text)
-            while self._num_chars > self._max_chars:
+            while self._num_chars > self._max_chars or len(self._entries) > self._max_entries:
                 evicted, _ = self._entries.popitem(last=False)
                 self._num_chars -= len(evicted)
+
+    @property
+    def num_chars(self) -> int:
+        return self._num_chars
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -27,11 +27,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from bisect import bisect_left
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from typing import Any
 
-import dsml
 from dsml.dialects import Dialect, texts
 from dsml.errors import UnsupportedError
 from dsml.events import (
@@ -43,6 +42,7 @@ from dsml.events import (
     TurnOutcome,
 )
 from dsml.markers import DSML, EOS, THINK_CLOSE
+from dsml.parser import StreamParser
 from dsml.prompt import Prompt
 from dsml.tokenizer import V4Tokenizer
 from proxy.backends.base import (
@@ -93,15 +93,6 @@ def count_prompt_tokens(tokenizer: V4Tokenizer, prompt: Prompt) -> int:
         known = [s for s in prompt.segments if not s.control or s.text in tokenizer.control_ids]
         unknown = len(prompt.segments) - len(known)
         return len(tokenizer.encode_prompt(Prompt(known))) + unknown
-
-
-def _after_each_gt(text: str) -> list[str]:
-    """`text` cut after every ">" (where a DSML tag can end)."""
-    parts = text.split(">")
-    pieces = [part + ">" for part in parts[:-1]]
-    if parts[-1]:
-        pieces.append(parts[-1])
-    return pieces
 
 
 def observe_many(histogram: Any, value: float, n: int) -> None:
@@ -243,6 +234,7 @@ class Turn:
         self._backend_stop: str | None = None  # the stop string the backend says ended it
         self._num_calls_started = 0
         self._first_call_done = False
+        self._any_event = False  # the turn produced an event
         self._stopped_after_first_call = False
         # Final figures, valid once events() is exhausted.
         self.result: ParseResult | None = None
@@ -258,6 +250,14 @@ class Turn:
     # -- the turn -----------------------------------------------------------------------------
 
     async def events(self) -> AsyncIterator[Event]:
+        async with aclosing(self.batches()) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """The turn's events, in lists: those of one backend delta together (never empty),
+        so that an endpoint can write them out at once."""
         runner, prompt = self._runner, self.prompt
         if self._send_ids:
             self._prompt_ids = runner.tokenizer.encode_prompt(prompt)
@@ -269,40 +269,39 @@ class Turn:
         user_stop = list(self.sampling.stop)
         forced = forced_opener(prompt, self.dialect)
         if forced and prompt.thinking:
-            async for event in self._generate(stop=[THINK_CLOSE]):
-                yield event
+            async for batch in self._generate(stop=[THINK_CLOSE]):
+                yield batch
             self._backend_stop = None  # our own `</think>` stop, never the client's
             if self._backend_finish != "length" and not self._num_calls_started:
                 self._saw_eos = False  # an EOS inside reasoning: force the call all the same
-                for event in self._inject(("" if self._saw_think_close else THINK_CLOSE) + forced):
-                    yield event
-                async for event in self._generate(stop=user_stop):
-                    yield event
+                if batch := self._inject(("" if self._saw_think_close else THINK_CLOSE) + forced):
+                    yield batch
+                async for batch in self._generate(stop=user_stop):
+                    yield batch
         else:
-            if forced:
-                # in_prompt: the renderer already ended the prompt with the opener.
-                for event in self._inject(forced, in_prompt=prompt.text.endswith(forced)):
-                    yield event
-            async for event in self._generate(stop=user_stop):
-                yield event
+            # in_prompt: the renderer already ended the prompt with the opener.
+            if forced and (batch := self._inject(forced,
+                                                 in_prompt=prompt.text.endswith(forced))):
+                yield batch
+            async for batch in self._generate(stop=user_stop):
+                yield batch
             if self._should_recover_empty():
                 self.recovered_empty = True
                 self._saw_eos = False
-                for event in self._inject(THINK_CLOSE):
-                    yield event
-                async for event in self._generate(stop=user_stop):
-                    yield event
+                if batch := self._inject(THINK_CLOSE):
+                    yield batch
+                async for batch in self._generate(stop=user_stop):
+                    yield batch
         if self._stopped_after_first_call:
-            for event in self._close_block():
-                yield event
-        elif self._saw_eos:
-            for event in self._feed(EOS):
-                yield event
-        for event in self._filter(self._parser.finish()):
-            yield event
+            if batch := self._close_block():
+                yield batch
+        elif self._saw_eos and (batch := self._feed(EOS)):
+            yield batch
+        if batch := self._filter(self._parser.finish()):
+            yield batch
         self._finish_turn()
 
-    async def _generate(self, *, stop: list[str]) -> AsyncIterator[Event]:
+    async def _generate(self, *, stop: list[str]) -> AsyncIterator[list[Event]]:
         if self._saw_eos or self._stopped_after_first_call:
             return
         sampling = dataclasses.replace(self.sampling, stop=stop)
@@ -325,41 +324,64 @@ class Turn:
         async with aclosing(
             self._runner.deltas(req, endpoint=self.endpoint, clock=self._clock)
         ) as deltas:
-            async for delta in deltas:
-                self.completion_tokens += delta.num_tokens
-                if self._in_reasoning:
-                    self.reasoning_tokens += delta.num_tokens
-                if delta.finish_reason is not None:
-                    self._backend_finish = delta.finish_reason
-                    self._backend_stop = delta.stop_reason
-                text = delta.text
-                if not text or self._saw_eos:
-                    continue  # keep reading: a usage correction may still come
-                cut = text.find(EOS)
-                if cut >= 0:
-                    # Nothing follows EOS. It is held back (fed just before finish) so that a
-                    # recovery continuation can still append `</think>`.
-                    text = text[:cut]
-                    self._saw_eos = True
-                if self.parallel_tool_calls or self._first_call_done:
-                    pieces: list[str] | tuple[str] = (text,)
-                else:
-                    # A delta can hold many tokens (the upstream backend merges what a read
-                    # holds): feed it up to each ">" in turn, so that generation stops right
-                    # after the first invoke's closing tag, as with one token per delta.
-                    pieces = _after_each_gt(text)
-                for piece in pieces:
-                    if THINK_CLOSE in piece:
+            async for merged in deltas:
+                for delta in self._steps(merged):
+                    self.completion_tokens += delta.num_tokens
+                    if self._in_reasoning:
+                        self.reasoning_tokens += delta.num_tokens
+                    if delta.finish_reason is not None:
+                        self._backend_finish = delta.finish_reason
+                        self._backend_stop = delta.stop_reason
+                    text = delta.text
+                    if not text or self._saw_eos:
+                        continue  # keep reading: a usage correction may still come
+                    cut = text.find(EOS)
+                    if cut >= 0:
+                        # Nothing follows EOS. It is held back (fed just before finish) so that
+                        # a recovery continuation can still append `</think>`.
+                        text = text[:cut]
+                        self._saw_eos = True
+                    if THINK_CLOSE in text:
                         self._in_reasoning = False
                         self._saw_think_close = True
-                    self._generated.append(piece)
-                    for event in self._feed(piece):
-                        yield event
+                    self._generated.append(text)
+                    if batch := self._feed(text):
+                        yield batch
                     if self._first_call_done and not self.parallel_tool_calls:
                         self._stopped_after_first_call = True
                         break
                 if self._stopped_after_first_call:
                     break  # closing `deltas` cancels the backend request
+
+    def _steps(self, delta: GenerateDelta) -> Iterator[GenerateDelta]:
+        """A delta, or the tokens it merges (`parts`: the upstream backend merges what one
+        read holds), one by one:
+
+        - with parallel_tool_calls false until the first call is complete, so that
+          generation stops, and tokens stop being counted, right after the first invoke;
+        - until the turn's first event, so that the client's first chunk waits for no more
+          tokens than it needs (then the rest of the delta goes on as one step).
+        """
+        parts = getattr(delta, "parts", None)
+        if not parts or len(parts) < 2:
+            yield delta
+            return
+        per_token = not self.parallel_tool_calls and not self._first_call_done
+        if not per_token and self._any_event:
+            yield delta
+            return
+        rest = delta.num_tokens - len(parts)  # the engine's usage correction, if any
+        for k, part in enumerate(parts):
+            if not per_token and self._any_event:
+                # The first event went out: the rest of the delta in one step.
+                yield GenerateDelta("".join(parts[k:]), len(parts) - k + max(0, rest),
+                                    delta.finish_reason, delta.stop_reason)
+                return
+            last = k == len(parts) - 1 and rest <= 0
+            yield GenerateDelta(part, 1, delta.finish_reason if last else None,
+                                delta.stop_reason if last else None)
+        if rest > 0:
+            yield GenerateDelta("", rest, delta.finish_reason, delta.stop_reason)
 
     def _inject(self, text: str, *, in_prompt: bool = False) -> list[Event]:
         """Text the model is made to have written: fed to the parser, appended to the prompt."""
@@ -372,7 +394,7 @@ class Turn:
 
     def _new_parser(self, *, thinking: bool, strict: bool = False) -> Any:
         # The rendering dialect's own tags are native to the parser, not repairs.
-        return dsml.StreamParser(tools=self.prompt.tools, thinking=thinking, strict=strict,
+        return StreamParser(tools=self.prompt.tools, thinking=thinking, strict=strict,
                                  dialect=self.dialect)
 
     def _feed(self, text: str) -> list[Event]:
@@ -390,6 +412,8 @@ class Turn:
                     self._first_call_done = True
             self._observer.on_event(event)
             out.append(event)
+        if out:
+            self._any_event = True
         return out
 
     def _close_block(self) -> list[Event]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -209,11 +210,20 @@ class UpstreamBackend:
             raise BackendError("stream", "upstream closed the stream before finishing")
 
 
+@dataclass(slots=True)
+class MergedDelta(GenerateDelta):
+    """The delta of several SSE events: `parts` are their texts, one token each (`num_tokens`
+    may be larger: the engine's usage correction). The turn runner uses them to stop after
+    the first tool call exactly where one delta per event would have."""
+
+    parts: list[str] = field(default_factory=list)
+
+
 class SseReader:
     """The engine's SSE byte stream -> merged `GenerateDelta`s, one per read (pure, no I/O).
 
     `feed(chunk, out)` takes the bytes of one read and appends to `out` one delta for all the
-    complete events they end: texts joined, token counts summed, the finish reason and stop
+    complete events they end (but see below): texts joined, token counts summed, the finish reason and stop
     string of the last event that has one. Events may be split anywhere across reads; lines
     may end in `\n`, `\r\n` or `\r`; comment lines (`:`) and other fields are skipped; the
     `data:` lines of one event are joined with `\n` (the SSE rules). `data: [DONE]` sets
@@ -224,15 +234,21 @@ class SseReader:
     event raises (ValueError, or BackendError for an `error` event) once `out` holds the
     delta of the events before it.
 
-    A delta never goes on past an event whose text holds `</think>`: the turn counts the
-    tokens of a delta as reasoning when the delta starts inside reasoning, so that count is
-    the same as with one delta per event. Nothing else depends on how text is cut (the DSML
-    parser is chunking-invariant), and a slow engine still gives one token per read.
+    A delta ends early in three cases. After the stream's first token, which goes out alone:
+    a proxy busy enough to find the whole completion in one read would otherwise parse and
+    encode all of it before the client's first chunk. After `max_merge` tokens (64: about
+    1 ms of work downstream), which bounds the time a chunk waits for the rest of its delta.
+    And after an event whose text holds `</think>`: the turn counts the tokens of a delta as
+    reasoning when the delta starts inside reasoning, so that count is the same as with one
+    delta per event. Nothing else depends on how text is cut (the DSML parser is
+    chunking-invariant), and a slow engine still gives one token per read.
     """
 
-    __slots__ = ("_buf", "_cr", "done", "finish", "num_counted")
+    __slots__ = ("_buf", "_cr", "_started", "done", "finish", "max_merge", "num_counted")
 
-    def __init__(self) -> None:
+    def __init__(self, max_merge: int = 64) -> None:
+        self.max_merge = max_merge
+        self._started = False  # the first token went out
         self._buf = b""
         self._cr = False  # the last read ended in "\r": maybe half of a "\r\n"
         self.done = False
@@ -316,8 +332,10 @@ class SseReader:
                     if reason is not None:
                         finish = self.finish = "length" if reason == "length" else "stop"
                         stop = _matched_stop(choice) if finish == "stop" else None
-                    if text and THINK_CLOSE in text:
-                        out.append(GenerateDelta("".join(texts), num, finish, stop))
+                    if text and (THINK_CLOSE in text or len(texts) >= self.max_merge
+                                 or not self._started):
+                        self._started = True
+                        out.append(MergedDelta("".join(texts), num, finish, stop, texts))
                         texts, num, finish, stop = [], 0, None, None
                 usage = data.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
@@ -329,4 +347,4 @@ class SseReader:
                         num += missing
         finally:
             if texts or num or finish is not None:
-                out.append(GenerateDelta("".join(texts), num, finish, stop))
+                out.append(MergedDelta("".join(texts), num, finish, stop, texts))

@@ -64,7 +64,7 @@ async def drain(request: web.Request, turn: Turn) -> None:
 
 async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder, *,
                       keepalive_s: float | None = None) -> web.StreamResponse:
-    """SSE: prepare, one write per event, finish, write_eof.
+    """SSE: prepare, one write per backend delta (its events together), finish, write_eof.
 
     The first event is awaited before the response is prepared, so a backend that is down or
     a request the backend refuses still gets a proper HTTP status (502/504). After that,
@@ -79,14 +79,16 @@ async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder, 
     """
     request[state.STREAM] = True
     out = _SseStream(request, encoder)
-    async with aclosing(turn.events()) as events:
+    encode = encoder.encode
+    # The events of one backend delta go out in one write.
+    async with aclosing(turn.batches()) as events:
         keepalive = None
         if keepalive_s is not None:
             # A task beside this one, so events are still read here directly (their per-event
             # cost is what the benchmark counts); it only acts when the stream is silent.
             keepalive = asyncio.ensure_future(out.keep_alive(keepalive_s))
         try:
-            first: Event | Exception | None
+            first: list[Event] | Exception | None
             try:
                 first = await anext(events, None)
             except Exception as exc:
@@ -98,8 +100,9 @@ async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder, 
                     await out.open()
                     raise first
                 await out.open(first)
-                async for event in events:
-                    data = encoder.encode(event)
+                async for batch in events:
+                    data = (encode(batch[0]) if len(batch) == 1
+                            else b"".join([encode(event) for event in batch]))
                     if data:
                         await out.write(data)
                 await out.write(encoder.finish(turn))
@@ -150,21 +153,22 @@ class _SseStream:
         self._loop = asyncio.get_running_loop()
         self.last_write = self._loop.time()
 
-    async def open(self, first: Event | None = None, *, then: bytes = b"",
+    async def open(self, first: list[Event] | None = None, *, then: bytes = b"",
                    timed: bool = True) -> None:
-        """Prepare the response and write the encoder's start (once), then `first` encoded
-        (after the start: encoders number their events), then `then`."""
+        """Prepare the response and write the encoder's start (once), then the events of
+        `first` encoded (after the start: encoders number their events), then `then`."""
         async with self._lock:
             if not self.opened:
                 self.opened = True
                 await self.response.prepare(self.request)
                 data = self.encoder.start()
                 if first is not None:
-                    data += self.encoder.encode(first)
+                    data += b"".join([self.encoder.encode(event) for event in first])
                 # Under the lock: the start goes out before anything the other side writes.
                 await self._write(data + then, timed)
                 return
-        data = self.encoder.encode(first) if first is not None else b""
+        data = (b"".join([self.encoder.encode(event) for event in first])
+                if first is not None else b"")
         if data or then:
             await self._write(data + then, timed)
 
