@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
 
 # JSON types as Python sees them after json.loads; bool is checked before int (bool < int).
+# Also the types that satisfy a JSON type outright (a float needs a look at its value to be
+# an integer).
 _PY_TYPES = {
     "string": (str,),
     "boolean": (bool,),
@@ -158,7 +160,7 @@ def _fast_check(schema: Any, depth: int = 0) -> Check | None:
             if not types or not types <= set(_PY_TYPES):
                 return None
             # `type(v) in exact` decides the usual case with one lookup; _type_ok the rest.
-            exact = tuple(t for name in types for t in _EXACT[name])
+            exact = tuple(t for name in types for t in _PY_TYPES[name])
             checks.append(
                 lambda v, x=exact, t=types, a=arg: None
                 if type(v) in x or _type_ok(v, t)
@@ -324,18 +326,6 @@ def _type_ok(value: Any, types: frozenset[str]) -> bool:
         return "number" in types
     return kind == "number" and "integer" in types and float(value).is_integer()
 
-
-# Python types that satisfy a JSON type outright (bool is not an integer; a float needs a
-# look at its value to be one).
-_EXACT: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "boolean": (bool,),
-    "integer": (int,),
-    "number": (int, float),
-    "array": (list,),
-    "object": (dict,),
-    "null": (type(None),),
-}
 
 
 def _num(v: Any) -> bool:

@@ -120,6 +120,16 @@ def hc_expand(
     return (post.unsqueeze(-1) * y.float().unsqueeze(2) + mixed).to(res.dtype)
 
 
+def _f32(*shape: int) -> nn.Parameter:
+    """An fp32 parameter (hc math runs in fp32), filled by the loader."""
+    return nn.Parameter(torch.empty(*shape, dtype=torch.float32), requires_grad=False)
+
+
+def hc_head_params(c: ModelConfig) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+    """hc_head_fn [S, S*H], hc_head_base [S], hc_head_scale [1]: the main model's and MTP's."""
+    return _f32(c.hc_mult, c.hc_mult * c.hidden_size), _f32(c.hc_mult), _f32(1)
+
+
 def hc_head(
     h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, c: ModelConfig
 ) -> torch.Tensor:
@@ -146,12 +156,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         mix, width = c.hc_mix_dim, c.hc_mult * c.hidden_size
-
-        def f32(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.empty(*shape, dtype=torch.float32), requires_grad=False)
-
-        self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = f32(mix, width), f32(mix), f32(3)
-        self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = f32(mix, width), f32(mix), f32(3)
+        self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _f32(mix, width), _f32(mix), _f32(3)
+        self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _f32(mix, width), _f32(mix), _f32(3)
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """h [B, T, S, H], ids [B, T] -> [B, T, S, H]."""
@@ -179,14 +185,7 @@ class MTPBlock(Block):
         self.enorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.hnorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        width = c.hc_mult * c.hidden_size
-        self.hc_head_fn = nn.Parameter(
-            torch.empty(c.hc_mult, width, dtype=torch.float32), requires_grad=False
-        )
-        self.hc_head_base = nn.Parameter(
-            torch.empty(c.hc_mult, dtype=torch.float32), requires_grad=False
-        )
-        self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = hc_head_params(c)
 
     def forward(  # type: ignore[override]
         self, e: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, batch: ForwardBatch
@@ -212,14 +211,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(i, c, dtype) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.head = Linear(c.hidden_size, c.vocab_size, dtype=dtype)
-        width = c.hc_mult * c.hidden_size
-        self.hc_head_fn = nn.Parameter(
-            torch.empty(c.hc_mult, width, dtype=torch.float32), requires_grad=False
-        )
-        self.hc_head_base = nn.Parameter(
-            torch.empty(c.hc_mult, dtype=torch.float32), requires_grad=False
-        )
-        self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = hc_head_params(c)
         self.mtp = nn.ModuleList(
             MTPBlock(c.num_hidden_layers + i, c, dtype) for i in range(c.num_nextn_predict_layers)
         )
