@@ -253,8 +253,11 @@ class StreamParser(RegionStates, BlockStates):
         lex = self._lex
         if (lex.tag_wait or lex.prefix_wait) and lex.absorb(text):
             return []  # trace mode: the lexer itself holds a marker still arriving
-        if text[0] == "<" and self.spans is None and self._state != DONE:
-            return self._decide(text)  # a whole marker in one delta (EOS, `</think>`)?
+        if self.spans is None and self._state != DONE:
+            if text[0] == "<":
+                return self._decide(text)  # a whole marker in one delta (EOS, `</think>`)?
+            if "<" not in text:  # e.g. after a held newline: the TEXT token next() would give
+                return self._plain(text)
         return self._feed_slow(text)
 
     def _decide(self, text: str, joined: str = "") -> list[Event]:
@@ -291,18 +294,11 @@ class StreamParser(RegionStates, BlockStates):
                 and self._state != DONE
                 and match_head(buf) is None
             ):
+                self._fast = FAST_NONE
                 # What looked like a marker is text (`<y`, `<tag`): the lexer would read
                 # `buf` as one TEXT token (its only `<` is the first character, and it is
-                # no marker prefix: feed() checked). Handled as _run() would, without it.
-                self._fast = FAST_NONE
-                out = self._out = []
-                self._kind = TEXT
-                hold = self._hold
-                if hold is not None:
-                    hold.raw.append(buf)
-                _TABLE[self._state][TEXT](self, buf, None)
-                self._update_fast()
-                return out
+                # no marker prefix: feed() checked).
+                return self._plain(buf)
             self._fast = FAST_NONE
             return self._feed_slow(buf)
         self._pending = ""
@@ -323,6 +319,10 @@ class StreamParser(RegionStates, BlockStates):
                 self._pending = buf
                 return []
             self._fast = FAST_NONE
+            if state != DONE and buf.find("<", 1) < 0 and (tok is not None or match_head(buf) is None):
+                # No marker here (`<｜User｜>`, or a tag that is text inside a value): the
+                # lexer would read `buf` as one TEXT token, up to the next `<`.
+                return self._plain(buf)
             return self._feed_slow(buf)
         # (self._fast is set below, after the handler: no handler reads it.)
         out = self._out = []
@@ -430,6 +430,18 @@ class StreamParser(RegionStates, BlockStates):
             return [content_delta(head)]
         self._reasoning.append(head)
         return [reasoning_delta(head)]
+
+    def _plain(self, text: str) -> list[Event]:
+        """`text` is one TEXT token and the lexer holds nothing (not in trace mode): handled
+        as _run() would, without the lexer (~10 us through _feed_slow())."""
+        out = self._out = []
+        self._kind = TEXT
+        hold = self._hold
+        if hold is not None:
+            hold.raw.append(text)
+        _TABLE[self._state][TEXT](self, text, None)
+        self._update_fast()
+        return out
 
     def _feed_slow(self, text: str) -> list[Event]:
         if self._state == DONE:

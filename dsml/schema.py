@@ -13,40 +13,17 @@ import copy
 import json
 import math
 import pickle
+from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
+
+from dsml.checks import compile_check, json_type
 
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
 
-# JSON types as Python sees them after json.loads; bool is checked before int (bool < int).
-# Also the types that satisfy a JSON type outright (a float needs a look at its value to be
-# an integer).
-_PY_TYPES = {
-    "string": (str,),
-    "boolean": (bool,),
-    "integer": (int,),
-    "number": (int, float),
-    "array": (list,),
-    "object": (dict,),
-    "null": (type(None),),
-}
 
-
-def json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "null"
+_JSON_TYPES = ("string", "boolean", "integer", "number", "array", "object", "null")
 
 
 def type_allows(types: frozenset[str] | None, value: Any) -> bool:
@@ -102,7 +79,7 @@ def _refuse(uri: str) -> Any:
 
 @lru_cache(maxsize=512)
 def _compile(schema_text: str) -> Draft202012Validator | None:
-    # Imported here: most tool schemas never need jsonschema (see _fast_check).
+    # Imported here: most tool schemas never need jsonschema (see dsml.checks).
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
     from referencing import Registry
@@ -115,143 +92,6 @@ def _compile(schema_text: str) -> Draft202012Validator | None:
     return Draft202012Validator(schema, registry=Registry(retrieve=_refuse))  # type: ignore[call-arg]
 
 
-# Keywords that never fail validation (annotations; `format` asserts nothing without a
-# format checker, which Draft202012Validator does not use by default).
-_ANNOTATIONS = frozenset(
-    ("description", "title", "default", "examples", "format", "$comment", "deprecated",
-     "readOnly", "writeOnly", "$schema")
-)  # fmt: skip
-Check = Any  # Callable[[Any], bool]
-
-
-def _json_equal(a: Any, b: Any) -> bool:
-    """Equality as JSON Schema means it (True != 1, 1 == 1.0)."""
-    ta, tb = json_type(a), json_type(b)
-    if ta != tb and not ({ta, tb} <= {"integer", "number"}):
-        return False
-    if ta == "array":
-        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=True))
-    if ta == "object":
-        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
-    return bool(a == b)
-
-
-def _fast_check(schema: Any, depth: int = 0) -> Check | None:
-    """A plain-Python validator for the common subset of JSON Schema (type, properties,
-    required, enum, const, items, additionalProperties, numeric and length bounds), or None
-    when the schema uses anything else (then jsonschema does the work). The check returns
-    the first error message or None. Why: jsonschema spends 10-1000 us per call here (it
-    evolves a resolver per subschema); this spends ~1 us, and tests hold the two to the same
-    verdicts on every vector."""
-    if schema is True or (isinstance(schema, dict) and not schema):
-        return lambda v: None
-    if schema is False:
-        return lambda v: "False schema does not allow " + repr(v)
-    if not isinstance(schema, dict) or depth > 16:
-        return None
-    checks: list[Check] = []
-    for key, arg in schema.items():
-        if key in _ANNOTATIONS:
-            continue
-        if key == "type":
-            types = frozenset(
-                [arg] if isinstance(arg, str) else arg if isinstance(arg, list) else ()
-            )
-            if not types or not types <= set(_PY_TYPES):
-                return None
-            # `type(v) in exact` decides the usual case with one lookup; _type_ok the rest.
-            exact = tuple(t for name in types for t in _PY_TYPES[name])
-            checks.append(
-                lambda v, x=exact, t=types, a=arg: None
-                if type(v) in x or _type_ok(v, t)
-                else f"{v!r} is not of type {a!r}"
-            )
-        elif key == "properties" and isinstance(arg, dict):
-            subs = {}
-            for name, sub in arg.items():
-                c = _fast_check(sub, depth + 1)
-                if c is None:
-                    return None
-                subs[name] = c
-            checks.append(_properties(subs))
-        elif key == "required" and isinstance(arg, list):
-            checks.append(lambda v, r=tuple(arg): _required(v, r))
-        elif key == "additionalProperties":
-            extra = _fast_check(arg, depth + 1)
-            if extra is None or schema.get("patternProperties"):
-                return None
-            known = tuple(schema.get("properties") or ())
-            checks.append(lambda v, e=extra, k=known: _each(v, None, e, k))
-        elif key == "items":
-            item = _fast_check(arg, depth + 1)
-            if item is None:
-                return None
-            checks.append(lambda v, c=item: _items(v, c))
-        elif key == "enum" and isinstance(arg, list):
-            # Most enums list strings: a set lookup decides a string member at once.
-            strs = frozenset(x for x in arg if type(x) is str)
-            checks.append(lambda v, e=tuple(arg), s=strs: None
-                          if (type(v) is str and v in s) or any(_json_equal(v, x) for x in e)
-                          else f"{v!r} is not one of {list(e)!r}")  # fmt: skip
-        elif key == "const":
-            checks.append(lambda v, c=arg: None if _json_equal(v, c) else f"{c!r} was expected")
-        elif key in _BOUNDS and isinstance(arg, int | float) and not isinstance(arg, bool):
-            checks.append(_BOUNDS[key](arg))
-        else:
-            return None
-    if len(checks) == 1:
-        return checks[0]
-    return _all_of(tuple(checks))
-
-
-def _all_of(checks: tuple[Check, ...]) -> Check:
-    """The first error of `checks`, in the schema's keyword order."""
-    if len(checks) == 2:  # unrolled: most subschemas have 2 or 3 keywords (type + one or two)
-        a, b = checks
-
-        def check2(v: Any) -> str | None:
-            err = a(v)
-            return err if err is not None else b(v)
-
-        return check2
-    if len(checks) == 3:
-        a, b, c = checks
-
-        def check3(v: Any) -> str | None:
-            err = a(v)
-            if err is not None:
-                return err
-            err = b(v)
-            return err if err is not None else c(v)
-
-        return check3
-
-    def check(v: Any) -> str | None:
-        for c in checks:
-            err = c(v)
-            if err is not None:
-                return err
-        return None
-
-    return check
-
-
-def _properties(subs: dict[str, Check]) -> Check:
-    """`properties`: each present key against its subschema (as `_each` with subs)."""
-
-    def check(v: Any) -> str | None:
-        if isinstance(v, dict):
-            for k, x in v.items():
-                c = subs.get(k)
-                if c is not None:
-                    err = c(x)
-                    if err is not None:
-                        return f"{k}: {err}"
-        return None
-
-    return check
-
-
 class _Derived:
     """What is derived from one tool schema's content: its check and parameter types.
     Shared by equal schemas (see _derived)."""
@@ -259,7 +99,7 @@ class _Derived:
     __slots__ = ("check", "types")
 
     def __init__(self) -> None:
-        self.check: Check | bool | None = False  # False: not built yet
+        self.check: Callable[[Any], str | None] | bool | None = False  # False: not built yet
         self.types: dict[str, frozenset[str] | None] = {}
 
 
@@ -284,80 +124,6 @@ def _derived(schema: dict[str, Any]) -> _Derived:
             _DERIVED.clear()
         derived = _DERIVED[key] = _Derived()
     return derived
-
-
-def _each(
-    v: Any, subs: dict[str, Check] | None, extra: Check | None, known: tuple[str, ...]
-) -> str | None:
-    """`properties` (subs) or `additionalProperties` (extra, for keys not in known)."""
-    if not isinstance(v, dict):
-        return None
-    for k, x in v.items():
-        c = subs.get(k) if subs is not None else (None if k in known else extra)
-        if c is None or (err := c(x)) is None:
-            continue
-        if subs is None and err.startswith("False schema"):
-            return f"Additional properties are not allowed ({k!r} was unexpected)"
-        return f"{k}: {err}"
-    return None
-
-
-def _required(v: Any, required: tuple[str, ...]) -> str | None:
-    if isinstance(v, dict):
-        for k in required:
-            if k not in v:
-                return f"{k!r} is a required property"
-    return None
-
-
-def _items(v: Any, check: Check) -> str | None:
-    if isinstance(v, list):
-        for i, x in enumerate(v):
-            if (err := check(x)) is not None:
-                return f"{i}: {err}"
-    return None
-
-
-def _type_ok(value: Any, types: frozenset[str]) -> bool:
-    kind = json_type(value)
-    if kind in types:
-        return True
-    if kind == "integer":
-        return "number" in types
-    return kind == "number" and "integer" in types and float(value).is_integer()
-
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-_BOUNDS = {
-    "minimum": lambda n: (
-        lambda v: None if not _num(v) or v >= n else f"{v!r} is less than the minimum of {n!r}"
-    ),
-    "maximum": lambda n: (
-        lambda v: None if not _num(v) or v <= n else f"{v!r} is greater than the maximum of {n!r}"
-    ),
-    "exclusiveMinimum": lambda n: (
-        lambda v: None if not _num(v) or v > n else f"{v!r} is less than or equal to {n!r}"
-    ),
-    "exclusiveMaximum": lambda n: (
-        lambda v: None if not _num(v) or v < n else f"{v!r} is greater than or equal to {n!r}"
-    ),
-    "minLength": lambda n: (
-        lambda v: None if not isinstance(v, str) or len(v) >= n else f"{v!r} is too short"
-    ),
-    "maxLength": lambda n: (
-        lambda v: None if not isinstance(v, str) or len(v) <= n else f"{v!r} is too long"
-    ),
-    "minItems": lambda n: (
-        lambda v: None if not isinstance(v, list) or len(v) >= n else f"{v!r} is too short"
-    ),
-    "maxItems": lambda n: (
-        lambda v: None if not isinstance(v, list) or len(v) <= n else f"{v!r} is too long"
-    ),
-}
 
 
 class ToolSchema:
@@ -397,7 +163,7 @@ class ToolSchema:
         if check is False:
             # From a private copy: the check's closures keep parts of the schema, and the
             # caller's dict may change after this request.
-            check = derived.check = _fast_check(copy.deepcopy(self.parameters))
+            check = derived.check = compile_check(copy.deepcopy(self.parameters))
         if check is not None:
             return check(arguments)  # type: ignore[operator]
         if self._validator is False:
@@ -421,7 +187,7 @@ class ToolSchema:
         return f"{where}: {err.message}" if where else err.message
 
 
-_ONE_TYPE = {t: frozenset([t]) for t in _PY_TYPES}
+_ONE_TYPE = {t: frozenset([t]) for t in _JSON_TYPES}
 
 
 def _types_of(sub: Any, root: dict[str, Any], depth: int) -> frozenset[str] | None:

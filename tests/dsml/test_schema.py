@@ -8,7 +8,8 @@ import random
 import pytest
 from jsonschema import Draft202012Validator
 
-from dsml.schema import ToolRegistry, ToolSchema, _compile, _fast_check, coerce_value, loads_strict
+from dsml.checks import compile_check
+from dsml.schema import ToolRegistry, ToolSchema, _compile, coerce_value, loads_strict
 from tests.dsml.conftest import vectors
 
 
@@ -97,7 +98,7 @@ def test_validate_messages() -> None:
 
 def test_unsupported_keywords_use_jsonschema() -> None:
     params = {"type": "object", "properties": {"id": {"type": "string", "pattern": "^[a-z]+$"}}}
-    assert _fast_check(params) is None
+    assert compile_check(params) is None
     tool = ToolSchema("t", params)
     assert tool.validate({"id": "abc"}) is None
     assert "does not match" in tool.validate({"id": "ABC"})
@@ -143,13 +144,13 @@ def _mutations(value: object, rnd: random.Random) -> list[object]:
     return out
 
 
-def test_fast_check_agrees_with_jsonschema_on_vectors() -> None:
+def test_compiled_check_agrees_with_jsonschema_on_vectors() -> None:
     rnd = random.Random(0)
     checked = 0
     for vec in vectors("v4") + vectors("wild"):
         for tool in vec["tools"]:
             params = tool["function"].get("parameters") or {}
-            fast = _fast_check(params)
+            fast = compile_check(params)
             assert fast is not None, params  # the vectors use only the common subset
             oracle = Draft202012Validator(params)
             calls = [
@@ -184,8 +185,8 @@ def test_fast_check_agrees_with_jsonschema_on_vectors() -> None:
         (False, [], [1, None]),
     ],
 )
-def test_fast_check_edge_cases_agree_with_jsonschema(schema, good: list, bad: list) -> None:
-    fast = _fast_check(schema)
+def test_compiled_check_edge_cases_agree_with_jsonschema(schema, good: list, bad: list) -> None:
+    fast = compile_check(schema)
     assert fast is not None
     oracle = Draft202012Validator(schema)
     for value in good:
