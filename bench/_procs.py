@@ -82,7 +82,7 @@ class ProxyProcess:
     """
 
     def __init__(self, upstream: str, *, extra_args: list[str] | None = None,
-                 profile: Path | None = None) -> None:
+                 profile: Path | None = None, cwd: Path = REPO) -> None:
         self.url = ""
         self.args = ["serve", "--upstream", upstream, "--upstream-kind", "vllm",
                      "--host", "127.0.0.1", "--port", "0", *(extra_args or [])]
@@ -90,7 +90,9 @@ class ProxyProcess:
         self.command = [sys.executable, "-m", *module, *self.args]
         # Request logs go to a file: a pipe nobody reads would eventually block the proxy.
         self.log = tempfile.NamedTemporaryFile(prefix="bench-proxy-", suffix=".log")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(self.command, cwd=REPO, stdin=subprocess.DEVNULL,
+        # `cwd`: the tree whose `proxy`, `dsml` and `schemas` packages run (python -m puts it
+        # first on sys.path), e.g. a frozen copy of an older proxy (bench/_ttfc_ab.py).
+        self.proc = subprocess.Popen(self.command, cwd=cwd, stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
 

@@ -37,7 +37,10 @@ reference, all used by `dsml.request`:
 from __future__ import annotations
 
 import json
+import marshal
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,6 +83,20 @@ class SegmentBuilder:
     def __init__(self) -> None:
         self.segments: list[Segment] = []
 
+    def extend_built(self, segments: Sequence[Segment]) -> None:
+        """Append the segments another SegmentBuilder built, as if its calls were made here.
+
+        Such segments have no empty text and no two texts in a row, so only the first one
+        can merge (with a text segment this builder ends with)."""
+        if not segments:
+            return
+        first = segments[0]
+        if not first.control and self.segments and not self.segments[-1].control:
+            self.segments[-1] = Segment(self.segments[-1].text + first.text)
+            self.segments.extend(segments[1:])
+        else:
+            self.segments.extend(segments)
+
     def control(self, text: str) -> None:
         self.segments.append(Segment(text, control=True))
 
@@ -99,6 +116,76 @@ class SegmentBuilder:
             self.control(match.group())
             start = match.end()
         self.text(text[start:])
+
+
+# ---------------------------------------------------------------------------------------
+# The rendered tools section, cached by content.
+#
+# An agent sends the same tools every turn, and their section is most of a short request's
+# rendering (the schemas' JSON, and the fixed intro cut into text and control segments).
+# It depends only on the tool list and the dialect's intro and outro texts, so it is cached
+# under exactly those: the key holds the two texts and `marshal` (format 2) of the tools.
+# marshal writes only plain data (dict, list, str, int, float, bool, None, tuple...), keeps
+# types apart (1, 1.0 and True differ, as in the JSON written) and dict order, refuses
+# anything else (subclasses included: those are rendered uncached), and format 2 has no
+# back-references, so equal content gives equal bytes. The cached value is a tuple of
+# frozen Segments: nothing a caller holds can change it. Bounded by entries and by size.
+
+TOOLS_CACHE_MAX_ENTRIES = 256
+TOOLS_CACHE_MAX_CHARS = 8_000_000  # key bytes + section text, over all entries
+
+
+class _SectionCache:
+    """Thread-safe LRU: key -> the segments of one tools section."""
+
+    def __init__(self, max_entries: int = TOOLS_CACHE_MAX_ENTRIES,
+                 max_chars: int = TOOLS_CACHE_MAX_CHARS) -> None:
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self.num_chars = 0
+        self._entries: OrderedDict[tuple[str, str, bytes], tuple[tuple[Segment, ...], int]] = (
+            OrderedDict()
+        )
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, bytes]) -> tuple[Segment, ...] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: tuple[str, str, bytes], segments: tuple[Segment, ...]) -> None:
+        size = len(key[2]) + sum(len(s.text) for s in segments)
+        if size > self.max_chars or self.max_entries <= 0:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = (segments, size)
+            self.num_chars += size
+            while len(self._entries) > self.max_entries or self.num_chars > self.max_chars:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self.num_chars -= evicted
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.num_chars = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+TOOLS_SECTIONS = _SectionCache()
+
+
+def _tools_key(texts_: DialectTexts, tools: Any) -> tuple[str, str, bytes] | None:
+    try:
+        return texts_.tools_intro, texts_.tools_outro, marshal.dumps(tools, 2)
+    except (ValueError, TypeError, RecursionError):  # not plain data: rendered uncached
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,8 +342,11 @@ def _drop_thinking(
 
 
 class _Renderer:
-    def __init__(self, dialect: Dialect, thinking: bool, drop_thinking: bool) -> None:
+    def __init__(self, dialect: Dialect, thinking: bool, drop_thinking: bool,
+                 tools_keys: Mapping[int, bytes] | None = None) -> None:
         self.texts: DialectTexts = texts(dialect)
+        # id(a tools list) -> marshal of it, where the caller knows it (_render_messages).
+        self.tools_keys = tools_keys
         self.thinking = thinking
         self.drop_thinking = drop_thinking
         self.out = SegmentBuilder()
@@ -268,16 +358,29 @@ class _Renderer:
     def tools_section(self, tools: Any, param: str) -> None:
         if not isinstance(tools, Sequence) or isinstance(tools, str):
             raise RenderError(f"{param} must be a list", param=param)
+        known = self.tools_keys.get(id(tools)) if self.tools_keys else None
+        key = ((self.texts.tools_intro, self.texts.tools_outro, known) if known is not None
+               else _tools_key(self.texts, tools))
+        section = TOOLS_SECTIONS.get(key) if key is not None else None
+        if section is None:
+            section = self._tools_section(tools, param)
+            if key is not None:
+                TOOLS_SECTIONS.put(key, section)
+        self.out.extend_built(section)
+
+    def _tools_section(self, tools: Sequence[Any], param: str) -> tuple[Segment, ...]:
         schemas = []
         for k, tool in enumerate(tools):
             function = tool.get("function") if isinstance(tool, Mapping) else None
             if not isinstance(function, Mapping):
                 raise RenderError(f"{param}[{k}].function must be an object", param=f"{param}[{k}]")
             schemas.append(to_json(function, f"{param}[{k}].function"))
-        self.out.text("\n\n")
-        self.out.fixed(self.texts.tools_intro)
-        self.out.text("\n".join(schemas))
-        self.out.fixed(self.texts.tools_outro)
+        out = SegmentBuilder()
+        out.text("\n\n")
+        out.fixed(self.texts.tools_intro)
+        out.text("\n".join(schemas))
+        out.fixed(self.texts.tools_outro)
+        return tuple(out.segments)
 
     def response_format_section(self, response_format: Any) -> None:
         self.out.text("\n\n")
@@ -448,6 +551,23 @@ def render_messages(
     1-100); None means the encoder's default (no prefix in V4, `high` in V4.1). The prefix
     is written only in thinking mode, before the first message.
     """
+    return _render_messages(messages, thinking_mode, dialect, reasoning_effort,
+                            drop_thinking=drop_thinking)
+
+
+def _render_messages(
+    messages: Sequence[Mapping[str, Any]],
+    thinking_mode: str = "thinking",
+    dialect: Dialect | str = Dialect.V4,
+    reasoning_effort: Effort | str | int | None = None,
+    *,
+    drop_thinking: bool = True,
+    tools_keys: Mapping[int, bytes] | None = None,
+) -> Prompt:
+    """`render_messages`; `tools_keys` maps id() of a `tools` list among `messages` to
+    marshal (format 2) of that list, which its caller already has (dsml.request): the
+    tools-section cache key without computing it again. The caller holds those lists for
+    the whole call, so their ids cannot be reused meanwhile."""
     if thinking_mode not in THINKING_MODES:
         raise RenderError(f"thinking_mode must be one of {THINKING_MODES}", param="thinking_mode")
     try:
@@ -462,7 +582,7 @@ def render_messages(
         from dsml.render_v32 import V32Renderer
 
         msgs = _checked(messages)
-        renderer: _Renderer = V32Renderer(dialect, thinking, drop_thinking)
+        renderer: _Renderer = V32Renderer(dialect, thinking, drop_thinking, tools_keys)
         offered = [tool for msg in msgs for tool in (msg.get("tools") or [])]
         renderer.render(msgs)
     else:
@@ -471,7 +591,7 @@ def render_messages(
         offered = [tool for msg in msgs for tool in (msg.get("tools") or [])]
         # Any tools in the conversation keep every turn's reasoning (tool use spans turns).
         drop_thinking = drop_thinking and not offered
-        renderer = _Renderer(dialect, thinking, drop_thinking)
+        renderer = _Renderer(dialect, thinking, drop_thinking, tools_keys)
         if thinking and drop_thinking:
             msgs = _drop_thinking(msgs, renderer.texts.system_token)
         renderer.out.control(mk.BOS)

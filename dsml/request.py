@@ -12,7 +12,10 @@ image parts raise `UnsupportedError` (no engine here runs a vision tower).
 from __future__ import annotations
 
 import copy
+import marshal
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +23,7 @@ from dsml import markers as mk
 from dsml.dialects import Dialect, Effort
 from dsml.errors import RenderError, UnsupportedError
 from dsml.prompt import Prompt, Segment
-from dsml.render import JSON_OBJECT, render_messages
+from dsml.render import JSON_OBJECT, _render_messages
 
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_.-]{1,64}")
 
@@ -59,7 +62,8 @@ def render_chat(
         raise RenderError(f"unknown dialect {dialect!r}", param="dialect") from None
     thinking = _thinking(body, default_thinking)
     effort = _effort(body, dialect)
-    tools, tool_choice = _tools(body)
+    offered, tool_choice, offered_key = _offered_tools(body)
+    tools = [t["function"] for t in offered]
     response_format = _response_format(body, dialect)
     messages = _messages(body.get("messages"), dialect)
 
@@ -72,15 +76,18 @@ def render_chat(
         if conversation[0]["role"] != "system":
             conversation.insert(0, {"role": "system", "content": ""})
         if tools and tool_choice != "none":
-            conversation[0]["tools"] = [{"type": "function", "function": t} for t in tools]
+            conversation[0]["tools"] = offered
         if response_format is not None:
             conversation[0]["response_format"] = response_format
 
-    prompt = render_messages(
+    prompt = _render_messages(
         conversation,
         thinking_mode="thinking" if thinking else "chat",
         dialect=dialect,
         reasoning_effort=effort,
+        # `offered`'s tools-section cache key, already known (see _offered_tools): by the
+        # identity of the list, which this call holds until the rendering is done.
+        tools_keys={id(offered): offered_key} if offered_key is not None else None,
     )
     last = prompt.segments[-1]
     in_generation = last.control and last.text in (mk.THINK_OPEN, mk.THINK_CLOSE)
@@ -167,7 +174,90 @@ def _effort(body: Mapping[str, Any], dialect: Dialect) -> Effort | int | None:
 # Tools and tool choice
 
 
-def _tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any]:
+# The checked and normalized tools of a request, cached by content: an agent sends the same
+# tools every turn, and checking them (strict schemas included) and copying every schema is
+# most of the rest of a short request's rendering. The key is `marshal` (format 2) of the
+# request's `tools` and `tool_choice` (see dsml.render's tools-section cache for why
+# marshal: plain data only, types and order kept, no back-references); what is stored is
+# marshal of the result, the tools as offered (`{"type": "function", "function": ...}`), and
+# of the tool choice. Every request, a hit included, gets its own fresh copy (marshal.loads
+# builds new objects), so neither the caller's dicts nor anything a later consumer of
+# `Prompt.tools` does can change what the cache holds. The stored bytes of the offered
+# tools are also the key of their rendered section (dsml.render), so a hit computes no
+# other key. Errors are not cached.
+TOOLS_CACHE_MAX_ENTRIES = 256
+TOOLS_CACHE_MAX_BYTES = 8_000_000  # keys + values, over all entries
+
+
+class _ToolsCache:
+    """Thread-safe LRU: marshal of (tools, tool_choice) -> marshal of the offered tools and
+    of the tool choice."""
+
+    def __init__(self, max_entries: int = TOOLS_CACHE_MAX_ENTRIES,
+                 max_bytes: int = TOOLS_CACHE_MAX_BYTES) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.num_bytes = 0
+        self._entries: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> tuple[bytes, bytes] | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: bytes, value: tuple[bytes, bytes]) -> None:
+        size = len(key) + len(value[0]) + len(value[1])
+        if size > self.max_bytes or self.max_entries <= 0:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = value
+            self.num_bytes += size
+            while len(self._entries) > self.max_entries or self.num_bytes > self.max_bytes:
+                old_key, (tools, choice) = self._entries.popitem(last=False)
+                self.num_bytes -= len(old_key) + len(tools) + len(choice)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.num_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+TOOLS_CACHE = _ToolsCache()
+
+
+def _offered_tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any, bytes | None]:
+    """The request's tools as offered (`[{"type": "function", "function": {name,
+    description, parameters}}]`), its tool choice, and marshal of the offered tools (their
+    tools-section cache key; None if they are not plain data). Cached by content
+    (TOOLS_CACHE)."""
+    raw, choice = body.get("tools"), body.get("tool_choice", "auto")
+    try:
+        key = marshal.dumps((raw, choice), 2)
+    except (ValueError, TypeError, RecursionError):  # not plain data: uncached
+        key = None
+    value = TOOLS_CACHE.get(key) if key is not None else None
+    if value is None:
+        tools, choice = _check_tools(body)
+        offered = [{"type": "function", "function": t} for t in tools]
+        try:
+            value = marshal.dumps(offered, 2), marshal.dumps(choice, 2)
+        except (ValueError, TypeError, RecursionError):
+            return offered, choice, None
+        if key is not None:
+            TOOLS_CACHE.put(key, value)
+    # What a hit returns, also the first time: fresh objects.
+    return marshal.loads(value[0]), marshal.loads(value[1]), value[0]
+
+
+def _check_tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any]:
     raw = body.get("tools") or []
     if not isinstance(raw, Sequence) or isinstance(raw, str):
         raise RenderError("tools must be a list", param="tools")

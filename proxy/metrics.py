@@ -24,6 +24,7 @@ series.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -67,6 +68,25 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
                 60.0, 120.0, 300.0, 600.0)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5,
                1.0, 2.5, 5.0)
+
+
+class Children(dict):  # type: ignore[type-arg]
+    """Label values -> the labelled child of one metric, looked up once per combination.
+
+    `metric.labels(...)` takes a lock and checks and joins the values on every call (a few
+    us, several times per request); the label values here are bounded and children are never
+    removed, so the child is kept. Key: the one label value, or a tuple of them."""
+
+    __slots__ = ("_labels",)
+
+    def __init__(self, metric: Any) -> None:
+        super().__init__()
+        self._labels = metric.labels
+
+    def __missing__(self, key: Any) -> Any:
+        child = self._labels(*key) if isinstance(key, tuple) else self._labels(key)
+        self[key] = child
+        return child
 
 
 class Metrics:
@@ -124,6 +144,16 @@ class Metrics:
                 self.tool_calls.labels(endpoint, outcome.value)
         for kind in RepairKind:
             self.repairs.labels(kind.value)
+        # The same children, looked up once (Children): what the request path uses.
+        self.requests_of = Children(self.requests)
+        self.inflight_of = Children(self.inflight)
+        self.duration_of = Children(self.duration)
+        self.ttft_of = Children(self.ttft)
+        self.overhead_of = Children(self.overhead)
+        self.tokens_of = Children(self.tokens)
+        self.tool_turns_of = Children(self.tool_turns)
+        self.tool_calls_of = Children(self.tool_calls)
+        self.repairs_of = Children(self.repairs)
 
     def scrape(self) -> bytes:
         return generate_latest(_WithoutCreated(self.registry))
@@ -161,15 +191,15 @@ class TurnObserver:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, ToolCallEnd):
-            self._metrics.tool_calls.labels(self._endpoint, event.outcome.value).inc()
+            self._metrics.tool_calls_of[self._endpoint, event.outcome.value].inc()
         elif isinstance(event, Notice):
-            self._metrics.repairs.labels(event.kind.value).inc()
+            self._metrics.repairs_of[event.kind.value].inc()
 
     def on_turn(self, result: ParseResult, *, prompt_tokens: int, completion_tokens: int,
                 reasoning_tokens: int) -> None:
         m = self._metrics
-        m.tokens.labels("prompt").inc(prompt_tokens)
-        m.tokens.labels("completion").inc(completion_tokens)
-        m.tokens.labels("reasoning").inc(reasoning_tokens)
+        m.tokens_of["prompt"].inc(prompt_tokens)
+        m.tokens_of["completion"].inc(completion_tokens)
+        m.tokens_of["reasoning"].inc(reasoning_tokens)
         if result.turn_outcome is not None:
-            m.tool_turns.labels(self._endpoint, result.turn_outcome.value).inc()
+            m.tool_turns_of[self._endpoint, result.turn_outcome.value].inc()

@@ -56,7 +56,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[state.STREAM] = False
     request[state.LOG_FIELDS] = {}
     endpoint = endpoint_of(request)
-    inflight = metrics.inflight.labels(endpoint)
+    inflight = metrics.inflight_of[endpoint]
     inflight.inc()
     status = 500
     try:
@@ -73,9 +73,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         stream = "true" if request[state.STREAM] else "false"
         elapsed = clock.elapsed()
         overhead = max(0.0, elapsed - clock.waited)
-        metrics.requests.labels(endpoint, str(status)).inc()
-        metrics.duration.labels(endpoint, stream).observe(elapsed)
-        metrics.overhead.labels(endpoint).observe(overhead)
+        metrics.requests_of[endpoint, str(status)].inc()
+        metrics.duration_of[endpoint, stream].observe(elapsed)
+        metrics.overhead_of[endpoint].observe(overhead)
         if request.app[state.SETTINGS].log_requests:
             fields = {
                 "request_id": request_id, "method": request.method, "path": request.path,

@@ -191,7 +191,7 @@ class TurnRunner:
                         num = delta.num_tokens
                         if clock.first_token_at is None:
                             clock.first_token_at = now
-                            metrics.ttft.labels(endpoint).observe(now - clock.started)
+                            metrics.ttft_of[endpoint].observe(now - clock.started)
                             if num > 1:  # the first token's companions came with it
                                 observe_many(metrics.itl, 0.0, num - 1)
                         elif last_at is not None:
@@ -226,6 +226,7 @@ class Turn:
         self._observer = TurnObserver(runner.metrics, endpoint)
         self._parser: Any = None
         self._prompt_ids: list[int] = []
+        self._prompt_json = "[]"  # _prompt_ids as a JSON array
         self._generated: list[str] = []  # model-side text after the prompt (forced text included)
         self._in_reasoning = prompt.thinking
         self._saw_think_close = False
@@ -260,7 +261,7 @@ class Turn:
         so that an endpoint can write them out at once."""
         runner, prompt = self._runner, self.prompt
         if self._send_ids:
-            self._prompt_ids = runner.tokenizer.encode_prompt(prompt)
+            self._prompt_ids, self._prompt_json = runner.tokenizer.encode_prompt_json(prompt)
             self.prompt_tokens = len(self._prompt_ids)
         else:
             self.prompt_tokens = count_prompt_tokens(runner.tokenizer, prompt)
@@ -310,15 +311,21 @@ class Turn:
             if sampling.max_tokens <= 0:
                 self._backend_finish = "length"
                 return
-        tokenizer = self._runner.tokenizer
         generated = "".join(self._generated)
-        req = GenerateRequest(
+        prompt_ids = ids_json = None
+        if self._send_ids:
             # Model-side text is re-encoded with control tokens matched: it is what the
             # model wrote (or what we force it to have written), never client text.
-            prompt_ids=self._prompt_ids + tokenizer.encode_generated(generated)
-            if self._send_ids else None,
-            prompt_text=self.prompt.text + generated,
+            more = self._runner.tokenizer.encode_generated(generated) if generated else []
+            prompt_ids = self._prompt_ids + more
+            ids_json = (self._prompt_json[:-1] + "," + ",".join(map(str, more)) + "]"
+                        if more and self._prompt_ids else
+                        self._prompt_json if not more else None)
+        req = GenerateRequest(
+            prompt_ids=prompt_ids,
+            prompt_text="".join([s.text for s in self.prompt.segments]) + generated,
             sampling=sampling,
+            prompt_ids_json=ids_json,
         )
         self._backend_finish = self._backend_stop = None
         async with aclosing(

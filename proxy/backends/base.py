@@ -27,6 +27,10 @@ class GenerateRequest:
     prompt_ids: list[int] | None  # preferred: safe against forged control tokens (dsml.md 4)
     prompt_text: str | None  # for upstreams that only take text
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # `prompt_ids` as a JSON array, where the caller has it for free (the turn runner builds
+    # it from cached pieces, dsml.tokenizer.encode_prompt_json): an HTTP backend sends it as
+    # is instead of serializing ~1,000 ids per request. None: serialize `prompt_ids`.
+    prompt_ids_json: str | None = None
 
 
 @dataclass(slots=True)

@@ -21,12 +21,14 @@ request when its socket closes).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from dsml.markers import THINK_CLOSE
 from proxy.backends.base import BackendError, GenerateDelta, GenerateRequest
@@ -34,6 +36,11 @@ from proxy.settings import Settings, UpstreamKind
 
 _IDS_BY_DEFAULT = {UpstreamKind.VLLM, UpstreamKind.SGLANG}
 _SPECIAL_TOKEN_FIELDS = {"skip_special_tokens": False, "spaces_between_special_tokens": False}
+_JSON_HEADERS = {"Content-Type": "application/json"}
+# After `data: [DONE]`, how long the rest of the response (the end of its chunked body) may
+# take, and how much it may hold, for its connection to go back to the pool.
+_DRAIN_TIMEOUT_S = 5.0
+_DRAIN_MAX_BYTES = 65536
 
 
 def _matched_stop(choice: dict[str, Any]) -> str | None:
@@ -65,6 +72,8 @@ class UpstreamBackend:
         )
         self._session: aiohttp.ClientSession | None = None
         self._model_checked = model is not None
+        self._completions_url = URL(self.base_url + "/v1/completions")
+        self._draining: set[asyncio.Task[None]] = set()  # see _release_when_done
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UpstreamBackend:
@@ -88,6 +97,8 @@ class UpstreamBackend:
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
 
     async def close(self) -> None:
+        for task in list(self._draining):
+            task.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -135,6 +146,16 @@ class UpstreamBackend:
             body["add_special_tokens"] = False
         return body
 
+    def encode_body(self, req: GenerateRequest) -> bytes:
+        """`build_body(req)` as JSON bytes; prompt ids go in as `req.prompt_ids_json` where
+        the request carries them so (the same array, not serialized again)."""
+        body = self.build_body(req)
+        ids_json = req.prompt_ids_json
+        if ids_json is not None and body["prompt"] is req.prompt_ids:
+            del body["prompt"]
+            return ('{"prompt":' + ids_json + "," + json.dumps(body)[1:]).encode()
+        return json.dumps(body).encode()
+
     async def _discover_model(self) -> None:
         # vLLM and SGLang want the served model's name in `model`; ask once, on first use
         # (the engine may still be loading when the proxy starts).
@@ -156,42 +177,83 @@ class UpstreamBackend:
         assert self._session is not None
         if not self._model_checked:
             await self._discover_model()
-        body = self.build_body(req)
+        body = self.encode_body(req)
         try:
-            resp = await self._session.post(self.base_url + "/v1/completions", json=body)
+            resp = await self._session.post(self._completions_url, data=body,
+                                            headers=_JSON_HEADERS)
         except TimeoutError as exc:
             raise BackendError("timeout", "no response within the timeout") from exc
         except aiohttp.ClientError as exc:
             raise BackendError("connect", f"{type(exc).__name__}: {exc}") from exc
+        finished = False
         try:
             if resp.status != 200:
                 text = (await resp.text())[:500]
                 raise BackendError("status", f"HTTP {resp.status}: {text}", status=resp.status)
             async for delta in self._read_stream(resp):
                 yield delta
+            finished = True
         finally:
-            # On cancellation or an early aclose() this drops the socket at once, so the
-            # engine sees the disconnect and aborts; after a clean end it is a no-op.
+            if finished and not resp.content.at_eof():
+                self._release_when_done(resp)
+            else:
+                # On cancellation, an error or an early aclose() this drops the socket at
+                # once, so the engine sees the disconnect and aborts; after the end of the
+                # body it is a no-op (the connection went back to the pool).
+                resp.close()
+
+    def _release_when_done(self, resp: aiohttp.ClientResponse) -> None:
+        """The stream ended with `data: [DONE]`, and the end of the body (the last chunk of
+        its chunked encoding) is still on its way. Closing now would throw the connection
+        away, and the next request would have to open a new one (a TCP handshake and
+        aiohttp's connection setup on the path to its first token: ~0.5-1 ms here). So the
+        end is awaited beside the turn, which goes on at once, and the connection then goes
+        back to the pool; if more than a few bytes or nothing come within a few seconds,
+        the connection is closed instead."""
+        task = asyncio.ensure_future(self._drain(resp))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    @staticmethod
+    async def _drain(resp: aiohttp.ClientResponse) -> None:
+        try:
+            left = _DRAIN_MAX_BYTES
+            async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+                while not resp.content.at_eof() and left > 0:
+                    left -= len(await resp.content.readany())
+        except asyncio.CancelledError:
+            resp.close()
+            raise
+        except Exception:  # a timeout, a broken connection: not worth keeping
+            resp.close()
+            return
+        if resp.content.at_eof():
+            resp.release()
+        else:
             resp.close()
 
     async def _read_stream(self, resp: aiohttp.ClientResponse) -> AsyncIterator[GenerateDelta]:
         # Whatever is buffered is read at once: at speed an engine's events arrive many to a
-        # read, and they go on as one merged delta (see SseReader), not one per token.
+        # read, and they go on as merged deltas (see SseReader), not one per token. Each
+        # delta goes out as soon as its events are decoded: the stream's first token before
+        # anything after it in the same read is even decoded.
         reader = SseReader()
         out: list[GenerateDelta] = []
         try:
             async for chunk in resp.content.iter_any():
-                error: Exception | None = None
-                try:
-                    reader.feed(chunk, out)
-                except (BackendError, ValueError, AttributeError, TypeError) as exc:
-                    error = exc  # after what the read held before the bad event
-                if out:
-                    for delta in out:
-                        yield delta
-                    out.clear()
-                if error is not None:
-                    raise error
+                reader.push(chunk)
+                while reader.pending:
+                    error: Exception | None = None
+                    try:
+                        reader.take(out)
+                    except (BackendError, ValueError, AttributeError, TypeError) as exc:
+                        error = exc  # after what the read held before the bad event
+                    if out:
+                        for delta in out:
+                            yield delta
+                        out.clear()
+                    if error is not None:
+                        raise error
                 if reader.done:
                     return
             reader.end(out)  # an event the stream did not terminate
@@ -220,42 +282,63 @@ class MergedDelta(GenerateDelta):
 
 
 class SseReader:
-    """The engine's SSE byte stream -> merged `GenerateDelta`s, one per read (pure, no I/O).
+    """The engine's SSE byte stream -> merged `GenerateDelta`s (pure, no I/O).
 
-    `feed(chunk, out)` takes the bytes of one read and appends to `out` one delta for all the
-    complete events they end (but see below): texts joined, token counts summed, the finish reason and stop
-    string of the last event that has one. Events may be split anywhere across reads; lines
-    may end in `\n`, `\r\n` or `\r`; comment lines (`:`) and other fields are skipped; the
-    `data:` lines of one event are joined with `\n` (the SSE rules). `data: [DONE]` sets
+    `push(chunk)` buffers the bytes of one read and splits off its complete events, without
+    decoding them; `take(out)` decodes the next of them and appends their delta(s) to `out`;
+    `pending` says whether complete events are still waiting. `feed(chunk, out)` is both:
+    every complete event of the read, decoded. Events may be split anywhere across reads;
+    lines may end in `\n`, `\r\n` or `\r`; comment lines (`:`) and other fields are skipped;
+    the `data:` lines of one event are joined with `\n` (the SSE rules). `data: [DONE]` sets
     `done`, and nothing after it is read.
 
-    All complete events of a read are decoded by one `json.loads` of a JSON array. Should
-    that fail (or not give one value per event), they are decoded one by one, and the bad
-    event raises (ValueError, or BackendError for an `error` event) once `out` holds the
-    delta of the events before it.
+    A delta merges several events: texts joined, token counts summed, the finish reason and
+    stop string of the last event that has one. The events one `take` decodes are decoded
+    by one `json.loads` of a JSON array. Should that fail (or not give one value per event),
+    they are decoded one by one, and the bad event raises (ValueError, or BackendError for an
+    `error` event) once `out` holds the delta of the events before it.
 
-    A delta ends early in three cases. After the stream's first token, which goes out alone:
-    a proxy busy enough to find the whole completion in one read would otherwise parse and
-    encode all of it before the client's first chunk. After `max_merge` tokens (64: about
-    1 ms of work downstream), which bounds the time a chunk waits for the rest of its delta.
-    And after an event whose text holds `</think>`: the turn counts the tokens of a delta as
-    reasoning when the delta starts inside reasoning, so that count is the same as with one
-    delta per event. Nothing else depends on how text is cut (the DSML parser is
-    chunking-invariant), and a slow engine still gives one token per read.
+    How much one `take` decodes, and where a delta ends:
+
+    - Until the stream's first token, one event: the first token goes out alone, before
+      anything after it in the same read is decoded. A proxy busy enough to find the whole
+      completion in one read would otherwise decode, parse and encode all of it before the
+      client's first chunk.
+    - After it, 4 events, then 16, then at most `max_merge` (64: about 1 ms of work
+      downstream), which bounds the time a chunk waits for the rest of its delta. The small
+      steps first keep the first chunk quick when it needs more than one token (a chat turn
+      that opens with a tool call needs ~15-18, the call's name): those are decoded a few
+      at a time, not with the whole read.
+    - A delta also ends after `max_merge` tokens, and after an event whose text holds
+      `</think>`: the turn counts the tokens of a delta as reasoning when the delta starts
+      inside reasoning, so that count is the same as with one delta per event.
+
+    Nothing else depends on how text is cut (the DSML parser is chunking-invariant), and a
+    slow engine still gives one token per read.
     """
 
-    __slots__ = ("_buf", "_cr", "_started", "done", "finish", "max_merge", "num_counted")
+    __slots__ = ("_buf", "_cr", "_data", "_end", "_pos", "_size", "_started", "done", "finish",
+                 "max_merge", "num_counted")
 
     def __init__(self, max_merge: int = 64) -> None:
         self.max_merge = max_merge
         self._started = False  # the first token went out
         self._buf = b""
         self._cr = False  # the last read ended in "\r": maybe half of a "\r\n"
+        self._data = b""  # _data[_pos:_end]: complete events not decoded yet
+        self._pos = self._end = 0
+        self._size = min(4, max_merge)  # events the next take decodes, once started
         self.done = False
         self.finish: str | None = None  # "stop" | "length" once an event said so
         self.num_counted = 0
 
     def feed(self, chunk: bytes, out: list[GenerateDelta]) -> None:
+        """Every complete event of the stream so far, decoded into `out`."""
+        self.push(chunk)
+        while self.pending:
+            self.take(out)
+
+    def push(self, chunk: bytes) -> None:
         if self.done or not chunk:
             return
         if self._cr:
@@ -272,19 +355,69 @@ class SseReader:
             self._buf = buf
             return
         self._buf = buf[cut + 2:]
-        self._events(buf[:cut].split(b"\n\n"), out)
+        # Complete events, separated by blank lines: _data[_pos:_end], not copied out of the
+        # read; take() cuts them off as it needs them.
+        if self._pos < self._end:
+            self._data = self._data[self._pos:self._end] + b"\n\n" + buf[:cut]
+            self._pos, self._end = 0, len(self._data)
+        else:
+            self._data, self._pos, self._end = buf, 0, cut
+
+    @property
+    def pending(self) -> bool:
+        """Complete events wait to be decoded (and the stream is not done)."""
+        return self._pos < self._end and not self.done
+
+    def take(self, out: list[GenerateDelta]) -> None:
+        """Decode the next events (see the class): one until the first token, then 4, 16
+        and from then on `max_merge`."""
+        if self._started:
+            size = self._size
+            self._size = min(self.max_merge, size * 4)
+        else:
+            size = 1
+        data, pos, end = self._data, self._pos, self._end
+        at, n = pos, 1
+        while True:  # the end of the size-th event from pos (or of the last one)
+            sep = data.find(b"\n\n", at, end)
+            if sep < 0:
+                self._data, self._pos, self._end = b"", 0, 0
+                sep = end
+                break
+            if n == size:
+                self._pos = sep + 2
+                break
+            at, n = sep + 2, n + 1
+        if not self.done:
+            self._events(data[pos:sep], n, out)
 
     def end(self, out: list[GenerateDelta]) -> None:
         """End of the stream: a last event with no blank line after it still counts."""
+        while self.pending:
+            self.take(out)
         buf, self._buf = self._buf, b""
         if not self.done and buf.strip():
-            self._events([buf], out)
+            self._events(buf, 1, out)
 
-    def _events(self, events: list[bytes], out: list[GenerateDelta]) -> None:
+    def _events(self, region: bytes, n: int, out: list[GenerateDelta]) -> None:
+        """Decode the `n` events of `region` (separated by blank lines) into `out`."""
+        # The usual case: one `data: {...}` line per event. Then the payloads are the bytes
+        # between the `data: ` prefixes, and they join into a JSON array by one replacement
+        # (no [DONE] among them: each one starts with "{").
+        if (region.startswith(b"data: {") and region.count(b"\n") == 2 * (n - 1)
+                and (n == 1 or region.count(b"\n\ndata: {") == n - 1)):
+            try:
+                decoded = (json.loads(region[6:]) if n == 1 else
+                           json.loads(b"[" + region[6:].replace(b"\n\ndata: ", b",") + b"]"))
+            except ValueError:
+                decoded = None
+            if decoded is not None and (n == 1 or len(decoded) == n):
+                self._merge([decoded] if n == 1 else decoded, out)
+                return
         payloads = []
-        for event in events:
+        for event in region.split(b"\n\n"):
             if event.startswith(b"data: ") and b"\n" not in event:
-                payloads.append(event[6:])  # the usual event: one data line
+                payloads.append(event[6:])  # one data line
             elif event:
                 data = [line[5:].strip() for line in event.split(b"\n")
                         if line.startswith(b"data:")]
@@ -293,7 +426,7 @@ class SseReader:
         if not payloads:
             return
         for k, payload in enumerate(payloads):
-            if payload.strip() == b"[DONE]":
+            if payload[:1] != b"{" and payload.strip() == b"[DONE]":
                 del payloads[k:]
                 self.done = True
                 break
@@ -318,6 +451,7 @@ class SseReader:
         texts: list[str] = []
         num = 0
         finish = stop = None
+        counted, started, max_merge = self.num_counted, self._started, self.max_merge
         try:
             for data in events:
                 if "error" in data:
@@ -327,24 +461,24 @@ class SseReader:
                     if text:
                         texts.append(text)
                         num += 1
-                        self.num_counted += 1
+                        counted += 1
                     reason = choice.get("finish_reason")
                     if reason is not None:
                         finish = self.finish = "length" if reason == "length" else "stop"
                         stop = _matched_stop(choice) if finish == "stop" else None
-                    if text and (THINK_CLOSE in text or len(texts) >= self.max_merge
-                                 or not self._started):
-                        self._started = True
+                    if text and (not started or THINK_CLOSE in text or len(texts) >= max_merge):
+                        started = True
                         out.append(MergedDelta("".join(texts), num, finish, stop, texts))
                         texts, num, finish, stop = [], 0, None, None
                 usage = data.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     # SSE events can carry several tokens (speculative decoding, batching):
                     # the engine's own count is authoritative.
-                    missing = int(usage["completion_tokens"]) - self.num_counted
+                    missing = int(usage["completion_tokens"]) - counted
                     if missing > 0:
-                        self.num_counted += missing
+                        counted += missing
                         num += missing
         finally:
+            self.num_counted, self._started = counted, started
             if texts or num or finish is not None:
                 out.append(MergedDelta("".join(texts), num, finish, stop, texts))

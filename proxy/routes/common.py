@@ -82,11 +82,11 @@ async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder, 
     encode = encoder.encode
     # The events of one backend delta go out in one write.
     async with aclosing(turn.batches()) as events:
-        keepalive = None
         if keepalive_s is not None:
-            # A task beside this one, so events are still read here directly (their per-event
-            # cost is what the benchmark counts); it only acts when the stream is silent.
-            keepalive = asyncio.ensure_future(out.keep_alive(keepalive_s))
+            # A timer beside this task, so events are still read here directly (their
+            # per-event cost is what the benchmark counts); it only acts when the stream is
+            # silent (then a task writes the keep-alive).
+            out.start_keepalive(keepalive_s)
         try:
             first: list[Event] | Exception | None
             try:
@@ -116,11 +116,8 @@ async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder, 
                 request[state.LOG_FIELDS]["error"] = err.message
                 await out.write(encoder.error(err))
         finally:
-            if keepalive is not None:
-                # Done, failed or the client is gone: no keep-alive after this (write_eof).
-                keepalive.cancel()
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await keepalive
+            # Done, failed or the client is gone: no keep-alive after this (write_eof).
+            await out.stop_keepalive()
     await out.response.write_eof()
     log_turn(request, turn)
     return out.response
@@ -134,6 +131,15 @@ def log_turn(request: web.Request, turn: Turn) -> None:
         fields["turn_outcome"] = turn.result.turn_outcome.value
 
 
+class _EventStreamResponse(web.StreamResponse):
+    """A StreamResponse whose status line and headers go out with its first body bytes (one
+    send, one segment, one wake-up of the client), as aiohttp's `web.Response` does, instead
+    of alone at prepare(). `_SseStream.open` writes at once after prepare(), so nothing
+    waits on this."""
+
+    _send_headers_immediately = False
+
+
 class _SseStream:
     """The SSE response of one turn: opened once (by the handler or the keep-alive task),
     writes timed as waits on the client, and the time of the last write."""
@@ -141,7 +147,7 @@ class _SseStream:
     def __init__(self, request: web.Request, encoder: StreamEncoder) -> None:
         self.request = request
         self.encoder = encoder
-        self.response = web.StreamResponse(headers={
+        self.response = _EventStreamResponse(headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
@@ -152,6 +158,11 @@ class _SseStream:
         self._lock = asyncio.Lock()  # the open, against the keep-alive task's
         self._loop = asyncio.get_running_loop()
         self.last_write = self._loop.time()
+        self._interval = 0.0  # keep-alive interval and bytes (start_keepalive)
+        self._keepalive_data = b""
+        self._timer: asyncio.TimerHandle | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._keepalive_stopped = False
 
     async def open(self, first: list[Event] | None = None, *, then: bytes = b"",
                    timed: bool = True) -> None:
@@ -185,19 +196,44 @@ class _SseStream:
         self.last_write = self._loop.time()
         await self.response.write(data)
 
-    async def keep_alive(self, interval_s: float) -> None:
+    def start_keepalive(self, interval_s: float) -> None:
         """Write the encoder's keep-alive whenever nothing was written for `interval_s`
-        (opening the stream first if need be), until cancelled.
+        (opening the stream first if need be), until `stop_keepalive()`.
 
-        This task runs only while the handler is suspended, which is inside a clock wait
-        (the backend's, or a write's): its writes are untimed, or they would break that wait.
-        aiohttp writes each call's bytes at once, so a keep-alive never splits an event.
+        A timer checks when the interval would be up; only when the stream was really silent
+        for that long does a task write the keep-alive. That task runs only while the handler
+        is suspended, which is inside a clock wait (the backend's, or a write's): its writes
+        are untimed, or they would break that wait. aiohttp writes each call's bytes at once,
+        so a keep-alive never splits an event.
         """
-        data = self.encoder.keepalive()
-        while True:
-            now = self._loop.time()
-            due = self.last_write + interval_s
-            if now < due:
-                await asyncio.sleep(due - now)
-            else:
-                await self.open(then=data, timed=False)
+        self._interval = interval_s
+        self._keepalive_data = self.encoder.keepalive()
+        self._timer = self._loop.call_at(self.last_write + interval_s, self._keepalive_due)
+
+    def _keepalive_due(self) -> None:
+        self._timer = None
+        if self._keepalive_stopped:
+            return
+        due = self.last_write + self._interval
+        if self._loop.time() < due:  # something was written meanwhile
+            self._timer = self._loop.call_at(due, self._keepalive_due)
+        else:
+            self._keepalive_task = self._loop.create_task(self._write_keepalive())
+
+    async def _write_keepalive(self) -> None:
+        await self.open(then=self._keepalive_data, timed=False)
+        self._keepalive_task = None
+        if not self._keepalive_stopped:
+            self._timer = self._loop.call_at(self.last_write + self._interval,
+                                             self._keepalive_due)
+
+    async def stop_keepalive(self) -> None:
+        self._keepalive_stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = self._keepalive_task
+        if task is not None:  # a keep-alive being written (or one that failed)
+            task.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task

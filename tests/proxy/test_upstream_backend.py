@@ -187,3 +187,76 @@ def test_text_prompts_get_no_second_bos(kind: UpstreamKind) -> None:
     assert body.get("add_special_tokens", True) is (kind is not UpstreamKind.VLLM)
     # With ids (vLLM's default) nothing is tokenized upstream: no field.
     assert "add_special_tokens" not in UpstreamBackend("http://x", kind).build_body(REQ)
+
+
+@pytest.mark.parametrize("kind", list(UpstreamKind))
+def test_the_body_on_the_wire_is_build_body(kind: UpstreamKind) -> None:
+    """encode_body: build_body as JSON; prompt ids given as JSON text go in as they are."""
+    backend = UpstreamBackend("http://x", kind)
+    plain = GenerateRequest(prompt_ids=list(REQ.prompt_ids or []), prompt_text="<p>",
+                            sampling=REQ.sampling)
+    with_json = GenerateRequest(prompt_ids=plain.prompt_ids, prompt_text="<p>",
+                                sampling=REQ.sampling,
+                                prompt_ids_json=json.dumps(plain.prompt_ids))
+    assert json.loads(backend.encode_body(plain)) == backend.build_body(plain)
+    assert json.loads(backend.encode_body(with_json)) == backend.build_body(plain)
+    text_only = GenerateRequest(prompt_ids=None, prompt_text="<p> ü", sampling=REQ.sampling)
+    assert json.loads(backend.encode_body(text_only)) == backend.build_body(text_only)
+
+
+async def test_a_finished_stream_leaves_its_connection_for_the_next() -> None:
+    """After `data: [DONE]` the end of the body (here 50 ms later) is awaited beside the
+    turn, and the connection goes back to the pool: the next requests open none. A body
+    that does not end soon after [DONE] costs its connection, and nothing else."""
+    import aiohttp
+
+    tail_s = {"value": 0.05}
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices":[{"text":"hi","finish_reason":"stop"}]}\n\n'
+                             b"data: [DONE]\n\n")
+        await asyncio.sleep(tail_s["value"])  # the end of the chunked body comes later
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    opened = []
+    trace = aiohttp.TraceConfig()
+
+    async def on_create(*_: object) -> None:
+        opened.append(1)
+
+    trace.on_connection_create_end.append(on_create)
+    backend = UpstreamBackend(f"http://127.0.0.1:{port}", model="m")
+    backend._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             trace_configs=[trace])
+
+    async def turn() -> None:
+        assert await collect(backend) == ("hi", 1, "stop")  # at once, not 50 ms later
+        for _ in range(200):
+            if not backend._draining:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        for _ in range(4):
+            await turn()
+        assert len(opened) == 1
+        tail_s["value"] = 0.5  # longer than the backend waits for it (0.1 s here)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("proxy.backends.upstream._DRAIN_TIMEOUT_S", 0.1)
+            await turn()
+            await turn()
+        assert len(opened) == 2  # the first stuck connection was closed, not reused
+    finally:
+        await backend.close()
+        await runner.cleanup()
