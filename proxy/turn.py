@@ -236,6 +236,7 @@ class Turn:
         self._num_calls_started = 0
         self._first_call_done = False
         self._any_event = False  # the turn produced an event
+        self._started = False  # the engine's first token arrived (see batches)
         self._stopped_after_first_call = False
         # Final figures, valid once events() is exhausted.
         self.result: ParseResult | None = None
@@ -257,8 +258,12 @@ class Turn:
                     yield event
 
     async def batches(self) -> AsyncIterator[list[Event]]:
-        """The turn's events, in lists: those of one backend delta together (never empty),
-        so that an endpoint can write them out at once."""
+        """The turn's events, in lists: those of one backend delta together, so that an
+        endpoint can write them out at once. Never empty but once: when the engine's first
+        token arrives and the parser holds it (a turn that opens with a tool call needs
+        ~15 tokens before its first event, the call's name), an empty list says the
+        generation has started, so the stream can open now (a chat stream's first chunk,
+        with the role, as OpenAI sends it) instead of after those tokens."""
         runner, prompt = self._runner, self.prompt
         if self._send_ids:
             self._prompt_ids, self._prompt_json = runner.tokenizer.encode_prompt_json(prompt)
@@ -354,6 +359,9 @@ class Turn:
                     self._generated.append(text)
                     if batch := self._feed(text):
                         yield batch
+                    elif not self._started:
+                        yield []
+                    self._started = True
                     if self._first_call_done and not self.parallel_tool_calls:
                         self._stopped_after_first_call = True
                         break

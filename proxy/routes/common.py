@@ -66,9 +66,10 @@ async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder, 
                       keepalive_s: float | None = None) -> web.StreamResponse:
     """SSE: prepare, one write per backend delta (its events together), finish, write_eof.
 
-    The first event is awaited before the response is prepared, so a backend that is down or
-    a request the backend refuses still gets a proper HTTP status (502/504). After that,
-    failures become an SSE error event. A client disconnect cancels this task (the runner
+    The first batch is awaited before the response is prepared, so a backend that is down
+    or a request the backend refuses still gets a proper HTTP status (502/504). It comes
+    with the engine's first token (empty when the parser holds that token, see
+    `Turn.batches`). After that, failures become an SSE error event. A client disconnect cancels this task (the runner
     uses `handler_cancellation`), which closes the backend stream at once.
 
     With `keepalive_s`, `encoder.keepalive()` goes out whenever nothing was written for that
@@ -102,7 +103,7 @@ async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder, 
                 await out.open(first)
                 async for batch in events:
                     data = (encode(batch[0]) if len(batch) == 1
-                            else b"".join([encode(event) for event in batch]))
+                            else b"".join([encode(event) for event in batch]))  # b"" if empty
                     if data:
                         await out.write(data)
                 await out.write(encoder.finish(turn))

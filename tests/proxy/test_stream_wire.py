@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import aiohttp
 
-from tests.fakes.upstream import FakeUpstream
+from tests.fakes.upstream import FakeUpstream, Reply
 from tests.proxy.conftest import ProxyServer, load_cases
 
 PARSE = load_cases("parse.jsonl")
@@ -143,3 +144,35 @@ async def test_sync_client(proxy: ProxyServer, fake: FakeUpstream) -> None:
 
     plain, streamed = await asyncio.to_thread(call)
     assert plain.choices[0].message.content == streamed == "Answer."
+
+
+async def test_stream_opens_at_the_first_token_of_a_turn_that_starts_with_a_call(
+        proxy: ProxyServer, fake: FakeUpstream) -> None:
+    """A turn that opens with a tool call has no event for ~15 tokens (the call's name):
+    the role chunk goes out when the engine's first token arrives, not after them."""
+    case = next(c for c in PARSE.values() if not c["thinking"] and c["expected"]["tool_calls"]
+                and c["completion"].startswith("\n\n<｜DSML｜tool_calls>"))
+    fake.push(Reply(case["completion"], token_delay_s=0.05))
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Go."}],
+            "tools": case["tools"], "stream": True}
+    arrivals: list[tuple[float, dict[str, Any]]] = []
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        async with session.post(proxy.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            buf = b""
+            async for data in resp.content.iter_any():
+                buf += data
+                while b"\n\n" in buf:
+                    event, buf = buf.split(b"\n\n", 1)
+                    if event != b"data: [DONE]":
+                        arrivals.append((time.perf_counter() - started, json.loads(event[6:])))
+    first_at, first = arrivals[0]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""} or \
+        first["choices"][0]["delta"] == {"role": "assistant"}
+    call_at = next(t for t, c in arrivals if c["choices"] and c["choices"][0]["delta"].get("tool_calls"))
+    # ~15 tokens at 50 ms each separate the call's first chunk from the engine's first token.
+    assert call_at - first_at > 0.4, (first_at, call_at)
+    names = [tc["function"]["name"] for _, c in arrivals if c["choices"]
+             for tc in c["choices"][0]["delta"].get("tool_calls") or [] if "name" in tc["function"]]
+    assert names == [c["name"] for c in case["expected"]["tool_calls"]]
