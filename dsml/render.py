@@ -39,8 +39,6 @@ from __future__ import annotations
 import json
 import marshal
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,6 +52,7 @@ from dsml.dialects import (
     texts,
 )
 from dsml.errors import RenderError
+from dsml.lru import SizedLRU
 from dsml.prompt import Prompt, Segment
 
 THINKING_MODES = ("thinking", "chat")
@@ -135,50 +134,9 @@ TOOLS_CACHE_MAX_ENTRIES = 256
 TOOLS_CACHE_MAX_CHARS = 8_000_000  # key bytes + section text, over all entries
 
 
-class _SectionCache:
-    """Thread-safe LRU: key -> the segments of one tools section."""
-
-    def __init__(self, max_entries: int = TOOLS_CACHE_MAX_ENTRIES,
-                 max_chars: int = TOOLS_CACHE_MAX_CHARS) -> None:
-        self.max_entries = max_entries
-        self.max_chars = max_chars
-        self.num_chars = 0
-        self._entries: OrderedDict[tuple[str, str, bytes], tuple[tuple[Segment, ...], int]] = (
-            OrderedDict()
-        )
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str, bytes]) -> tuple[Segment, ...] | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            self._entries.move_to_end(key)
-            return entry[0]
-
-    def put(self, key: tuple[str, str, bytes], segments: tuple[Segment, ...]) -> None:
-        size = len(key[2]) + sum(len(s.text) for s in segments)
-        if size > self.max_chars or self.max_entries <= 0:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = (segments, size)
-            self.num_chars += size
-            while len(self._entries) > self.max_entries or self.num_chars > self.max_chars:
-                _, (_, evicted) = self._entries.popitem(last=False)
-                self.num_chars -= evicted
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.num_chars = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-TOOLS_SECTIONS = _SectionCache()
+TOOLS_SECTIONS: SizedLRU[tuple[str, str, bytes], tuple[Segment, ...]] = SizedLRU(
+    TOOLS_CACHE_MAX_ENTRIES, TOOLS_CACHE_MAX_CHARS
+)
 
 
 def _tools_key(texts_: DialectTexts, tools: Any) -> tuple[str, str, bytes] | None:
@@ -365,7 +323,7 @@ class _Renderer:
         if section is None:
             section = self._tools_section(tools, param)
             if key is not None:
-                TOOLS_SECTIONS.put(key, section)
+                TOOLS_SECTIONS.put(key, section, len(key[2]) + sum(len(s.text) for s in section))
         self.out.extend_built(section)
 
     def _tools_section(self, tools: Sequence[Any], param: str) -> tuple[Segment, ...]:

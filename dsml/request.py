@@ -14,14 +14,13 @@ from __future__ import annotations
 import copy
 import marshal
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dsml import markers as mk
 from dsml.dialects import Dialect, Effort
 from dsml.errors import RenderError, UnsupportedError
+from dsml.lru import SizedLRU
 from dsml.prompt import Prompt, Segment
 from dsml.render import JSON_OBJECT, _render_messages
 
@@ -189,48 +188,9 @@ TOOLS_CACHE_MAX_ENTRIES = 256
 TOOLS_CACHE_MAX_BYTES = 8_000_000  # keys + values, over all entries
 
 
-class _ToolsCache:
-    """Thread-safe LRU: marshal of (tools, tool_choice) -> marshal of the offered tools and
-    of the tool choice."""
-
-    def __init__(self, max_entries: int = TOOLS_CACHE_MAX_ENTRIES,
-                 max_bytes: int = TOOLS_CACHE_MAX_BYTES) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.num_bytes = 0
-        self._entries: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: bytes) -> tuple[bytes, bytes] | None:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
-
-    def put(self, key: bytes, value: tuple[bytes, bytes]) -> None:
-        size = len(key) + len(value[0]) + len(value[1])
-        if size > self.max_bytes or self.max_entries <= 0:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = value
-            self.num_bytes += size
-            while len(self._entries) > self.max_entries or self.num_bytes > self.max_bytes:
-                old_key, (tools, choice) = self._entries.popitem(last=False)
-                self.num_bytes -= len(old_key) + len(tools) + len(choice)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.num_bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-TOOLS_CACHE = _ToolsCache()
+TOOLS_CACHE: SizedLRU[bytes, tuple[bytes, bytes]] = SizedLRU(
+    TOOLS_CACHE_MAX_ENTRIES, TOOLS_CACHE_MAX_BYTES
+)
 
 
 def _offered_tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any, bytes | None]:
@@ -252,7 +212,7 @@ def _offered_tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any, 
         except (ValueError, TypeError, RecursionError):
             return offered, choice, None
         if key is not None:
-            TOOLS_CACHE.put(key, value)
+            TOOLS_CACHE.put(key, value, len(key) + len(value[0]) + len(value[1]))
     # What a hit returns, also the first time: fresh objects.
     return marshal.loads(value[0]), marshal.loads(value[1]), value[0]
 

@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 
 from dsml import markers
 from dsml.errors import UnsupportedError
+from dsml.lru import SizedLRU
 from dsml.prompt import Prompt, Segment
 
 # The ids dsml.md section 1 lists; checked at load so that a different tokenizer file fails
@@ -133,44 +134,13 @@ PREFIX_CACHE_MAX_ENTRIES = 256
 PREFIX_CACHE_MAX_CHARS = 4_000_000
 
 
-class _PrefixCache:
-    """Thread-safe LRU: a prompt's segments before its first user turn (texts, kinds) ->
-    their ids and those ids as JSON array items. Bounded by entries and by the characters
-    of the texts and of the JSON."""
-
-    def __init__(self, max_entries: int = PREFIX_CACHE_MAX_ENTRIES,
-                 max_chars: int = PREFIX_CACHE_MAX_CHARS) -> None:
-        self.max_entries = max_entries
-        self.max_chars = max_chars
-        self.num_chars = 0
-        self._entries: OrderedDict[tuple[tuple[str, ...], tuple[bool, ...]],
-                                   tuple[array, str, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[tuple[str, ...], tuple[bool, ...]]) -> tuple[array, str] | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            self._entries.move_to_end(key)
-            return entry[0], entry[1]
-
-    def put(self, key: tuple[tuple[str, ...], tuple[bool, ...]],
-            value: tuple[array, str]) -> None:
-        size = sum(map(len, key[0])) + len(value[1])
-        if size > self.max_chars or self.max_entries <= 0:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = (value[0], value[1], size)
-            self.num_chars += size
-            while len(self._entries) > self.max_entries or self.num_chars > self.max_chars:
-                _, (_, _, evicted) = self._entries.popitem(last=False)
-                self.num_chars -= evicted
-
-    def __len__(self) -> int:
-        return len(self._entries)
+def _prefix_cache(max_entries: int = PREFIX_CACHE_MAX_ENTRIES,
+                  max_chars: int = PREFIX_CACHE_MAX_CHARS
+                  ) -> SizedLRU[tuple[tuple[str, ...], tuple[bool, ...]], tuple[array, str]]:
+    """A prompt's segments before its first user turn (texts, kinds) -> their ids and those
+    ids as JSON array items. Bounded by entries and by the characters of the texts and of
+    the JSON."""
+    return SizedLRU(max_entries, max_chars)
 
 
 def tokenizer_json_path() -> str:
@@ -225,7 +195,7 @@ class V4Tokenizer:
         self.bytes_by_id: tuple[bytes, ...] = self._build_bytes_by_id()
         self._pieces = _PieceCache(PIECE_CACHE_MAX_CHARS)
         self._control_json = {text: str(token_id) for text, token_id in self.control_ids.items()}
-        self._prefixes = _PrefixCache()
+        self._prefixes = _prefix_cache()
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -288,7 +258,7 @@ class V4Tokenizer:
                     ids = self.encode_prompt(prompt)
                     return ids, "[" + ",".join(map(str, ids)) + "]"
                 known = array("I", ids), ",".join(parts)
-                self._prefixes.put(key, known)
+                self._prefixes.put(key, known, sum(map(len, key[0])) + len(known[1]))
             else:
                 ids = known[0].tolist()
                 parts.append(known[1])

@@ -9,7 +9,6 @@ import copy
 import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,14 +16,9 @@ import pytest
 import dsml.render as render_mod
 import dsml.request as request_mod
 from dsml import Dialect, Prompt, render_chat, render_messages
+from dsml.lru import SizedLRU
+from tests.dsml.test_render_vectors import VECTOR_FILES
 
-DATA = Path(__file__).parents[1] / "data" / "dsml"
-VECTOR_FILES = {
-    "v4": DATA / "render.jsonl",
-    "v4-0731": DATA / "dialects" / "v4-0731" / "render.jsonl",
-    "v4.1": DATA / "dialects" / "v4.1" / "render.jsonl",
-    "v3.2": DATA / "dialects" / "v3.2" / "render.jsonl",
-}
 WEATHER = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -46,16 +40,16 @@ WITH_TOOLS = [(d, v) for d, v in VECTORS if v["request"].get("tools")]
 @pytest.fixture
 def fresh_caches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Empty caches of the default sizes for the test, the process-wide ones put back."""
-    monkeypatch.setattr(request_mod, "TOOLS_CACHE", request_mod._ToolsCache())
-    monkeypatch.setattr(render_mod, "TOOLS_SECTIONS", render_mod._SectionCache())
+    monkeypatch.setattr(request_mod, "TOOLS_CACHE", SizedLRU(request_mod.TOOLS_CACHE_MAX_ENTRIES, request_mod.TOOLS_CACHE_MAX_BYTES))
+    monkeypatch.setattr(render_mod, "TOOLS_SECTIONS", SizedLRU(render_mod.TOOLS_CACHE_MAX_ENTRIES, render_mod.TOOLS_CACHE_MAX_CHARS))
     yield
 
 
 def uncached(fn: Any, *args: Any, **kwargs: Any) -> Prompt:
     """`fn(*args)` with both caches holding nothing (and never filled)."""
     saved = request_mod.TOOLS_CACHE, render_mod.TOOLS_SECTIONS
-    request_mod.TOOLS_CACHE = request_mod._ToolsCache(max_entries=0)
-    render_mod.TOOLS_SECTIONS = render_mod._SectionCache(max_entries=0)
+    request_mod.TOOLS_CACHE = SizedLRU(0, request_mod.TOOLS_CACHE_MAX_BYTES)
+    render_mod.TOOLS_SECTIONS = SizedLRU(0, render_mod.TOOLS_CACHE_MAX_CHARS)
     try:
         return fn(*args, **kwargs)
     finally:
@@ -197,8 +191,8 @@ def many_tools(k: int) -> list[dict[str, Any]]:
 
 
 def test_the_caches_are_bounded_by_entries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(request_mod, "TOOLS_CACHE", request_mod._ToolsCache(max_entries=8))
-    monkeypatch.setattr(render_mod, "TOOLS_SECTIONS", render_mod._SectionCache(max_entries=5))
+    monkeypatch.setattr(request_mod, "TOOLS_CACHE", SizedLRU(8, request_mod.TOOLS_CACHE_MAX_BYTES))
+    monkeypatch.setattr(render_mod, "TOOLS_SECTIONS", SizedLRU(5, render_mod.TOOLS_CACHE_MAX_CHARS))
     for k in range(40):
         render_chat({"messages": [{"role": "user", "content": "x"}], "tools": many_tools(k)})
         assert len(request_mod.TOOLS_CACHE) <= 8 and len(render_mod.TOOLS_SECTIONS) <= 5
@@ -206,26 +200,26 @@ def test_the_caches_are_bounded_by_entries(monkeypatch: pytest.MonkeyPatch) -> N
     # Least recently used goes first: tools 39..35 are the sections kept; using 35 keeps it.
     render_chat({"messages": [{"role": "user", "content": "x"}], "tools": many_tools(35)})
     render_chat({"messages": [{"role": "user", "content": "x"}], "tools": many_tools(40)})
-    kept = [key for key in render_mod.TOOLS_SECTIONS._entries]
+    kept = render_mod.TOOLS_SECTIONS.oldest_first()
     assert len(kept) == 5 and any(b"tool_35" in key[2] for key in kept)
     assert not any(b"tool_36" in key[2] for key in kept)
 
 
 def test_the_caches_are_bounded_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    tools_cache = request_mod._ToolsCache(max_entries=1_000, max_bytes=5_000)
-    sections = render_mod._SectionCache(max_entries=1_000, max_chars=8_000)
+    tools_cache = SizedLRU(1_000, 5_000)
+    sections = SizedLRU(1_000, 8_000)
     monkeypatch.setattr(request_mod, "TOOLS_CACHE", tools_cache)
     monkeypatch.setattr(render_mod, "TOOLS_SECTIONS", sections)
     for k in range(60):
         render_chat({"messages": [{"role": "user", "content": "x"}], "tools": many_tools(k)})
-        assert tools_cache.num_bytes <= 5_000 and sections.num_chars <= 8_000
+        assert tools_cache.size <= 5_000 and sections.size <= 8_000
     assert 0 < len(tools_cache) < 60 and 0 < len(sections) < 60
     # One entry over the whole budget is rendered and not kept.
     huge = [{"type": "function", "function": {"name": "huge", "description": "x" * 9_000}}]
     prompt = render_chat({"messages": [{"role": "user", "content": "x"}], "tools": huge})
     assert "x" * 9_000 in prompt.text
-    assert not any(b"huge" in key for key in tools_cache._entries)
-    assert not any(b"huge" in key[2] for key in sections._entries)
+    assert not any(b"huge" in key for key in tools_cache.oldest_first())
+    assert not any(b"huge" in key[2] for key in sections.oldest_first())
 
 
 @pytest.mark.usefixtures("fresh_caches")

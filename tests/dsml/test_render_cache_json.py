@@ -11,7 +11,7 @@ import pytest
 
 from dsml import Dialect, Prompt, Segment, render_chat
 from dsml import markers as mk
-from dsml.tokenizer import V4Tokenizer, _PieceCache, _PrefixCache, load_tokenizer
+from dsml.tokenizer import V4Tokenizer, _PieceCache, _prefix_cache, load_tokenizer
 
 DATA = Path(__file__).parents[1] / "data" / "dsml"
 
@@ -34,7 +34,7 @@ def test_json_ids_are_encode_prompts_ids_cached_or_not(
         tok: V4Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     cases = prompts()
     expected = [tok.encode_prompt(p) for p in cases]
-    monkeypatch.setattr(tok, "_prefixes", _PrefixCache())
+    monkeypatch.setattr(tok, "_prefixes", _prefix_cache())
     monkeypatch.setattr(tok, "_pieces", _PieceCache(max_chars=10_000_000))
     for _ in range(2):  # filling the caches, then from them
         for prompt, ids in zip(cases, expected, strict=True):
@@ -42,8 +42,8 @@ def test_json_ids_are_encode_prompts_ids_cached_or_not(
             assert got == ids and json.loads(text) == ids and type(got) is list
     assert len(tok._prefixes) > 10
     # Nothing cached at all, and a cache evicting all the time.
-    for prefixes, pieces in [(_PrefixCache(max_entries=0), _PieceCache(max_chars=0)),
-                             (_PrefixCache(max_entries=3), _PieceCache(2_000, max_entries=20))]:
+    for prefixes, pieces in [(_prefix_cache(max_entries=0), _PieceCache(max_chars=0)),
+                             (_prefix_cache(max_entries=3), _PieceCache(2_000, max_entries=20))]:
         monkeypatch.setattr(tok, "_prefixes", prefixes)
         monkeypatch.setattr(tok, "_pieces", pieces)
         for prompt, ids in reversed(list(zip(cases, expected, strict=True))):
@@ -85,21 +85,21 @@ def test_callers_own_what_they_get(tok: V4Tokenizer) -> None:
     assert tok.encode_prompt_json(prompt)[0] is not again
 
 
-def test_prefix_cache_is_bounded() -> None:
-    from array import array
-
-    cache = _PrefixCache(max_entries=3, max_chars=1_000)
-    for k in range(10):
-        cache.put(((f"text {k}",), (False,)), (array("I", [k]), str(k)))
-    assert len(cache) == 3
-    assert cache.get((("text 0",), (False,))) is None
-    assert cache.get((("text 9",), (False,))) is not None
-    cache = _PrefixCache(max_entries=100, max_chars=100)
-    for k in range(30):
-        cache.put(((f"{k:02d}" + "x" * 8,), (False,)), (array("I", [k]), "1234567890"))
-    assert len(cache) == 5 and cache.num_chars == 100  # 10 chars of text + 10 of JSON each
-    cache.put((("y" * 200,), (False,)), (array("I", [1]), "1"))
-    assert cache.get((("y" * 200,), (False,))) is None
+def test_prefix_cache_counts_texts_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefix cache is charged the prefix's texts and its JSON: a bound below one
+    prefix's size keeps nothing, and what is kept is exactly that size."""
+    tok = load_tokenizer()
+    prompt = render_chat({"messages": [{"role": "system", "content": "You are terse."},
+                                       {"role": "user", "content": "Hi."}]})
+    monkeypatch.setattr(tok, "_prefixes", _prefix_cache(max_chars=10))
+    tok.encode_prompt_json(prompt)
+    assert len(tok._prefixes) == 0
+    monkeypatch.setattr(tok, "_prefixes", _prefix_cache())
+    ids, _ = tok.encode_prompt_json(prompt)
+    (key,) = tok._prefixes.oldest_first()
+    cached_ids, items = tok._prefixes.get(key)
+    assert tok._prefixes.size == sum(map(len, key[0])) + len(items)
+    assert items == ",".join(map(str, cached_ids.tolist())) and cached_ids.tolist() == ids[:len(cached_ids)]
 
 
 def test_piece_json_counts_against_the_piece_budget() -> None:
