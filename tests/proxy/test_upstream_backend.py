@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy.backends.base import Backend, BackendError, GenerateRequest, SamplingParams
 from proxy.backends.upstream import UpstreamBackend
 from proxy.settings import UpstreamKind
-from tests.fakes.upstream import FakeUpstream, Reply, refused_url
+from tests.fakes.upstream import FakeUpstream, Reply, refused_url, serve_completions
 
 REQ = GenerateRequest(prompt_ids=[0, 128803, 100, 128804, 128822], prompt_text="<p>",
                       sampling=SamplingParams(max_tokens=50, temperature=0.0, stop=["X"]))
@@ -150,12 +150,8 @@ async def test_stop_reason_as_each_engine_spells_it(fields: dict, expected: str 
         await response.write(b"data: [DONE]\n\n")
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    backend = UpstreamBackend(f"http://127.0.0.1:{runner.addresses[0][1]}", model="m")
+    runner, url = await serve_completions(completions)
+    backend = UpstreamBackend(url, model="m")
     try:
         assert await finish_of(backend) == ("stop", expected)
     finally:
@@ -222,13 +218,7 @@ async def test_a_finished_stream_leaves_its_connection_for_the_next() -> None:
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, url = await serve_completions(completions)
     opened = []
     trace = aiohttp.TraceConfig()
 
@@ -236,7 +226,7 @@ async def test_a_finished_stream_leaves_its_connection_for_the_next() -> None:
         opened.append(1)
 
     trace.on_connection_create_end.append(on_create)
-    backend = UpstreamBackend(f"http://127.0.0.1:{port}", model="m")
+    backend = UpstreamBackend(url, model="m")
     backend._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                              trace_configs=[trace])
 

@@ -21,7 +21,7 @@ from proxy.metrics import Metrics
 from proxy.reasoning_cache import ReasoningCache
 from proxy.timing import RequestClock
 from proxy.turn import TurnRunner
-from tests.fakes.upstream import FakeUpstream, Reply
+from tests.fakes.upstream import FakeUpstream, Reply, serve_completions
 from tests.proxy.conftest import load_cases
 
 CASES = load_cases("parse.jsonl")
@@ -259,7 +259,8 @@ def test_a_bad_event_after_good_ones_in_one_read(bad: bytes) -> None:
     assert fields(out) == [("a", 1, None, None), ("b", 1, None, None)]
 
 
-async def serve_bytes(reads: list[bytes], *, then_close: bool = False) -> web.AppRunner:
+async def serve_bytes(reads: list[bytes], *,
+                      then_close: bool = False) -> tuple[web.AppRunner, str]:
     async def completions(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -273,12 +274,7 @@ async def serve_bytes(reads: list[bytes], *, then_close: bool = False) -> web.Ap
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner
+    return await serve_completions(completions)
 
 
 @pytest.mark.parametrize(("reads", "close", "reason", "text"), [
@@ -291,8 +287,8 @@ async def serve_bytes(reads: list[bytes], *, then_close: bool = False) -> web.Ap
 ])
 async def test_errors_mid_stream_are_still_classified(
         reads: list[bytes], close: bool, reason: str, text: str) -> None:
-    runner = await serve_bytes(reads, then_close=close)
-    backend = UpstreamBackend(f"http://127.0.0.1:{runner.addresses[0][1]}", model="m")
+    runner, url = await serve_bytes(reads, then_close=close)
+    backend = UpstreamBackend(url, model="m")
     got = []
     try:
         with pytest.raises(BackendError) as info:
@@ -308,8 +304,8 @@ async def test_errors_mid_stream_are_still_classified(
 async def test_split_reads_through_a_real_connection() -> None:
     raw = record(THINKING_CASE["completion"], sep=b"\r\n\r\n", comments=True)
     for cut in (1, 5, len(raw) // 3, len(raw) - 3):
-        runner = await serve_bytes([raw[:cut], raw[cut:]])
-        backend = UpstreamBackend(f"http://127.0.0.1:{runner.addresses[0][1]}", model="m")
+        runner, url = await serve_bytes([raw[:cut], raw[cut:]])
+        backend = UpstreamBackend(url, model="m")
         try:
             deltas = [d async for d in backend.generate(REQ)]
         finally:
