@@ -30,6 +30,15 @@ CALL = ("I need the weather.</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invok
 SECRET = "test-secret-0123456789abcdef"
 USER = {"role": "user", "content": "Weather in Taipei?"}
 
+async def final_message(proxy: ProxyServer, request: dict[str, Any], *, stream: bool) -> Any:
+    """The SDK's message for `request`: created, or streamed and accumulated."""
+    async with client_for(proxy) as client:
+        if not stream:
+            return await client.messages.create(**request)
+        async with client.messages.stream(**request) as s:
+            return await s.get_final_message()
+
+
 
 def metric(text: str, name: str, **labels: str) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
@@ -168,12 +177,7 @@ async def test_stop_sequence_is_the_one_that_matched(
     request: dict[str, Any] = {"model": "deepseek-chat", "max_tokens": 100, "messages": [USER],
                                "stop_sequences": ["zzz", "three", "four"]}
     fake.push(completion)
-    async with client_for(proxy) as client:
-        if stream:
-            async with client.messages.stream(**request) as s:
-                message = await s.get_final_message()
-        else:
-            message = await client.messages.create(**request)
+    message = await final_message(proxy, request, stream=stream)
     assert (message.stop_reason, message.stop_sequence, message.content[0].text) == expected
 
 
@@ -341,12 +345,7 @@ async def test_empty_turn_is_recovered(proxy: ProxyServer, fake: FakeUpstream,
     fake.responder = recovering(fake)
     request: dict[str, Any] = {"model": "deepseek-reasoner", "max_tokens": 1000,
                                "tools": [WEATHER], "messages": [USER]}
-    async with client_for(proxy) as client:
-        if stream:
-            async with client.messages.stream(**request) as s:
-                message = await s.get_final_message()
-        else:
-            message = await client.messages.create(**request)
+    message = await final_message(proxy, request, stream=stream)
     assert len(fake.requests) == 2
     thinking, call = message.content
     assert thinking.thinking.endswith("for Paris.")
@@ -363,12 +362,7 @@ async def test_held_back_marker_is_released(proxy: ProxyServer, fake: FakeUpstre
     fake.push("The answer is 2 <" + EOS)
     request: dict[str, Any] = {"model": "deepseek-chat", "max_tokens": 100,
                                "tools": [WEATHER], "messages": [USER]}
-    async with client_for(proxy) as client:
-        if stream:
-            async with client.messages.stream(**request) as s:
-                message = await s.get_final_message()
-        else:
-            message = await client.messages.create(**request)
+    message = await final_message(proxy, request, stream=stream)
     assert [(b.type, b.text) for b in message.content] == [("text", "The answer is 2 <")]
     assert message.stop_reason == "end_turn"
 
