@@ -55,10 +55,9 @@ class BlockStates:
 
     __slots__ = ()
 
-    def _check_ws(self) -> None:
-        ws, self._ws = self._ws, ""
-        if ws not in _CANONICAL_WS:
-            self._notice(RepairKind.WHITESPACE, repr(ws))
+    def _notice_ws(self) -> None:
+        """The whitespace between two tags is not the canonical newline(s)."""
+        self._notice(RepairKind.WHITESPACE, repr(self._ws))
 
     def _on_block_text(self, raw: str, tag: Tag | None) -> None:
         if self._in_junk:
@@ -100,11 +99,9 @@ class BlockStates:
 
     def _on_invoke_open(self, raw: str, tag: Tag | None) -> None:
         assert tag is not None
-        ws = self._ws
-        if ws:  # _check_ws() inline: one call less per tag
-            self._ws = ""
-            if ws not in _CANONICAL_WS:
-                self._notice(RepairKind.WHITESPACE, repr(ws))
+        if self._ws not in _CANONICAL_WS:  # checked inline: it runs at every tag
+            self._notice_ws()
+        self._ws = ""
         name = tag.name
         if name is None:
             self._on_junk(raw, tag)
@@ -158,11 +155,9 @@ class BlockStates:
         assert tag is not None
         call = self._call
         assert call is not None
-        ws = self._ws
-        if ws:  # _check_ws() inline: one call less per tag
-            self._ws = ""
-            if ws not in _CANONICAL_WS:
-                self._notice(RepairKind.WHITESPACE, repr(ws))
+        if self._ws not in _CANONICAL_WS:  # checked inline: it runs at every tag
+            self._notice_ws()
+        self._ws = ""
         key = tag.name
         if key is None:
             self._on_junk(raw, tag)
@@ -254,11 +249,9 @@ class BlockStates:
     def _on_invoke_close(self, raw: str, tag: Tag | None) -> None:
         call = self._call
         assert call is not None and tag is not None
-        ws = self._ws
-        if ws:  # _check_ws() inline: one call less per tag
-            self._ws = ""
-            if ws not in _CANONICAL_WS:
-                self._notice(RepairKind.WHITESPACE, repr(ws))
+        if self._ws not in _CANONICAL_WS:  # checked inline: it runs at every tag
+            self._notice_ws()
+        self._ws = ""
         if self.spans is not None:
             self._span("markup", raw)
         if tag.repairs:
@@ -371,11 +364,9 @@ class BlockStates:
 
     def _on_block_close(self, raw: str, tag: Tag | None) -> None:
         assert tag is not None
-        ws = self._ws
-        if ws:  # _check_ws(), inline
-            self._ws = ""
-            if ws not in _CANONICAL_WS:
-                self._notice(RepairKind.WHITESPACE, repr(ws))
+        if self._ws not in _CANONICAL_WS:  # checked inline: it runs at every tag
+            self._notice_ws()
+        self._ws = ""
         if self.spans is not None:
             self._span("markup", raw)
         if tag.repairs:
