@@ -335,29 +335,8 @@ class StreamParser(RegionStates, BlockStates):
         if piece is not text:  # split the piece: offsets (_here) count what was read
             self._raw[-1] = piece
         _TABLE[state][kind](self, raw, tag)
-        # _update_fast() for this case, inline (it runs after each of the ~15 tags of a
-        # call): no trace mode here, and the lexer holds nothing outside _run().
-        if self._nl or self._hold is not None:
-            fast = FAST_NONE
-        else:
-            st = self._state
-            if st == VALUE:
-                call = self._call
-                if call is None:
-                    fast = FAST_NONE
-                else:
-                    if call.streaming and call.mode == M_STR and not call.wrapper:
-                        fast = FAST_VALUE
-                        self._jparts = call.jparts
-                        self._cindex = call.index
-                    else:
-                        fast = FAST_HELD_VALUE
-                    self._vparts = call.vparts
-            else:
-                fast = _FAST_OF_STATE[st]
-                if fast == FAST_WS and self._in_junk:
-                    fast = FAST_NONE
-        self._fast = fast
+        # No trace mode here, and the lexer holds nothing outside _run().
+        fast = self._fast = self._fast_of_state()
         if piece is text:
             return out
         if fast == FAST_WS and rest.isspace():  # the `\n` after a tag, as feed() would
@@ -537,7 +516,6 @@ class StreamParser(RegionStates, BlockStates):
         return sum(map(len, self._raw[:num_pieces])) - back
 
     def _update_fast(self) -> None:
-        # Runs after every tag: the usual cases (a block state, a value) are tested first.
         lex = self._lex
         if self.spans is not None:
             fast = FAST_NONE  # trace mode: no fast paths
@@ -547,27 +525,29 @@ class StreamParser(RegionStates, BlockStates):
             fast = FAST_TAG if lex.tag_wait else FAST_PREFIX
             self._pending = lex.held
             lex.clear()
-        elif self._nl or self._hold is not None:
-            fast = FAST_NONE
         else:
-            st = self._state
-            if st == VALUE:
-                call = self._call
-                if call is None:
-                    fast = FAST_NONE
-                else:
-                    if call.streaming and call.mode == M_STR and not call.wrapper:
-                        fast = FAST_VALUE
-                        self._jparts = call.jparts
-                        self._cindex = call.index
-                    else:
-                        fast = FAST_HELD_VALUE
-                    self._vparts = call.vparts
-            else:
-                fast = _FAST_OF_STATE[st]
-                if fast == FAST_WS and self._in_junk:
-                    fast = FAST_NONE
+            fast = self._fast_of_state()
         self._fast = fast
+
+    def _fast_of_state(self) -> int:
+        """The fast path for the state the parser is in, the lexer holding nothing; binds
+        what a value's fast path appends to. Runs after every tag: the usual cases (a block
+        state, a value) are tested first."""
+        if self._nl or self._hold is not None:
+            return FAST_NONE
+        st = self._state
+        if st == VALUE:
+            call = self._call
+            if call is None:
+                return FAST_NONE
+            self._vparts = call.vparts
+            if call.streaming and call.mode == M_STR and not call.wrapper:
+                self._jparts = call.jparts
+                self._cindex = call.index
+                return FAST_VALUE
+            return FAST_HELD_VALUE
+        fast = _FAST_OF_STATE[st]
+        return FAST_NONE if fast == FAST_WS and self._in_junk else fast
 
     # ----------------------------------------------------------------- output helpers
 
