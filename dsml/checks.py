@@ -70,8 +70,11 @@ def json_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _type_ok(value: Any, types: frozenset[str]) -> bool:
-    """The cases `type(v) in exact` leaves: an integral float is an integer."""
+def type_allows(types: frozenset[str] | None, value: Any) -> bool:
+    """`value` is of one of the JSON `types` (None: any), as JSON Schema counts: an
+    integer is a number, an integral float is an integer."""
+    if types is None:
+        return True
     kind = json_type(value)
     if kind in types:
         return True
@@ -189,7 +192,7 @@ class _Writer:
         if not types or not types <= _PY_TYPES.keys():
             raise _Unsupported
         exact = tuple(t for name in types for t in _PY_TYPES[name])
-        # `type(v) is str` decides the usual case; _type_ok the rest (2.0 is an integer).
+        # `type(v) is str` decides the usual case; type_allows the rest (2.0 is an integer).
         test = (  # every type name is a global of the generated code (NoneType included)
             f"type({v}) is not {exact[0].__name__}"
             if len(exact) == 1
@@ -197,7 +200,7 @@ class _Writer:
         )
         names = self.const(types)
         shown = self.const(repr(arg))
-        self.emit(indent, f"if {test} and not _type_ok({v}, {names}):")
+        self.emit(indent, f"if {test} and not _type_allows({names}, {v}):")
         self.emit(indent + 1, f'return {prefix}repr({v}) + " is not of type " + {shown}')
 
     def _properties(self, props: dict[str, Any], v: str, prefix: str, indent: int,
@@ -244,7 +247,7 @@ class _Writer:
 
 
 _MISSING = object()
-_GLOBALS = {"_type_ok": _type_ok, "_json_equal": json_equal, "_num": _num, "_MISSING": _MISSING,
+_GLOBALS = {"_type_allows": type_allows, "_json_equal": json_equal, "_num": _num, "_MISSING": _MISSING,
             "NoneType": type(None)}  # fmt: skip
 
 
@@ -273,4 +276,4 @@ def _valid(v: Any) -> None:
     return None
 
 
-__all__ = ["ANNOTATIONS", "Check", "compile_check", "json_equal", "json_type"]
+__all__ = ["ANNOTATIONS", "Check", "compile_check", "json_equal", "json_type", "type_allows"]

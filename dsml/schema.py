@@ -17,24 +17,13 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from dsml.checks import compile_check, json_type
+from dsml.checks import compile_check, json_type, type_allows
 
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
 
 
 _JSON_TYPES = ("string", "boolean", "integer", "number", "array", "object", "null")
-
-
-def type_allows(types: frozenset[str] | None, value: Any) -> bool:
-    if types is None:
-        return True
-    kind = json_type(value)
-    if kind == "integer" and "number" in types:
-        return True
-    if kind == "number" and "integer" in types and float(value).is_integer():
-        return True
-    return kind in types
 
 
 def _reject_constant(name: str) -> Any:
