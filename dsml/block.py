@@ -55,9 +55,20 @@ class BlockStates:
 
     __slots__ = ()
 
-    def _notice_ws(self) -> None:
-        """The whitespace between two tags is not the canonical newline(s)."""
-        self._notice(RepairKind.WHITESPACE, repr(self._ws))
+    def _check_ws(self) -> None:
+        """A tag begins: the whitespace since the last one should be canonical newline(s)."""
+        if self._ws not in _CANONICAL_WS:
+            self._notice(RepairKind.WHITESPACE, repr(self._ws))
+        self._ws = ""
+
+    def _opener_name(self, raw: str, tag: Tag | None) -> str | None:
+        """An invoke or parameter opener begins: the whitespace before it is checked, and
+        its name returned; an opener without a name is junk (None)."""
+        assert tag is not None
+        self._check_ws()
+        if tag.name is None:
+            self._on_junk(raw, tag)
+        return tag.name
 
     def _on_block_text(self, raw: str, tag: Tag | None) -> None:
         if self._in_junk:
@@ -98,13 +109,8 @@ class BlockStates:
             self.spans.append(("junk", raw))
 
     def _on_invoke_open(self, raw: str, tag: Tag | None) -> None:
-        assert tag is not None
-        if self._ws not in _CANONICAL_WS:  # checked inline: it runs at every tag
-            self._notice_ws()
-        self._ws = ""
-        name = tag.name
+        name = self._opener_name(raw, tag)
         if name is None:
-            self._on_junk(raw, tag)
             return
         tool = self._tools.get(name)
         hold = self._hold
@@ -152,16 +158,12 @@ class BlockStates:
         self._span("markup", raw)
 
     def _on_param_open(self, raw: str, tag: Tag | None) -> None:
-        assert tag is not None
         call = self._call
         assert call is not None
-        if self._ws not in _CANONICAL_WS:  # checked inline: it runs at every tag
-            self._notice_ws()
-        self._ws = ""
-        key = tag.name
+        key = self._opener_name(raw, tag)
         if key is None:
-            self._on_junk(raw, tag)
             return
+        assert tag is not None
         if self.spans is not None:
             self._span("markup", raw)
         if tag.repairs:
@@ -249,9 +251,7 @@ class BlockStates:
     def _on_invoke_close(self, raw: str, tag: Tag | None) -> None:
         call = self._call
         assert call is not None and tag is not None
-        if self._ws not in _CANONICAL_WS:  # checked inline: it runs at every tag
-            self._notice_ws()
-        self._ws = ""
+        self._check_ws()
         if self.spans is not None:
             self._span("markup", raw)
         if tag.repairs:
@@ -364,9 +364,7 @@ class BlockStates:
 
     def _on_block_close(self, raw: str, tag: Tag | None) -> None:
         assert tag is not None
-        if self._ws not in _CANONICAL_WS:  # checked inline: it runs at every tag
-            self._notice_ws()
-        self._ws = ""
+        self._check_ws()
         if self.spans is not None:
             self._span("markup", raw)
         if tag.repairs:
