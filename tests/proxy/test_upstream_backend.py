@@ -204,12 +204,12 @@ async def test_a_finished_stream_leaves_its_connection_for_the_next() -> None:
     """After `data: [DONE]` the end of the body (here 50 ms later) is awaited beside the
     turn, and the connection goes back to the pool: the next requests open none. A body
     that does not end soon after [DONE] costs its connection, and nothing else."""
-    import aiohttp
-
     tail_s = {"value": 0.05}
+    peers: set[object] = set()  # connections the engine saw
 
     async def completions(request: web.Request) -> web.StreamResponse:
         await request.read()
+        peers.add(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b'data: {"choices":[{"text":"hi","finish_reason":"stop"}]}\n\n'
@@ -219,16 +219,7 @@ async def test_a_finished_stream_leaves_its_connection_for_the_next() -> None:
         return response
 
     runner, url = await serve_completions(completions)
-    opened = []
-    trace = aiohttp.TraceConfig()
-
-    async def on_create(*_: object) -> None:
-        opened.append(1)
-
-    trace.on_connection_create_end.append(on_create)
     backend = UpstreamBackend(url, model="m")
-    backend._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                             trace_configs=[trace])
 
     async def turn() -> None:
         assert await collect(backend) == ("hi", 1, "stop")  # at once, not 50 ms later
@@ -240,13 +231,14 @@ async def test_a_finished_stream_leaves_its_connection_for_the_next() -> None:
     try:
         for _ in range(4):
             await turn()
-        assert len(opened) == 1
+        assert len(peers) == 1 and backend._client.connections_opened == 1
         tail_s["value"] = 0.5  # longer than the backend waits for it (0.1 s here)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr("proxy.backends.upstream._DRAIN_TIMEOUT_S", 0.1)
             await turn()
             await turn()
-        assert len(opened) == 2  # the first stuck connection was closed, not reused
+        assert len(peers) == 2  # the first stuck connection was closed, not reused
+        assert backend._client.connections_opened == 2
     finally:
         await backend.close()
         await runner.cleanup()
