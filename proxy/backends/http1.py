@@ -116,13 +116,16 @@ class Response:
     connection goes back to the pool when the body was read to its end) or `close()`d."""
 
     def __init__(self, client: Http1Client, conn: _Connection, status: int,
-                 headers: dict[str, str], read_timeout_s: float) -> None:  # fmt: skip
+                 headers: dict[str, str], read_timeout_s: float,
+                 http11: bool = True) -> None:  # fmt: skip
         self._client = client
         self._conn = conn
         self.status = status
         self.headers = headers
         self._timeout = read_timeout_s
-        self._keep_alive = "close" not in headers.get("connection", "").lower()
+        connection = headers.get("connection", "").lower()
+        # HTTP/1.1 keeps a connection unless told otherwise; HTTP/1.0 only when told to.
+        self._keep_alive = "close" not in connection if http11 else "keep-alive" in connection
         encoding = headers.get("transfer-encoding", "").lower()
         if status in (204, 304):  # no body, whatever the headers say
             self._framing, self._left = _SIZED, 0
@@ -279,8 +282,8 @@ class Http1Client:
             conn, reused = await self._acquire()
             try:
                 conn.transport.write(message)  # type: ignore[union-attr]
-                status, headers = await self._read_head(conn, timeout)
-                return Response(self, conn, status, headers, timeout)
+                status, headers, http11 = await self._read_head(conn, timeout)
+                return Response(self, conn, status, headers, timeout, http11)
             except ConnectionLost:
                 conn.close()
                 if reused and not conn.buf:
@@ -306,8 +309,9 @@ class Http1Client:
         return conn, False
 
     @staticmethod
-    async def _read_head(conn: _Connection, timeout_s: float) -> tuple[int, dict[str, str]]:
-        """Status and headers of the final response (1xx interim responses skipped)."""
+    async def _read_head(conn: _Connection, timeout_s: float) -> tuple[int, dict[str, str], bool]:
+        """Status, headers and whether it is HTTP/1.1 (not 1.0), of the final response (1xx
+        interim responses skipped)."""
         while True:
             buf = conn.buf
             end = buf.find(b"\r\n\r\n")
@@ -333,7 +337,7 @@ class Http1Client:
                 name = name.strip().lower()
                 value = value.strip()
                 headers[name] = f"{headers[name]}, {value}" if name in headers else value
-            return status, headers
+            return status, headers, version != "HTTP/1.0"
 
     async def close(self) -> None:
         for conn in list(self._open):

@@ -83,14 +83,18 @@ async def test_sized_and_close_delimited_bodies_keep_alive_only_when_framed() ->
     replies = [
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"wor", b"ld"),
-        b"HTTP/1.0 200 OK\r\n\r\nuntil the end",  # no framing: the body ends with the connection
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n1.",  # HTTP/1.0: closed after it
+        b"HTTP/1.1 200 OK\r\n\r\nuntil the end",  # no framing: the body ends with the connection
     ]
     connections = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(writer)
         while replies:
-            await read_request(reader)
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:  # the client closed it
+                return
             reply = replies.pop(0)
             writer.write(reply)
             if b"Content-Length" not in reply and b"chunked" not in reply:
@@ -100,11 +104,13 @@ async def test_sized_and_close_delimited_bodies_keep_alive_only_when_framed() ->
     server, url = await serve_raw(handler)
     client = Http1Client(url)
     try:
-        for expected in (b"hello", b"world", b"until the end"):
+        for expected in (b"hello", b"world", b"1.", b"until the end"):
             resp = await client.request("GET", "/")
             assert await body_of(resp) == expected
             resp.release()
-        assert len(connections) == 1  # the two framed bodies left their connection for reuse
+        # The framed HTTP/1.1 bodies left their connection for reuse; the HTTP/1.0 answer
+        # did not, though this server would have kept it open.
+        assert len(connections) == 2 and client.connections_opened == 2
     finally:
         await client.close()
         server.close()
