@@ -14,21 +14,17 @@ A mixin of `dsml.parser.StreamParser`: it uses the parser's state and output hel
 
 from __future__ import annotations
 
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from dsml import repair
 from dsml.calls import (
     JUNK_ERROR,
-    M_COERCE,
-    M_JSON,
     M_STR,
-    WRAPPERS,
     Call,
+    ParamPlan,
     close_value,
     convert,
     escape,
-    param_mode,
     unwrap,
     validate_call,
 )
@@ -170,31 +166,24 @@ class BlockStates:
             self._tag_repairs(tag, call)
         if call.pending is not None:
             self._flush_pending(call)
-        tool = call.tool
-        types = tool.param_types(key) if tool is not None else None
-        attr = tag.string
-        if attr == "false":
-            mode = M_JSON
-        elif attr == "true":  # param_mode(), inline for the usual spelling
-            mode = M_STR if types is None or "string" in types else M_COERCE
-        else:
-            if attr is None:
-                call.repairs.append(RepairKind.MISSING_STRING_ATTR)
-                self._notice(RepairKind.MISSING_STRING_ATTR, raw)
-            mode = param_mode(attr, types)
-        call.key = key
-        call.mode = mode
-        call.types = types
-        call.vparts = []
-        call.wrapper = wrapper = (
-            key in WRAPPERS and tool is not None and key not in tool.properties
-            and bool(tool.properties) and call.emitted == 0 and not call.args
-        )  # fmt: skip
-        if mode == M_STR and call.streaming and not wrapper:
-            frag = ("{" if call.emitted == 0 else ", ") + encode_basestring(key) + ': "'
+        plan = call.plans.get(raw)
+        if plan is None:
+            plan = call.new_plan(raw, key, tag.string)
+        if plan.missing_attr:
+            call.repairs.append(RepairKind.MISSING_STRING_ATTR)
+            self._notice(RepairKind.MISSING_STRING_ATTR, raw)
+        call.plan = plan
+        if plan.maybe_wrapper and call.emitted == 0 and not call.args:
+            call.wrapper = True  # held until the invoke closes (it may wrap the arguments)
+            call.streams = False
+        elif plan.mode == M_STR and call.streaming:
+            call.streams = True
+            frag = (plan.first if call.emitted == 0 else plan.more) + '"'
             call.jparts.append(frag)
             call.emitted += 1
             self._out.append(args_delta(call.index, frag))
+        else:
+            call.streams = False
         self._state = VALUE
 
     def _on_value_text(self, raw: str, tag: Tag | None) -> None:
@@ -202,7 +191,7 @@ class BlockStates:
         assert call is not None
         call.vparts.append(raw)
         self._span("value", raw)
-        if call.streaming and call.mode == M_STR and not call.wrapper:
+        if call.streams:
             frag = escape(raw)
             call.jparts.append(frag)
             self._out.append(args_delta(call.index, frag))
@@ -215,38 +204,39 @@ class BlockStates:
         if tag.repairs:
             self._tag_repairs(tag, call)
         text = "".join(call.vparts)
-        key, mode, types = call.key, call.mode, call.types
         call.vparts = []
+        plan = call.plan
+        assert plan is not None
         self._state = INVOKE
-        if mode == M_STR and call.streaming and not call.wrapper:
-            call.args[key] = text
+        if call.streams:
+            call.args[plan.key] = text
             call.jparts.append('"')
             self._out.append(args_delta(call.index, '"'))
             return
-        value, coerced, error = close_value(mode, types, key, text)
+        value, coerced, error = close_value(plan, text)
         if coerced:
             call.repairs.append(RepairKind.TYPE_COERCION)
-            self._notice(RepairKind.TYPE_COERCION, key)
+            self._notice(RepairKind.TYPE_COERCION, plan.key)
         elif error is not None:
             call.errors.append(error)
         if call.wrapper:
-            call.pending = (key, value)
+            call.pending = (plan, value)
             call.wrapper = False
             return
-        frag = call.write_param(key, value)  # _write_param(), inline
+        frag = call.write_param(plan, value)  # _write_param(), inline
         if call.streaming:
             self._out.append(args_delta(call.index, frag))
 
-    def _write_param(self, call: Call, key: str, value: Any) -> None:
-        frag = call.write_param(key, value)
+    def _write_param(self, call: Call, plan: ParamPlan, value: Any) -> None:
+        frag = call.write_param(plan, value)
         if call.streaming:
             self._out.append(args_delta(call.index, frag))
 
     def _flush_pending(self, call: Call) -> None:
         if call.pending is not None:
-            key, value = call.pending
+            plan, value = call.pending
             call.pending = None
-            self._write_param(call, key, value)
+            self._write_param(call, plan, value)
 
     def _on_invoke_close(self, raw: str, tag: Tag | None) -> None:
         call = self._call
@@ -259,7 +249,7 @@ class BlockStates:
         if call.body is not None:
             self._read_body(call)
         elif call.pending is not None:
-            key = call.pending[0]
+            key = call.pending[0].key
             inner = unwrap(call)
             if inner is not None:
                 call.pending = None
@@ -328,7 +318,7 @@ class BlockStates:
                 self._deliver(call, outcome, error)
             self._mark = len(self.spans) if self.spans is not None else 0
             lex = self._lex  # self._here(0), inline
-            self._block_start = (len(self._raw), len(lex._buf) - lex._pos + len(self._pending))
+            self._block_start = (len(self._raw), len(lex._buf) - lex._pos)
             return
         if self._strict and invalid:
             self._reject(None, None)

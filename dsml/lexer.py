@@ -17,8 +17,9 @@ bounded number of times however long the stream gets. Deltas that only extend a 
 still arriving (most deltas of a tool-call block, which a tokenizer splits after `<`,
 `｜DSML｜`, `parameter`, ...) need not reach next(): `MARKER_PREFIXES` says whether a held
 head may still grow, `absorb()` takes such a delta, and `markers` maps the text of every
-complete marker read so far to its token, so the delta that brings the `>` costs a dict
-lookup (the parser's fast paths in `dsml.parser` use all three).
+complete marker read so far (and of each DSML tag followed by a newline) to its token, so
+the delta that brings the `>` costs a dict lookup (the parser's fast paths in `dsml.parser`
+use all three).
 """
 
 from __future__ import annotations
@@ -176,9 +177,12 @@ _BARE_TOKENS = {d: _bare_tokens(info) for d, info in _HEAD_INFO.items()}
 # tag (the ~12% of deltas that complete a tag took ~60% of the parser's time). Shared by
 # all lexers, like a compiled-regex cache; bounded because tag text is model output, and
 # emptied (but for the fixed markers) when full, so it follows the current tool set.
+# A DSML tag is also cached followed by a newline (`tag + "\n"`, the same token): most tag
+# deltas end with `>\n` (`</｜DSML｜parameter` + `>\n`), and one lookup of the whole held
+# text then decides them, without splitting off what follows the `>` first.
 _MAX_CACHED = 4096
 _MARKERS: dict[Dialect, dict[str, tuple[int, str, Tag | None]]] = {
-    d: {raw: tok for raw, tok in ((t[1], t) for t in bare.values())}
+    d: {key: tok for tok in bare.values() for key in (tok[1], tok[1] + "\n")}
     for d, bare in _BARE_TOKENS.items()
 }
 for _cache in _MARKERS.values():
@@ -313,10 +317,10 @@ class IncrementalLexer:
                         repairs = _attr_repairs(head_repairs, attr_text)
                     tok = kind, raw, Tag(kind, raw, attrs, tail.group(1) == "/", repairs)
                     cache = self.markers
-                    if len(cache) >= _MAX_CACHED:  # keep the fixed markers, drop the rest
+                    if len(cache) + 2 > _MAX_CACHED:  # keep the fixed markers, drop the rest
                         for key in list(cache)[_NUM_FIXED:]:
                             cache.pop(key, None)
-                    cache[raw] = tok
+                    cache[raw] = cache[raw + "\n"] = tok
                     return tok
                 if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):
                     self.tag_wait = True

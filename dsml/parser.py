@@ -64,7 +64,7 @@ from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from dsml.block import BlockStates
-from dsml.calls import M_STR, NEEDS_ESCAPE, Call, default_id, escape
+from dsml.calls import NEEDS_ESCAPE, Call, default_id, escape
 from dsml.dialects import Dialect
 from dsml.events import (
     ContentDelta,
@@ -127,6 +127,18 @@ _set_fragment = ToolCallArgsDelta.fragment.__set__  # type: ignore[attr-defined]
 class StreamParser(RegionStates, BlockStates):
     """Feed text deltas, get events. See the module docstring for the format and policies."""
 
+    # Slotted: CPython 3.11 keeps at most 30 attributes of an instance inline; past that
+    # each parser's attributes went to a dict, slower to read and write on every path
+    # (measured: ~5% of the parser's time on the tool-call corpus).
+    __slots__ = (
+        "_after_ws", "_block_start", "_call", "_calls", "_cindex", "_content", "_eos",
+        "_fast", "_has_tools", "_hold", "_id_factory", "_in_junk", "_jparts", "_junk",
+        "_junk_spans", "_kind", "_lex", "_malformed", "_mark", "_markers",
+        "_next_index", "_nl", "_notices", "_out", "_pending", "_raw", "_reasoning",
+        "_recovered", "_result", "_seen", "_span", "_state", "_strict", "_summed", "_tools",
+        "_unterminated", "_vparts", "_ws", "dialect", "rejected", "spans",
+    )  # fmt: skip
+
     def __init__(
         self,
         tools: list[dict[str, Any]] | None,
@@ -147,8 +159,10 @@ class StreamParser(RegionStates, BlockStates):
         self._lex = IncrementalLexer(self.dialect)
         self._state = REASONING if thinking else CONTENT
         self._out: list[Event] = []
+        # Everything read, as fed; with _pending (a marker still arriving) everything fed.
+        # Written as `self._raw.append(x)`: 3.11 appends to a list inline, ~20 ns less than
+        # calling a bound `append` kept in an attribute (~2% of the parser's time).
         self._raw: list[str] = []
-        self._keep = self._raw.append  # bound once: feed() calls it for every delta
         self._content: list[str] = []
         self._reasoning: list[str] = []
         self._calls: list[ToolCall] = []
@@ -178,10 +192,13 @@ class StreamParser(RegionStates, BlockStates):
         self._in_junk = False  # unreadable block text runs until the next tag
         self._result: ParseResult | None = None
         self.spans: list[tuple[str, str]] | None = [] if trace else None
+        # _span(kind, text) records a span (trace mode) or does nothing.
+        self._span: Callable[[str, str], None]
         if not trace:
-            self._span = self._no_span  # type: ignore[method-assign]
+            self._span = self._no_span
             self._fast = FAST_REASONING if thinking else FAST_CONTENT  # as _update_fast()
         else:
+            self._span = self._trace_span
             self._fast = FAST_NONE
 
     # ----------------------------------------------------------------- public API
@@ -189,13 +206,14 @@ class StreamParser(RegionStates, BlockStates):
     def feed(self, text: str) -> list[Event]:
         if not text:
             return []
-        self._keep(text)
         fast = self._fast
         # Fast paths (dsml.md section 6 asks for linear work; issue 2 for <= 1 us a delta).
         # Most deltas of a tool-call block only extend a marker still arriving (a tokenizer
         # splits `<｜DSML｜invoke name="f">` into ~9 deltas): held in _pending, one concat
-        # and one test each. Text without `<` in a text or value state costs one `in` test
-        # and one event. Everything else goes through the lexer and the transition table.
+        # and one test each, and kept in _raw only when _decide() reads the marker (an
+        # append per piece, and splitting the last one at the `>`, took ~5% of the parser's
+        # time). Text without `<` in a text or value state costs one `in` test and one
+        # event. Everything else goes through the lexer and the transition table.
         if fast >= FAST_PREFIX:
             held = self._pending + text
             if fast == FAST_TAG:
@@ -212,6 +230,7 @@ class StreamParser(RegionStates, BlockStates):
             return self._decide(text, held)
         if fast:
             if "<" not in text:
+                self._raw.append(text)
                 if fast == FAST_VALUE:
                     self._vparts.append(text)
                     frag = text if NEEDS_ESCAPE(text) is None else encode_basestring(text)[1:-1]
@@ -227,6 +246,7 @@ class StreamParser(RegionStates, BlockStates):
                     if text.isspace():
                         self._ws = (self._ws + text)[:3]
                         return []
+                    return self._plain(text)  # text inside a block: one TEXT token
                 elif text[-1] != "\n" or not self._has_tools:
                     if fast == FAST_CONTENT:
                         self._content.append(text)
@@ -251,13 +271,17 @@ class StreamParser(RegionStates, BlockStates):
                 if events is not None:
                     return events
         lex = self._lex
-        if (lex.tag_wait or lex.prefix_wait) and lex.absorb(text):
-            return []  # trace mode: the lexer itself holds a marker still arriving
+        if lex.tag_wait or lex.prefix_wait:  # the lexer itself holds a marker still arriving
+            self._raw.append(text)
+            return [] if lex.absorb(text) else self._feed_slow(text)
         if self.spans is None and self._state != DONE:
-            if text[0] == "<":
-                return self._decide(text)  # a whole marker in one delta (EOS, `</think>`)?
+            if text[0] == "<":  # a whole marker in one delta (EOS, `</think>`)? (_decide keeps it)
+                return self._decide(text)
+            self._raw.append(text)
             if "<" not in text:  # e.g. after a held newline: the TEXT token next() would give
                 return self._plain(text)
+        else:
+            self._raw.append(text)
         return self._feed_slow(text)
 
     def _decide(self, text: str, joined: str = "") -> list[Event]:
@@ -265,59 +289,33 @@ class StreamParser(RegionStates, BlockStates):
         the two together, when the caller has it). When the two make a marker read before
         (`IncrementalLexer.markers`: one dict lookup), it is handled here as _run() would,
         and the rest of the delta is fed again (a newline after a tag, the start of a
-        value); else the lexer reads them like any text."""
+        value); else the lexer reads them like any text. What it reads, it keeps in _raw."""
         held = self._pending
-        # One partition() (~60 ns) instead of find() and two slices (~200 ns).
-        before, gt, rest = text.partition(">")
-        if not gt:
-            if not held and text in MARKER_PREFIXES:  # e.g. `<` after a held separator
-                self._pending = text
-                self._fast = FAST_PREFIX
-                return []
-            if (
-                self._fast == FAST_PREFIX
-                and "<" not in text
-                and "\n" not in text
-                and starts_tag(held + text)  # the head is complete and its attributes begin
-            ):
-                self._pending = held + text
-                self._fast = FAST_TAG
-                return []
-            buf = joined or held + text
-            if self._still_tag(buf):
-                self._pending = buf
-                return []
+        buf = joined or held + text
+        # Usually a marker read before, alone or followed by its newline (the lexer caches
+        # both): one lookup decides it.
+        tok = self._markers.get(buf)
+        if tok is not None:
             self._pending = ""
-            if (
-                self._fast == FAST_PREFIX
-                and "<" not in text
-                and self._state != DONE
-                and match_head(buf) is None
-            ):
-                self._fast = FAST_NONE
-                # What looked like a marker is text (`<y`, `<tag`): the lexer would read
-                # `buf` as one TEXT token (its only `<` is the first character, and it is
-                # no marker prefix: feed() checked).
-                return self._plain(buf)
-            self._fast = FAST_NONE
-            return self._feed_slow(buf)
-        self._pending = ""
-        if rest:
-            piece = before + gt  # up to the `>`
-            tok = self._markers.get(held + piece)
-        else:  # the usual case: the delta ends with the `>`
-            piece = text
-            tok = self._markers.get(joined or held + text)
-        # A buffer that starts with a complete marker reads as that marker (a tag ends at
-        # the first `>` after balanced quotes), so this is the token next() would give.
-        if tok is None and rest and self._fast == FAST_TAG and ">" in rest:
-            piece, rest, tok = self._quoted_gt(text, held, len(before) + 1)
+            rest = "\n" if buf[-1] == "\n" else ""  # (a marker ends with `>`)
+        else:
+            # One partition() (~60 ns) instead of find() and two slices (~200 ns).
+            before, gt, rest = text.partition(">")
+            if not gt:
+                return self._no_gt(text, held, buf)
+            self._pending = ""
+            if rest:
+                tok = self._markers.get(held + before + gt)  # up to the `>`
+                # A buffer that starts with a complete marker reads as that marker (a tag
+                # ends at the first `>` after balanced quotes): the token next() would give.
+                if tok is None and self._fast == FAST_TAG and ">" in rest:
+                    rest, tok = self._quoted_gt(text, held, len(before) + 1)
         state = self._state
         if tok is None or (state == VALUE and tok[0] not in VALUE_MARKERS):
-            buf = joined or held + text
             if tok is None and self._still_tag(buf):  # a `>` inside a quoted value
                 self._pending = buf
                 return []
+            self._raw.append(buf)
             self._fast = FAST_NONE
             if state != DONE and buf.find("<", 1) < 0 and (tok is not None or match_head(buf) is None):
                 # No marker here (`<｜User｜>`, or a tag that is text inside a value): the
@@ -332,15 +330,14 @@ class StreamParser(RegionStates, BlockStates):
         hold = self._hold
         if hold is not None:
             hold.raw.append(raw)
-        if piece is not text:  # split the piece: offsets (_here) count what was read
-            self._raw[-1] = piece
+        self._raw.append(raw)  # what follows the marker (`rest`) is kept when it is read
         _TABLE[state][kind](self, raw, tag)
         # No trace mode here, and the lexer holds nothing outside _run().
         fast = self._fast = self._fast_of_state()
-        if piece is text:
+        if not rest:
             return out
         if fast == FAST_WS and rest.isspace():  # the `\n` after a tag, as feed() would
-            self._keep(rest)
+            self._raw.append(rest)
             self._ws = (self._ws + rest)[:3]
             return out
         more = self.feed(rest)
@@ -348,21 +345,54 @@ class StreamParser(RegionStates, BlockStates):
             out.extend(more)
         return out
 
-    def _quoted_gt(self, text: str, held: str, end: int) -> tuple[str, str, Any]:
+    def _no_gt(self, text: str, held: str, buf: str) -> list[Event]:
+        """_decide() for a `text` without `>` (`buf` is `held` + `text`): the marker is
+        still arriving, or what was held is text after all."""
+        if not held and text in MARKER_PREFIXES:  # e.g. `<` after a held separator
+            self._pending = text
+            self._fast = FAST_PREFIX
+            return []
+        if (
+            self._fast == FAST_PREFIX
+            and "<" not in text
+            and "\n" not in text
+            and starts_tag(buf)  # the head is complete and its attributes begin
+        ):
+            self._pending = buf
+            self._fast = FAST_TAG
+            return []
+        if self._still_tag(buf):
+            self._pending = buf
+            return []
+        self._pending = ""
+        self._raw.append(buf)
+        if (
+            self._fast == FAST_PREFIX
+            and "<" not in text
+            and self._state != DONE
+            and match_head(buf) is None
+        ):
+            self._fast = FAST_NONE
+            # What looked like a marker is text (`<y`, `<tag`): the lexer would read
+            # `buf` as one TEXT token (its only `<` is the first character, and it
+            # is no marker prefix: feed() checked).
+            return self._plain(buf)
+        self._fast = FAST_NONE
+        return self._feed_slow(buf)
+
+    def _quoted_gt(self, text: str, held: str, end: int) -> tuple[str, Any]:
         """The first `>` of `text` was inside a quoted attribute (`name="p_<b>_1"`): try
         the later ones. A cached marker that `held` + `text` starts with is the tag the
         lexer would read (only one prefix of a text can be a complete tag), so it costs
-        a lookup per `>` instead of the lexer (~20 us)."""
+        a lookup per `>` instead of the lexer (~20 us). Returns (what follows it, token)."""
         markers = self._markers
         while True:
             end = text.find(">", end) + 1
             if not end:
-                return text, "", None
+                return "", None
             tok = markers.get(held + text[:end])
             if tok is not None:
-                if end == len(text):
-                    return text, "", tok
-                return text[:end], text[end:], tok
+                return text[end:], tok
 
     def _still_tag(self, buf: str) -> bool:
         """A tag whose attributes are still arriving holds `buf` (its `<`, `>` or newline
@@ -393,6 +423,7 @@ class StreamParser(RegionStates, BlockStates):
         self._fast = FAST_PREFIX
         if not head:
             return []
+        self._raw.append(head)
         if fast == FAST_VALUE:
             self._vparts.append(head)
             frag = escape(head)
@@ -439,6 +470,7 @@ class StreamParser(RegionStates, BlockStates):
             return []
         out = self._out = []
         if self._pending:
+            self._raw.append(self._pending)
             self._lex.push(self._pending)
             self._pending = ""
         if self._state != DONE:
@@ -496,20 +528,20 @@ class StreamParser(RegionStates, BlockStates):
         lex.clear()
 
     def _offset(self) -> int:
-        """Absolute offset of the next unread character. Summed lazily: the fast path of
-        feed() does not count characters."""
+        """Absolute offset of the next unread character (what the lexer holds is in _raw,
+        _pending is not). Summed lazily: the fast path of feed() does not count characters."""
         raw = self._raw
         count, total = self._summed
         if count < len(raw):
             total += sum(map(len, raw[count:]))
             self._summed = (len(raw), total)
-        return total - len(self._lex.held) - len(self._pending)
+        return total - len(self._lex.held)
 
     def _here(self, back: int) -> tuple[int, int]:
         """A mark for the offset `back` characters before the next unread one, resolved
         by _resolve() only if needed (a truncated block): summing the pieces fed at every
         invoke closer cost ~1 us each."""
-        return len(self._raw), len(self._lex.held) + len(self._pending) + back
+        return len(self._raw), len(self._lex.held) + back
 
     def _resolve(self, mark: tuple[int, int]) -> int:
         num_pieces, back = mark
@@ -517,17 +549,13 @@ class StreamParser(RegionStates, BlockStates):
 
     def _update_fast(self) -> None:
         lex = self._lex
-        if self.spans is not None:
-            fast = FAST_NONE  # trace mode: no fast paths
-        elif lex.tag_wait or lex.prefix_wait:
-            # After _run() the lexer holds text only while it waits for a marker to
-            # complete: the fast path holds it from here.
-            fast = FAST_TAG if lex.tag_wait else FAST_PREFIX
-            self._pending = lex.held
-            lex.clear()
+        # No fast paths in trace mode, nor while the lexer waits for a marker to complete
+        # (after _run(); 1 delta in 50,000 of the corpus): _pending cannot take that text
+        # over, it is in _raw already and offsets marked while _run() read it count it there.
+        if self.spans is not None or lex.tag_wait or lex.prefix_wait:
+            self._fast = FAST_NONE
         else:
-            fast = self._fast_of_state()
-        self._fast = fast
+            self._fast = self._fast_of_state()
 
     def _fast_of_state(self) -> int:
         """The fast path for the state the parser is in, the lexer holding nothing; binds
@@ -541,7 +569,7 @@ class StreamParser(RegionStates, BlockStates):
             if call is None:
                 return FAST_NONE
             self._vparts = call.vparts
-            if call.streaming and call.mode == M_STR and not call.wrapper:
+            if call.streams:
                 self._jparts = call.jparts
                 self._cindex = call.index
                 return FAST_VALUE
@@ -551,7 +579,7 @@ class StreamParser(RegionStates, BlockStates):
 
     # ----------------------------------------------------------------- output helpers
 
-    def _span(self, kind: str, text: str) -> None:
+    def _trace_span(self, kind: str, text: str) -> None:
         if text:
             (self._hold.spans if self._hold is not None else self.spans).append((kind, text))  # type: ignore[union-attr]
 

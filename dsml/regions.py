@@ -13,7 +13,7 @@ A mixin of `dsml.parser.StreamParser`, like `dsml.block.BlockStates`.
 
 from __future__ import annotations
 
-from dsml.calls import M_STR, Call
+from dsml.calls import Call
 from dsml.events import (
     CallOutcome,
     Event,
@@ -256,8 +256,9 @@ class RegionStates:
         call = self._call
         self._call = None
         if call is not None and call.streaming:
-            if call.mode == M_STR and self._state == VALUE and not call.wrapper:
-                call.args[call.key] = "".join(call.vparts)
+            if call.streams and self._state == VALUE:
+                assert call.plan is not None
+                call.args[call.plan.key] = "".join(call.vparts)
                 closing = '"}'
             else:
                 closing = "}" if call.emitted else "{}"

@@ -82,14 +82,15 @@ def _compile(schema_text: str) -> Draft202012Validator | None:
 
 
 class _Derived:
-    """What is derived from one tool schema's content: its check and parameter types.
-    Shared by equal schemas (see _derived)."""
+    """What is derived from one tool schema's content: its check, parameter types and
+    parameter plans. Shared by equal schemas (see _derived)."""
 
-    __slots__ = ("check", "types")
+    __slots__ = ("check", "plans", "types")
 
     def __init__(self) -> None:
         self.check: Callable[[Any], str | None] | bool | None = False  # False: not built yet
         self.types: dict[str, frozenset[str] | None] = {}
+        self.plans: dict[str, Any] = {}  # dsml.calls.ParamPlan by parameter opener text
 
 
 _DERIVED: dict[bytes, _Derived] = {}
@@ -138,8 +139,15 @@ class ToolSchema:
         types = derived.types
         if key not in types:
             sub = self.properties.get(key)
-            types[key] = None if sub is None else _types_of(sub, self.parameters, 0)
+            if sub is None:
+                return None  # not cached: undeclared names are model output, unbounded
+            types[key] = _types_of(sub, self.parameters, 0)
         return types[key]
+
+    @property
+    def plans(self) -> dict[str, Any]:
+        """`dsml.calls`' cache of parameter plans (by opener text), shared by equal schemas."""
+        return (self._derived or self._derive()).plans
 
     def _derive(self) -> _Derived:
         self._derived = derived = _derived(self.parameters)
