@@ -39,6 +39,15 @@ async def body_of(resp: Response) -> bytes:
     return b"".join(parts)
 
 
+async def get_ok(client: Http1Client, times: int, pause_s: float = 0.0) -> None:
+    """`times` GET requests, each answered `ok`."""
+    for _ in range(times):
+        resp = await client.request("GET", "/")
+        assert await resp.read() == b"ok"
+        resp.release()
+        await asyncio.sleep(pause_s)
+
+
 def response_for(headers: dict[str, str]) -> tuple[Response, _Connection]:
     conn = _Connection(set())
     client = Http1Client("http://127.0.0.1:1")
@@ -164,11 +173,7 @@ async def test_a_reused_connection_the_engine_closed_is_replaced() -> None:
     server, url = await serve_raw(handler)
     client = Http1Client(url)
     try:
-        for _ in range(3):
-            resp = await client.request("GET", "/")
-            assert await resp.read() == b"ok"
-            resp.release()
-            await asyncio.sleep(0.01)
+        await get_ok(client, 3, pause_s=0.01)
         assert len(served) == 3 and client.connections_opened == 3
     finally:
         await client.close()
@@ -195,10 +200,7 @@ async def test_a_request_lost_on_a_reused_connection_goes_out_again() -> None:
     server, url = await serve_raw(handler)
     client = Http1Client(url)
     try:
-        for _ in range(2):
-            resp = await client.request("GET", "/")
-            assert await resp.read() == b"ok"
-            resp.release()
+        await get_ok(client, 2)
         assert per_connection == [2, 1]  # the second request went out twice
         with pytest.raises(ConnectionLost):
             await client.request("GET", "/never")  # a fresh connection: no second try
