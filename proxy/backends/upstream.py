@@ -61,6 +61,9 @@ class UpstreamBackend:
         read_timeout_s: float = 600.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # Users copy OpenAI-style base URLs, which end in /v1; the engine's paths are added
+        # here (/v1/completions, /v1/models, /health), so a trailing /v1 would double.
+        self.base_url = self.base_url.removesuffix("/v1")
         self.kind = UpstreamKind(kind)
         self.name = f"upstream:{self.kind.value}"
         self.model = model

@@ -242,3 +242,15 @@ async def test_a_finished_stream_leaves_its_connection_for_the_next() -> None:
     finally:
         await backend.close()
         await runner.cleanup()
+
+
+async def test_a_base_url_ending_in_v1_is_the_engine_root(fake: FakeUpstream) -> None:
+    """`--upstream http://host:port/v1`, as OpenAI clients spell base URLs, reaches the same
+    `/v1/completions` as the bare root (not `/v1/v1/completions`)."""
+    backend = UpstreamBackend(fake.url + "/v1/")
+    fake.push("hello")
+    try:
+        assert await collect(backend) == ("hello", 1, "stop")
+        assert await backend.ready() is True
+    finally:
+        await backend.close()
