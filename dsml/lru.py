@@ -40,9 +40,24 @@ class SizedLRU(Generic[K, V]):
                 return
             self._entries[key] = (value, size)
             self.size += size
-            while len(self._entries) > self.max_entries or self.size > self.max_size:
-                _, (_, evicted) = self._entries.popitem(last=False)
-                self.size -= evicted
+            self._evict()
+
+    def replace(self, key: K, value: V, size: int) -> None:
+        """A new value and size for an entry still held (nothing if it is gone): it becomes
+        the most recent, and other entries go if the bounds are passed."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            self._entries[key] = (value, size)
+            self._entries.move_to_end(key)
+            self.size += size - entry[1]
+            self._evict()
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.max_entries or self.size > self.max_size:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.size -= evicted
 
     def oldest_first(self) -> list[K]:
         """The keys, least recently used first (what a test of the eviction order reads)."""

@@ -24,9 +24,7 @@ engine's prefix cache keys on.
 from __future__ import annotations
 
 import re
-import threading
 from array import array
-from collections import OrderedDict
 from functools import cache
 from importlib import resources
 
@@ -69,65 +67,39 @@ PIECE_CACHE_MAX_ENTRIES = 50_000
 
 
 class _PieceCache:
-    """Thread-safe LRU of text -> BPE ids, bounded by entries and total length of the texts.
+    """Text -> BPE ids, a SizedLRU bounded by entries and by the characters of the texts.
 
     An entry may also hold its ids as JSON array items ("1,2,3", `put_json`), for prompts
     that travel as JSON (`encode_prompt_json`); that text counts against the same budget
     and goes with its entry."""
 
     def __init__(self, max_chars: int, max_entries: int = PIECE_CACHE_MAX_ENTRIES) -> None:
-        self._max_chars = max_chars
-        self._max_entries = max_entries
-        self._num_chars = 0
-        self._entries: OrderedDict[str, array] = OrderedDict()
-        self._json: dict[str, str] = {}
-        self._lock = threading.Lock()
+        # Each entry is (ids, their JSON or None), sized by the text plus that JSON.
+        self._lru: SizedLRU[str, tuple[array, str | None]] = SizedLRU(max_entries, max_chars)
 
     def get(self, text: str) -> array | None:
-        with self._lock:
-            ids = self._entries.get(text)
-            if ids is not None:
-                self._entries.move_to_end(text)
-            return ids
+        entry = self._lru.get(text)
+        return None if entry is None else entry[0]
 
     def get_with_json(self, text: str) -> tuple[array | None, str | None]:
-        with self._lock:
-            ids = self._entries.get(text)
-            if ids is None:
-                return None, None
-            self._entries.move_to_end(text)
-            return ids, self._json.get(text)
+        entry = self._lru.get(text)
+        return (None, None) if entry is None else entry
 
     def put(self, text: str, ids: array) -> None:
-        if len(text) > self._max_chars:
-            return
-        with self._lock:
-            if text in self._entries:
-                return
-            self._entries[text] = ids
-            self._num_chars += len(text)
-            self._evict()
+        self._lru.put(text, (ids, None), len(text))
 
     def put_json(self, text: str, json_text: str) -> None:
         """Attach the JSON of an entry's ids (nothing if the entry is gone)."""
-        with self._lock:
-            if text not in self._entries or text in self._json:
-                return
-            self._json[text] = json_text
-            self._num_chars += len(json_text)
-            self._evict()
-
-    def _evict(self) -> None:
-        while self._num_chars > self._max_chars or len(self._entries) > self._max_entries:
-            evicted, _ = self._entries.popitem(last=False)
-            self._num_chars -= len(evicted) + len(self._json.pop(evicted, ""))
+        entry = self._lru.get(text)
+        if entry is not None and entry[1] is None:
+            self._lru.replace(text, (entry[0], json_text), len(text) + len(json_text))
 
     @property
     def num_chars(self) -> int:
-        return self._num_chars
+        return self._lru.size
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._lru)
 
 
 PREFIX_CACHE_MAX_ENTRIES = 256
@@ -255,17 +227,21 @@ class V4Tokenizer:
             known = self._prefixes.get(key)
             if known is None:
                 if not self._json_segments(segments[:start], ids, parts):
-                    ids = self.encode_prompt(prompt)
-                    return ids, "[" + ",".join(map(str, ids)) + "]"
+                    return self._encode_prompt_json_slowly(prompt)
                 known = array("I", ids), ",".join(parts)
                 self._prefixes.put(key, known, sum(map(len, key[0])) + len(known[1]))
             else:
                 ids = known[0].tolist()
                 parts.append(known[1])
         if not self._json_segments(segments[start:], ids, parts):
-            ids = self.encode_prompt(prompt)
-            return ids, "[" + ",".join(map(str, ids)) + "]"
+            return self._encode_prompt_json_slowly(prompt)
         return ids, "[" + ",".join([p for p in parts if p]) + "]"
+
+    def _encode_prompt_json_slowly(self, prompt: Prompt) -> tuple[list[int], str]:
+        """encode_prompt_json for a prompt _json_segments cannot take (a control segment
+        that is not exactly one control string): the ids, then their JSON."""
+        ids = self.encode_prompt(prompt)
+        return ids, "[" + ",".join(map(str, ids)) + "]"
 
     def _json_segments(self, segments: list[Segment], ids: list[int], parts: list[str]) -> bool:
         """Append the ids and JSON pieces of `segments` (which end before a control token,

@@ -53,3 +53,15 @@ def test_threads_keep_the_bounds() -> None:
         t.join()
     assert len(cache) <= 50 and cache.size <= 400
     assert cache.size == sum(k % 13 for k in (key % 10_000 for key in cache.oldest_first()))
+
+
+def test_replace_resizes_an_entry_and_keeps_the_bounds() -> None:
+    cache: SizedLRU[str, str] = SizedLRU(max_entries=10, max_size=10)
+    for key in "abc":
+        cache.put(key, key, 3)
+    cache.replace("a", "A", 4)  # grows by 1: 10, within the bound, and now the most recent
+    assert cache.get("a") == "A" and cache.size == 10 and cache.oldest_first()[-1] == "a"
+    cache.replace("b", "B", 5)  # 12 > 10: the least recent other entry ("c") goes
+    assert cache.oldest_first() == ["a", "b"] and cache.size == 9
+    cache.replace("gone", "x", 1)  # no entry: nothing kept
+    assert cache.get("gone") is None and cache.size == 9
