@@ -60,12 +60,7 @@ def outputs(parser_cls: type, case: bench_parser.Case) -> tuple[list[str], str]:
 def run(parser_cls: type, cases: list[bench_parser.Case]) -> float:
     gc.collect()
     start = time.perf_counter()
-    for case in cases:
-        parser = parser_cls(case.tools, case.thinking)
-        feed = parser.feed
-        for delta in case.deltas:
-            feed(delta)
-        parser.finish()
+    bench_parser.run_parser(cases, parser_cls)
     return time.perf_counter() - start
 
 

@@ -127,9 +127,11 @@ def big_argument_case(size_kb: int) -> Case:
 # -- the timed loops ------------------------------------------------------------------------
 
 
-def run_parser(cases: list[Case]) -> None:
+def run_parser(cases: list[Case], parser_cls: type = StreamParser) -> None:
+    """Each case's deltas through a new parser (`parser_cls`: another version's, for
+    bench/_parser_ab.py)."""
     for case in cases:
-        parser = StreamParser(case.tools, case.thinking)
+        parser = parser_cls(case.tools, case.thinking)
         feed = parser.feed
         for delta in case.deltas:
             feed(delta)

@@ -26,4 +26,4 @@ class Prompt:
 
     @property
     def text(self) -> str:
-        return "".join(s.text for s in self.segments)
+        return "".join([s.text for s in self.segments])  # a list joins faster than a generator

@@ -323,12 +323,13 @@ class Turn:
             # model wrote (or what we force it to have written), never client text.
             more = self._runner.tokenizer.encode_generated(generated) if generated else []
             prompt_ids = self._prompt_ids + more
-            ids_json = (self._prompt_json[:-1] + "," + ",".join(map(str, more)) + "]"
-                        if more and self._prompt_ids else
-                        self._prompt_json if not more else None)
+            if not more:
+                ids_json = self._prompt_json
+            elif self._prompt_ids:  # the prompt's array, extended
+                ids_json = self._prompt_json[:-1] + "," + ",".join(map(str, more)) + "]"
         req = GenerateRequest(
             prompt_ids=prompt_ids,
-            prompt_text="".join([s.text for s in self.prompt.segments]) + generated,
+            prompt_text=self.prompt.text + generated,
             sampling=sampling,
             prompt_ids_json=ids_json,
         )

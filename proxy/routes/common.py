@@ -69,8 +69,9 @@ async def stream_turn(request: web.Request, turn: Turn, encoder: StreamEncoder, 
     The first batch is awaited before the response is prepared, so a backend that is down
     or a request the backend refuses still gets a proper HTTP status (502/504). It comes
     with the engine's first token (empty when the parser holds that token, see
-    `Turn.batches`). After that, failures become an SSE error event. A client disconnect cancels this task (the runner
-    uses `handler_cancellation`), which closes the backend stream at once.
+    `Turn.batches`). After that, failures become an SSE error event. A client disconnect
+    cancels this task (the runner uses `handler_cancellation`), which closes the backend
+    stream at once.
 
     With `keepalive_s`, `encoder.keepalive()` goes out whenever nothing was written for that
     long: a long prefill, reasoning held back by the parser, a forced tool choice's second
