@@ -1,0 +1,497 @@
+"""FP8 block-scaled linear layers: y = x @ W.T with W stored float8_e4m3fn + E8M0 scales.
+
+60% of the bytes a decoded token reads are these weights, so decode (M = 1..32 rows) is a
+memory-bound GEMV and everything here serves one rule: read each weight byte exactly once.
+
+Shapes (G groups; G = 1 for a plain linear, attention's `wo_a` uses G = 8):
+
+    x      [M, G, K]                 bf16 (the model) | fp16 | f32 (the tiny test model)
+    weight [G*N, K]                  float8_e4m3fn, row-major (group g owns rows g*N..(g+1)*N)
+    scale  [ceil(G*N/128), ceil(K/128)]  E8M0 bytes: W[i, j] = e4m3(w[i, j]) * 2^(s[i//128, j//128] - 127)
+    out    [M, G, N]                 x.dtype
+
+Decode kernel (`_fp8_linear_kernel`, M <= 32): one program owns BLOCK_N weight rows of one
+group and a slice of the K axis. It walks that slice 128 columns at a time (one scale block),
+upcasts the FP8 tile to x's dtype in registers (exact: every e4m3 value fits bf16/fp16/f32),
+and either
+  - USE_DOT: acc[BLOCK_N, BLOCK_M] += dot(w_tile, x_tile^T) * 2^(s-127): the weight is the
+    MMA's wide side, the (padded to 16 or 32) batch the narrow one; or
+  - FMA (M = 1): acc[BLOCK_N, 128] += w * scale * x, reduced across K once at the end, which
+    skips the padding of a 1-row batch to a 16-wide MMA.
+Every partial sum is fp32. All M rows share one pass over the weight (BLOCK_M >= M), so the
+weight is never read twice; x (at most 32 x 8192 bf16 = 512 KB) stays in L2.
+
+Split-K: small-N shapes (wkv 512 x 4096: 4 row tiles of 128) cannot fill 132 SMs by rows
+alone, so the K axis is also split over SPLIT_K programs. Partials go to an fp32 workspace
+[SPLIT_K, M, G, N] and a second small kernel sums them in a fixed order and casts. Chosen over
+fp32 atomic_add into a zeroed buffer because it is deterministic (the same input gives the
+same bits run to run, which the greedy-equality tests rely on), needs no memset launch, and
+costs at most SPLIT_K * M * N * 4 bytes that stay in L2 (1 MB for wkv at M = 32). Both
+launches have static shapes and no host sync, so a CUDA graph captures them; the workspace
+comes from the caching allocator (the graph's private pool under capture).
+
+Configs: `_candidate_configs(M bucket, N, K)` generates a handful of (BLOCK_N, SPLIT_K,
+USE_DOT, warps, stages); with autotuning on (the default on CUDA) each new key
+(M bucket in {1, 16, 32}, G, N, K, dtype, act_quant) times them once with do_bench and keeps
+the fastest. Under CUDA-graph capture an untuned key takes the heuristic first candidate
+(tuning would sync), so warm the model up before capturing. `pin_config` forces one config.
+
+Prefill (M > 32): the weight is dequantised to x.dtype per call (transient G*N*K*2 bytes,
+67 MB for wq_b) and multiplied with torch's matmul; with act_quant on a CUDA card of
+capability >= 8.9 it instead runs `torch._scaled_mm` with DeepSeek-style block scales
+(activation 1 x 128, weight 128 x 128).
+
+Numerics. Default: bf16 activations meet the exactly dequantised weight, fp32 accumulation
+(the same as the reference path `F.linear(x, dequantize_fp8(W))` up to summation order).
+Option `act_quant` (`set_act_quant(True)`, read by engine.linear.Linear): the activation is
+first quantised to e4m3 per 128 channels exactly as DeepSeek-V4's inference/kernel.py
+`act_quant(x, 128, scale_fmt="ue8m0")` does:
+    amax = max(|x_block|, 1e-4);  s = 2^ceil(log2(amax * (1/448)));  q = e4m3(clamp(x/s, +-448))
+and y = sum over K blocks of (q . w) * s * 2^(s_w - 127), in fp32. In the kernel the rounding
+to e4m3 is done with fp32 bit arithmetic (round to nearest even at the block's e4m3 step):
+identical on the GPU and under TRITON_INTERPRET, whose own fp32->fp8 cast rounds wrongly at
+binade edges (Triton 3.9). The products then run through the same bf16 MMA as the default
+path: e4m3 x e4m3 is exact in fp32, so this is DeepSeek's formula with fp32 accumulation
+(DeepSeek's FP8 MMA accumulates less precisely inside a 128 block). For M <= 32 it costs the
+same as the default (the weight bytes dominate); for prefill `_scaled_mm` doubles MMA rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from engine import formats as fm
+from engine.kernels import use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the base install has no triton; the reference path still works
+    triton = tl = None
+
+BLOCK_K = 128          # one E8M0 scale block along K per step (not tuned: it is the format)
+MAX_DECODE_ROWS = 32   # M above this is prefill: dequantise + matmul
+FP8_MAX = fm.FP8_MAX
+ACT_AMAX_FLOOR = 1e-4  # DeepSeek's act_quant floor, so an all-zero block does not divide by 0
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+# -- kernels -----------------------------------------------------------------------------
+
+
+@_jit
+def _e8m0_to_f32(s):
+    """E8M0 bytes (int32 0..254) -> exact fp32 2^(s-127); byte 0 is the subnormal 2^-127."""
+    bits = tl.where(s == 0, 0x400000, s << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@_jit
+def _quant_e4m3(x, inv_s):
+    """x * inv_s clamped to +-448 and rounded to the nearest e4m3 value (ties to even).
+
+    Adding then subtracting 1.5 * 2^23 * step rounds to a multiple of `step` in fp32 round
+    to nearest even; step is the e4m3 spacing of the value's binade (2^(e-3), e >= -6 where
+    subnormals start)."""
+    y = tl.minimum(tl.maximum(x * inv_s, -448.0), 448.0)
+    e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    magic = step * 12582912.0  # 1.5 * 2^23
+    return (y + magic) - magic
+
+
+@_jit
+def _act_scale(amax):
+    """DeepSeek-V4's ue8m0 activation scale: 2^ceil(log2(max(amax, 1e-4) / 448)), by bits."""
+    t = tl.maximum(amax, 1e-4) * (1.0 / 448.0)
+    bits = t.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127 + tl.where((bits & 0x7FFFFF) != 0, 1, 0)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@_jit
+def _fp8_linear_kernel(
+    # pointers
+    x_ptr,      # [M, G, K] x.dtype
+    w_ptr,      # [G*N, K] float8_e4m3fn, K contiguous
+    s_ptr,      # [ceil(G*N/128), ceil(K/128)] uint8 (E8M0)
+    out_ptr,    # [M, G, N] x.dtype, or fp32 partials [SPLIT_K, M, G, N] when split
+    # sizes
+    M, N, K, kb_per_split,
+    # strides
+    stride_xm, stride_xg, stride_xk,
+    stride_wn,
+    stride_sn, stride_sk,
+    stride_os, stride_om, stride_og, stride_on,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
+    ACT_QUANT: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    BK: tl.constexpr = 128
+    pid_n = tl.program_id(0)  # over G * cdiv(N, BLOCK_N) row tiles
+    pid_k = tl.program_id(1)  # over SPLIT_K slices of the K axis
+    tiles_per_group = tl.cdiv(N, BLOCK_N)
+    g = pid_n // tiles_per_group
+    offs_n = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)  # rows in the group
+    mask_n = offs_n < N
+    # int64: row * stride reaches 2.7e8 at wq_b and would overflow int32 in bigger models
+    rows = (g * N + offs_n).to(tl.int64)
+    offs_k = tl.arange(0, BK)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]       # [BLOCK_N, BK]
+    s_ptrs = s_ptr + (rows // 128) * stride_sn                          # [BLOCK_N]
+    x_base = x_ptr + g.to(tl.int64) * stride_xg
+    xt_ptrs = x_base + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk  # [BK, BLOCK_M]
+
+    kb_start = pid_k * kb_per_split
+    kb_end = tl.minimum(kb_start + kb_per_split, tl.cdiv(K, BK))
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc2 = tl.zeros((BLOCK_N, BK), dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
+        k0 = kb * BK
+        if EVEN_K:
+            w = tl.load(w_ptrs + k0, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = (k0 + offs_k) < K
+            w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        sw = _e8m0_to_f32(tl.load(s_ptrs + kb * stride_sk, mask=mask_n, other=127).to(tl.int32))
+        if USE_DOT:
+            if EVEN_K:
+                xt = tl.load(xt_ptrs + k0 * stride_xk, mask=mask_m[None, :], other=0.0)
+            else:
+                xt = tl.load(xt_ptrs + k0 * stride_xk, mask=mask_k[:, None] & mask_m[None, :],
+                             other=0.0)
+            if ACT_QUANT:
+                xf = xt.to(tl.float32)
+                sa = _act_scale(tl.max(tl.abs(xf), axis=0))                  # [BLOCK_M]
+                xt = _quant_e4m3(xf, 1.0 / sa[None, :]).to(xt.dtype)       # e4m3 values, exact
+            if DOT_F32:
+                # f32 x, and the interpreter (whose bf16 dot multiplies the raw bits)
+                part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(w.to(xt.dtype), xt)                           # fp32 accumulate
+            if ACT_QUANT:
+                acc += part * sw[:, None] * sa[None, :]
+            else:
+                acc += part * sw[:, None]
+        else:
+            if EVEN_K:
+                xr = tl.load(x_base + (k0 + offs_k) * stride_xk).to(tl.float32)
+            else:
+                xr = tl.load(x_base + (k0 + offs_k) * stride_xk, mask=mask_k, other=0.0)
+                xr = xr.to(tl.float32)
+            if ACT_QUANT:
+                sa1 = _act_scale(tl.max(tl.abs(xr), axis=0))
+                xr = _quant_e4m3(xr, 1.0 / sa1) * sa1  # exact: e4m3 value times a power of 2
+            acc2 += (w.to(tl.float32) * sw[:, None]) * xr[None, :]
+
+    out_base = out_ptr + pid_k * stride_os + g * stride_og
+    if USE_DOT:
+        out_ptrs = out_base + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+        tl.store(out_ptrs, acc, mask=mask_n[:, None] & mask_m[None, :])
+    else:
+        tl.store(out_base + offs_n * stride_on, tl.sum(acc2, axis=1), mask=mask_n)
+
+
+@_jit
+def _split_k_reduce_kernel(
+    part_ptr,   # [SPLIT_K, numel] fp32
+    out_ptr,    # [numel] x.dtype
+    numel, split_k,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, split_k):  # fixed order: deterministic
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
+
+
+# -- configs -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8LinearConfig:
+    block_n: int
+    split_k: int
+    use_dot: bool
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+_state = {"act_quant": False, "autotune": True, "pinned": None}
+_tuned: dict[tuple, Fp8LinearConfig] = {}
+
+
+def set_act_quant(on: bool) -> None:
+    """The engine's one activation-precision setting (engine.linear.Linear reads it)."""
+    _state["act_quant"] = bool(on)
+
+
+def act_quant_enabled() -> bool:
+    return _state["act_quant"]
+
+
+def set_autotune(on: bool) -> None:
+    """Off: every key takes its heuristic config (cheap, and the same on every run)."""
+    _state["autotune"] = bool(on)
+
+
+def pin_config(config: Fp8LinearConfig | None) -> None:
+    """Force one config for every decode call (None restores autotune/heuristics)."""
+    _state["pinned"] = config
+
+
+def m_bucket(m: int) -> int:
+    """Row counts sharing a config: the dot pads the batch to 16 or 32."""
+    return 1 if m == 1 else (16 if m <= 16 else 32)
+
+
+def _split_for(tiles: int, num_kb: int, num_sms: int) -> int:
+    """Smallest power-of-two split-K giving ~2 programs per SM, keeping >= 2 K blocks each."""
+    split = 1
+    while tiles * split < 2 * num_sms and split * 2 <= num_kb // 2:
+        split *= 2
+    return split
+
+
+def _candidate_configs(mb: int, rows: int, k: int, num_sms: int) -> list[Fp8LinearConfig]:
+    """Configs to try for an (M bucket, G*N rows, K) key; the first is the heuristic default.
+
+    Kept to <= 12 so that tuning a key costs well under a second once compiled; warps and
+    stages are tied to BLOCK_N instead of searched (8 warps only for 128-row tiles)."""
+    num_kb = -(-k // BLOCK_K)
+    paths = (False, True) if mb == 1 else (True,)
+    out: list[Fp8LinearConfig] = []
+    for use_dot in paths:
+        for block_n in ((32, 64, 16) if not use_dot else (64, 32, 128)):
+            warps = 8 if block_n == 128 else 4
+            s = _split_for(-(-rows // block_n), num_kb, num_sms)
+            for split in dict.fromkeys((s, max(1, s // 2))):
+                out.append(Fp8LinearConfig(block_n, split, use_dot, warps, 3))
+    return out
+
+
+# -- launchers -----------------------------------------------------------------------------
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: only shapes the heuristics (H100 SXM's count)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: int,
+            cfg: Fp8LinearConfig, act_quant: bool) -> torch.Tensor:
+    """x3 [M, G, K] -> [M, G, N] through the decode kernel (+ the split-K reduction)."""
+    m, g, k = x3.shape
+    num_kb = -(-k // BLOCK_K)
+    split = max(1, min(cfg.split_k, num_kb))
+    kb_per_split = -(-num_kb // split)
+    split = -(-num_kb // kb_per_split)  # no empty slices
+    out = torch.empty(m, g, n, device=x3.device, dtype=x3.dtype)
+    if m == 0:
+        return out
+    dst = out if split == 1 else torch.empty(split, m, g, n, device=x3.device, dtype=torch.float32)
+    stride_os = 0 if split == 1 else dst.stride(0)
+    use_dot = cfg.use_dot or m > 1  # the FMA path handles exactly one row
+    grid = (g * triton.cdiv(n, cfg.block_n), split)
+    _fp8_linear_kernel[grid](
+        x3, weight, scale_u8, dst,
+        m, n, k, kb_per_split,
+        x3.stride(0), x3.stride(1), x3.stride(2),
+        weight.stride(0),
+        scale_u8.stride(0), scale_u8.stride(1),
+        stride_os, out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_M=16 if m <= 16 else 32, BLOCK_N=cfg.block_n, USE_DOT=use_dot,
+        ACT_QUANT=act_quant, DOT_F32=x3.dtype == torch.float32 or not x3.is_cuda,
+        EVEN_K=k % BLOCK_K == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        numel = out.numel()
+        block = 1024
+        _split_k_reduce_kernel[(triton.cdiv(numel, block),)](dst, out, numel, split, BLOCK=block)
+    return out
+
+
+def _config_for(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: int,
+                act_quant: bool) -> Fp8LinearConfig:
+    if _state["pinned"] is not None:
+        return _state["pinned"]
+    m, g, k = x3.shape
+    mb = m_bucket(m)
+    candidates = _candidate_configs(mb, g * n, k, _num_sms(x3.device))
+    key = (mb, g, n, k, x3.dtype, act_quant, str(x3.device))
+    if key in _tuned:
+        return _tuned[key]
+    tunable = (_state["autotune"] and x3.is_cuda and len(candidates) > 1
+               and not torch.cuda.is_current_stream_capturing())
+    if not tunable:
+        return candidates[0]
+    from triton.testing import do_bench
+
+    probe = torch.randn(mb, g, k, device=x3.device, dtype=x3.dtype)
+    times = [do_bench(lambda c=c: _launch(probe, weight, scale_u8, n, c, act_quant),
+                      warmup=2, rep=10) for c in candidates]
+    _tuned[key] = candidates[min(range(len(times)), key=times.__getitem__)]
+    return _tuned[key]
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, rows: int, k: int) -> None:
+    if weight.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"fp8_linear: weight must be float8_e4m3fn, got {weight.dtype}")
+    if scale.dtype not in fm.E8M0_DTYPES:
+        raise TypeError(f"fp8_linear: scale must be float8_e8m0fnu or uint8, got {scale.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] != rows:
+        raise ValueError(f"fp8_linear: weight {list(weight.shape)} does not fit x's K={k} "
+                         f"and {rows} output rows")
+    if tuple(scale.shape) != fm.fp8_scale_shape(rows, k):
+        raise ValueError(f"fp8_linear: scale {list(scale.shape)} is not "
+                         f"{list(fm.fp8_scale_shape(rows, k))} for weight {list(weight.shape)}")
+    if weight.stride(1) != 1:
+        raise ValueError("fp8_linear: weight must be row-major (K contiguous)")
+    if x.dtype not in fm.DENSE_DTYPES:
+        raise TypeError(f"fp8_linear: x must be bf16, fp16 or f32, got {x.dtype}")
+
+
+def _grouped(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, n: int,
+             act_quant: bool) -> torch.Tensor:
+    """[M, G, K] -> [M, G, N]: Triton for decode, dequant + matmul for prefill / reference."""
+    m = x3.shape[0]
+    if use_triton(x3) and m <= MAX_DECODE_ROWS:
+        scale_u8 = scale.view(torch.uint8)
+        return _launch(x3, weight, scale_u8, n, _config_for(x3, weight, scale_u8, n, act_quant),
+                       act_quant)
+    if use_triton(x3):
+        return _prefill(x3, weight, scale, n, act_quant)
+    return fp8_linear_reference(x3, weight, scale, n, act_quant=act_quant)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *,
+               act_quant: bool = False) -> torch.Tensor:
+    """x [..., K] @ dequant(weight [N, K], scale).T -> [..., N] in x.dtype."""
+    k = x.shape[-1]
+    _check(x, weight, scale, weight.shape[0], k)
+    n = weight.shape[0]
+    if not use_triton(x):  # the oracle, exactly engine.linear's plain path when act_quant is off
+        if act_quant:
+            x = act_dequant(*act_quant_reference(x), x.dtype)
+        return F.linear(x, fm.dequantize_fp8(weight, scale, x.dtype))
+    lead = x.shape[:-1]
+    out = _grouped(x.reshape(-1, 1, k), weight, scale, n, act_quant)
+    return out.view(*lead, n)
+
+
+def fp8_linear_grouped(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *,
+                       act_quant: bool = False) -> torch.Tensor:
+    """x [M, G, K], weight [G*N, K] (group g: rows g*N..(g+1)*N) -> [M, G, N] in x.dtype."""
+    if x.dim() != 3:
+        raise ValueError(f"fp8_linear_grouped: x must be [M, G, K], got {list(x.shape)}")
+    _, g, k = x.shape
+    if weight.dim() != 2 or weight.shape[0] % g:
+        raise ValueError(f"fp8_linear_grouped: weight {list(weight.shape)} rows are not a "
+                         f"multiple of G={g}")
+    _check(x, weight, scale, weight.shape[0], k)
+    return _grouped(x, weight, scale, weight.shape[0] // g, act_quant)
+
+
+# -- references and the prefill path -------------------------------------------------------
+
+
+def act_quant_reference(x: torch.Tensor, block: int = BLOCK_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4's act_quant(x, 128, scale_fmt="ue8m0") in plain PyTorch.
+
+    x [..., K] -> (q float8_e4m3fn [..., K], s f32 [..., ceil(K/128)]) with x ~= q * s per
+    block. ceil(log2(.)) comes from frexp, exact where torch.log2 can round a value just above
+    a power of two down onto it. A partial last block takes its amax over its own columns."""
+    k = x.shape[-1]
+    nb = -(-k // block)
+    xf = F.pad(x.float(), (0, nb * block - k)).unflatten(-1, (nb, block))
+    t = xf.abs().amax(-1).clamp(min=ACT_AMAX_FLOOR) * torch.tensor(1.0 / FP8_MAX)
+    mant, exp = torch.frexp(t)  # t = mant * 2^exp, mant in [0.5, 1)
+    s = torch.ldexp(torch.ones_like(t), torch.where(mant == 0.5, exp - 1, exp))
+    q = (xf / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.flatten(-2)[..., :k], s
+
+
+def act_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of act_quant_reference (exact in bf16/f32: e4m3 times a power of two)."""
+    k = q.shape[-1]
+    return (q.float() * s.repeat_interleave(BLOCK_K, dim=-1)[..., :k]).to(dtype)
+
+
+def _dense_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_fp8 without its fp32 [N, K] temporaries: one [N, K] tensor of `dtype`."""
+    n, k = weight.shape
+    if n % BLOCK_K or k % BLOCK_K or dtype == torch.float16:  # fp16 could overflow mid-way
+        return fm.dequantize_fp8(weight, scale, dtype)
+    w = weight.to(dtype)
+    factor = fm.e8m0_to_float(scale).to(dtype)  # powers of two: exact in bf16 and f32
+    w.view(n // BLOCK_K, BLOCK_K, k // BLOCK_K, BLOCK_K).mul_(factor[:, None, :, None])
+    return w
+
+
+def _grouped_matmul(x3: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    g = x3.shape[1]
+    if g == 1:
+        return F.linear(x3, w)
+    return torch.einsum("mgk,gnk->mgn", x3, w.view(g, n, -1))
+
+
+def fp8_linear_reference(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, n: int, *,
+                         act_quant: bool = False) -> torch.Tensor:
+    """The oracle: x3 [M, G, K] against the exactly dequantised weight (engine.formats)."""
+    if act_quant:
+        x3 = act_dequant(*act_quant_reference(x3), x3.dtype)
+    return _grouped_matmul(x3, fm.dequantize_fp8(weight, scale, x3.dtype), n)
+
+
+def _scaled_mm_ok(x3: torch.Tensor, weight: torch.Tensor) -> bool:
+    """DeepSeek-style block-scaled `_scaled_mm` needs an FP8 CUDA card and whole 128 blocks."""
+    rows, k = weight.shape
+    return (x3.is_cuda and x3.shape[1] == 1 and x3.dtype == torch.bfloat16
+            and _capability(x3.device) >= (8, 9)
+            and rows % BLOCK_K == 0 and k % BLOCK_K == 0)
+
+
+def _prefill(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, n: int,
+             act_quant: bool) -> torch.Tensor:
+    if act_quant and _scaled_mm_ok(x3, weight):
+        m, _, k = x3.shape
+        q, s = act_quant_reference(x3[:, 0])                          # [M, K], [M, K/128]
+        # scale_a must be [M, K/128] column-major, scale_b the checkpoint's [N/128, K/128]
+        # transposed (engine.md section 8: other layouts fail "Invalid scaling configuration")
+        scale_a = torch.empty(s.shape[1], m, device=s.device, dtype=torch.float32).t()
+        scale_a.copy_(s)
+        scale_b = fm.e8m0_to_float(scale).t()
+        y = torch._scaled_mm(q, weight.t(), scale_a=scale_a, scale_b=scale_b,
+                             out_dtype=x3.dtype)
+        return y.view(m, 1, n)
+    if act_quant:
+        x3 = act_dequant(*act_quant_reference(x3), x3.dtype)
+    return _grouped_matmul(x3, _dense_weight(weight, scale, x3.dtype), n)
+
+
+__all__ = ["Fp8LinearConfig", "act_quant_enabled", "act_quant_reference", "fp8_linear",
+           "fp8_linear_grouped", "fp8_linear_reference", "m_bucket", "pin_config",
+           "set_act_quant", "set_autotune"]
