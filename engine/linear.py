@@ -19,7 +19,10 @@ Stored formats (engine/formats.py has the bit layouts):
 
 Numerics: the activation stays in its own dtype (bf16 in the model) and meets the exactly
 dequantised weight in `F.linear`. DeepSeek's reference instead quantises the activation to
-FP8 per 128 channels (engine.md section 6), so this path is close to it, not bit-exact.
+FP8 per 128 channels (engine.md section 6), so this path is close to it, not bit-exact;
+`engine.kernels.fp8_linear.set_act_quant(True)` switches FP8 layers to DeepSeek's way.
+FP8 layers go through `engine.kernels.fp8_linear` (Triton on CUDA, the same F.linear on the
+reference path, see engine.kernels' switch).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 from engine import formats as fm
 from engine.formats import WeightFormat
+from engine.kernels.fp8_linear import act_quant_enabled, fp8_linear
 
 
 def _check(name: str, shape: tuple[int, ...], dtype: torch.dtype, want_shape: tuple[int, ...],
@@ -122,6 +126,10 @@ class Linear(nn.Module):
         return fm.dequantize_int2(self.weight, self.scale, self.zero, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format == WeightFormat.FP8:
+            # the Triton GEMV on the fast path; exactly the line below on the reference path
+            # (unless act_quant was switched on, which quantises x as DeepSeek does)
+            return fp8_linear(x, self.weight, self.scale, act_quant=act_quant_enabled())
         return F.linear(x, self.dense_weight(x.dtype))
 
     def extra_repr(self) -> str:

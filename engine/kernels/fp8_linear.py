@@ -67,11 +67,9 @@ import torch.nn.functional as F
 from engine import formats as fm
 from engine.kernels import use_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the base install has no triton; the reference path still works
-    triton = tl = None
+# Imported at the first launch (`_materialize`): the base install has no triton, and a CPU
+# test session must set TRITON_INTERPRET before triton is imported at all.
+triton = tl = None
 
 BLOCK_K = 128          # one E8M0 scale block along K per step (not tuned: it is the format)
 MAX_DECODE_ROWS = 32   # M above this is prefill: dequantise + matmul
@@ -79,8 +77,32 @@ FP8_MAX = fm.FP8_MAX
 ACT_AMAX_FLOOR = 1e-4  # DeepSeek's act_quant floor, so an all-zero block does not divide by 0
 
 
+_JIT_NAMES: list[str] = []
+
+
 def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
+    """Mark a Triton function; `_materialize` jits it at the first launch, not at import.
+
+    Triton decides compiled vs interpreted (TRITON_INTERPRET) when it is imported and when it
+    decorates, and this module is imported by engine.linear long before a CPU test session
+    can set the variable (tests/engine/kernels/conftest.py runs after tests/engine/conftest.py
+    has imported the model)."""
+    _JIT_NAMES.append(fn.__name__)
+    return fn
+
+
+@functools.cache
+def _materialize() -> None:
+    global triton, tl
+    try:
+        import triton as triton_module
+        import triton.language as tl_module
+    except ImportError as e:
+        raise RuntimeError("the Triton FP8 kernels need triton (pip install 'dsml-proxy[gpu]')") from e
+    triton, tl = triton_module, tl_module
+    module = globals()
+    for name in _JIT_NAMES:  # kernels find their helpers through these module globals
+        module[name] = triton.jit(module[name])
 
 
 # -- kernels -----------------------------------------------------------------------------
@@ -308,6 +330,7 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
     split = max(1, min(cfg.split_k, num_kb))
     kb_per_split = -(-num_kb // split)
     split = -(-num_kb // kb_per_split)  # no empty slices
+    _materialize()
     out = torch.empty(m, g, n, device=x3.device, dtype=x3.dtype)
     if m == 0:
         return out
@@ -477,7 +500,7 @@ def _scaled_mm_ok(x3: torch.Tensor, weight: torch.Tensor) -> bool:
 def _prefill(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, n: int,
              act_quant: bool) -> torch.Tensor:
     if act_quant and _scaled_mm_ok(x3, weight):
-        m, _, k = x3.shape
+        m = x3.shape[0]
         q, s = act_quant_reference(x3[:, 0])                          # [M, K], [M, K/128]
         # scale_a must be [M, K/128] column-major, scale_b the checkpoint's [N/128, K/128]
         # transposed (engine.md section 8: other layouts fail "Invalid scaling configuration")
