@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -293,8 +294,9 @@ def _split_for(tiles: int, num_kb: int, num_sms: int) -> int:
 def _candidate_configs(mb: int, rows: int, k: int, num_sms: int) -> list[Fp8LinearConfig]:
     """Configs to try for an (M bucket, G*N rows, K) key; the first is the heuristic default.
 
-    Kept to <= 12 so that tuning a key costs well under a second once compiled; warps and
-    stages are tied to BLOCK_N instead of searched (8 warps only for 128-row tiles)."""
+    At most 18 (M = 1: both paths x 3 BLOCK_N x 3 splits) so that tuning a key costs well
+    under a second once compiled; warps and stages are tied to BLOCK_N instead of searched
+    (8 warps only for 128-row tiles, which need two warpgroups' worth of rows)."""
     num_kb = -(-k // BLOCK_K)
     paths = (False, True) if mb == 1 else (True,)
     out: list[Fp8LinearConfig] = []
@@ -302,7 +304,7 @@ def _candidate_configs(mb: int, rows: int, k: int, num_sms: int) -> list[Fp8Line
         for block_n in ((32, 64, 16) if not use_dot else (64, 32, 128)):
             warps = 8 if block_n == 128 else 4
             s = _split_for(-(-rows // block_n), num_kb, num_sms)
-            for split in dict.fromkeys((s, max(1, s // 2))):
+            for split in dict.fromkeys((s, max(1, s // 2), min(2 * s, num_kb))):
                 out.append(Fp8LinearConfig(block_n, split, use_dot, warps, 3))
     return out
 
@@ -489,10 +491,14 @@ def fp8_linear_reference(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     return _grouped_matmul(x3, fm.dequantize_fp8(weight, scale, x3.dtype), n)
 
 
+_scaled_mm_refused: set[str] = set()  # devices whose torch/cuBLAS refused block scales once
+
+
 def _scaled_mm_ok(x3: torch.Tensor, weight: torch.Tensor) -> bool:
     """DeepSeek-style block-scaled `_scaled_mm` needs an FP8 CUDA card and whole 128 blocks."""
     rows, k = weight.shape
     return (x3.is_cuda and x3.shape[1] == 1 and x3.dtype == torch.bfloat16
+            and str(x3.device) not in _scaled_mm_refused
             and _capability(x3.device) >= (8, 9)
             and rows % BLOCK_K == 0 and k % BLOCK_K == 0)
 
@@ -507,9 +513,14 @@ def _prefill(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, n: int
         scale_a = torch.empty(s.shape[1], m, device=s.device, dtype=torch.float32).t()
         scale_a.copy_(s)
         scale_b = fm.e8m0_to_float(scale).t()
-        y = torch._scaled_mm(q, weight.t(), scale_a=scale_a, scale_b=scale_b,
-                             out_dtype=x3.dtype)
-        return y.view(m, 1, n)
+        try:
+            y = torch._scaled_mm(q, weight.t(), scale_a=scale_a, scale_b=scale_b,
+                                 out_dtype=x3.dtype)
+            return y.view(m, 1, n)
+        except RuntimeError as e:  # e.g. a torch/cuBLAS without 128-block scaling (pre-Hopper)
+            warnings.warn(f"torch._scaled_mm refused DeepSeek block scales ({e}); prefill "
+                          "with act_quant dequantises instead on this device", stacklevel=2)
+            _scaled_mm_refused.add(str(x3.device))
     if act_quant:
         x3 = act_dequant(*act_quant_reference(x3), x3.dtype)
     return _grouped_matmul(x3, _dense_weight(weight, scale, x3.dtype), n)
