@@ -44,9 +44,13 @@ DTYPES = (torch.bfloat16,) if ON_GPU else (torch.float32, torch.bfloat16)
 
 @pytest.fixture(autouse=True)
 def _restore_settings():
+    # heuristic configs: on a GPU, autotuning every key would compile ~18 variants per test
+    # (test_autotune covers the tuner itself)
+    fl.set_autotune(False)
     yield
     fl.pin_config(None)
     fl.set_act_quant(False)
+    fl.set_autotune(True)
 
 
 def random_fp8(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,3 +238,20 @@ def test_bad_arguments_are_named():
         fl.fp8_linear(x, q, s[:, :1])
     with pytest.raises(ValueError, match="multiple of G"):
         fl.fp8_linear_grouped(x.view(1, 1, 256).expand(1, 3, 256), q, s)
+
+
+def test_autotune(triton_mode):
+    """CUDA: tuning a key keeps one of its candidates, and the tuned call is still right.
+    CPU: timing the interpreter means nothing, so no key is tuned."""
+    fl.set_autotune(True)
+    n, k = (2048, 4096) if ON_GPU else (72, 256)
+    q, s = random_fp8(n, k, seed=17)
+    x = random_x((1, k), DTYPES[-1], seed=18)
+    y = fl.fp8_linear(x, q, s)
+    key = (1, 1, n, k, x.dtype, False, str(x.device))
+    if ON_GPU:
+        assert fl._tuned[key] in fl._candidate_configs(1, n, k, fl._num_sms(x.device))
+    else:
+        assert key not in fl._tuned
+    ref, tol = expected(x, q, s, 1, False)
+    assert_close_verbose(y, ref, tol, "autotuned")
