@@ -255,3 +255,23 @@ def test_autotune(triton_mode):
         assert key not in fl._tuned
     ref, tol = expected(x, q, s, 1, False)
     assert_close_verbose(y, ref, tol, "autotuned")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture(triton_mode):
+    """The decode launch (split-K: two kernels and a workspace) captures and replays: no host
+    sync, no allocation that depends on data; replays follow new inputs in the static buffer."""
+    n, k = 512, 4096  # wkv: split-K under the heuristic
+    q, s = random_fp8(n, k, seed=19)
+    x = random_x((4, k), torch.bfloat16, seed=20)
+    assert fl._candidate_configs(16, n, k, fl._num_sms(x.device))[0].split_k > 1
+    fl.fp8_linear(x, q, s)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fl.fp8_linear(x, q, s)
+    for seed in (21, 22):
+        x.copy_(random_x((4, k), torch.bfloat16, seed=seed))
+        y.fill_(float("nan"))
+        graph.replay()
+        ref, tol = expected(x, q, s, 1, False)
+        assert_close_verbose(y, ref, tol, f"graph replay {seed}")
