@@ -108,7 +108,8 @@ def _bench_shape(name: str, n: int, k: int, g: int, rows: tuple[int, ...], devic
                    "bytes": nbytes, "gbps": round(nbytes / (t * 1e-6) / 1e9, 1)}
             if kernel_name.startswith("fp8_linear"):
                 key = (fl.m_bucket(m), g, n, k, torch.bfloat16, act_quant, str(x.device))
-                row["config"] = str(fl._tuned.get(key, "heuristic"))
+                heuristic = fl._candidate_configs(key[0], g * n, k, fl._num_sms(x.device))[0]
+                row["config"] = str(fl._tuned.get(key, heuristic))
             out.append(row)
     return out
 
