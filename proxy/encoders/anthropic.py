@@ -53,12 +53,20 @@ ERROR_TYPES = {
 }
 
 
+# Error codes the anthropic SDK reads from `error.details.error_code` (its thread state
+# replays the whole history under a new thread on `thread_not_found`).
+DETAIL_CODES = frozenset({"thread_not_found"})
+
+
 def anthropic_error(err: ApiError) -> tuple[int, dict[str, Any]]:
     """Status and body of an error in Anthropic's shape; overloaded (this server's concurrency
     limit full, or the engine's) is 529, which Claude Code retries with backoff."""
     status = 529 if err.code in ("overloaded", "upstream_overloaded") else err.status_code
     kind = ERROR_TYPES.get(status, "api_error")
-    return status, {"type": "error", "error": {"type": kind, "message": err.message}}
+    error: dict[str, Any] = {"type": kind, "message": err.message}
+    if err.code in DETAIL_CODES:
+        error["details"] = {"error_code": err.code}
+    return status, {"type": "error", "error": error}
 
 
 def partial_input(fragments: str) -> dict[str, Any]:
@@ -104,6 +112,7 @@ class AnthropicStreamEncoder:
         self._open: str | None = None  # "thinking" | "text" | "tool_use"
         self._thinking: list[str] = []
         self._call: tuple[str, str, list[str]] | None = None  # (id, name, fragments) held
+        self.finished = False  # message_stop went out
 
     def start(self) -> bytes:
         # Called after the first event: the prompt is tokenized, its token count known.
@@ -177,6 +186,7 @@ class AnthropicStreamEncoder:
 
     def finish(self, turn: Turn) -> bytes:
         reason, sequence = stop_reason(turn)
+        self.finished = True
         delta = {"type": "message_delta",
                  "delta": {"stop_reason": reason, "stop_sequence": sequence},
                  "usage": {"output_tokens": turn.completion_tokens}}
@@ -190,7 +200,8 @@ class AnthropicStreamEncoder:
         return PING  # Anthropic's own keep-alive event; the SDK skips it
 
 
-def message_body(turn: Turn, model: str, signer: ReasoningSigner) -> dict[str, Any]:
+def message_body(turn: Turn, model: str, signer: ReasoningSigner,
+                 message_id: str | None = None) -> dict[str, Any]:
     result = turn.result
     assert result is not None, "message_body() before the turn finished"
     content: list[ThinkingOut | TextOut | ToolUseOut] = []
@@ -206,7 +217,7 @@ def message_body(turn: Turn, model: str, signer: ReasoningSigner) -> dict[str, A
         content.append(ToolUseOut(id=wire_call_id(cut.id, TOOL_ID_PREFIX), name=cut.name,
                                   input=partial_input(cut.arguments_json)))
     reason, sequence = stop_reason(turn)
-    message = Message(id=new_message_id(), model=model, content=content, stop_reason=reason,
+    message = Message(id=message_id or new_message_id(), model=model, content=content, stop_reason=reason,
                       stop_sequence=sequence,
                       usage=Usage(input_tokens=turn.prompt_tokens,
                                   output_tokens=turn.completion_tokens))
