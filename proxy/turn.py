@@ -241,6 +241,7 @@ class Turn:
         self._saw_eos = False
         self._backend_finish: str | None = None
         self._backend_stop: str | None = None  # the stop string the backend says ended it
+        self._own_stop = False  # the last generation ended at the proxy's own `</think>` stop
         self._num_calls_started = 0
         self._first_call_done = False
         self._any_event = False  # the turn produced an event
@@ -299,6 +300,7 @@ class Turn:
             async for batch in self._generate(stop=[THINK_CLOSE]):
                 yield batch
             self._backend_stop = None  # our own `</think>` stop, never the client's
+            self._own_stop = True  # nor an EOS (see _ended_at_eos)
             if self._backend_finish != "length" and not self._num_calls_started:
                 self._saw_eos = False  # an EOS inside reasoning: force the call all the same
                 if batch := self._inject(("" if self._saw_think_close else THINK_CLOSE) + forced):
@@ -355,6 +357,7 @@ class Turn:
             prompt_ids_json=ids_json,
         )
         self._backend_finish = self._backend_stop = None
+        self._own_stop = False
         async with aclosing(
             self._runner.deltas(req, endpoint=self.endpoint, clock=self._clock)
         ) as deltas:
@@ -442,7 +445,7 @@ class Turn:
         leave out. With client stop strings a backend that does not say which matched
         (llama.cpp, ds4) is ambiguous: not EOS then (a cut call stays cut)."""
         return (self._backend_finish == "stop" and self._backend_stop is None
-                and not self.sampling.stop)
+                and not self._own_stop and not self.sampling.stop)
 
     def _settle(self, eos: str | None) -> list[Event]:
         """The turn's last events (EOS fed, or the parser finished). After a cut call, the
