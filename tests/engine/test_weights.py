@@ -7,6 +7,7 @@ model is small and hand-built, so each error case writes its own two-file checkp
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,20 @@ def test_int2_files_of_the_wrong_layer_or_model_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"no known convention fits"):
         load_checkpoint(_meta_toy(), _int2_checkpoint(tmp_path / "other", {0: unrelated}),
                         device="cpu")
+
+
+def test_int2_check_compares_with_dense_experts_too(tmp_path):
+    """Experts kept dense (bf16) in the shards are a reference as good as FP4."""
+    tensors = _release()
+    for e in range(E):
+        for proj in ("w1", "w2", "w3"):
+            p = f"layers.0.ffn.experts.{e}.{proj}"
+            del tensors[f"{p}.scale"]
+            tensors[f"{p}.weight"] = _expert(0, e, proj).bfloat16()
+    path = _write(tmp_path / "dense", tensors)
+    save_file(_int2_tensors(0), path / fm.int2_file_name(0))
+    load_checkpoint(_meta_toy(), path, device="cpu")
+    msb = fm.Int2Convention(msb_first=True)
+    save_file(_int2_tensors(0, msb), path / fm.int2_file_name(0))
+    with pytest.raises(CheckpointError, match=re.escape(f"It fits {msb.describe()}")):
+        load_checkpoint(_meta_toy(), path, device="cpu")
