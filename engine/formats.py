@@ -14,7 +14,9 @@ Three formats besides plain BF16 (engine.md section 4):
   UNCONFIRMED against real files: value k of a word at bits 2k..2k+1, zeros two per byte
   low nibble first, and the plain `(q - z)` zero convention are GPTQ's defaults (the model
   card says "standard GPTQ" and no more). If a real file disagrees, change
-  `unpack_int2` / `unpack_int4_zeros` here and nothing else.
+  `unpack_int2` / `unpack_int4_zeros` here and nothing else: the loader compares a few
+  INT2 experts with the release's FP4 ones and, when the default does not fit, names the
+  alternative that does (`Int2Convention`, at the end of this module).
 
 Dequantisation is exact: e4m3 and e2m1 values times a power of two fit bf16 and fp32
 without rounding (3 and 1 mantissa bits against bf16's 7), so a round trip through the
@@ -26,6 +28,7 @@ round-to-nearest, not the release's own quantisation recipe.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from itertools import pairwise
 
@@ -238,3 +241,55 @@ def dequantize_int2(w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero_packed
     z = unpack_int4_zeros(w_zero_packed).float().repeat_interleave(INT2_GROUP, dim=-1)
     s = w_scale.float().repeat_interleave(INT2_GROUP, dim=-1)
     return ((q - z) * s).to(dtype)
+
+
+# -- INT2 conventions: detection against the FP4 release ------------------------------------
+#
+# The loader checks a few INT2 experts against the FP4 originals the release ships beside
+# them (engine.weights); when the default above does not fit, these alternatives say which
+# one does. They are for that diagnosis only: the engine loads the default, so a file that
+# fits another convention is refused, naming it, until the unpacking above is changed.
+
+INT2_FIT_MAX = 0.8  # relative error of a fitting 2-bit quantisation (~0.45 RTN, Gaussian)
+
+
+@dataclass(frozen=True, slots=True)
+class Int2Convention:
+    """One way of reading the three INT2-G64 fields."""
+
+    msb_first: bool = False  # value k of a word at bits 30-2k..31-2k (default: 2k..2k+1)
+    zeros_high_first: bool = False  # even group's zero in the HIGH nibble (default: low)
+    zero_offset: int = 0  # w = (q - (z + offset)) * s; 1 is AutoGPTQ's stored `z - 1`
+
+    def describe(self) -> str:
+        bits = ("value k at bits 30-2k..31-2k (most significant first)" if self.msb_first
+                else "value k at bits 2k..2k+1")
+        nibbles = "zeros high nibble first" if self.zeros_high_first else "zeros low nibble first"
+        zero = f"w = (q - (z + {self.zero_offset}))*s" if self.zero_offset else "w = (q - z)*s"
+        return f"{bits}, {nibbles}, {zero}"
+
+
+INT2_DEFAULT = Int2Convention()
+INT2_CONVENTIONS = tuple(
+    Int2Convention(msb, high, offset)
+    for offset in (0, 1) for high in (False, True) for msb in (False, True)
+)  # the default first
+
+
+def dequantize_int2_as(convention: Int2Convention, w_packed: torch.Tensor,
+                       w_scale: torch.Tensor, w_zero_packed: torch.Tensor) -> torch.Tensor:
+    """`dequantize_int2` (float32) read under `convention`; the default gives the same."""
+    q = unpack_int2(w_packed)
+    if convention.msb_first:
+        q = q.unflatten(-1, (-1, INT2_PER_WORD)).flip(-1).flatten(-2)
+    z = unpack_int4_zeros(w_zero_packed)
+    if convention.zeros_high_first:
+        z = z.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    zf = (z.float() + convention.zero_offset).repeat_interleave(INT2_GROUP, dim=-1)
+    return (q.float() - zf) * w_scale.float().repeat_interleave(INT2_GROUP, dim=-1)
+
+
+def relative_error(approx: torch.Tensor, reference: torch.Tensor) -> float:
+    """||approx - reference|| / ||reference|| (inf for a zero reference)."""
+    norm = reference.float().norm()
+    return float((approx.float() - reference.float()).norm() / norm) if norm > 0 else float("inf")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from engine.formats import WeightFormat
 
 INDEX_FILE = "model.safetensors.index.json"
 ROUTED_PROJS = ("w1", "w2", "w3")
+_MAIN_EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
 
 
 @dataclass(frozen=True)
@@ -224,16 +226,19 @@ def random_tensors(c: ModelConfig, seed: int) -> Iterator[tuple[TensorSpec, torc
 def random_int2_experts(c: ModelConfig, seed: int) -> Iterator[tuple[int, str, torch.Tensor]]:
     """(layer, projection, dense [E, out, in] float32) of the routed experts, per main layer.
 
-    Drawn from a generator of its own (seed + 1): the INT2 files are a separate download
-    whose values need not match the release's FP4 experts.
+    The release's own dense experts (what its FP4 files quantise): the INT2 release is a
+    quantisation of the same model, and the loader checks that an INT2 file dequantises
+    close to the FP4 experts beside it (engine.weights).
     """
-    H, inter, E = c.hidden_size, c.moe_intermediate_size, c.n_routed_experts
-    shapes = {"w1": (inter, H), "w2": (H, inter), "w3": (inter, H)}
-    g = torch.Generator().manual_seed(seed + 1)
+    E = c.n_routed_experts
+    experts: dict[tuple[int, str], list[torch.Tensor | None]] = {}
+    for spec, value in random_tensors(c, seed):
+        m = _MAIN_EXPERT.fullmatch(spec.name)
+        if m is not None:
+            experts.setdefault((int(m.group(1)), m.group(3)), [None] * E)[int(m.group(2))] = value
     for layer in range(c.num_hidden_layers):
         for proj in ROUTED_PROJS:
-            out_features, in_features = shapes[proj]
-            yield layer, proj, torch.randn(E, out_features, in_features, generator=g) * in_features**-0.5
+            yield layer, proj, torch.stack(experts[layer, proj])  # type: ignore[arg-type]
 
 
 def int2_expert_files(c: ModelConfig, seed: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:

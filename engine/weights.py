@@ -3,8 +3,13 @@
 The directory is what the release ships (engine.md section 4): `config.json`, safetensors
 shards with `model.safetensors.index.json` (a lone `model.safetensors` also works), tensor
 names equal to the model's module paths. Optionally, INT2-G64 expert files
-`layer_NN.safetensors` sit beside them; a main layer that has one takes its routed experts
-from it and the shards' FP4 experts of that layer are not read.
+`layer_NN.safetensors` sit beside them, one for every main layer (all or none; numbered from
+00; a stray file, such as one numbered from 1 or past the last layer, is refused). Each main
+layer then takes its routed experts from its file, and the shards' FP4 experts are not
+loaded; where they are present (the INT2 release takes everything else from the FP4 one, so
+they usually are), a few INT2 experts are first compared with them: a relative error of a
+2-bit quantisation (under `formats.INT2_FIT_MAX`) confirms the bit layout and the numbering,
+anything else is refused with the convention (`formats.INT2_CONVENTIONS`) that does fit.
 
 Weights keep their stored format: each `engine.linear.Linear` receives the tensors as
 stored (FP8 + scale, packed FP4 + scale, INT2-G64, or dense), chosen by the stored dtype;
@@ -127,11 +132,50 @@ def _groups(model: nn.Module) -> dict[str, list[str]]:
     return groups
 
 
+_INT2_FILE = re.compile(r"layer_(\d+)\.safetensors")
+
+
 def _int2_layers(path: Path, model: nn.Module) -> dict[int, Path]:
-    """Main layers with an INT2-G64 expert file beside the checkpoint."""
-    layers = {int(m.group(1)) for name, _ in model.named_modules() if (m := _ROUTED.fullmatch(name))}
-    return {L: path / fm.int2_file_name(L) for L in sorted(layers)
-            if (path / fm.int2_file_name(L)).is_file()}
+    """The INT2-G64 expert file of every main layer, or {} when there are none.
+
+    All or none: a file for only some layers would run the others on FP4 experts unnoticed,
+    and a file that is no main layer's (numbered from 1, past the last layer, spelled
+    otherwise) means the files are not what this engine reads."""
+    layers = sorted({int(m.group(1)) for name, _ in model.named_modules()
+                     if (m := _ROUTED.fullmatch(name))})
+    found: dict[int, Path] = {}
+    stray: list[str] = []
+    for file in sorted(path.glob("layer_*.safetensors")):
+        m = _INT2_FILE.fullmatch(file.name)
+        if m is None or file.name != fm.int2_file_name(int(m.group(1))):
+            stray.append(file.name)
+        else:
+            found[int(m.group(1))] = file
+    if not found and not stray:
+        return {}
+    if not layers:
+        raise CheckpointError(f"{path}: INT2 expert files ({sorted(f.name for f in found.values())[:3]}"
+                              f"...) beside a model without routed experts")
+    want = set(layers)
+    if set(found) == {L + 1 for L in layers} and not stray:
+        raise CheckpointError(
+            f"{path}: INT2 expert files are numbered from 1 ({fm.int2_file_name(layers[0] + 1)}"
+            f" ... {fm.int2_file_name(layers[-1] + 1)}), this engine from 0 "
+            f"({fm.int2_file_name(layers[0])} is main layer {layers[0]}'s experts): with "
+            f"1-based files each layer would take the next one's experts; rename them "
+            f"(layer_NN -> layer_NN-1) if they are 1-based")
+    stray += [f.name for L, f in sorted(found.items()) if L not in want]
+    if stray:
+        raise CheckpointError(
+            f"{path}: INT2 expert files that are no main layer's: {stray[:10]} (this model has "
+            f"{len(layers)} main layers with routed experts, {fm.int2_file_name(layers[0])} "
+            f"... {fm.int2_file_name(layers[-1])})")
+    if missing := [L for L in layers if L not in found]:
+        raise CheckpointError(
+            f"{path}: INT2 expert files for {len(found)} of {len(layers)} main layers; missing "
+            f"{[fm.int2_file_name(L) for L in missing[:10]]} (all or none: the other layers "
+            f"would silently run their FP4 experts)")
+    return found
 
 
 _LINEAR_TENSORS = frozenset({"weight", "scale", "zero"})  # loaded through Linear.load_*
@@ -164,6 +208,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, device: str | torch.devi
         shards = _Shards(path, stack, device)
         int2_files = _int2_layers(path, model)
         plan = _plan(modules, shards, int2_files)
+        if int2_files:
+            _check_int2_fit(modules, shards, int2_files, device)
         groups = _groups(model)
         size = sum((path / f).stat().st_size for f in set(shards.files.values()))
         show = size > PROGRESS_MIN_BYTES if progress is None else progress
@@ -315,3 +361,92 @@ def _check_int2(file: Path, proj: str, linear: Linear, num_experts: int) -> list
     except (TypeError, ValueError) as e:
         problems.append(str(e))
     return problems
+
+
+# What the INT2 check compares: the first and last INT2 layers, their first and last
+# experts, the first rows of w1, w2, w3 (rows are independent in both formats).
+_FIT_ROWS = 256
+
+
+def _reference_rows(shards: _Shards, prefix: str, rows: int) -> torch.Tensor | None:
+    """The shards' own copy of one routed projection (the release's FP4, or FP8 / dense),
+    its first `rows` rows dequantised to float32; None when the shards lack it."""
+    wname = f"{prefix}.weight"
+    if wname not in shards.files:
+        return None
+    fmt = _stored_linear_format(wname, shards.meta(wname)[1])
+    if fmt != fm.WeightFormat.DENSE and f"{prefix}.scale" not in shards.files:
+        return None
+    w = shards.get(wname)[:rows]
+    if fmt == fm.WeightFormat.FP4:
+        return fm.dequantize_fp4(w, shards.get(f"{prefix}.scale")[:rows], torch.float32)
+    if fmt == fm.WeightFormat.FP8:
+        scale = shards.get(f"{prefix}.scale")[: -(-rows // fm.FP8_BLOCK)]
+        return fm.dequantize_fp8(w, scale, torch.float32)
+    return w.float()
+
+
+def _int2_errors(file: Path, layer: int, experts: list[int], shards: _Shards,
+                 device: torch.device) -> dict[fm.Int2Convention, float] | None:
+    """Relative error of `file`'s experts against main layer `layer`'s in the shards, under
+    each known convention; None when the shards hold no copy to compare with."""
+    diff = dict.fromkeys(fm.INT2_CONVENTIONS, 0.0)
+    total = 0.0
+    with safe_open(file, framework="pt", device=str(device)) as f:
+        for e in experts:
+            for proj in ("w1", "w2", "w3"):
+                ref = _reference_rows(shards, f"layers.{layer}.ffn.experts.{e}.{proj}", _FIT_ROWS)
+                if ref is None:
+                    return None
+                fields = [f.get_slice(fm.int2_key(proj, k))[e:e + 1, :_FIT_ROWS][0]
+                          for k in fm.INT2_FIELDS]
+                total += float(ref.norm()) ** 2
+                for convention in diff:
+                    approx = fm.dequantize_int2_as(convention, *fields)
+                    diff[convention] += float((approx - ref).norm()) ** 2
+    if total == 0:
+        return None
+    return {c: (d / total) ** 0.5 for c, d in diff.items()}
+
+
+def _check_int2_fit(modules: dict[str, nn.Module], shards: _Shards, int2_files: dict[int, Path],
+                    device: torch.device) -> None:
+    """Refuse INT2 files that do not dequantise close to the shards' own experts, naming the
+    convention (or the layer numbering) that fits instead (module docstring)."""
+    num_experts: dict[int, int] = {}
+    for mpath in modules:
+        if m := _ROUTED.fullmatch(mpath):
+            layer = int(m.group(1))
+            num_experts[layer] = max(num_experts.get(layer, 0), int(m.group(2)) + 1)
+    layers = sorted(int2_files)
+    for layer in sorted({layers[0], layers[-1]}):
+        experts = sorted({0, num_experts[layer] - 1})
+        file = int2_files[layer]
+        errors = _int2_errors(file, layer, experts, shards, device)
+        if errors is None:
+            continue  # no FP4 (or other) copy of these experts to compare with
+        default = errors[fm.INT2_DEFAULT]
+        if default <= fm.INT2_FIT_MAX:
+            continue
+        found = (f"{file.name} does not match main layer {layer}'s experts in the shards: "
+                 f"relative error {default:.2f} under this engine's INT2 convention "
+                 f"({fm.INT2_DEFAULT.describe()}), where a 2-bit quantisation gives about 0.5")
+        best = min(errors, key=errors.__getitem__)
+        if errors[best] <= fm.INT2_FIT_MAX:
+            raise CheckpointError(
+                f"{found}. It fits {best.describe()} (relative error {errors[best]:.2f}): the "
+                f"files use that convention; change unpack_int2 / unpack_int4_zeros in "
+                f"engine/formats.py to read them")
+        for other in (layer - 1, layer + 1):  # numbering off by one?
+            if other in num_experts:
+                shifted = _int2_errors(file, other, sorted({0, num_experts[other] - 1}), shards,
+                                       device)
+                if shifted is not None and min(shifted.values()) <= fm.INT2_FIT_MAX:
+                    raise CheckpointError(
+                        f"{found}. It holds main layer {other}'s experts (relative error "
+                        f"{min(shifted.values()):.2f}): the files are numbered "
+                        f"{'from 1' if other < layer else 'from -1'}, this engine from 0")
+        raise CheckpointError(
+            f"{found}, and no known convention fits (best: {best.describe()}, relative error "
+            f"{errors[best]:.2f}): the files are not the INT2 quantisation of these experts "
+            f"(another model's, other key names, or another layout)")

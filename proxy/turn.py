@@ -16,6 +16,11 @@ What the runner adds on top of the parser (dsml.md section 6 does the rest):
 - Empty-turn recovery: a thinking turn that ends inside reasoning, with no answer and no
   call, is continued once after an appended `</think>` (TurnOutcome.RECOVERED_EMPTY).
 - Reasoning produced for tool calls is remembered by call id (`ReasoningCache`).
+- Cut calls (api.md "Cut calls"): a call the output cut off stays what the client saw of
+  it (`Turn.cut_call`, its arguments the fragments the model wrote); the parser's copy of
+  the cut block's text as content is dropped, the finish reason is `length` and the
+  outcome `truncated`. A turn the engine ended with `stop` and no stop string ended at EOS
+  (vLLM and SGLang do not send EOS's text), which the parser is told.
 
 The dialect (dsml.md section 2) of the request's model decides the forced opener's tag
 spelling, the parser's native tags and how the prompt travels: as token ids where the V4
@@ -34,8 +39,11 @@ from typing import Any
 from dsml.dialects import Dialect, texts
 from dsml.errors import UnsupportedError
 from dsml.events import (
+    CallOutcome,
+    ContentDelta,
     Event,
     ParseResult,
+    ToolCall,
     ToolCallArgsDelta,
     ToolCallEnd,
     ToolCallStart,
@@ -233,11 +241,17 @@ class Turn:
         self._saw_eos = False
         self._backend_finish: str | None = None
         self._backend_stop: str | None = None  # the stop string the backend says ended it
+        self._own_stop = False  # the last generation ended at the proxy's own `</think>` stop
         self._num_calls_started = 0
         self._first_call_done = False
         self._any_event = False  # the turn produced an event
         self._started = False  # the engine's first token arrived (see batches)
         self._stopped_after_first_call = False
+        self._open_call: ToolCallStart | None = None  # the call being streamed, and
+        self._open_frags: list[str] = []  # its argument fragments so far
+        self._cut_text: list[str] = []  # the parser's copy of a cut block, not delivered
+        # The call the output cut off, as the client saw it (None if none was cut).
+        self.cut_call: ToolCall | None = None
         # Final figures, valid once events() is exhausted.
         self.result: ParseResult | None = None
         self.finish_reason = "stop"
@@ -248,6 +262,14 @@ class Turn:
         self.completion_tokens = 0
         self.reasoning_tokens = 0
         self.recovered_empty = False
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The calls the client is shown: the whole ones, then the cut one (whose
+        `arguments_json` does not parse)."""
+        assert self.result is not None
+        calls = self.result.tool_calls
+        return calls if self.cut_call is None else [*calls, self.cut_call]
 
     # -- the turn -----------------------------------------------------------------------------
 
@@ -278,6 +300,7 @@ class Turn:
             async for batch in self._generate(stop=[THINK_CLOSE]):
                 yield batch
             self._backend_stop = None  # our own `</think>` stop, never the client's
+            self._own_stop = True  # nor an EOS (see _ended_at_eos)
             if self._backend_finish != "length" and not self._num_calls_started:
                 self._saw_eos = False  # an EOS inside reasoning: force the call all the same
                 if batch := self._inject(("" if self._saw_think_close else THINK_CLOSE) + forced):
@@ -301,9 +324,9 @@ class Turn:
         if self._stopped_after_first_call:
             if batch := self._close_block():
                 yield batch
-        elif self._saw_eos and (batch := self._feed(EOS)):
+        elif (self._saw_eos or self._ended_at_eos()) and (batch := self._settle(EOS)):
             yield batch
-        if batch := self._filter(self._parser.finish()):
+        if batch := self._settle(None):
             yield batch
         self._finish_turn()
 
@@ -334,6 +357,7 @@ class Turn:
             prompt_ids_json=ids_json,
         )
         self._backend_finish = self._backend_stop = None
+        self._own_stop = False
         async with aclosing(
             self._runner.deltas(req, endpoint=self.endpoint, clock=self._clock)
         ) as deltas:
@@ -416,16 +440,50 @@ class Turn:
     def _feed(self, text: str) -> list[Event]:
         return self._filter(self._parser.feed(text))
 
+    def _ended_at_eos(self) -> bool:
+        """The engine said `stop` without a stop string: EOS, whose text vLLM and SGLang
+        leave out. With client stop strings a backend that does not say which matched
+        (llama.cpp, ds4) is ambiguous: not EOS then (a cut call stays cut)."""
+        return (self._backend_finish == "stop" and self._backend_stop is None
+                and not self._own_stop and not self.sampling.stop)
+
+    def _settle(self, eos: str | None) -> list[Event]:
+        """The turn's last events (EOS fed, or the parser finished). After a cut call, the
+        parser returns the cut block's text as content (dsml.md: nothing is lost); the
+        client saw that text as the call already, so it is not repeated."""
+        events = self._filter(self._parser.feed(eos) if eos else self._parser.finish())
+        if self.cut_call is None:
+            return events
+        cut_at = next((i for i, e in enumerate(events) if isinstance(e, ToolCallEnd)
+                       and e.outcome is CallOutcome.TRUNCATED), 0)
+        kept = events[:cut_at]
+        for event in events[cut_at:]:
+            if isinstance(event, ContentDelta):
+                self._cut_text.append(event.text)
+            else:
+                kept.append(event)
+        return kept
+
     def _filter(self, events: list[Event]) -> list[Event]:
         out = []
         for event in events:
             if isinstance(event, ToolCallStart | ToolCallArgsDelta | ToolCallEnd):
                 if not self.parallel_tool_calls and event.index > 0:
                     continue  # parallel_tool_calls=false: only the first call is delivered
-                if isinstance(event, ToolCallStart):
+                if isinstance(event, ToolCallArgsDelta):
+                    self._open_frags.append(event.fragment)
+                elif isinstance(event, ToolCallStart):
                     self._num_calls_started += 1
-                elif isinstance(event, ToolCallEnd) and event.index == 0:
-                    self._first_call_done = True
+                    self._open_call, self._open_frags = event, []
+                else:
+                    if event.index == 0:
+                        self._first_call_done = True
+                    if event.outcome is CallOutcome.TRUNCATED and self._open_call is not None:
+                        start = self._open_call
+                        self.cut_call = ToolCall(start.id, start.name, event.arguments,
+                                                 "".join(self._open_frags), event.outcome,
+                                                 event.error)
+                    self._open_call = None
             self._observer.on_event(event)
             out.append(event)
         if out:
@@ -470,7 +528,14 @@ class Turn:
             result.tool_calls or result.content.strip()
         ):
             result.turn_outcome = TurnOutcome.RECOVERED_EMPTY
-        if result.tool_calls:
+        if self.cut_call is not None:
+            cut = "".join(self._cut_text)
+            if cut and result.content.endswith(cut):
+                result.content = result.content[: len(result.content) - len(cut)]
+            if result.turn_outcome is not None:
+                result.turn_outcome = TurnOutcome.TRUNCATED
+            self.finish_reason = "length"
+        elif result.tool_calls:
             self.finish_reason = "tool_calls"
             cache = self._runner.reasoning_cache
             for call in result.tool_calls:

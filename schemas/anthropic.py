@@ -103,6 +103,15 @@ class CountTokensRequest(_Lenient):
     output_config: OutputConfig | None = None
 
 
+class ThreadParam(_Lenient):
+    """A server-held conversation (the SDK's message threads, `tool_runner`'s default):
+    `create` keeps this turn under the reply's id; `continue` sends only the new messages
+    after the stored reply `previous_message_id`, and takes `system` and `tools` from it."""
+
+    type: Literal["create", "continue"]
+    previous_message_id: str | None = None
+
+
 class MessagesRequest(CountTokensRequest):
     max_tokens: int = Field(ge=1)  # includes thinking tokens, as in Anthropic's API
     stop_sequences: list[str] | None = None
@@ -111,6 +120,7 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0)
     metadata: dict[str, Any] | None = None
+    thread: ThreadParam | None = None
 
 
 # -- response --------------------------------------------------------------------------------
@@ -158,6 +168,8 @@ class Message(BaseModel):
 class ErrorDetail(BaseModel):
     type: str  # invalid_request_error, authentication_error, not_found_error, overloaded_error…
     message: str
+    # {"error_code": "thread_not_found"}: what the SDK branches on (its thread replay)
+    details: dict[str, Any] | None = None
 
 
 class ErrorBody(BaseModel):

@@ -3,8 +3,11 @@
 Stream: `message_start`, `ping`, then per content block `content_block_start`, its
 `content_block_delta`s (`thinking_delta`, `text_delta`, `input_json_delta`) and
 `content_block_stop`; a thinking block gets its `signature_delta` just before its stop (the
-signature covers the whole text). A tool_use block goes out when its invoke has closed. Then `message_delta` (stop reason, output tokens) and
-`message_stop`. Blocks come in the order the parser emits: thinking, text, tool calls. The
+signature covers the whole text). A tool_use block goes out when its invoke has closed, or
+when the output cut it off (api.md "Cut calls"): then its `partial_json` fragments are
+what the model wrote, the stop reason is `max_tokens`, and the non-streamed `input` is what
+the SDK's accumulator makes of those fragments (jiter's partial mode, as the SDK parses
+them). Then `message_delta` (stop reason, output tokens) and `message_stop`. Blocks come in the order the parser emits: thinking, text, tool calls. The
 `anthropic` SDK's accumulator rebuilds from them the message `message_body` returns.
 """
 
@@ -14,8 +17,9 @@ import json
 import uuid
 from typing import Any
 
+from jiter import from_json
+
 from dsml.events import (
-    CallOutcome,
     ContentDelta,
     Event,
     ReasoningDelta,
@@ -49,12 +53,29 @@ ERROR_TYPES = {
 }
 
 
+# Error codes the anthropic SDK reads from `error.details.error_code` (its thread state
+# replays the whole history under a new thread on `thread_not_found`).
+DETAIL_CODES = frozenset({"thread_not_found"})
+
+
 def anthropic_error(err: ApiError) -> tuple[int, dict[str, Any]]:
     """Status and body of an error in Anthropic's shape; overloaded (this server's concurrency
     limit full, or the engine's) is 529, which Claude Code retries with backoff."""
     status = 529 if err.code in ("overloaded", "upstream_overloaded") else err.status_code
     kind = ERROR_TYPES.get(status, "api_error")
-    return status, {"type": "error", "error": {"type": kind, "message": err.message}}
+    error: dict[str, Any] = {"type": kind, "message": err.message}
+    if err.code in DETAIL_CODES:
+        error["details"] = {"error_code": err.code}
+    return status, {"type": "error", "error": error}
+
+
+def partial_input(fragments: str) -> dict[str, Any]:
+    """A cut call's `input` as the anthropic SDK accumulates it: jiter's partial mode drops
+    an unfinished string, so a half-written value never looks whole."""
+    if not fragments:
+        return {}
+    value = from_json(fragments.encode(), partial_mode=True)
+    return value if isinstance(value, dict) else {}
 
 
 def new_message_id() -> str:
@@ -91,6 +112,7 @@ class AnthropicStreamEncoder:
         self._open: str | None = None  # "thinking" | "text" | "tool_use"
         self._thinking: list[str] = []
         self._call: tuple[str, str, list[str]] | None = None  # (id, name, fragments) held
+        self.finished = False  # message_stop went out
 
     def start(self) -> bytes:
         # Called after the first event: the prompt is tokenized, its token count known.
@@ -150,10 +172,10 @@ class AnthropicStreamEncoder:
         return b""  # Notice: metrics only
 
     def _tool_use_block(self, end: ToolCallEnd) -> bytes:
-        # A call is held until its invoke closes: one cut off by the end of the stream is not
-        # a call (its text comes back as content), and a client must never run half of it.
+        # A call is held until its invoke closes or the output cuts it off; a cut one goes
+        # out as the model wrote it (stop reason max_tokens), never completed.
         call, self._call = self._call, None
-        if call is None or end.outcome is CallOutcome.TRUNCATED:
+        if call is None:
             return b""
         call_id, name, fragments = call
         out = self._start_block("tool_use", f'{{"type":"tool_use","id":{_dumps(call_id)},'
@@ -164,6 +186,7 @@ class AnthropicStreamEncoder:
 
     def finish(self, turn: Turn) -> bytes:
         reason, sequence = stop_reason(turn)
+        self.finished = True
         delta = {"type": "message_delta",
                  "delta": {"stop_reason": reason, "stop_sequence": sequence},
                  "usage": {"output_tokens": turn.completion_tokens}}
@@ -177,7 +200,8 @@ class AnthropicStreamEncoder:
         return PING  # Anthropic's own keep-alive event; the SDK skips it
 
 
-def message_body(turn: Turn, model: str, signer: ReasoningSigner) -> dict[str, Any]:
+def message_body(turn: Turn, model: str, signer: ReasoningSigner,
+                 message_id: str | None = None) -> dict[str, Any]:
     result = turn.result
     assert result is not None, "message_body() before the turn finished"
     content: list[ThinkingOut | TextOut | ToolUseOut] = []
@@ -188,8 +212,12 @@ def message_body(turn: Turn, model: str, signer: ReasoningSigner) -> dict[str, A
         content.append(TextOut(text=result.content))
     content.extend(ToolUseOut(id=wire_call_id(c.id, TOOL_ID_PREFIX), name=c.name, input=c.arguments)
                    for c in result.tool_calls)
+    cut = turn.cut_call
+    if cut is not None:  # what the SDK accumulates from the streamed fragments
+        content.append(ToolUseOut(id=wire_call_id(cut.id, TOOL_ID_PREFIX), name=cut.name,
+                                  input=partial_input(cut.arguments_json)))
     reason, sequence = stop_reason(turn)
-    message = Message(id=new_message_id(), model=model, content=content, stop_reason=reason,
+    message = Message(id=message_id or new_message_id(), model=model, content=content, stop_reason=reason,
                       stop_sequence=sequence,
                       usage=Usage(input_tokens=turn.prompt_tokens,
                                   output_tokens=turn.completion_tokens))

@@ -119,11 +119,12 @@ def chat_completion_body(turn: Turn, model: str, completion_id: str | None = Non
         "reasoning_content": result.reasoning_content or None,
         "reasoning": result.reasoning_content or None,
     }
-    if result.tool_calls:
+    calls = turn.calls  # a cut call included, as the stream showed it (api.md "Cut calls")
+    if calls:
         message["tool_calls"] = [
             {"id": call.id, "type": "function",
              "function": {"name": call.name, "arguments": call.arguments_json}}
-            for call in result.tool_calls
+            for call in calls
         ]
     return {
         "id": completion_id or new_completion_id(),

@@ -5,12 +5,17 @@ its `content_part.added`, deltas (`reasoning_text.delta` / `output_text.delta` /
 `function_call_arguments.delta`), the matching `.done` events, `output_item.done`; then
 `response.completed` (or `response.incomplete` at max_output_tokens, `response.failed` on an
 error) carrying the whole response. Output items come in the parser's order: reasoning,
-message, function calls. A function call goes out once its invoke has closed (a call cut off
-by the end of the stream is not a call; its text comes back in the message). While the turn
+message, function calls. A function call goes out once its invoke has closed, or once the
+output cut it off (api.md "Cut calls"): then its item's status is `incomplete` and its
+`arguments` are the fragments the model wrote (they do not parse), in a response that is
+`incomplete` too. While the turn
 is silent a `: keep-alive` comment goes out every `keepalive_interval_s`.
 
 Reasoning items carry the text in clear (`content`) and signed (`encrypted_content`): Codex
-replays only the latter (proxy.signature).
+replays only the latter (proxy.signature). V4 writes no summary of its reasoning, so when
+the request asks for one (`reasoning.summary`: auto, concise, detailed) the reasoning text
+itself is the summary (`summary_text`, streamed as `reasoning_summary_text` events, which
+Codex and pydantic-ai show); otherwise `summary` is `[]`.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ def envelope(req: ResponsesRequest, response_id: str, tools: list[dict[str, Any]
         "metadata": req.metadata or {}, "model": req.model, "output": [],
         "parallel_tool_calls": req.parallel_tool_calls is not False,
         "previous_response_id": req.previous_response_id,
-        "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
+        "reasoning": {"effort": req.reasoning.effort if req.reasoning else None,
+                      "summary": wants_summary(req) or None},
         "store": req.store is not False, "temperature": req.temperature, "top_p": req.top_p,
         "text": {"format": fmt}, "tool_choice": choice,
         "tools": [{"type": "function", "name": t["function"]["name"],
@@ -66,6 +72,12 @@ def envelope(req: ResponsesRequest, response_id: str, tools: list[dict[str, Any]
                    "strict": bool(t["function"].get("strict"))} for t in tools],
         "truncation": "disabled", "usage": None,
     }
+
+
+def wants_summary(req: ResponsesRequest) -> str:
+    """The requested reasoning summary ("auto", "concise", "detailed"), "" for none."""
+    summary = req.reasoning.summary if req.reasoning else None
+    return summary if summary and summary != "none" else ""
 
 
 def usage(turn: Turn) -> dict[str, Any]:
@@ -83,8 +95,10 @@ def finished(response: dict[str, Any], turn: Turn, output: list[dict[str, Any]])
             "output": output, "usage": usage(turn)}
 
 
-def reasoning_item(item_id: str, text: str, signer: ReasoningSigner) -> dict[str, Any]:
-    return {"id": item_id, "type": "reasoning", "summary": [],
+def reasoning_item(item_id: str, text: str, signer: ReasoningSigner,
+                   summary: bool = False) -> dict[str, Any]:
+    return {"id": item_id, "type": "reasoning",
+            "summary": [{"type": "summary_text", "text": text}] if summary else [],
             "content": [{"type": "reasoning_text", "text": text}],
             "encrypted_content": signer.seal(text), "status": "completed"}
 
@@ -110,11 +124,13 @@ def response_body(turn: Turn, response: dict[str, Any], signer: ReasoningSigner)
     assert result is not None, "response_body() before the turn finished"
     output: list[dict[str, Any]] = []
     if result.reasoning_content:
-        output.append(reasoning_item(new_id("rs_"), result.reasoning_content, signer))
+        output.append(reasoning_item(new_id("rs_"), result.reasoning_content, signer,
+                                     summary=bool(response["reasoning"]["summary"])))
     if result.content:
         output.append(message_item(new_id("msg_"), result.content))
-    output.extend(call_item(new_id("fc_"), c.id, c.name, c.arguments_json)
-                  for c in result.tool_calls)
+    output.extend(call_item(new_id("fc_"), c.id, c.name, c.arguments_json,
+                            "incomplete" if c.outcome is CallOutcome.TRUNCATED else "completed")
+                  for c in turn.calls)
     return finished(response, turn, output)
 
 
@@ -128,6 +144,8 @@ class ResponsesStreamEncoder:
         self._item_id = ""
         self._text: list[str] = []
         self._call: tuple[str, str, list[str]] | None = None  # (call id, name, fragments) held
+        self._summary = bool(response["reasoning"]["summary"])
+        self.final: dict[str, Any] | None = None  # the whole response, once finished
 
     def _emit(self, kind: str, **fields: Any) -> bytes:
         data = _dumps({"type": kind, "sequence_number": self._seq, **fields})
@@ -149,6 +167,13 @@ class ResponsesStreamEncoder:
             item = {"id": self._item_id, "type": "reasoning", "summary": [], "content": [],
                     "status": "in_progress"}
             part = {"type": "reasoning_text", "text": ""}
+            if self._summary:  # the text is its own summary (see the module docstring)
+                out += self._emit("response.output_item.added", output_index=len(self.output),
+                                  item=item)
+                out += self._emit("response.reasoning_summary_part.added", **self._where(),
+                                  summary_index=0, part={"type": "summary_text", "text": ""})
+                return out + self._emit("response.content_part.added", **self._where(),
+                                        content_index=0, part=part)
         else:
             self._item_id = new_id("msg_")
             item = message_item(self._item_id, "", "in_progress")
@@ -164,10 +189,16 @@ class ResponsesStreamEncoder:
         text = "".join(self._text)
         where = self._where()
         if self._open == "reasoning":
-            item = reasoning_item(self._item_id, text, self._signer)
+            item = reasoning_item(self._item_id, text, self._signer, self._summary)
             out = (self._emit("response.reasoning_text.done", **where, content_index=0, text=text)
                    + self._emit("response.content_part.done", **where, content_index=0,
                                 part={"type": "reasoning_text", "text": text}))
+            if self._summary:
+                part = {"type": "summary_text", "text": text}
+                out += (self._emit("response.reasoning_summary_text.done", **where,
+                                   summary_index=0, text=text)
+                        + self._emit("response.reasoning_summary_part.done", **where,
+                                     summary_index=0, part=part))
         else:
             item = message_item(self._item_id, text)
             out = (self._emit("response.output_text.done", **where, content_index=0, text=text,
@@ -189,8 +220,12 @@ class ResponsesStreamEncoder:
             delta_type = ("response.reasoning_text.delta" if kind == "reasoning"
                           else "response.output_text.delta")
             extra = {} if kind == "reasoning" else {"logprobs": []}
-            return out + self._emit(delta_type, **self._where(), content_index=0,
-                                    delta=event.text, **extra)
+            out += self._emit(delta_type, **self._where(), content_index=0,
+                              delta=event.text, **extra)
+            if kind == "reasoning" and self._summary:
+                out += self._emit("response.reasoning_summary_text.delta", **self._where(),
+                                  summary_index=0, delta=event.text)
+            return out
         if isinstance(event, ToolCallStart):
             self._call = (event.id, event.name, [])
             return b""
@@ -204,8 +239,9 @@ class ResponsesStreamEncoder:
 
     def _function_call(self, end: ToolCallEnd) -> bytes:
         call, self._call = self._call, None
-        if call is None or end.outcome is CallOutcome.TRUNCATED:
+        if call is None:
             return b""
+        status = "incomplete" if end.outcome is CallOutcome.TRUNCATED else "completed"
         call_id, name, fragments = call
         out = self._close()
         item_id, index = new_id("fc_"), len(self.output)
@@ -215,7 +251,7 @@ class ResponsesStreamEncoder:
             out += self._emit("response.function_call_arguments.delta", item_id=item_id,
                               output_index=index, delta=fragment)
         arguments = "".join(fragments)
-        item = call_item(item_id, call_id, name, arguments)
+        item = call_item(item_id, call_id, name, arguments, status)
         self.output.append(item)
         return (out + self._emit("response.function_call_arguments.done", item_id=item_id,
                                  output_index=index, name=name, arguments=arguments)
@@ -223,7 +259,7 @@ class ResponsesStreamEncoder:
 
     def finish(self, turn: Turn) -> bytes:
         out = self._close()
-        response = finished(self.response, turn, self.output)
+        response = self.final = finished(self.response, turn, self.output)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return out + self._emit(kind, response=response)
 

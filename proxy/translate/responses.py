@@ -13,6 +13,7 @@ Anthropic thinking signatures, see `proxy.translate.anthropic`).
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from dsml.events import ParseResult
@@ -142,3 +143,30 @@ def output_message(result: ParseResult) -> dict[str, Any]:
         message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
             "name": c.name, "arguments": c.arguments_json}} for c in result.tool_calls]
     return message
+
+
+# Id prefixes of listed input items that came without an id (OpenAI's spellings).
+_ITEM_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_",
+                "reasoning": "rs_"}
+
+
+def listed_input_items(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's input as `GET /v1/responses/{id}/input_items` lists it: every item
+    with an `id` and a `type`, message content as a list of parts, a `status`."""
+    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw
+    out = []
+    for given in items:
+        item = dict(given)
+        kind = item.setdefault("type", "message")
+        item.setdefault("id", _ITEM_PREFIX.get(kind, "item_") + uuid.uuid4().hex)
+        if kind == "message" and isinstance(item.get("content"), str):
+            assistant = item.get("role") == "assistant"
+            part: dict[str, Any] = {"type": "output_text" if assistant else "input_text",
+                                    "text": item["content"]}
+            if assistant:
+                part["annotations"] = []
+            item["content"] = [part]
+        if kind != "reasoning":
+            item.setdefault("status", "completed")
+        out.append(item)
+    return out

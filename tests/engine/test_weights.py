@@ -7,6 +7,7 @@ model is small and hand-built, so each error case writes its own two-file checkp
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,9 @@ class Layer(nn.Module):
 
 
 class Toy(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, num_layers: int = 1) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([Layer()])
+        self.layers = nn.ModuleList(Layer() for _ in range(num_layers))
         self.hc_head_fn = nn.Parameter(torch.empty(4, H), requires_grad=False)
 
 
@@ -58,20 +59,27 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * shape[-1] ** -0.5
 
 
-def _release() -> dict[str, torch.Tensor]:
-    t: dict[str, torch.Tensor] = {
-        "hc_head_fn": _rand(4, H),
-        "layers.0.attn_norm.weight": torch.ones(H, dtype=torch.bfloat16),
-        "layers.0.attn.wkv.weight": _rand(64, H, seed=1).bfloat16(),
-        "layers.0.ffn.gate.weight": _rand(E, H, seed=2).bfloat16(),
-        "layers.0.ffn.gate.tid2eid": torch.randint(0, E, (50, 1)),
-    }
-    t["layers.0.attn.wq_a.weight"], t["layers.0.attn.wq_a.scale"] = fm.quantize_fp8(_rand(256, H, seed=3))
-    for e in range(E):
-        for k, proj in enumerate(("w1", "w2", "w3")):
-            w = _rand(*((H, INTER) if proj == "w2" else (INTER, H)), seed=10 * e + k)
-            p = f"layers.0.ffn.experts.{e}.{proj}"
-            t[f"{p}.weight"], t[f"{p}.scale"] = fm.quantize_fp4(w)
+def _expert(layer: int, e: int, proj: str) -> torch.Tensor:
+    """The dense original of one routed projection (what FP4 and INT2 both quantise)."""
+    k = ("w1", "w2", "w3").index(proj)
+    return _rand(*((H, INTER) if proj == "w2" else (INTER, H)), seed=1000 * layer + 10 * e + k)
+
+
+def _release(num_layers: int = 1) -> dict[str, torch.Tensor]:
+    t: dict[str, torch.Tensor] = {"hc_head_fn": _rand(4, H)}
+    for L in range(num_layers):
+        t.update({
+            f"layers.{L}.attn_norm.weight": torch.ones(H, dtype=torch.bfloat16),
+            f"layers.{L}.attn.wkv.weight": _rand(64, H, seed=1).bfloat16(),
+            f"layers.{L}.ffn.gate.weight": _rand(E, H, seed=2).bfloat16(),
+            f"layers.{L}.ffn.gate.tid2eid": torch.randint(0, E, (50, 1)),
+        })
+        t[f"layers.{L}.attn.wq_a.weight"], t[f"layers.{L}.attn.wq_a.scale"] = fm.quantize_fp8(
+            _rand(256, H, seed=3))
+        for e in range(E):
+            for proj in ("w1", "w2", "w3"):
+                p = f"layers.{L}.ffn.experts.{e}.{proj}"
+                t[f"{p}.weight"], t[f"{p}.scale"] = fm.quantize_fp4(_expert(L, e, proj))
     return t
 
 
@@ -88,9 +96,9 @@ def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def _meta_toy() -> Toy:
+def _meta_toy(num_layers: int = 1) -> Toy:
     with torch.device("meta"):
-        return Toy()
+        return Toy(num_layers)
 
 
 @pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
@@ -125,11 +133,7 @@ def test_loads_every_format_and_keeps_it(tmp_path, device):
 def test_int2_files_replace_the_routed_experts(tmp_path):
     tensors = _release()
     path = _write(tmp_path, tensors)
-    dense = {p: _rand(E, *((H, INTER) if p == "w2" else (INTER, H)), seed=99) for p in ("w1", "w2", "w3")}
-    int2 = {}
-    for proj, w in dense.items():
-        for field, t in zip(fm.INT2_FIELDS, fm.quantize_int2(w), strict=True):
-            int2[fm.int2_key(proj, field)] = t
+    int2 = _int2_tensors()
     save_file(int2, path / fm.int2_file_name(0))
     model = _meta_toy()
     load_checkpoint(model, path, device="cpu")
@@ -202,13 +206,30 @@ def test_missing_directory_contents(tmp_path):
         load_checkpoint(_meta_toy(), tmp_path, device="cpu")
 
 
-def _int2_tensors() -> dict[str, torch.Tensor]:
+def _int2_tensors(layer: int = 0, convention: fm.Int2Convention = fm.INT2_DEFAULT,
+                  ) -> dict[str, torch.Tensor]:
+    """One INT2 layer file's tensors: layer `layer`'s experts (those its FP4 quantise),
+    written in `convention`."""
     out = {}
     for proj in ("w1", "w2", "w3"):
-        w = _rand(E, *((H, INTER) if proj == "w2" else (INTER, H)), seed=7)
-        for field, t in zip(fm.INT2_FIELDS, fm.quantize_int2(w), strict=True):
+        w = torch.stack([_expert(layer, e, proj) for e in range(E)])
+        for field, t in zip(fm.INT2_FIELDS, _pack_as(convention, w), strict=True):
             out[fm.int2_key(proj, field)] = t
     return out
+
+
+def _pack_as(c: fm.Int2Convention, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """INT2-G64 of `w` as a file in convention `c` would hold it (the inverse of
+    `fm.dequantize_int2_as(c, ...)`), written independently of it: quantised with the
+    default, then its values and zeros re-laid."""
+    packed, scale, zeros = fm.quantize_int2(w)
+    q, z = fm.unpack_int2(packed), fm.unpack_int4_zeros(zeros)
+    if c.msb_first:  # value k of a word at bits 30-2k..31-2k
+        q = q.reshape(*q.shape[:-1], -1, 16).flip(-1).reshape(q.shape)
+    if c.zeros_high_first:
+        z = z.reshape(*z.shape[:-1], -1, 2).flip(-1).reshape(z.shape)
+    assert int(z.min()) >= c.zero_offset  # Gaussian groups span 0: z >= 1
+    return fm.pack_int2(q), scale, fm.pack_int4_zeros(z - c.zero_offset)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -255,3 +276,79 @@ def test_linear_formats_directly():
     with pytest.raises(ValueError, match=r"x w_packed: expected shape \[128, 16\], found \[128, 8\]"):
         lin.load_int2(torch.zeros(128, 8, dtype=torch.uint32), torch.zeros(128, 4, dtype=torch.float16),
                       torch.zeros(128, 2, dtype=torch.int8), name="x")
+
+
+def _int2_checkpoint(tmp_path: Path, files: dict[int, dict[str, torch.Tensor]],
+                     num_layers: int = 1, names: dict[int, str] | None = None) -> Path:
+    path = _write(tmp_path, _release(num_layers))
+    for number, tensors in files.items():
+        name = (names or {}).get(number, fm.int2_file_name(number))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path / name)
+    return path
+
+
+def test_int2_files_all_or_none_and_no_strays(tmp_path):
+    two = {0: _int2_tensors(0), 1: _int2_tensors(1)}
+    load_checkpoint(_meta_toy(2), _int2_checkpoint(tmp_path / "ok", two, 2), device="cpu")
+    with pytest.raises(CheckpointError, match=r"for 1 of 2 main layers; missing \['layer_01"):
+        load_checkpoint(_meta_toy(2), _int2_checkpoint(tmp_path / "half", {0: two[0]}, 2),
+                        device="cpu")
+    # Numbered from 1: layer N's experts would load into layer N+1 (the issue's case).
+    with pytest.raises(CheckpointError, match=r"numbered from 1 \(layer_01\.safetensors \.\.\. layer_02"):
+        load_checkpoint(_meta_toy(2), _int2_checkpoint(tmp_path / "one", {1: two[0], 2: two[1]}, 2),
+                        device="cpu")
+    with pytest.raises(CheckpointError, match=r"no main layer's: \['layer_05\.safetensors'\]"):
+        load_checkpoint(_meta_toy(2), _int2_checkpoint(tmp_path / "past", {**two, 5: two[1]}, 2),
+                        device="cpu")
+    with pytest.raises(CheckpointError, match=r"no main layer's: \['layer_1\.safetensors'\]"):
+        load_checkpoint(_meta_toy(2), _int2_checkpoint(
+            tmp_path / "spelt", {**two, 9: two[1]}, 2, names={9: "layer_1.safetensors"}),
+            device="cpu")
+
+
+@pytest.mark.parametrize("convention", fm.INT2_CONVENTIONS[1:], ids=lambda c: f"msb{c.msb_first:d}-high{c.zeros_high_first:d}-offset{c.zero_offset}")
+def test_int2_files_in_another_convention_are_refused_naming_it(tmp_path, convention):
+    path = _int2_checkpoint(tmp_path, {0: _int2_tensors(0, convention)})
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(_meta_toy(), path, device="cpu")
+    message = str(refused.value)
+    assert "layer_00.safetensors does not match main layer 0's experts" in message
+    assert f"It fits {convention.describe()}" in message, message
+    # The writer is right: read in that convention, the file is the 2-bit quantisation.
+    fields = [_int2_tensors(0, convention)[fm.int2_key("w1", f)][1] for f in fm.INT2_FIELDS]
+    assert fm.relative_error(fm.dequantize_int2_as(convention, *fields), _expert(0, 1, "w1")) < 0.6
+
+
+def test_int2_default_convention_is_the_formats_dequantisation(tmp_path):
+    fields = [_int2_tensors(0)[fm.int2_key("w2", f)] for f in fm.INT2_FIELDS]
+    assert torch.equal(fm.dequantize_int2_as(fm.INT2_DEFAULT, *fields),
+                       fm.dequantize_int2(*fields, torch.float32))
+    assert fm.INT2_CONVENTIONS[0] == fm.INT2_DEFAULT and len(set(fm.INT2_CONVENTIONS)) == 8
+
+
+def test_int2_files_of_the_wrong_layer_or_model_are_refused(tmp_path):
+    swapped = {0: _int2_tensors(1), 1: _int2_tensors(0)}
+    with pytest.raises(CheckpointError, match=r"It holds main layer 1's experts"):
+        load_checkpoint(_meta_toy(2), _int2_checkpoint(tmp_path / "swap", swapped, 2),
+                        device="cpu")
+    unrelated = _int2_tensors(7)  # no layer of this model
+    with pytest.raises(CheckpointError, match=r"no known convention fits"):
+        load_checkpoint(_meta_toy(), _int2_checkpoint(tmp_path / "other", {0: unrelated}),
+                        device="cpu")
+
+
+def test_int2_check_compares_with_dense_experts_too(tmp_path):
+    """Experts kept dense (bf16) in the shards are a reference as good as FP4."""
+    tensors = _release()
+    for e in range(E):
+        for proj in ("w1", "w2", "w3"):
+            p = f"layers.0.ffn.experts.{e}.{proj}"
+            del tensors[f"{p}.scale"]
+            tensors[f"{p}.weight"] = _expert(0, e, proj).bfloat16()
+    path = _write(tmp_path / "dense", tensors)
+    save_file(_int2_tensors(0), path / fm.int2_file_name(0))
+    load_checkpoint(_meta_toy(), path, device="cpu")
+    msb = fm.Int2Convention(msb_first=True)
+    save_file(_int2_tensors(0, msb), path / fm.int2_file_name(0))
+    with pytest.raises(CheckpointError, match=re.escape(f"It fits {msb.describe()}")):
+        load_checkpoint(_meta_toy(), path, device="cpu")

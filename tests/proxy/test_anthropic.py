@@ -13,9 +13,10 @@ from typing import Any
 import anthropic
 import pytest
 
+from proxy.encoders.anthropic import partial_input
 from tests.fakes.upstream import FakeUpstream
 from tests.proxy.conftest import ProxyServer, load_cases
-from tests.proxy.test_chat_cases import PARSE_IDS, reply_for
+from tests.proxy.test_chat_cases import PARSE_IDS, cut_call_of, reply_for
 
 PARSE = load_cases("parse.jsonl")
 WILD = load_cases("wild.jsonl")
@@ -69,10 +70,14 @@ def check(case: dict[str, Any], plain: Any, streamed: Any) -> None:
     want = {"reasoning_content": expected["reasoning_content"], "content": expected["content"],
             "tool_calls": [{"name": c["name"], "arguments": c["arguments"]}
                            for c in expected["tool_calls"]]}
+    cut = cut_call_of(case)
+    if cut is not None:  # api.md "Cut calls": shown as cut, its input the SDK's partial parse
+        want["content"], name, fragments = cut
+        want["tool_calls"].append({"name": name, "arguments": partial_input(fragments)})
     assert view(plain) == want
     assert view(streamed) == want
     stop = {"stop": "end_turn", "length": "max_tokens"}[case.get("finish", "stop")]
-    stop = "tool_use" if want["tool_calls"] else stop
+    stop = "tool_use" if want["tool_calls"] and cut is None else stop
     assert plain.stop_reason == streamed.stop_reason == stop
     assert plain.usage.input_tokens == streamed.usage.input_tokens > 0
     assert plain.usage.output_tokens == streamed.usage.output_tokens > 0

@@ -15,7 +15,7 @@ from openai.types.responses import Response
 
 from tests.fakes.upstream import FakeUpstream
 from tests.proxy.conftest import ProxyServer, load_cases
-from tests.proxy.test_chat_cases import PARSE_IDS, reply_for
+from tests.proxy.test_chat_cases import PARSE_IDS, cut_call_of, reply_for
 
 PARSE = load_cases("parse.jsonl")
 WILD = load_cases("wild.jsonl")
@@ -36,7 +36,8 @@ def view(response: Response) -> dict[str, Any]:
         "reasoning_content": "".join(c.text for item in response.output
                                      if item.type == "reasoning" for c in item.content or []),
         "content": response.output_text,
-        "tool_calls": [{"name": item.name, "arguments": json.loads(item.arguments)}
+        "tool_calls": [{"name": item.name, "arguments": json.loads(item.arguments)
+                        if item.status == "completed" else (item.status, item.arguments)}
                        for item in response.output if item.type == "function_call"],
     }
 
@@ -60,6 +61,10 @@ def check(case: dict[str, Any], plain: Response, streamed: Response) -> None:
     want = {"reasoning_content": expected["reasoning_content"], "content": expected["content"],
             "tool_calls": [{"name": c["name"], "arguments": c["arguments"]}
                            for c in expected["tool_calls"]]}
+    cut = cut_call_of(case)
+    if cut is not None:  # api.md "Cut calls": an incomplete item, the fragments as written
+        want["content"], name, fragments = cut
+        want["tool_calls"].append({"name": name, "arguments": ("incomplete", fragments)})
     assert view(plain) == want
     assert view(streamed) == want
     status = "incomplete" if case.get("finish") == "length" else "completed"
