@@ -39,6 +39,7 @@ _SPECIAL_TOKEN_FIELDS = {"skip_special_tokens": False, "spaces_between_special_t
 # take, and how much it may hold, for its connection to go back to the pool.
 _DRAIN_TIMEOUT_S = 5.0
 _DRAIN_MAX_BYTES = 65536
+_MAX_MODEL_IDS = 64
 
 
 def _matched_stop(choice: dict[str, Any]) -> str | None:
@@ -72,6 +73,10 @@ class UpstreamBackend:
         self._client = Http1Client(self.base_url, connect_timeout_s=connect_timeout_s,
                                    read_timeout_s=read_timeout_s)
         self._model_checked = model is not None
+        self._model_configured = model is not None
+        # The engine's own model ids, as its /v1/models last listed them: served under these
+        # names too (proxy.models), so clients that talked to the engine keep their `model`.
+        self.model_ids: list[str] = []
         self._draining: set[asyncio.Task[None]] = set()  # see _release_when_done
 
     @classmethod
@@ -90,8 +95,10 @@ class UpstreamBackend:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Nothing to start: connections open on first use (no limit on their number: the
-        proxy's own concurrency limit bounds the requests)."""
+        """List the engine's model ids once (an engine still loading is asked again later:
+        `ready()`, an unknown model name). Connections open on first use (no limit on their
+        number: the proxy's own concurrency limit bounds the requests)."""
+        await self.refresh_models()
 
     async def close(self) -> None:
         for task in list(self._draining):
@@ -110,14 +117,34 @@ class UpstreamBackend:
         return resp.status, body
 
     async def ready(self) -> bool:
-        for path in ("/health", "/v1/models"):
-            try:
-                status, _ = await self._get(path)
-            except (OSError, TimeoutError, HttpError):
+        """The engine lists its models (which refreshes `model_ids`) or answers /health."""
+        if await self.refresh_models():
+            return True
+        try:
+            status, _ = await self._get("/health")
+        except (OSError, TimeoutError, HttpError):
+            return False
+        return status == 200
+
+    async def refresh_models(self) -> bool:
+        """Ask the engine's /v1/models for its ids: True when it listed them. The first id is
+        also the `model` sent upstream unless one was configured (vLLM and SGLang want the
+        served model's name)."""
+        try:
+            status, body = await self._get("/v1/models")
+            if status != 200:
+                self._model_checked = True  # it answered: an engine without /v1/models
                 return False
-            if status == 200:
-                return True
-        return False
+            data = json.loads(body).get("data") or []
+            ids = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        except (OSError, TimeoutError, HttpError, ValueError, AttributeError, TypeError):
+            return False
+        # Bounded: the names end up in every /v1/models answer and every 404 message.
+        self.model_ids = [name for name in ids if 0 < len(name) <= 256][:_MAX_MODEL_IDS]
+        if not self._model_configured and self.model_ids:
+            self.model = self.model_ids[0]
+        self._model_checked = True
+        return True
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -158,22 +185,11 @@ class UpstreamBackend:
             return ('{"prompt":' + ids_json + "," + json.dumps(body)[1:]).encode()
         return json.dumps(body).encode()
 
-    async def _discover_model(self) -> None:
-        # vLLM and SGLang want the served model's name in `model`; ask once, on first use
-        # (the engine may still be loading when the proxy starts).
-        self._model_checked = True
-        try:
-            status, body = await self._get("/v1/models")
-            if status == 200:
-                data = json.loads(body).get("data") or []
-                if data and isinstance(data[0].get("id"), str):
-                    self.model = data[0]["id"]
-        except (OSError, TimeoutError, HttpError, ValueError, AttributeError):
-            self._model_checked = False  # try again next time; generate reports the failure
-
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         if not self._model_checked:
-            await self._discover_model()
+            # The engine was not listing models at start (still loading): ask on first use.
+            # No answer: asked again next time, and generate reports the failure.
+            await self.refresh_models()
         body = self.encode_body(req)
         try:
             resp = await self._client.request("POST", "/v1/completions", body,

@@ -63,7 +63,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     chat = ChatCompletionRequest.model_validate(await read_json(request))
     request[state.LOG_FIELDS]["model"] = chat.model
-    model = app[state.MODELS].get(chat.model)  # 404 for an unknown model
+    model = await app[state.MODELS].resolve(chat.model)  # 404 for an unknown model
     prompt = render(app, chat, model)
     async with app[state.LIMITER].slot(request[state.CLOCK]):
         turn = app[state.RUNNER].start(

@@ -12,6 +12,7 @@ from contextlib import aclosing
 
 from aiohttp import web
 
+from dsml.dialects import Dialect
 from proxy import state
 from proxy.backends.base import BackendError, GenerateRequest, SamplingParams
 from proxy.encoders.completions import CompletionStreamEncoder, completion_body
@@ -23,9 +24,9 @@ from schemas.openai_completions import CompletionRequest
 ENDPOINT = "completions"
 
 
-def generate_request(app: web.Application, req: CompletionRequest) -> GenerateRequest:
+def generate_request(app: web.Application, req: CompletionRequest,
+                     dialect: Dialect) -> GenerateRequest:
     tokenizer = app[state.TOKENIZER]
-    dialect = app[state.MODELS].dialect(req.model)  # 404 for unknown names
     if isinstance(req.prompt, str) and not sends_ids(dialect):
         # The V4 tokenizer is not this model's (proxy.turn.sends_ids): the engine tokenizes.
         ids, text = None, req.prompt
@@ -52,7 +53,8 @@ def prompt_tokens(app: web.Application, gen: GenerateRequest) -> int:
 async def completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = CompletionRequest.model_validate(await read_json(request))
-    gen = generate_request(app, req)
+    dialect = (await app[state.MODELS].resolve(req.model)).dialect  # 404 for unknown names
+    gen = generate_request(app, req, dialect)
     metrics, clock = app[state.METRICS], request[state.CLOCK]
     num_prompt = prompt_tokens(app, gen)
     async with app[state.LIMITER].slot(request[state.CLOCK]):

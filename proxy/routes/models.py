@@ -13,4 +13,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return web.json_response(request.app[state.MODELS].card(request.match_info["model_id"]))
+    models = request.app[state.MODELS]
+    name = request.match_info["model_id"]
+    await models.resolve(name)  # 404 for an unknown name
+    return web.json_response(models.card(name))

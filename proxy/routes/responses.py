@@ -48,7 +48,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = ResponsesRequest.model_validate(await read_json(request))
     request[state.LOG_FIELDS]["model"] = req.model
-    model = app[state.MODELS].get(req.model)  # 404 for an unknown model
+    model = await app[state.MODELS].resolve(req.model)  # 404 for an unknown model
     signer = app_signer(app)
     messages = history(app, req) + input_messages(req, signer)
     chat, parallel = to_chat(req, messages)

@@ -62,7 +62,9 @@ class FakeUpstream:
         self.tokenizer = tokenizer or load_tokenizer()
         self.queue: deque[Reply | str] = deque()
         self.responder: Responder | None = None
-        self.requests: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []  # every /v1/completions body received
+        self.model_ids = ["deepseek-ai/DeepSeek-V4-Flash"]  # what /v1/models lists
+        self.models_status = 200
         self.disconnected = asyncio.Event()  # a client went away mid-stream
         self.num_active = 0
         self._runner: web.AppRunner | None = None
@@ -110,8 +112,10 @@ class FakeUpstream:
         return web.json_response({"status": "ok"})
 
     async def _models(self, request: web.Request) -> web.Response:
+        if self.models_status != 200:
+            return web.json_response({"error": "loading"}, status=self.models_status)
         return web.json_response({"object": "list", "data": [
-            {"id": "deepseek-ai/DeepSeek-V4-Flash", "object": "model", "owned_by": "fake"}]})
+            {"id": name, "object": "model", "owned_by": "fake"} for name in self.model_ids]})
 
     def _next_reply(self, body: dict[str, Any]) -> Reply:
         if self.responder is not None:
