@@ -55,7 +55,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     app[state.REASONING_CACHE].backfill(chat["messages"])
     prompt = render_chat(chat, dialect=model.dialect, default_thinking=model.thinking)
     sampling = SamplingParams(max_tokens=req.max_output_tokens, temperature=req.temperature,
-                              top_p=req.top_p)
+                              top_p=req.top_p, logprobs=req.logprobs_count())
     response = envelope(req, new_id("resp_"), chat.get("tools", []))
     clock = request[state.CLOCK]
     streamed: web.StreamResponse | None = None
