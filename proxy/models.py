@@ -108,12 +108,16 @@ class ModelRegistry:
     async def resolve(self, name: str) -> ModelSpec:
         """`get(name)`, after asking the engine for its ids again when `name` is unknown
         (the engine may have been loading at start, or renamed; rate limited)."""
+        if name not in self._specs and name not in self.engine_names:
+            await self.refresh()
+        return self.get(name)
+
+    async def refresh(self) -> None:
+        """Ask the engine for its ids again, at most every REFRESH_INTERVAL_S."""
         refresh = getattr(self._engine, "refresh_models", None)
-        if (name not in self._specs and name not in self.engine_names and refresh is not None
-                and time.monotonic() - self._refreshed_at >= REFRESH_INTERVAL_S):
+        if refresh is not None and time.monotonic() - self._refreshed_at >= REFRESH_INTERVAL_S:
             self._refreshed_at = time.monotonic()
             await refresh()
-        return self.get(name)
 
     def thinking(self, name: str) -> bool:
         """Default thinking mode of a model name; 404 for an unknown name."""

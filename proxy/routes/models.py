@@ -9,6 +9,8 @@ from proxy import state
 
 async def list_models(request: web.Request) -> web.Response:
     models = request.app[state.MODELS]
+    if not models.engine_names:  # none listed yet (the engine was loading at start)
+        await models.refresh()
     return web.json_response({"object": "list", "data": [models.card(n) for n in models.names]})
 
 

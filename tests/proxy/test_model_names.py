@@ -75,3 +75,12 @@ async def test_engine_loading_at_start_is_asked_again(start_proxy: StartProxy,
     fake.push("</think>ok<｜end▁of▁sentence｜>")
     resp = await proxy.client().chat.completions.create(model=ENGINE_ID, messages=MESSAGES)
     assert resp.choices[0].message.content == "ok"  # the unknown name asked once more
+
+
+async def test_models_list_asks_an_engine_that_was_loading(start_proxy: StartProxy,
+                                                           fake: FakeUpstream) -> None:
+    fake.models_status = 503
+    proxy = await start_proxy()
+    fake.models_status = 200
+    ids = [m.id for m in (await proxy.client().models.list()).data]
+    assert ENGINE_ID in ids

@@ -192,3 +192,19 @@ async def test_anthropic_top_k_reaches_the_engine(start_proxy: StartProxy,
                                                "top_k": 9, "messages": MESSAGES}) as resp:
         assert resp.status == 200
     assert fake.requests[0]["top_k"] == 9
+
+
+async def test_refusal_is_a_400_on_streams_and_every_endpoint(start_proxy: StartProxy,
+                                                             fake: FakeUpstream) -> None:
+    """The refusal comes before the stream opens: an HTTP 400, not an SSE error event."""
+    client = (await start_proxy(upstream_kind="ds4")).client()
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        await client.chat.completions.create(model="deepseek-chat", messages=MESSAGES,
+                                             logprobs=True, stream=True)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        await client.responses.create(model="deepseek-chat", input="hi", stream=True,
+                                      include=["message.output_text.logprobs"])
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        await client.completions.create(model="deepseek-chat", prompt="x", stream=True,
+                                        frequency_penalty=1.0)
+    assert fake.requests == []
