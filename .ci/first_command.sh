@@ -17,8 +17,11 @@ python3 -m venv "$work/venv"
 python -m pip install --quiet --upgrade pip
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export DSML_PROXY_PORT=$port DSML_PROXY_DEMO_DIR="$work/demo"
-# README, line 1 (the server in the background; its log is shown if anything fails):
-pip install --quiet torch==2.13.0 -e '.[engine]' && { dsml-proxy serve --demo >"$work/server.log" 2>&1 & server_pid=$!; }
+# README, line 1, its two halves: the install, then the server in the background (its log
+# is shown if anything fails).
+pip install --quiet torch==2.13.0 -e '.[engine]' || { echo "README line 1: the install failed"; exit 1; }
+dsml-proxy serve --demo >"$work/server.log" 2>&1 &
+server_pid=$!
 deactivate
 show_log() { echo "--- dsml-proxy serve --demo log:"; cat "$work/server.log"; }
 for _ in $(seq 300); do  # at most ~300 s for the demo checkpoint and the model load

@@ -167,7 +167,9 @@ class UpstreamBackend:
         try:
             status, body = await self._get("/v1/models")
             if status != 200:
-                self._model_checked = True  # it answered: an engine without /v1/models
+                # 404: an engine without /v1/models, not asked again on use; anything else
+                # (503 while loading) is asked again.
+                self._model_checked = self._model_checked or status == 404
                 return False
             data = json.loads(body).get("data") or []
             ids = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]

@@ -84,3 +84,15 @@ async def test_models_list_asks_an_engine_that_was_loading(start_proxy: StartPro
     fake.models_status = 200
     ids = [m.id for m in (await proxy.client().models.list()).data]
     assert ENGINE_ID in ids
+
+
+async def test_model_sent_upstream_is_learned_after_loading(start_proxy: StartProxy,
+                                                            fake: FakeUpstream) -> None:
+    """An engine still loading at start (503) is asked for its model again on first use:
+    vLLM and SGLang want the served name in `model`."""
+    fake.models_status = 503
+    proxy = await start_proxy()
+    fake.models_status = 200
+    fake.push("ok<｜end▁of▁sentence｜>")
+    await proxy.client().chat.completions.create(model="deepseek-chat", messages=MESSAGES)
+    assert fake.requests[0]["model"] == ENGINE_ID
