@@ -36,7 +36,7 @@ from dsml.detokenizer import IncrementalDetokenizer
 from dsml.tokenizer import V4Tokenizer, load_tokenizer
 from engine.cache import BatchState, SequenceState
 from engine.model import Transformer
-from engine.sampling import Sampler, SamplingParams
+from engine.sampling import Sampler, SamplingParams, TokenLogprobs
 from engine.weights import load_model
 
 DEFAULT_MAX_SEQ_LEN = 65536  # per sequence; KV state is allocated for prompt + max_tokens
@@ -56,6 +56,7 @@ class Step:
     text: str
     finish_reason: str | None = None  # "stop" | "length"
     stop_reason: str | None = None  # the stop string that ended it (None: EOS, stop id, length)
+    logprobs: TokenLogprobs | None = None  # with SamplingParams.logprobs
 
 
 class StopStrings:
@@ -110,6 +111,7 @@ class _Sequence:
     ids: list[int] = field(default_factory=list)  # prompt + generated (what masks see)
     state: SequenceState | None = None
     done: bool = False  # finished, failed or cancelled: the scheduler drops it
+    logprobs: TokenLogprobs | None = None  # of the token the worker sampled last
 
 
 class Engine:
@@ -255,12 +257,13 @@ class Engine:
         last = ends or n == params.max_tokens
         text = seq.detok.push(token) + (seq.detok.flush() if last else "")
         text, stopped = seq.stops.feed(text)
+        lp, seq.logprobs = seq.logprobs, None
         if stopped:
-            step = Step(token, text, "stop", seq.stops.matched)
+            step = Step(token, text, "stop", seq.stops.matched, lp)
         elif last:  # release what was held back for a stop string
-            step = Step(token, text + seq.stops.flush(), "stop" if ends else "length")
+            step = Step(token, text + seq.stops.flush(), "stop" if ends else "length", None, lp)
         else:
-            step = Step(token, text)
+            step = Step(token, text, logprobs=lp)
         seq.out.put_nowait(step)
         if step.finish_reason is not None:
             seq.done = True
@@ -276,7 +279,9 @@ class Engine:
                 chunk = torch.tensor([seq.prompt[start : start + PREFILL_CHUNK]], device=self.device)
                 logits = self.model(chunk, state, last_only=True)  # [1, V]
             seq.state = state.seqs[0]
-            return int(seq.sampler(logits[0], seq.ids))
+            token = int(seq.sampler(logits[0], seq.ids))
+            seq.logprobs = seq.sampler.take_logprobs()
+            return token
 
     def _decode(self, batch: list[_Sequence]) -> list[int | Exception]:
         """One token for every sequence of `batch`, each at its own position; a row whose
@@ -294,4 +299,6 @@ class Engine:
             # The ids come back in one host sync, which the loop needs for EOS / stop strings.
             ok = [t for t in sampled if isinstance(t, torch.Tensor)]
             ids = iter(torch.stack(ok).tolist() if ok else [])
+            for seq in batch:  # after the ids: one more sync, only for rows that ask
+                seq.logprobs = seq.sampler.take_logprobs()
             return [t if isinstance(t, Exception) else next(ids) for t in sampled]

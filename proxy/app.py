@@ -40,7 +40,7 @@ def create_app(
     settings = settings or Settings()
     tokenizer = tokenizer or load_tokenizer()
     registry = ModelRegistry(settings.model_name, settings.default_thinking, settings.dialect,
-                             settings.models)
+                             settings.models, engine=backend)
     metrics = Metrics(version=__version__, dialect=registry.dialects, backend=backend.name)
     cache = ReasoningCache(settings.reasoning_cache_size)
 

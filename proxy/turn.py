@@ -59,7 +59,9 @@ from proxy.backends.base import (
     GenerateDelta,
     GenerateRequest,
     SamplingParams,
+    TokenLogprob,
 )
+from proxy.logprobs import LogprobAligner
 from proxy.metrics import Metrics, TurnObserver
 from proxy.reasoning_cache import ReasoningCache
 from proxy.timing import RequestClock
@@ -262,6 +264,9 @@ class Turn:
         self.completion_tokens = 0
         self.reasoning_tokens = 0
         self.recovered_empty = False
+        # With sampling.logprobs: matches token logprobs to content (proxy.logprobs);
+        # `logprobs.content` is the whole turn's, for a non-streamed response.
+        self.logprobs = LogprobAligner() if sampling.logprobs is not None else None
 
     @property
     def calls(self) -> list[ToolCall]:
@@ -372,8 +377,11 @@ class Turn:
                     text = delta.text
                     if not text or self._saw_eos:
                         continue  # keep reading: a usage correction may still come
+                    # Reasoning tokens, `</think>` included, carry no logprobs (proxy.logprobs).
+                    logprobs = None if self._in_reasoning else delta.logprobs
                     cut = text.find(EOS)
                     if cut >= 0:
+                        logprobs = logprobs[:-1] if logprobs else None  # EOS's: not content
                         # Nothing follows EOS. It is held back (fed just before finish) so that
                         # a recovery continuation can still append `</think>`.
                         text = text[:cut]
@@ -382,7 +390,7 @@ class Turn:
                         self._in_reasoning = False
                         self._saw_think_close = True
                     self._generated.append(text)
-                    if batch := self._feed(text):
+                    if batch := self._feed(text, logprobs):
                         yield batch
                     elif not self._started:
                         yield []
@@ -406,7 +414,9 @@ class Turn:
         if not parts or len(parts) < 2:
             yield delta
             return
-        per_token = not self.parallel_tool_calls and not self._first_call_done
+        per_token = ((not self.parallel_tool_calls and not self._first_call_done)
+                     or self.logprobs is not None)  # logprobs: matched to content per token
+        part_logprobs = getattr(delta, "part_logprobs", None)
         if not per_token and self._any_event:
             yield delta
             return
@@ -419,7 +429,8 @@ class Turn:
                 return
             last = k == len(parts) - 1 and rest <= 0
             yield GenerateDelta(part, 1, delta.finish_reason if last else None,
-                                delta.stop_reason if last else None)
+                                delta.stop_reason if last else None,
+                                part_logprobs[k] if part_logprobs else None)
         if rest > 0:
             yield GenerateDelta("", rest, delta.finish_reason, delta.stop_reason)
 
@@ -437,8 +448,8 @@ class Turn:
         return StreamParser(tools=self.prompt.tools, thinking=thinking, strict=strict,
                                  dialect=self.dialect)
 
-    def _feed(self, text: str) -> list[Event]:
-        return self._filter(self._parser.feed(text))
+    def _feed(self, text: str, logprobs: list[TokenLogprob] | None = None) -> list[Event]:
+        return self._filter(self._parser.feed(text), logprobs)
 
     def _ended_at_eos(self) -> bool:
         """The engine said `stop` without a stop string: EOS, whose text vLLM and SGLang
@@ -464,7 +475,8 @@ class Turn:
                 kept.append(event)
         return kept
 
-    def _filter(self, events: list[Event]) -> list[Event]:
+    def _filter(self, events: list[Event],
+                logprobs: list[TokenLogprob] | None = None) -> list[Event]:
         out = []
         for event in events:
             if isinstance(event, ToolCallStart | ToolCallArgsDelta | ToolCallEnd):
@@ -486,6 +498,8 @@ class Turn:
                     self._open_call = None
             self._observer.on_event(event)
             out.append(event)
+        if self.logprobs is not None:
+            out = self.logprobs.attach(logprobs, out)
         if out:
             self._any_event = True
         return out

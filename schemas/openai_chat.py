@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # -- request -------------------------------------------------------------------------------
 
@@ -100,7 +100,39 @@ class ThinkingOption(_Lenient):
     type: Literal["enabled", "disabled"]
 
 
-class ChatCompletionRequest(_Lenient):
+MAX_LOGIT_BIAS_ENTRIES = 1024  # a bound on client input; OpenAI's own limit is lower
+
+
+class SamplingFields(_Lenient):
+    """Sampling fields beyond temperature/top_p (api.md: honoured or refused, never dropped).
+    `min_p` and `repetition_penalty` are vLLM's extensions; `logit_bias` maps token ids (as
+    JSON object keys) to a bias in [-100, 100]."""
+
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    min_p: float | None = Field(None, ge=0, le=1)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+        for key, bias in value.items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {bias}")
+        return value
+
+    def token_bias(self) -> dict[int, float] | None:
+        return {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+
+
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str
     tools: list[ToolDef] | None = None
@@ -116,6 +148,8 @@ class ChatCompletionRequest(_Lenient):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = None  # vLLM extension
     seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     n: int | None = None
     reasoning_effort: (
         Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None
@@ -137,10 +171,20 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("at most 4 stop sequences")
         return value
 
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        return self
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def logprobs_count(self) -> int | None:
+        """Top alternatives per token when logprobs are asked for, else None."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # -- response --------------------------------------------------------------------------------
@@ -165,10 +209,26 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """Of the visible `content` tokens only (README: reasoning and DSML markup have none)."""
+
+    content: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"]
 
 
@@ -217,7 +277,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.openai_chat import StreamOptions
+from schemas.openai_chat import SamplingFields, StreamOptions
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="ignore")
     model: str
     prompt: str | list[int] = Field(min_length=1)  # text (control tokens matched) or token ids
@@ -18,6 +18,7 @@ class CompletionRequest(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = None
     seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)  # the legacy form: top alternatives per token
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -36,10 +37,17 @@ class CompletionRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

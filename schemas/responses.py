@@ -104,6 +104,9 @@ class TextOption(_Lenient):
     format: TextFormat | None = None
 
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
 class ResponsesRequest(_Lenient):
     model: str
     input: str | list[InputItem]
@@ -119,4 +122,13 @@ class ResponsesRequest(_Lenient):
     previous_response_id: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    include: list[str] | None = None  # "message.output_text.logprobs" asks for logprobs
     metadata: dict[str, Any] | None = None
+
+    def logprobs_count(self) -> int | None:
+        """Top alternatives per output_text token when logprobs are asked for (the include,
+        or top_logprobs alone), else None."""
+        if LOGPROBS_INCLUDE in (self.include or ()) or self.top_logprobs is not None:
+            return self.top_logprobs or 0
+        return None

@@ -20,6 +20,41 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings, not included in the output
+    # The fields below are passed on or refused, never dropped (api.md, "Sampling fields"):
+    # `check_sampling` names the first one a backend cannot honour. None: unset.
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's: > 1 discourages tokens already seen
+    min_p: float | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit
+    # The sampled token's logprob and this many top alternatives per token (0-20); None: off.
+    logprobs: int | None = None
+
+
+# SamplingParams fields that only some backends take (each backend's `sampling_fields`).
+OPTIONAL_SAMPLING_FIELDS = ("top_k", "seed", "frequency_penalty", "presence_penalty",
+                            "repetition_penalty", "min_p", "logit_bias", "logprobs")
+
+
+def check_sampling(backend_name: str, supported: frozenset[str], sampling: SamplingParams) -> None:
+    """A 400 naming the first set field the backend cannot honour (never dropped silently)."""
+    for name in OPTIONAL_SAMPLING_FIELDS:
+        if name not in supported and getattr(sampling, name) is not None:
+            from proxy.errors import ApiError  # here: proxy.errors imports this module
+
+            raise ApiError(400, f"`{name}` is not supported by the {backend_name} backend",
+                           param=name, code="unsupported_parameter")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log probability, and the most likely tokens at its position
+    (`top`: (token, logprob), most likely first). Token strings are the engine's (a token
+    that holds part of a UTF-8 character shows as the engine writes it)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(slots=True)
@@ -41,6 +76,9 @@ class GenerateDelta:
     # With finish_reason "stop": the stop string that ended generation (excluded from the
     # text). None for EOS, a stop token id, or a backend that does not say which matched.
     stop_reason: str | None = None
+    # With SamplingParams.logprobs: one entry per token of this delta, in order (a backend
+    # may give fewer, e.g. none for a usage correction). None: not asked for.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class BackendError(Exception):

@@ -4,7 +4,9 @@
 It speaks the same Backend protocol as the upstream servers: prompt ids in (text only as a
 fallback, tokenized as model output would be), text deltas out with special tokens kept,
 cancellable. The engine does the detokenisation and stop-string handling; this file only
-translates the proxy's sampling options and merges token steps into deltas.
+translates the proxy's sampling options and merges token steps into deltas. Every sampling
+field is computed by the engine (engine/sampling.py): penalties, bias and min-p in its
+sampler, logprobs from its logits.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import torch
 
 from engine.runtime import Engine
 from engine.sampling import SamplingParams as EngineSampling
-from proxy.backends.base import GenerateDelta, GenerateRequest, SamplingParams
+from engine.sampling import TokenLogprobs
+from proxy.backends.base import (
+    OPTIONAL_SAMPLING_FIELDS,
+    GenerateDelta,
+    GenerateRequest,
+    SamplingParams,
+    TokenLogprob,
+)
 from proxy.errors import ApiError
 
 # DeepSeek's API defaults, used when a request leaves an option unset.
@@ -26,6 +35,7 @@ DEFAULT_TOP_P = 1.0
 
 class EmbeddedBackend:
     name = "embedded"
+    sampling_fields = frozenset(OPTIONAL_SAMPLING_FIELDS)  # all of them
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -47,7 +57,27 @@ class EmbeddedBackend:
             top_k=sampling.top_k or 0,
             seed=sampling.seed,
             stop=tuple(sampling.stop),
+            frequency_penalty=sampling.frequency_penalty or 0.0,
+            presence_penalty=sampling.presence_penalty or 0.0,
+            repetition_penalty=(1.0 if sampling.repetition_penalty is None
+                                else sampling.repetition_penalty),
+            min_p=sampling.min_p or 0.0,
+            logit_bias=self._checked_bias(sampling.logit_bias),
+            logprobs=sampling.logprobs,
         )
+
+    def _checked_bias(self, bias: dict[int, float] | None) -> dict[int, float]:
+        vocab = self.engine.model.config.vocab_size
+        bad = sorted(t for t in bias or () if not 0 <= t < vocab)
+        if bad:
+            raise ValueError(f"logit_bias: token ids out of the model's vocabulary ({vocab}): "
+                             f"{bad[:5]}")
+        return dict(bias or {})
+
+    def _entry(self, lp: TokenLogprobs, token_id: int) -> TokenLogprob:
+        decode = self.engine.tokenizer.decode
+        return TokenLogprob(decode([token_id]), lp.logprob,
+                            tuple((decode([t]), v) for t, v in lp.top))
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         if req.prompt_ids is not None:
@@ -65,12 +95,17 @@ class EmbeddedBackend:
         except ValueError as e:  # out-of-range options the request schema let through
             raise ApiError(400, str(e)) from None
         pending = 0  # tokens whose text is still held back (a split UTF-8 char, a stop prefix)
+        entries: list[TokenLogprob] | None = None if sampling.logprobs is None else []
         async for step in self.engine.stream(prompt_ids, sampling):
             pending += 1
+            if entries is not None and step.logprobs is not None:
+                entries.append(self._entry(step.logprobs, step.token_id))
             if step.text or step.finish_reason is not None:
                 yield GenerateDelta(text=step.text, num_tokens=pending,
-                                    finish_reason=step.finish_reason, stop_reason=step.stop_reason)
+                                    finish_reason=step.finish_reason, stop_reason=step.stop_reason,
+                                    logprobs=entries)
                 pending = 0
+                entries = None if entries is None else []
 
     async def ready(self) -> bool:
         return True  # the weights are loaded before the backend exists

@@ -10,6 +10,24 @@ kept, so that one renderer and one parser serve every engine. What differs per e
 | llamacpp | text              | start `llama-server` with `--special` (no per-request switch) |
 | ds4      | text              | always kept                                                   |
 
+Sampling fields go to each engine in its own spelling of its `/v1/completions` request, and
+a field the engine does not take is a 400 naming it (api.md: never silently dropped):
+
+| field              | vllm, sglang            | llamacpp                | ds4     |
+|--------------------|-------------------------|-------------------------|---------|
+| logprobs (top N)   | `logprobs: N`           | `n_probs: max(N, 1)`    | refused |
+| frequency/presence | `frequency_penalty` ... | the same                | refused |
+| repetition_penalty | `repetition_penalty`    | `repeat_penalty`        | refused |
+| logit_bias         | `{"<id>": bias}`        | `[[id, bias], ...]`     | refused |
+| top_k, min_p, seed | the same names          | the same names          | the same |
+
+(vLLM: `vllm/entrypoints/openai/completion/protocol.py`; SGLang:
+`sglang/srt/entrypoints/openai/protocol.py`, its CompletionRequest; llama.cpp:
+`tools/server/README.md`, whose `n_probs: 0` means none, hence at least 1; ds4-server
+documents only the standard sampling fields.) Their logprobs come back per SSE event in the
+legacy completions form (`tokens`, `token_logprobs`, `top_logprobs` dicts: vLLM, SGLang) or
+the chat form (`content: [{token, logprob, top_logprobs}]`: llama.cpp); both are read.
+
 Token ids are preferred (dsml.md section 4): a text prompt is re-tokenized by the engine,
 which matches control strings inside client text. `upstream_prompt = "ids"` sends ids to
 llama.cpp too (its `/completion` endpoints accept arrays of token ids).
@@ -29,7 +47,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsml.markers import THINK_CLOSE
-from proxy.backends.base import BackendError, GenerateDelta, GenerateRequest
+from proxy.backends.base import (
+    BackendError,
+    GenerateDelta,
+    GenerateRequest,
+    TokenLogprob,
+    check_sampling,
+)
 from proxy.backends.http1 import Http1Client, HttpError, Response
 from proxy.settings import Settings, UpstreamKind
 
@@ -39,6 +63,16 @@ _SPECIAL_TOKEN_FIELDS = {"skip_special_tokens": False, "spaces_between_special_t
 # take, and how much it may hold, for its connection to go back to the pool.
 _DRAIN_TIMEOUT_S = 5.0
 _DRAIN_MAX_BYTES = 65536
+_MAX_MODEL_IDS = 64
+_OPENAI_SAMPLING = frozenset({"top_k", "seed", "frequency_penalty", "presence_penalty",
+                              "repetition_penalty", "min_p", "logit_bias", "logprobs"})
+SAMPLING_FIELDS = {  # what each kind takes (see the table above)
+    UpstreamKind.VLLM: _OPENAI_SAMPLING,
+    UpstreamKind.SGLANG: _OPENAI_SAMPLING,
+    UpstreamKind.LLAMACPP: _OPENAI_SAMPLING,
+    UpstreamKind.DS4: frozenset({"top_k", "seed", "min_p"}),
+}
+_SPELLING = {UpstreamKind.LLAMACPP: {"repetition_penalty": "repeat_penalty", "logprobs": "n_probs"}}
 
 
 def _matched_stop(choice: dict[str, Any]) -> str | None:
@@ -66,12 +100,17 @@ class UpstreamBackend:
         self.base_url = self.base_url.removesuffix("/v1")
         self.kind = UpstreamKind(kind)
         self.name = f"upstream:{self.kind.value}"
+        self.sampling_fields = SAMPLING_FIELDS[self.kind]
         self.model = model
         self.send_ids = (prompt_format or ("ids" if self.kind in _IDS_BY_DEFAULT else "text")) == "ids"
         # A bad URL raises ValueError here, when the proxy starts.
         self._client = Http1Client(self.base_url, connect_timeout_s=connect_timeout_s,
                                    read_timeout_s=read_timeout_s)
         self._model_checked = model is not None
+        self._model_configured = model is not None
+        # The engine's own model ids, as its /v1/models last listed them: served under these
+        # names too (proxy.models), so clients that talked to the engine keep their `model`.
+        self.model_ids: list[str] = []
         self._draining: set[asyncio.Task[None]] = set()  # see _release_when_done
 
     @classmethod
@@ -90,8 +129,10 @@ class UpstreamBackend:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Nothing to start: connections open on first use (no limit on their number: the
-        proxy's own concurrency limit bounds the requests)."""
+        """List the engine's model ids once (an engine still loading is asked again later:
+        `ready()`, an unknown model name). Connections open on first use (no limit on their
+        number: the proxy's own concurrency limit bounds the requests)."""
+        await self.refresh_models()
 
     async def close(self) -> None:
         for task in list(self._draining):
@@ -110,14 +151,36 @@ class UpstreamBackend:
         return resp.status, body
 
     async def ready(self) -> bool:
-        for path in ("/health", "/v1/models"):
-            try:
-                status, _ = await self._get(path)
-            except (OSError, TimeoutError, HttpError):
+        """The engine lists its models (which refreshes `model_ids`) or answers /health."""
+        if await self.refresh_models():
+            return True
+        try:
+            status, _ = await self._get("/health")
+        except (OSError, TimeoutError, HttpError):
+            return False
+        return status == 200
+
+    async def refresh_models(self) -> bool:
+        """Ask the engine's /v1/models for its ids: True when it listed them. The first id is
+        also the `model` sent upstream unless one was configured (vLLM and SGLang want the
+        served model's name)."""
+        try:
+            status, body = await self._get("/v1/models")
+            if status != 200:
+                # 404: an engine without /v1/models, not asked again on use; anything else
+                # (503 while loading) is asked again.
+                self._model_checked = self._model_checked or status == 404
                 return False
-            if status == 200:
-                return True
-        return False
+            data = json.loads(body).get("data") or []
+            ids = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        except (OSError, TimeoutError, HttpError, ValueError, AttributeError, TypeError):
+            return False
+        # Bounded: the names end up in every /v1/models answer and every 404 message.
+        self.model_ids = [name for name in ids if 0 < len(name) <= 256][:_MAX_MODEL_IDS]
+        if not self._model_configured and self.model_ids:
+            self.model = self.model_ids[0]
+        self._model_checked = True
+        return True
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -133,10 +196,19 @@ class UpstreamBackend:
                                 "stream_options": {"include_usage": True}}
         if self.model:
             body["model"] = self.model
-        for key in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        spelling = _SPELLING.get(self.kind, {})
+        for key in ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_p",
+                    "frequency_penalty", "presence_penalty", "repetition_penalty"):
             value = getattr(s, key)
             if value is not None:
-                body[key] = value
+                body[spelling.get(key, key)] = value
+        if s.logit_bias is not None:
+            body["logit_bias"] = ([[tid, bias] for tid, bias in s.logit_bias.items()]
+                                  if self.kind is UpstreamKind.LLAMACPP
+                                  else {str(tid): bias for tid, bias in s.logit_bias.items()})
+        if s.logprobs is not None:
+            body[spelling.get("logprobs", "logprobs")] = (
+                max(1, s.logprobs) if self.kind is UpstreamKind.LLAMACPP else s.logprobs)
         if s.stop:
             body["stop"] = list(s.stop)
         if self.kind in _IDS_BY_DEFAULT:
@@ -158,22 +230,12 @@ class UpstreamBackend:
             return ('{"prompt":' + ids_json + "," + json.dumps(body)[1:]).encode()
         return json.dumps(body).encode()
 
-    async def _discover_model(self) -> None:
-        # vLLM and SGLang want the served model's name in `model`; ask once, on first use
-        # (the engine may still be loading when the proxy starts).
-        self._model_checked = True
-        try:
-            status, body = await self._get("/v1/models")
-            if status == 200:
-                data = json.loads(body).get("data") or []
-                if data and isinstance(data[0].get("id"), str):
-                    self.model = data[0]["id"]
-        except (OSError, TimeoutError, HttpError, ValueError, AttributeError):
-            self._model_checked = False  # try again next time; generate reports the failure
-
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        check_sampling(self.name, self.sampling_fields, req.sampling)
         if not self._model_checked:
-            await self._discover_model()
+            # The engine was not listing models at start (still loading): ask on first use.
+            # No answer: asked again next time, and generate reports the failure.
+            await self.refresh_models()
         body = self.encode_body(req)
         try:
             resp = await self._client.request("POST", "/v1/completions", body,
@@ -192,7 +254,7 @@ class UpstreamBackend:
                 except (TimeoutError, HttpError):
                     text = ""
                 raise BackendError("status", f"HTTP {resp.status}: {text}", status=resp.status)
-            async for delta in self._read_stream(resp):
+            async for delta in self._read_stream(resp, req.sampling.logprobs):
                 yield delta
             finished = True
         finally:
@@ -232,12 +294,13 @@ class UpstreamBackend:
             return
         resp.release()  # back to the pool at the body's end, else closed
 
-    async def _read_stream(self, resp: Response) -> AsyncIterator[GenerateDelta]:
+    async def _read_stream(self, resp: Response,
+                           top_logprobs: int | None = None) -> AsyncIterator[GenerateDelta]:
         # Whatever is buffered is read at once: at speed an engine's events arrive many to a
         # read, and they go on as merged deltas (see SseReader), not one per token. Each
         # delta goes out as soon as its events are decoded: the stream's first token before
         # anything after it in the same read is even decoded.
-        reader = SseReader()
+        reader = SseReader(top_logprobs=top_logprobs)
         out: list[GenerateDelta] = []
         try:
             while chunk := await resp.read_some():
@@ -278,6 +341,44 @@ class MergedDelta(GenerateDelta):
     the first tool call exactly where one delta per event would have."""
 
     parts: list[str] = field(default_factory=list)
+    # With logprobs asked for: the entries of each part (an event may carry several tokens').
+    part_logprobs: list[list[TokenLogprob]] | None = None
+
+
+def parse_logprobs(data: Any, top_n: int) -> list[TokenLogprob]:
+    """An SSE event's `logprobs` -> entries, each with at most `top_n` alternatives.
+
+    Two shapes: the legacy completions form (vLLM, SGLang: parallel `tokens`,
+    `token_logprobs` and `top_logprobs` lists, the latter of {token: logprob} dicts) and the
+    chat form (llama.cpp: `content: [{token, logprob, top_logprobs: [{token, logprob}]}]`).
+    A token without a logprob (null) is skipped."""
+    out: list[TokenLogprob] = []
+    if not isinstance(data, dict):
+        return out
+    content = data.get("content")
+    if isinstance(content, list):
+        for item in content:
+            lp = item.get("logprob")
+            if isinstance(lp, int | float):
+                tops = [(t.get("token", ""), float(t["logprob"]))
+                        for t in item.get("top_logprobs") or ()
+                        if isinstance(t.get("logprob"), int | float)]
+                out.append(TokenLogprob(str(item.get("token", "")), float(lp),
+                                        _best(tops, top_n)))
+        return out
+    tokens = data.get("tokens") or ()
+    lps = data.get("token_logprobs") or ()
+    tops_list = data.get("top_logprobs") or ()
+    for k, (token, lp) in enumerate(zip(tokens, lps, strict=False)):
+        if isinstance(lp, int | float):
+            tops = tops_list[k] if k < len(tops_list) else None
+            pairs = [(t, float(v)) for t, v in tops.items()] if isinstance(tops, dict) else []
+            out.append(TokenLogprob(str(token), float(lp), _best(pairs, top_n)))
+    return out
+
+
+def _best(pairs: list[tuple[str, float]], n: int) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted(pairs, key=lambda p: -p[1])[:n])
 
 
 class SseReader:
@@ -317,10 +418,11 @@ class SseReader:
     """
 
     __slots__ = ("_buf", "_cr", "_data", "_end", "_pos", "_size", "_started", "done", "finish",
-                 "max_merge", "num_counted")
+                 "max_merge", "num_counted", "top_logprobs")
 
-    def __init__(self, max_merge: int = 64) -> None:
+    def __init__(self, max_merge: int = 64, top_logprobs: int | None = None) -> None:
         self.max_merge = max_merge
+        self.top_logprobs = top_logprobs  # None: logprobs not asked for (any sent are ignored)
         self._started = False  # the first token went out
         self._buf = b""
         self._cr = False  # the last read ended in "\r": maybe half of a "\r\n"
@@ -448,6 +550,8 @@ class SseReader:
 
     def _merge(self, events: list[Any], out: list[GenerateDelta]) -> None:
         texts: list[str] = []
+        top_n = self.top_logprobs
+        lps: list[list[TokenLogprob]] | None = None if top_n is None else []
         num = 0
         finish = stop = None
         counted, started, max_merge = self.num_counted, self._started, self.max_merge
@@ -461,14 +565,17 @@ class SseReader:
                         texts.append(text)
                         num += 1
                         counted += 1
+                        if lps is not None:
+                            lps.append(parse_logprobs(choice.get("logprobs"), top_n or 0))
                     reason = choice.get("finish_reason")
                     if reason is not None:
                         finish = self.finish = "length" if reason == "length" else "stop"
                         stop = _matched_stop(choice) if finish == "stop" else None
                     if text and (not started or THINK_CLOSE in text or len(texts) >= max_merge):
                         started = True
-                        out.append(MergedDelta("".join(texts), num, finish, stop, texts))
+                        out.append(_merged(texts, num, finish, stop, lps))
                         texts, num, finish, stop = [], 0, None, None
+                        lps = None if lps is None else []
                 usage = data.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     # SSE events can carry several tokens (speculative decoding, batching):
@@ -480,4 +587,11 @@ class SseReader:
         finally:
             self.num_counted, self._started = counted, started
             if texts or num or finish is not None:
-                out.append(MergedDelta("".join(texts), num, finish, stop, texts))
+                out.append(_merged(texts, num, finish, stop, lps))
+
+
+def _merged(texts: list[str], num: int, finish: str | None, stop: str | None,
+            lps: list[list[TokenLogprob]] | None) -> MergedDelta:
+    if lps is None:
+        return MergedDelta("".join(texts), num, finish, stop, None, texts)
+    return MergedDelta("".join(texts), num, finish, stop, [e for p in lps for e in p], texts, lps)

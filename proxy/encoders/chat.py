@@ -22,6 +22,7 @@ from typing import Any
 
 from dsml.events import ContentDelta, Event, ReasoningDelta, ToolCallArgsDelta, ToolCallStart
 from proxy.errors import ApiError, sse_error_event
+from proxy.logprobs import ContentWithLogprobs, openai_entries
 from proxy.turn import Turn
 
 _dumps = json.dumps
@@ -59,10 +60,11 @@ class ChatStreamEncoder:
         )
         self._indices: dict[int, int] = {}  # parser call index -> wire index (0..n-1, no gaps)
 
-    def _chunk(self, delta_json: str, finish_reason: str | None = None) -> bytes:
+    def _chunk(self, delta_json: str, finish_reason: str | None = None,
+               logprobs_json: str = "null") -> bytes:
         finish = "null" if finish_reason is None else f'"{finish_reason}"'
         return (
-            f'{self._head}[{{"index":0,"delta":{delta_json},"logprobs":null,'
+            f'{self._head}[{{"index":0,"delta":{delta_json},"logprobs":{logprobs_json},'
             f'"finish_reason":{finish}}}],"usage":null}}\n\n'
         ).encode()
 
@@ -73,6 +75,9 @@ class ChatStreamEncoder:
         if isinstance(event, ContentDelta):
             if not event.text:
                 return b""
+            if isinstance(event, ContentWithLogprobs):  # the SDK reads choices[].logprobs.content
+                lp = _dumps({"content": openai_entries(event.logprobs)}, separators=(",", ":"))
+                return self._chunk('{"content":' + _dumps(event.text) + "}", None, lp)
             return self._chunk('{"content":' + _dumps(event.text) + "}")
         if isinstance(event, ReasoningDelta):
             if not event.text:
@@ -131,7 +136,9 @@ def chat_completion_body(turn: Turn, model: str, completion_id: str | None = Non
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None,
+        "choices": [{"index": 0, "message": message,
+                     "logprobs": (None if turn.logprobs is None
+                                  else {"content": openai_entries(turn.logprobs.content)}),
                      "finish_reason": turn.finish_reason}],
         "usage": usage_dict(turn),
     }

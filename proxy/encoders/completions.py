@@ -27,8 +27,9 @@ class CompletionStreamEncoder:
             f'"created":{int(time.time())},"model":{_dumps(model)},"choices":'
         )
 
-    def text(self, text: str) -> bytes:
-        return (f'{self._head}[{{"index":0,"text":{_dumps(text)},"logprobs":null,'
+    def text(self, text: str, logprobs: dict[str, Any] | None = None) -> bytes:
+        lp = "null" if logprobs is None else _dumps(logprobs)
+        return (f'{self._head}[{{"index":0,"text":{_dumps(text)},"logprobs":{lp},'
                 f'"finish_reason":null}}],"usage":null}}\n\n').encode()
 
     def finish(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
@@ -41,12 +42,14 @@ class CompletionStreamEncoder:
 
 
 def completion_body(model: str, text: str, finish_reason: str, prompt_tokens: int,
-                    completion_tokens: int) -> dict[str, Any]:
+                    completion_tokens: int, logprobs: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
     return {
         "id": new_completion_id(),
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                     "finish_reason": finish_reason}],
         "usage": usage_dict(prompt_tokens, completion_tokens),
     }

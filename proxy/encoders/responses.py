@@ -35,6 +35,7 @@ from dsml.events import (
     ToolCallStart,
 )
 from proxy.errors import ApiError
+from proxy.logprobs import ContentWithLogprobs, openai_entries
 from proxy.signature import ReasoningSigner
 from proxy.turn import Turn
 from schemas.responses import ResponsesRequest, ToolChoiceFunction
@@ -103,13 +104,15 @@ def reasoning_item(item_id: str, text: str, signer: ReasoningSigner,
             "encrypted_content": signer.seal(text), "status": "completed"}
 
 
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`logprobs`: of the text's tokens (proxy.logprobs), when asked for."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+def message_item(item_id: str, text: str, status: str = "completed",
+                 logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [text_part(text)] if status == "completed" else []}
+            "content": [text_part(text, logprobs)] if status == "completed" else []}
 
 
 def call_item(item_id: str, call_id: str, name: str, arguments: str,
@@ -127,7 +130,8 @@ def response_body(turn: Turn, response: dict[str, Any], signer: ReasoningSigner)
         output.append(reasoning_item(new_id("rs_"), result.reasoning_content, signer,
                                      summary=bool(response["reasoning"]["summary"])))
     if result.content:
-        output.append(message_item(new_id("msg_"), result.content))
+        logprobs = None if turn.logprobs is None else openai_entries(turn.logprobs.content)
+        output.append(message_item(new_id("msg_"), result.content, logprobs=logprobs))
     output.extend(call_item(new_id("fc_"), c.id, c.name, c.arguments_json,
                             "incomplete" if c.outcome is CallOutcome.TRUNCATED else "completed")
                   for c in turn.calls)
@@ -143,6 +147,7 @@ class ResponsesStreamEncoder:
         self._open: str | None = None  # "reasoning" | "message"
         self._item_id = ""
         self._text: list[str] = []
+        self._logprobs: list[dict[str, Any]] = []  # of the open message's text
         self._call: tuple[str, str, list[str]] | None = None  # (call id, name, fragments) held
         self._summary = bool(response["reasoning"]["summary"])
         self.final: dict[str, Any] | None = None  # the whole response, once finished
@@ -161,7 +166,7 @@ class ResponsesStreamEncoder:
 
     def _open_item(self, kind: str) -> bytes:
         out = self._close()
-        self._open, self._text = kind, []
+        self._open, self._text, self._logprobs = kind, [], []
         if kind == "reasoning":
             self._item_id = new_id("rs_")
             item = {"id": self._item_id, "type": "reasoning", "summary": [], "content": [],
@@ -200,11 +205,11 @@ class ResponsesStreamEncoder:
                         + self._emit("response.reasoning_summary_part.done", **where,
                                      summary_index=0, part=part))
         else:
-            item = message_item(self._item_id, text)
+            item = message_item(self._item_id, text, logprobs=self._logprobs)
             out = (self._emit("response.output_text.done", **where, content_index=0, text=text,
-                              logprobs=[])
+                              logprobs=self._logprobs)
                    + self._emit("response.content_part.done", **where, content_index=0,
-                                part=text_part(text)))
+                                part=text_part(text, self._logprobs)))
         self._open = None
         out += self._emit("response.output_item.done", output_index=where["output_index"], item=item)
         self.output.append(item)
@@ -219,7 +224,10 @@ class ResponsesStreamEncoder:
             self._text.append(event.text)
             delta_type = ("response.reasoning_text.delta" if kind == "reasoning"
                           else "response.output_text.delta")
-            extra = {} if kind == "reasoning" else {"logprobs": []}
+            extra: dict[str, Any] = {} if kind == "reasoning" else {"logprobs": []}
+            if isinstance(event, ContentWithLogprobs):  # SDKs read them from the delta
+                extra["logprobs"] = openai_entries(event.logprobs)
+                self._logprobs.extend(extra["logprobs"])
             out += self._emit(delta_type, **self._where(), content_index=0,
                               delta=event.text, **extra)
             if kind == "reasoning" and self._summary:

@@ -45,9 +45,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(PATHS[1], count_tokens)
 
 
-def render(app: web.Application, req: CountTokensRequest) -> tuple[Prompt, bool, ModelSpec]:
+async def render(app: web.Application, req: CountTokensRequest) -> tuple[Prompt, bool, ModelSpec]:
     """The prompt in the model's dialect, whether calls may be parallel, and the model."""
-    model = app[state.MODELS].get(req.model)  # 404 for an unknown model
+    model = await app[state.MODELS].resolve(req.model)  # 404 for an unknown model
     chat, parallel = to_chat(req, app_signer(app))
     app[state.REASONING_CACHE].backfill(chat["messages"])
     prompt = render_chat(chat, dialect=model.dialect, default_thinking=model.thinking)
@@ -92,7 +92,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     req = MessagesRequest.model_validate(await read_json(request))
     request[state.LOG_FIELDS]["model"] = req.model
     req = with_thread(app, req)
-    prompt, parallel, model = render(app, req)
+    prompt, parallel, model = await render(app, req)
     sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                               top_p=req.top_p, top_k=req.top_k,
                               stop=list(req.stop_sequences or ()))
@@ -118,7 +118,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's length with the real tokenizer: rendered exactly as /v1/messages would."""
     req = CountTokensRequest.model_validate(await read_json(request))
-    prompt, _, _ = render(request.app, req)
+    prompt, _, _ = await render(request.app, req)
     return web.json_response(
         {"input_tokens": count_prompt_tokens(request.app[state.TOKENIZER], prompt)})
 

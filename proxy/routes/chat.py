@@ -14,6 +14,7 @@ from proxy.encoders.chat import ChatStreamEncoder, chat_completion_body
 from proxy.errors import ApiError
 from proxy.models import ModelSpec
 from proxy.routes.common import drain, read_json, stream_turn
+from proxy.sampling import extra_sampling
 from schemas.openai_chat import ChatCompletionRequest
 
 ENDPOINT = "chat_completions"
@@ -47,7 +48,7 @@ def render(app: web.Application, chat: ChatCompletionRequest, model: ModelSpec) 
     return render_chat(payload, dialect=model.dialect, default_thinking=model.thinking)
 
 
-def sampling(chat: ChatCompletionRequest) -> SamplingParams:
+def sampling(chat: ChatCompletionRequest, vocab_size: int) -> SamplingParams:
     return SamplingParams(
         # max_completion_tokens counts reasoning too, like the turn budget does.
         max_tokens=chat.max_completion_tokens or chat.max_tokens,
@@ -56,6 +57,8 @@ def sampling(chat: ChatCompletionRequest) -> SamplingParams:
         top_k=chat.top_k,
         seed=chat.seed,
         stop=chat.stop_list(),
+        logprobs=chat.logprobs_count(),
+        **extra_sampling(chat, vocab_size),
     )
 
 
@@ -63,11 +66,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     chat = ChatCompletionRequest.model_validate(await read_json(request))
     request[state.LOG_FIELDS]["model"] = chat.model
-    model = app[state.MODELS].get(chat.model)  # 404 for an unknown model
+    model = await app[state.MODELS].resolve(chat.model)  # 404 for an unknown model
     prompt = render(app, chat, model)
     async with app[state.LIMITER].slot(request[state.CLOCK]):
         turn = app[state.RUNNER].start(
-            prompt, sampling(chat), endpoint=ENDPOINT, clock=request[state.CLOCK],
+            prompt, sampling(chat, app[state.TOKENIZER].vocab_size), endpoint=ENDPOINT,
+            clock=request[state.CLOCK],
             parallel_tool_calls=chat.parallel_tool_calls is not False, dialect=model.dialect,
         )
         if chat.stream:

@@ -12,20 +12,23 @@ from contextlib import aclosing
 
 from aiohttp import web
 
+from dsml.dialects import Dialect
 from proxy import state
-from proxy.backends.base import BackendError, GenerateRequest, SamplingParams
+from proxy.backends.base import BackendError, GenerateRequest, SamplingParams, TokenLogprob
 from proxy.encoders.completions import CompletionStreamEncoder, completion_body
 from proxy.errors import ApiError, sse_error_event, to_api_error
+from proxy.logprobs import legacy_logprobs
 from proxy.routes.common import read_json
+from proxy.sampling import extra_sampling
 from proxy.turn import sends_ids
 from schemas.openai_completions import CompletionRequest
 
 ENDPOINT = "completions"
 
 
-def generate_request(app: web.Application, req: CompletionRequest) -> GenerateRequest:
+def generate_request(app: web.Application, req: CompletionRequest,
+                     dialect: Dialect) -> GenerateRequest:
     tokenizer = app[state.TOKENIZER]
-    dialect = app[state.MODELS].dialect(req.model)  # 404 for unknown names
     if isinstance(req.prompt, str) and not sends_ids(dialect):
         # The V4 tokenizer is not this model's (proxy.turn.sends_ids): the engine tokenizes.
         ids, text = None, req.prompt
@@ -38,7 +41,8 @@ def generate_request(app: web.Application, req: CompletionRequest) -> GenerateRe
         ids, text = list(req.prompt), tokenizer.decode(req.prompt)
     sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                               top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-                              stop=req.stop_list())
+                              stop=req.stop_list(), logprobs=req.logprobs,
+                              **extra_sampling(req, tokenizer.vocab_size))
     return GenerateRequest(prompt_ids=ids, prompt_text=text, sampling=sampling)
 
 
@@ -52,7 +56,8 @@ def prompt_tokens(app: web.Application, gen: GenerateRequest) -> int:
 async def completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     req = CompletionRequest.model_validate(await read_json(request))
-    gen = generate_request(app, req)
+    dialect = (await app[state.MODELS].resolve(req.model)).dialect  # 404 for unknown names
+    gen = generate_request(app, req, dialect)
     metrics, clock = app[state.METRICS], request[state.CLOCK]
     num_prompt = prompt_tokens(app, gen)
     async with app[state.LIMITER].slot(request[state.CLOCK]):
@@ -60,12 +65,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
         num_completion, finish, texts = 0, "stop", []
         async with aclosing(deltas):
             if not req.stream:
+                entries: list[TokenLogprob] = []
                 async for delta in deltas:
                     texts.append(delta.text)
                     num_completion += delta.num_tokens
                     finish = delta.finish_reason or finish
+                    entries.extend(delta.logprobs or ())
+                logprobs = (None if req.logprobs is None
+                            else legacy_logprobs(entries, 0, req.logprobs))
                 body = completion_body(req.model, "".join(texts), finish, num_prompt,
-                                       num_completion)
+                                       num_completion, logprobs)
                 response: web.StreamResponse = web.json_response(body)
             else:
                 request[state.STREAM] = True
@@ -77,11 +86,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 await response.prepare(request)
                 try:
                     delta = first
+                    offset = 0  # of the next token in the completion's text (text_offset)
                     while delta is not None:
                         num_completion += delta.num_tokens
                         finish = delta.finish_reason or finish
                         if delta.text:
-                            await response.write(encoder.text(delta.text))
+                            logprobs = (None if req.logprobs is None else
+                                        legacy_logprobs(delta.logprobs or [], offset, req.logprobs))
+                            offset += len(delta.text)
+                            await response.write(encoder.text(delta.text, logprobs))
                         delta = await anext(deltas, None)
                     await response.write(encoder.finish(finish, num_prompt, num_completion))
                 except BackendError as exc:

@@ -9,8 +9,13 @@ from proxy import state
 
 async def list_models(request: web.Request) -> web.Response:
     models = request.app[state.MODELS]
+    if not models.engine_names:  # none listed yet (the engine was loading at start)
+        await models.refresh()
     return web.json_response({"object": "list", "data": [models.card(n) for n in models.names]})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return web.json_response(request.app[state.MODELS].card(request.match_info["model_id"]))
+    models = request.app[state.MODELS]
+    name = request.match_info["model_id"]
+    await models.resolve(name)  # 404 for an unknown name
+    return web.json_response(models.card(name))

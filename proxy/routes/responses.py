@@ -57,14 +57,14 @@ async def responses(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     req = ResponsesRequest.model_validate(body)
     request[state.LOG_FIELDS]["model"] = req.model
-    model = app[state.MODELS].get(req.model)  # 404 for an unknown model
+    model = await app[state.MODELS].resolve(req.model)  # 404 for an unknown model
     signer = app_signer(app)
     messages = history(app, req) + input_messages(req, signer)
     chat, parallel = to_chat(req, messages)
     app[state.REASONING_CACHE].backfill(chat["messages"])
     prompt = render_chat(chat, dialect=model.dialect, default_thinking=model.thinking)
     sampling = SamplingParams(max_tokens=req.max_output_tokens, temperature=req.temperature,
-                              top_p=req.top_p)
+                              top_p=req.top_p, logprobs=req.logprobs_count())
     response = envelope(req, new_id("resp_"), chat.get("tools", []))
     clock = request[state.CLOCK]
     streamed: web.StreamResponse | None = None

@@ -62,7 +62,9 @@ class FakeUpstream:
         self.tokenizer = tokenizer or load_tokenizer()
         self.queue: deque[Reply | str] = deque()
         self.responder: Responder | None = None
-        self.requests: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []  # every /v1/completions body received
+        self.model_ids = ["deepseek-ai/DeepSeek-V4-Flash"]  # what /v1/models lists
+        self.models_status = 200
         self.disconnected = asyncio.Event()  # a client went away mid-stream
         self.num_active = 0
         self._runner: web.AppRunner | None = None
@@ -110,8 +112,10 @@ class FakeUpstream:
         return web.json_response({"status": "ok"})
 
     async def _models(self, request: web.Request) -> web.Response:
+        if self.models_status != 200:
+            return web.json_response({"error": "loading"}, status=self.models_status)
         return web.json_response({"object": "list", "data": [
-            {"id": "deepseek-ai/DeepSeek-V4-Flash", "object": "model", "owned_by": "fake"}]})
+            {"id": name, "object": "model", "owned_by": "fake"} for name in self.model_ids]})
 
     def _next_reply(self, body: dict[str, Any]) -> Reply:
         if self.responder is not None:
@@ -221,7 +225,7 @@ class FakeUpstream:
                 if delay:
                     await asyncio.sleep(delay)
                 last = k == len(events) - 1
-                choice = {"index": 0, "text": text, "logprobs": None,
+                choice = {"index": 0, "text": text, "logprobs": fake_logprobs(body, k, text),
                           "finish_reason": finish if last else None, **(stop if last else running)}
                 await response.write(b"data: " + json.dumps({"choices": [choice]}).encode()
                                      + b"\n\n")
@@ -243,6 +247,29 @@ class FakeUpstream:
             raise
         finally:
             self.num_active -= 1
+
+
+def fake_logprob(k: int) -> float:
+    """The logprob the fake gives its k-th SSE event's token: distinct, so tests can match."""
+    return -0.01 * (k + 1)
+
+
+def fake_logprobs(body: dict[str, Any], k: int, text: str) -> dict[str, Any] | None:
+    """Logprobs of the k-th event, in the asking engine's form: vLLM/SGLang's legacy
+    completions form for `logprobs: N`, llama.cpp's chat form for `n_probs: N`; the top
+    alternatives are the token itself and N-1 made-up ones ("alt1", ...), less likely."""
+    lp = fake_logprob(k)
+    if isinstance(body.get("logprobs"), int):
+        top = {text: lp, **{f"alt{i}": lp - i for i in range(1, body["logprobs"])}}
+        return {"tokens": [text], "token_logprobs": [lp], "top_logprobs": [top],
+                "text_offset": [0]}
+    if isinstance(body.get("n_probs"), int):
+        top = [{"id": 0, "token": text, "logprob": lp, "bytes": list(text.encode())}]
+        top += [{"id": i, "token": f"alt{i}", "logprob": lp - i, "bytes": []}
+                for i in range(1, body["n_probs"])]
+        return {"content": [{"id": 0, "token": text, "logprob": lp,
+                             "bytes": list(text.encode()), "top_logprobs": top}]}
+    return None
 
 
 def refused_url() -> str:

@@ -41,7 +41,9 @@ async def test_models(start_proxy: StartProxy) -> None:
     proxy = await start_proxy(model_name="deepseek-v4-flash")
     client = proxy.client()
     ids = [m.id for m in (await client.models.list()).data]
-    assert ids == ["deepseek-chat", "deepseek-reasoner", "deepseek-v4-flash"]
+    # The default (thinking on) first, then the engine's own id, then the fixed names.
+    assert ids == ["deepseek-v4-flash", "deepseek-ai/DeepSeek-V4-Flash", "deepseek-chat",
+                   "deepseek-reasoner"]
     model = await client.models.retrieve("deepseek-reasoner")
     assert model.id == "deepseek-reasoner" and model.owned_by == "dsml-proxy"
     with pytest.raises(openai.NotFoundError):

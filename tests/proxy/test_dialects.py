@@ -223,7 +223,8 @@ async def multi(start_proxy: StartProxy) -> ProxyServer:
 async def test_models_lists_every_name(multi: ProxyServer) -> None:
     models = await multi.client().models.list()
     assert [m.id for m in models.data] == [
-        "deepseek-chat", "deepseek-reasoner", "ds-v4", "ds-v3.2", "ds-v4.1", "ds-default"]
+        "ds-v4", "deepseek-ai/DeepSeek-V4-Flash", "deepseek-chat", "deepseek-reasoner",
+        "ds-v3.2", "ds-v4.1", "ds-default"]
     assert (await multi.client().models.retrieve("ds-v3.2")).id == "ds-v3.2"
     with pytest.raises(openai.NotFoundError):
         await multi.client().models.retrieve("ds-v9")
@@ -446,8 +447,8 @@ async def test_console_script_serves_several_dialects(fake: FakeUpstream) -> Non
                 metrics = await resp.text()
         assert fake.prompt_text() == render_chat({"messages": MESSAGES}, dialect="v3.2").text
         # Flags beat the environment: the env's list is replaced, not merged.
-        assert ids == ["deepseek-chat", "deepseek-reasoner", "deepseek-v4", "ds-v3.2",
-                       "ds-v3.2-chat"]
+        assert ids == ["deepseek-v4", "deepseek-ai/DeepSeek-V4-Flash", "deepseek-chat",
+                       "deepseek-reasoner", "ds-v3.2", "ds-v3.2-chat"]
         assert sorted(labels["dialect"] for labels in build_info(metrics)) == ["v3.2", "v4.1"]
     finally:
         proc.send_signal(signal.SIGINT)
