@@ -47,7 +47,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Anthropic's POST /v1/messages/count_tokens (no generation).
 ENDPOINTS = (
     "chat_completions", "completions", "messages", "messages_count_tokens", "responses",
-    "models", "health", "ready", "metrics", "other",
+    "responses_store", "models", "health", "ready", "metrics", "other",
 )
 GENERATION_ENDPOINTS = ("chat_completions", "completions", "messages", "responses")
 # The endpoints that run DSML turns (raw /v1/completions does not parse): the `endpoint`

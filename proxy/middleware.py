@@ -29,6 +29,9 @@ ENDPOINT_BY_PATH = {
     # requests out of the messages latency figures, and out of "other".
     "/v1/messages/count_tokens": "messages_count_tokens",
     "/v1/responses": "responses",
+    # stored responses read back or deleted: no generation, so not in the responses figures
+    "/v1/responses/{response_id}": "responses_store",
+    "/v1/responses/{response_id}/input_items": "responses_store",
     "/v1/models": "models",
     "/v1/models/{model_id}": "models",
     "/health": "health",
