@@ -132,9 +132,10 @@ class DecodeRunner:
         self.top_p.fill_(1.0)
 
     @torch.inference_mode()
-    def capture(self) -> dict[tuple[int, bool], str]:
-        """Capture a graph per (bucket, sampler kind), largest bucket first, one memory pool.
-        A failed capture leaves that bucket (and the smaller ones) eager; returns the errors."""
+    def capture(self, kinds: Sequence[bool] = (False, True)) -> dict[tuple[int, bool], str]:
+        """Capture a graph per (bucket, sampler kind: False greedy, True sample), largest
+        bucket first, one memory pool. A failed capture leaves that (bucket, kind) eager;
+        returns the errors."""
         if not self.use_graphs or self.device.type != "cuda":
             return {}
         errors: dict[tuple[int, bool], str] = {}
@@ -143,7 +144,7 @@ class DecodeRunner:
         if not generator_ok:  # older torch: only the default generator is graph-safe
             self.generator = None
         for B in sorted(self.buckets, reverse=True):
-            for sample in (False, True):
+            for sample in kinds:
                 self._park()
                 try:
                     side = torch.cuda.Stream(self.device)
