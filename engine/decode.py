@@ -42,10 +42,21 @@ slot (max_len // r), Hi/Di indexer heads/dim, C compressor width, G o_groups.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from engine.attention import Attention, Compressor, Indexer, fp4_roundtrip, fp8_roundtrip, hadamard
-from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
+from engine.attention import (
+    _FP4_GRID,
+    FP4_E2M1_MAX,
+    Attention,
+    Compressor,
+    Indexer,
+    _pow2_scale,
+    fp8_roundtrip,
+    hadamard,
+)
+from engine.config import QAT_INDEXER_FP4_BLOCK, RATIO_SPARSE, RATIO_WINDOW, ModelConfig
 from engine.kv import PoolLayer, SlotPool
 from engine.model import Transformer, hc_collapse, hc_expand, hc_head, hc_mix
 from engine.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -113,6 +124,35 @@ decode_attention = _decode_attention_reference  # engine/kernels/decode_attentio
 # ---------------------------------------------------------------------------------------------
 # Compressor and indexer, one token per row.
 # ---------------------------------------------------------------------------------------------
+@functools.cache
+def _fp4_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = torch.tensor(_FP4_GRID, device=device)
+    return grid, (grid[1:] + grid[:-1]) / 2
+
+
+def fp4_roundtrip(x: torch.Tensor, block: int = QAT_INDEXER_FP4_BLOCK) -> torch.Tensor:
+    """engine.attention.fp4_roundtrip with its e2m1 grid made once per device: the
+    reference builds it with torch.tensor on every call, a host-to-device copy that a CUDA
+    graph cannot capture (the warm-up before a capture fills this cache)."""
+    xb = x.float().unflatten(-1, (-1, block))
+    scale = _pow2_scale(xb, FP4_E2M1_MAX)
+    y = (xb / scale).clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX)
+    grid, mids = _fp4_tables(str(x.device))
+    q = grid[torch.bucketize(y.abs(), mids)] * y.sign()
+    return (q * scale).flatten(-2).to(x.dtype)
+
+
+def _indexer_queries(ix: Indexer, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexer.queries for one token per row (x [B, H], qr [B, Q], cos/sin [B, R/2]):
+    q [B, Hi, Di] roped (+ Hadamard and FP4 under QAT) fp32, w [B, Hi] fp32."""
+    q = ix.wq_b(qr).view(x.shape[0], ix.num_heads, ix.head_dim)
+    q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1)).float()
+    if ix.config.qat:
+        q = fp4_roundtrip(hadamard(q))
+    w = ix.weights_proj(x).float() * (ix.head_dim**-0.5 * ix.num_heads**-0.5)
+    return q, w
+
 def _compress_step(
     comp: Compressor, ring_kv: torch.Tensor, ring_score: torch.Tensor, x: torch.Tensor,
     slots: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -163,8 +203,7 @@ def _index_select(
     """Update the indexer keys; return the selected entry indices [B, min(topk, N_max)]
     (-1 where fewer entries are visible), best first."""
     c = ix.config
-    q, w = ix.queries(x.unsqueeze(1), qr.unsqueeze(1), cos.unsqueeze(1), sin.unsqueeze(1))
-    q, w = q[:, 0], w[:, 0]  # [B, Hi, Di] fp32, [B, Hi]
+    q, w = _indexer_queries(ix, x, qr, cos, sin)  # [B, Hi, Di] fp32, [B, Hi]
     new, j, complete = _compress_step(ix.compressor, pl.index_kv, pl.index_score, x, slots,
                                       positions, inv_freq)
     if c.qat:

@@ -134,8 +134,9 @@ class DecodeRunner:
     @torch.inference_mode()
     def capture(self, kinds: Sequence[bool] = (False, True)) -> dict[tuple[int, bool], str]:
         """Capture a graph per (bucket, sampler kind: False greedy, True sample), largest
-        bucket first, one memory pool. A failed capture leaves that (bucket, kind) eager;
-        returns the errors."""
+        bucket first, one memory pool. The first failure stops capturing (its cause, a host
+        sync or an uncapturable op, is the same for every bucket): what has no graph runs
+        eagerly. Returns the error per (bucket, kind) that failed."""
         if not self.use_graphs or self.device.type != "cuda":
             return {}
         errors: dict[tuple[int, bool], str] = {}
@@ -162,9 +163,13 @@ class DecodeRunner:
                     self.graphs[(B, sample)] = graph
                 except Exception as e:  # e.g. a host sync inside the step: stay eager
                     errors[(B, sample)] = f"{type(e).__name__}: {e}"
-                    log.warning("decode graph capture failed for bucket %d (%s): %s; that "
-                                "bucket runs eagerly", B, "sample" if sample else "greedy", e)
+                    log.warning("decode graph capture failed for bucket %d (%s): %s; it and "
+                                "the buckets not captured yet run eagerly", B,
+                                "sample" if sample else "greedy", e)
                     torch.cuda.synchronize(self.device)
+                    break
+            if errors:  # systemic (a sync, an uncapturable op): do not retry per bucket
+                break
         self._park()
         self.capture_errors = {b: msg for (b, _), msg in errors.items()}
         return errors
