@@ -17,7 +17,8 @@ Two decode paths, chosen by `engine_path` (the proxy's `--engine-path`):
   "auto"       the fast path on CUDA, the reference elsewhere (default);
   "fast"       the fast path on any device (eager on CPU: the tests use it);
   "reference"  `Transformer.forward` for every step, and every kernel on its PyTorch
-               reference (`engine.kernels.set_mode("reference")`, process-wide).
+               reference: the engine sets `engine.kernels.set_mode` ("reference" here,
+               "auto" for the other two; process-wide).
 The fast path keeps every sequence's state in one `engine.kv.SlotPool` (max_batch_size
 slots of max_seq_len positions, allocated up front); prefill still runs through
 `Transformer.forward`, writing the pool through the slot's views, and decode goes through
@@ -147,8 +148,8 @@ class Engine:
         self._running: list[_Sequence] = []
         self._scheduler: asyncio.Task | None = None
         self.engine_path = engine_path
-        if engine_path == "reference":
-            kernels.set_mode("reference")
+        # the one kernel switch follows the path (process-wide): the oracle uses no kernel
+        kernels.set_mode("reference" if engine_path == "reference" else "auto")
         self._pool: SlotPool | None = None
         self._runner: DecodeRunner | None = None
         if engine_path == "fast" or (engine_path == "auto" and self.device.type == "cuda"):

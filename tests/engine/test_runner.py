@@ -118,6 +118,7 @@ async def test_the_engine_on_the_fast_path_generates_what_the_reference_does(tmp
     fast, ref = _engine(path, "fast"), _engine(path, "reference")
     try:
         assert fast.fast_path and not ref.fast_path
+        assert kernels.get_mode() == "reference"  # the last engine built set the switch
         prompts = [[0, 128803, 5, 77, 128804], [0, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [0, 3]]
         params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
                   SamplingParams(max_tokens=6, temperature=0.8, seed=7, ignore_eos=True),
@@ -136,6 +137,11 @@ async def test_the_engine_on_the_fast_path_generates_what_the_reference_does(tmp
         fast.close()
         ref.close()
         kernels.set_mode("auto")  # engine_path "reference" switched the process to the oracle
+
+
+def test_an_unknown_engine_path_is_an_error(model):
+    with pytest.raises(ValueError, match="engine_path"):
+        Engine(model, tokenizer=None, device=DEVICE, engine_path="quick")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
