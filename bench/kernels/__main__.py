@@ -1,7 +1,7 @@
 """Every kernel's own GPU benchmark at real shapes, in one table against the copy bandwidth.
 
-    python bench/kernels.py                 # cuda: all kernels found
-    python bench/kernels.py --only fp8      # the ones whose file name contains "fp8"
+    PYTHONPATH=. python -m bench.kernels              # cuda: every kernel benchmark found
+    PYTHONPATH=. python -m bench.kernels --only fp8   # those whose file name contains "fp8"
 
 The kernel files provide the measurements (issue 15's plan): a `bench(device) -> list[dict]`
 in `bench/kernels/<op>.py` or in the kernel's test file `tests/engine/kernels/test_<op>.py`,
@@ -26,14 +26,15 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results" / "kernels.json"
 
 
 def sources() -> list[Path]:
-    return sorted((REPO / "bench" / "kernels").glob("*.py")) + sorted(
-        (REPO / "tests" / "engine" / "kernels").glob("test_*.py"))
+    mine = [p for p in sorted((REPO / "bench" / "kernels").glob("*.py"))
+            if not p.name.startswith("__")]
+    return mine + sorted((REPO / "tests" / "engine" / "kernels").glob("test_*.py"))
 
 
 def load(path: Path):
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda":
-        raise SystemExit("bench/kernels.py times kernels on a GPU (--device cuda)")
+        raise SystemExit("bench.kernels times kernels on a GPU (--device cuda)")
     rows, errors = [], {}
     for path in sources():
         if args.only not in path.name:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             if os.environ.get("TRITON_INTERPRET") == "1":
                 raise RuntimeError("TRITON_INTERPRET=1 is set (by this module or the "
                                    "environment): interpreter timings mean nothing")
-            for row in module.bench(device):
+            for row in module.bench(str(device)):
                 rows.append({"source": str(path.relative_to(REPO)), **row})
         except Exception:
             errors[str(path.relative_to(REPO))] = traceback.format_exc(limit=3)
