@@ -57,9 +57,15 @@ from engine.attention import (
     hadamard,
 )
 from engine.config import QAT_INDEXER_FP4_BLOCK, RATIO_SPARSE, RATIO_WINDOW, ModelConfig
+from engine.formats import WeightFormat
 from engine.kv import PoolLayer, SlotPool
 from engine.model import Transformer, hc_collapse, hc_expand, hc_head, hc_mix
 from engine.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+try:  # the FP8 GEMV of issue 15 (k-fp8); until it is merged, wo_a runs dense as the reference
+    from engine.kernels.fp8_linear import act_quant_enabled, fp8_linear_grouped
+except ImportError:
+    fp8_linear_grouped = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +231,9 @@ def _wo_a_grouped(attn: Attention, out: torch.Tensor) -> torch.Tensor:
     """out [B, Hh, D] -> [B, G, o_lora]: group g of heads through wo_a rows g*o_lora.. ."""
     c = attn.config
     G, B = c.o_groups, out.shape[0]
+    if fp8_linear_grouped is not None and attn.wo_a.format == WeightFormat.FP8:
+        return fp8_linear_grouped(out.reshape(B, G, -1), attn.wo_a.weight, attn.wo_a.scale,
+                                  act_quant=act_quant_enabled())
     w = attn.wo_a.dense_weight(out.dtype).view(G, c.o_lora_rank, -1)  # [G, o_lora, Hh*D/G]
     return torch.einsum("bgi,gri->bgr", out.reshape(B, G, -1), w)
 
