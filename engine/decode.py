@@ -114,8 +114,9 @@ def _decode_attention_reference(
         picked = entries[slots.unsqueeze(-1), entry_idx.clamp(min=0)]  # [B, Kc, D]
         keys = torch.cat([keys, picked], dim=1)
         valid = torch.cat([valid, entry_idx >= 0], dim=1)
-    # masked keys are zeroed, not just their scores: a slot the sequence never wrote may hold
-    # anything finite from an earlier owner, and 0 * value must stay exactly 0
+    # masked keys are zeroed, not just their scores: a slot this sequence never wrote holds
+    # an earlier owner's values (or anything, on the scratch slot), and a zero probability
+    # times inf/NaN would still be NaN
     kf = torch.where(valid.unsqueeze(-1), keys.float(), 0.0)
     scores = torch.einsum("bhd,bmd->bhm", q.float(), kf) * softmax_scale
     scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
