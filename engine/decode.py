@@ -180,7 +180,9 @@ def _compress_step(
         offs = torch.arange(r, device=x.device)
         s = slots.unsqueeze(-1)
         cur_rows, prev_rows = cur.unsqueeze(-1) + offs, (r - cur).unsqueeze(-1) + offs
-        first = (j == 0).view(-1, 1, 1)  # entry 0: no previous block (zeros, -inf)
+        # entry 0: no previous block (zeros, -inf). A fresh slot's ring already holds those
+        # (SlotPool.acquire); explicit so the step does not rest on the reset
+        first = (j == 0).view(-1, 1, 1)
         kv_prev = torch.where(first, 0.0, ring_kv[s, prev_rows, :d])
         sc_prev = torch.where(first, float("-inf"), ring_score[s, prev_rows, :d])
         pool_kv = torch.cat([kv_prev, ring_kv[s, cur_rows, d:]], dim=1)  # [B, 2r, D]
