@@ -29,8 +29,10 @@ Attention) op for op, with masks where the reference slices:
 - QAT round trips (config.qat) exactly where the reference applies them.
 
 What differs from the reference to fp rounding only: the attention's keys are summed in ring
-/ score order instead of position order, and the static N_max-long indexer and ratio-128
-score rows carry masked (-inf) tails. The MoE is the block's own module (k-moe makes it
+/ score order instead of position order, the static N_max-long indexer and ratio-128 score
+rows carry masked (-inf) tails, and on CUDA the fp32 products of BF16 weights (head,
+compressors) multiply bf16 values with fp32 accumulation instead of upcasting the weight
+(`linear_f32`). The MoE is the block's own module (k-moe makes it
 sync-free on CUDA); the hyper-connection maps go through engine.model's hc_mix /
 hc_collapse / hc_expand / hc_head behind three local wrappers with the kernel plan's
 hc_pre / hc_post / hc_head signatures. Not here: the MTP block (drafting), prefill (the
@@ -59,6 +61,7 @@ from engine.attention import (
 from engine.config import QAT_INDEXER_FP4_BLOCK, RATIO_SPARSE, RATIO_WINDOW, ModelConfig
 from engine.formats import WeightFormat
 from engine.kv import PoolLayer, SlotPool
+from engine.linear import Linear
 from engine.model import Transformer, hc_collapse, hc_expand, hc_head, hc_mix
 from engine.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -89,6 +92,30 @@ def hc_head_collapse(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, bas
                      config: ModelConfig) -> torch.Tensor:
     """h [N, S, H] -> [N, H] (the head's collapse, before the final norm)."""
     return hc_head(h.unsqueeze(1), fn, scale, base, config)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 products of BF16 weights without an fp32 copy of the weight.
+# ---------------------------------------------------------------------------------------------
+_mm_out_dtype = [True]  # cleared once if this torch lacks mm(..., out_dtype=) on CUDA
+
+
+def linear_f32(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    """lin(x.float()) -> [..., out] fp32, as the reference computes the head and the
+    compressor projections. The reference upcasts the whole BF16 weight to fp32 per call
+    (the 1.06 GB head becomes ~5 GB of traffic a token); on CUDA this multiplies the bf16
+    values directly with fp32 output and accumulation instead (torch.mm out_dtype, cuBLAS):
+    bf16 x bf16 products are exact in fp32, so only the summation order differs. Elsewhere,
+    for other formats or dtypes, and where the overload is missing: the reference call."""
+    w = lin.weight
+    if (_mm_out_dtype[0] and x.is_cuda and lin.format == WeightFormat.DENSE
+            and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype):
+        try:
+            out = torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32)
+            return out.view(*x.shape[:-1], w.shape[0])
+        except (TypeError, RuntimeError, NotImplementedError):
+            _mm_out_dtype[0] = False  # decided in the warm-up, before any graph capture
+    return lin(x.float())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,10 +195,12 @@ def _compress_step(
     before QAT: the entry p // r as it stands once this row is in, its index j = p // r [B],
     and whether it completes now [B] bool)."""
     r, d = comp.ratio, comp.head_dim
-    kv, score = comp.project(x.unsqueeze(1), positions.unsqueeze(1))  # [B, 1, C] fp32
+    # Compressor.project, one token per row: kv [B, C] and score [B, C] fp32
+    kv = linear_f32(comp.wkv, x)
+    score = linear_f32(comp.wgate, x) + comp.ape[positions % r]
     ring = positions % ring_kv.shape[1]
-    ring_kv[slots, ring] = kv[:, 0]
-    ring_score[slots, ring] = score[:, 0]
+    ring_kv[slots, ring] = kv
+    ring_score[slots, ring] = score
     j = positions // r
     if comp.overlap:
         # ring slot of position q is q % 2r: block j sits at offset (j % 2) * r, block j-1 at
@@ -310,4 +339,4 @@ class DecodeStep:
             x = layer.ffn(layer.ffn_norm(x).unsqueeze(1), ids.unsqueeze(1))[:, 0]
             h = hc_post(x, h, post, comb)
         y = m.norm(hc_head_collapse(h, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, c))
-        return m.head(y.float())
+        return linear_f32(m.head, y)

@@ -226,3 +226,20 @@ def test_the_graph_safe_fp4_roundtrip_is_the_reference_one():
         x = torch.randn(7, 3, 128, generator=g) * scale
         x[0, 0, :8] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])  # midpoints
         assert torch.equal(decode.fp4_roundtrip(x), attention.fp4_roundtrip(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 x bf16 -> fp32 path is CUDA's")
+def test_linear_f32_without_an_fp32_weight_copy_matches_the_reference():
+    from engine.decode import _mm_out_dtype, linear_f32
+    from engine.linear import Linear
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lin = Linear(512, 3000, dtype=torch.bfloat16).cuda()
+    lin.weight.copy_(torch.randn(3000, 512, generator=g, device="cuda") * 512**-0.5)
+    x = torch.randn(5, 512, generator=g, device="cuda").bfloat16()
+    out = linear_f32(lin, x)
+    assert _mm_out_dtype[0], "this torch has no mm(out_dtype=): the head upcasts its weight"
+    ref = lin(x.float())
+    assert out.dtype == torch.float32
+    # fp32 accumulation of exact products: only the summation order differs
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (out - ref).abs().max()
