@@ -53,9 +53,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import decode
 from engine.cache import BatchState
 from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
-from engine.decode import DecodeStep, hc_head_collapse
+from engine.decode import DecodeStep, hc_head_collapse, linear_f32
 from engine.kv import SlotPool
 from engine.linear import Linear
 from engine.model import Transformer
@@ -197,25 +198,58 @@ def simulate_prefill_(pool: SlotPool, slot: int, context: int, seed: int) -> Non
             fill(layer.index_score[slot])
 
 
+class _Unpatch:
+    def __init__(self, original) -> None:
+        self.original = original
+
+    def remove(self) -> None:
+        decode.linear_f32 = self.original
+
+
 def _label_linears(model: Transformer, reads: dict[str, list[int]]):
     """Forward hooks opening/closing a profiler range around every Linear call, named by its
-    role (`attn.wq_b`, `ffn.experts.w1`, `head`, ...); reads[role] = [calls, bytes]."""
+    role (`attn.wq_b`, `ffn.experts.w1`, `head`, ...); reads[role] = [calls, bytes]. The
+    decode step's `linear_f32` (head, compressors) bypasses the module call: wrapped too."""
     handles = []
+    roles: dict[int, tuple[str, int]] = {}
+    inside: set[int] = set()  # modules the wrapper already labels (its fallback calls them)
+    original = decode.linear_f32
+
+    def labelled(lin, x):
+        role, nbytes = roles[id(lin)]
+        handle = torch.ops.profiler._record_function_enter_new(f"linear:{role}", None)
+        r = reads.setdefault(role, [0, 0])
+        r[0] += 1
+        r[1] += nbytes
+        inside.add(id(lin))
+        try:
+            return original(lin, x)
+        finally:
+            inside.discard(id(lin))
+            torch.ops.profiler._record_function_exit._RecordFunction(handle)
+
+    decode.linear_f32 = labelled
+    handles.append(_Unpatch(original))
     for name, mod in model.named_modules():
         if not isinstance(mod, Linear) or name.startswith("mtp."):
             continue
         parts = name.split(".")
         role = ".".join(p for p in parts if not p.isdigit() and p != "layers")
         nbytes = sum(_nbytes(t) for t in (mod.weight, mod.scale, mod.zero) if t is not None)
+        roles[id(mod)] = (role, nbytes)
         box: list = []
 
-        def pre(_m, _inp, role=role, nbytes=nbytes, box=box):
+        def pre(m, _inp, role=role, nbytes=nbytes, box=box):
+            if id(m) in inside:
+                return
             box.append(torch.ops.profiler._record_function_enter_new(f"linear:{role}", None))
             r = reads.setdefault(role, [0, 0])
             r[0] += 1
             r[1] += nbytes
 
-        def post(_m, _inp, _out, box=box):
+        def post(m, _inp, _out, box=box):
+            if id(m) in inside:
+                return
             torch.ops.profiler._record_function_exit._RecordFunction(box.pop())
 
         handles.append(mod.register_forward_pre_hook(pre))
@@ -341,7 +375,7 @@ def head_time(model: Transformer, clock: Clock, device: torch.device) -> float:
     def head() -> None:
         y = model.norm(hc_head_collapse(h, model.hc_head_fn, model.hc_head_scale,
                                         model.hc_head_base, c))
-        model.head(y.float()).argmax(-1)
+        linear_f32(model.head, y).argmax(-1)  # the fast path's head
 
     head()
     return clock.time(head, 10 if clock.cuda else 2)
