@@ -221,7 +221,10 @@ class Engine:
         loop = asyncio.get_running_loop()
         if self._scheduler is not None and self._scheduler.get_loop() is not loop:
             # A new event loop (tests run one per test): sequences of the old one have no
-            # consumer left to read them.
+            # consumer left to read them. Their pool slots come back (a forward of the old
+            # loop still on the worker thread finishes before any new one starts there).
+            for old in [*self._waiting, *self._running]:
+                self._drop_state(old)
             self._waiting.clear()
             self._running = []
             self._scheduler = None
@@ -258,7 +261,9 @@ class Engine:
                     self._fail(seq, e)
                     continue
                 self._accept(seq, token)
-                if not seq.done:
+                if seq.done:  # finished at once, or cancelled during its prefill
+                    self._drop_state(seq)
+                else:
                     self._running.append(seq)
             batch = [s for s in self._running if not s.done]
             if batch:

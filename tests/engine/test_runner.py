@@ -179,3 +179,44 @@ def test_graph_replay_equals_the_eager_step(qat):
         outs[graphs] = steps
     for i, (eager, graph) in enumerate(zip(outs[False], outs[True], strict=True)):
         assert torch.allclose(eager, graph, rtol=0, atol=1e-5), f"step {i}"
+
+
+def test_slots_come_back_after_a_cancelled_prefill_and_an_abandoned_event_loop(tmp_path):
+    path = write_checkpoint(tmp_path / "tiny", seed=3)
+    engine = _engine(path, "fast")
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    try:
+        prefill = engine._prefill
+
+        def prefill_then_cancel(seq):  # the consumer goes away while its prefill runs
+            token = prefill(seq)
+            seq.done = True
+            return token
+
+        async def cancelled_during_prefill():
+            engine._prefill = prefill_then_cancel
+            stream = engine.stream([0, 5, 6], params)
+            await stream.__anext__()
+            await stream.aclose()
+            await engine._scheduler
+            engine._prefill = prefill
+
+        asyncio.run(cancelled_during_prefill())
+        assert engine._pool.num_free == 3
+
+        async def abandoned():  # asyncio.run cancels the scheduler with two rows running
+            streams = [engine.stream([0, 7 + i], params) for i in range(2)]
+            for s in streams:
+                await s.__anext__()
+
+        asyncio.run(abandoned())
+
+        async def next_loop():
+            return [t async for t in engine.generate([0, 9], SamplingParams(
+                max_tokens=2, temperature=0, ignore_eos=True))]
+
+        assert len(asyncio.run(next_loop())) == 2
+        assert engine._pool.num_free == 3
+    finally:
+        engine.close()
+        kernels.set_mode("auto")
