@@ -134,16 +134,23 @@ class DecodeRunner:
     @torch.inference_mode()
     def capture(self, kinds: Sequence[bool] = (False, True)) -> dict[tuple[int, bool], str]:
         """Capture a graph per (bucket, sampler kind: False greedy, True sample), largest
-        bucket first, one memory pool. The first failure stops capturing (its cause, a host
-        sync or an uncapturable op, is the same for every bucket): what has no graph runs
-        eagerly. Returns the error per (bucket, kind) that failed."""
-        if not self.use_graphs or self.device.type != "cuda":
+        bucket first, one memory pool. First a probe step under the sync debug mode: a step
+        that syncs the host is not captured at all. The first failure stops capturing (its
+        cause is the same for every bucket): what has no graph runs eagerly. Returns the
+        error per (bucket, kind) that has no graph."""
+        if not self.use_graphs or self.device.type != "cuda" or not kinds:
             return {}
         errors: dict[tuple[int, bool], str] = {}
         mempool = None
         generator_ok = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
         if not generator_ok:  # older torch: only the default generator is graph-safe
             self.generator = None
+        probe = self._host_sync_probe(max(kinds))
+        if probe is not None:  # a capture would fail on it: do not try (it can leave junk)
+            log.warning("decode step syncs the host, no CUDA graphs (eager decode): %s", probe)
+            errors = {(B, k): probe for B in self.buckets for k in kinds}
+            self.capture_errors = {b: probe for b in self.buckets}
+            return errors
         for B in sorted(self.buckets, reverse=True):
             for sample in kinds:
                 self._park()
@@ -173,6 +180,25 @@ class DecodeRunner:
         self._park()
         self.capture_errors = {b: msg for (b, _), msg in errors.items()}
         return errors
+
+    def _host_sync_probe(self, sample: bool) -> str | None:
+        """Run the smallest bucket once plainly (one-time caches may copy from the host), then
+        once under torch.cuda.set_sync_debug_mode("error"): the first op that synchronises
+        (.item(), .tolist(), nonzero, a pageable host copy) raises here, named, instead of
+        breaking a capture. None if the step is sync-free."""
+        B = min(self.buckets) if self.buckets else 1
+        self._park()
+        self._forward(B, sample)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self._forward(B, sample)
+        except RuntimeError as e:
+            return f"{type(e).__name__}: {e}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize(self.device)
+        return None
 
     # -- a step --------------------------------------------------------------------------------
 
