@@ -89,12 +89,15 @@ def new_layer_state(
 @dataclass
 class SequenceState:
     """All layers' state of one sequence. `length` counts the tokens the main layers have
-    seen (the next token's position); `mtp_length` the same for the MTP block(s)."""
+    seen (the next token's position); `mtp_length` the same for the MTP block(s). `slot` is
+    the row of an `engine.kv.SlotPool` whose memory the layer tensors view (None: the state
+    owns its tensors); the fast decode step reads and writes the pool by that row."""
 
     layers: list[LayerState]
     max_len: int
     length: int = 0
     mtp_length: int = 0
+    slot: int | None = None
 
     @classmethod
     def new(
@@ -110,6 +113,7 @@ class SequenceState:
         return cls(layers, max_len)
 
     def clone(self) -> SequenceState:
+        """A copy that owns its tensors (slot None), also when this state views a pool."""
         return SequenceState(
             [layer.clone() for layer in self.layers], self.max_len, self.length, self.mtp_length
         )

@@ -11,7 +11,20 @@ its own (in chunks), then decodes every running sequence together, one token per
 through the model's batch API (one `BatchState` row per sequence, at its own position); up
 to `max_batch_size` run at once and the rest wait. Every forward runs on one worker thread,
 so the event loop stays responsive and torch calls never interleave. Smarter policies
-(batched prefill, paged KV, CUDA graphs) belong to the next issue.
+(batched prefill, paged KV) belong to the next issue.
+
+Two decode paths, chosen by `engine_path` (the proxy's `--engine-path`):
+  "auto"       the fast path on CUDA, the reference elsewhere (default);
+  "fast"       the fast path on any device (eager on CPU: the tests use it);
+  "reference"  `Transformer.forward` for every step, and every kernel on its PyTorch
+               reference: the engine sets `engine.kernels.set_mode` ("reference" here,
+               "auto" for the other two; process-wide).
+The fast path keeps every sequence's state in one `engine.kv.SlotPool` (max_batch_size
+slots of max_seq_len positions, allocated up front); prefill still runs through
+`Transformer.forward`, writing the pool through the slot's views, and decode goes through
+`engine.runner.DecodeRunner` (CUDA graphs per batch bucket, on-device sampling). Rows whose
+sampling the graph cannot do (`graph_can_sample`: a seed with temperature > 0, a logits
+mask, ...) are sampled from the graph's logits by their reference `Sampler`.
 
 A generation ends on EOS (id 1, unless `ignore_eos`), a stop token id, a stop string, or
 `max_tokens` ("length"). EOS and stop token ids keep their text (the DSML parser reads
@@ -34,14 +47,18 @@ import torch
 
 from dsml.detokenizer import IncrementalDetokenizer
 from dsml.tokenizer import V4Tokenizer, load_tokenizer
+from engine import kernels
 from engine.cache import BatchState, SequenceState
+from engine.kv import SlotPool
 from engine.model import Transformer
+from engine.runner import DecodeRunner, graph_can_sample
 from engine.sampling import Sampler, SamplingParams, TokenLogprobs
 from engine.weights import load_model
 
 DEFAULT_MAX_SEQ_LEN = 65536  # per sequence; KV state is allocated for prompt + max_tokens
 PREFILL_CHUNK = 2048  # prompt tokens per forward: bounds activation memory, same logits
 DEFAULT_MAX_BATCH_SIZE = 16  # sequences decoded together
+ENGINE_PATHS = ("auto", "fast", "reference")
 
 
 def default_device() -> torch.device:
@@ -117,7 +134,10 @@ class _Sequence:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: V4Tokenizer, device: torch.device | str,
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> None:
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, engine_path: str = "auto",
+                 capture_graphs: bool = True) -> None:
+        if engine_path not in ENGINE_PATHS:
+            raise ValueError(f"engine_path must be one of {', '.join(ENGINE_PATHS)}, got {engine_path!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -129,19 +149,34 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._scheduler: asyncio.Task | None = None
+        self.engine_path = engine_path
+        # the one kernel switch follows the path (process-wide): the oracle uses no kernel
+        kernels.set_mode("reference" if engine_path == "reference" else "auto")
+        self._pool: SlotPool | None = None
+        self._runner: DecodeRunner | None = None
+        if engine_path == "fast" or (engine_path == "auto" and self.device.type == "cuda"):
+            self._pool = SlotPool(model.config, max_batch_size, self.max_seq_len, self.device,
+                                  model.dtype)
+            self._runner = DecodeRunner(model, self._pool)
+            if capture_graphs:
+                self._runner.capture()
+
+    @property
+    def fast_path(self) -> bool:
+        return self._runner is not None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.bfloat16, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                        progress: bool | None = None) -> Engine:
+                        progress: bool | None = None, engine_path: str = "auto") -> Engine:
         """Load `path` (official layout, see engine.weights) and its `tokenizer.json` if it has
         one (the package's V4 tokenizer otherwise). Blocking: seconds for a tiny checkpoint."""
         device = torch.device(device) if device is not None else default_device()
         model = load_model(path, device=device, dtype=dtype, progress=progress)
         tok_file = Path(path) / "tokenizer.json"
         tokenizer = V4Tokenizer(str(tok_file)) if tok_file.is_file() else load_tokenizer()
-        return cls(model, tokenizer, device, max_seq_len, max_batch_size)
+        return cls(model, tokenizer, device, max_seq_len, max_batch_size, engine_path)
 
     def close(self) -> None:
         """Stop the worker thread (a running forward finishes); later generations fail."""
@@ -188,7 +223,10 @@ class Engine:
         loop = asyncio.get_running_loop()
         if self._scheduler is not None and self._scheduler.get_loop() is not loop:
             # A new event loop (tests run one per test): sequences of the old one have no
-            # consumer left to read them.
+            # consumer left to read them. Their pool slots come back (a forward of the old
+            # loop still on the worker thread finishes before any new one starts there).
+            for old in [*self._waiting, *self._running]:
+                self._drop_state(old)
             self._waiting.clear()
             self._running = []
             self._scheduler = None
@@ -225,7 +263,9 @@ class Engine:
                     self._fail(seq, e)
                     continue
                 self._accept(seq, token)
-                if not seq.done:
+                if seq.done:  # finished at once, or cancelled during its prefill
+                    self._drop_state(seq)
+                else:
                     self._running.append(seq)
             batch = [s for s in self._running if not s.done]
             if batch:
@@ -240,13 +280,19 @@ class Engine:
                         self._accept(seq, token)
             for seq in self._running:
                 if seq.done:
-                    seq.state = None  # no forward is running now: the KV state can go
+                    self._drop_state(seq)  # no forward is running now: the KV state can go
             self._running = [s for s in self._running if not s.done]
 
     def _fail(self, seq: _Sequence, error: Exception) -> None:
         seq.out.put_nowait(error)
         seq.done = True
-        seq.state = None
+        self._drop_state(seq)
+
+    def _drop_state(self, seq: _Sequence) -> None:
+        """Forget a sequence's KV state (and give its pool slot back)."""
+        state, seq.state = seq.state, None
+        if state is not None and state.slot is not None and self._pool is not None:
+            self._pool.release(state.slot)
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Record a sampled token and hand its Step to the consumer; end the sequence if due."""
@@ -267,14 +313,18 @@ class Engine:
         seq.out.put_nowait(step)
         if step.finish_reason is not None:
             seq.done = True
-            seq.state = None
+            self._drop_state(seq)
 
     # -- worker thread -----------------------------------------------------------------------
 
     def _prefill(self, seq: _Sequence) -> int:
         with torch.inference_mode():
             max_len = len(seq.prompt) + seq.params.max_tokens
-            state = self.model.new_state(1, max_len, self.device)
+            if self._pool is not None:  # the fast path: the prefill writes the pool
+                seq.state = self._pool.sequence_state(self._pool.acquire(), max_len)
+                state = BatchState([seq.state])
+            else:
+                state = self.model.new_state(1, max_len, self.device)
             for start in range(0, len(seq.prompt), PREFILL_CHUNK):
                 chunk = torch.tensor([seq.prompt[start : start + PREFILL_CHUNK]], device=self.device)
                 logits = self.model(chunk, state, last_only=True)  # [1, V]
@@ -287,11 +337,19 @@ class Engine:
         """One token for every sequence of `batch`, each at its own position; a row whose
         sampling fails (a mask that allows nothing) gets its exception instead."""
         with torch.inference_mode():
-            tokens = torch.tensor([[s.ids[-1]] for s in batch], device=self.device)  # [B, 1]
-            state = BatchState([s.state for s in batch])
-            logits = self.model(tokens, state, last_only=True)  # [B, V]
+            graph_tokens = None
+            if self._runner is not None:
+                graph_tokens, logits = self._runner.decode(
+                    [s.state for s in batch], [s.ids[-1] for s in batch], [s.params for s in batch])
+            else:
+                tokens = torch.tensor([[s.ids[-1]] for s in batch], device=self.device)  # [B, 1]
+                state = BatchState([s.state for s in batch])
+                logits = self.model(tokens, state, last_only=True)  # [B, V]
             sampled: list[torch.Tensor | Exception] = []
             for b, seq in enumerate(batch):  # each row has its own params, seed and mask
+                if graph_tokens is not None and graph_can_sample(seq.params):
+                    sampled.append(graph_tokens[b])
+                    continue
                 try:
                     sampled.append(seq.sampler(logits[b], seq.ids))
                 except Exception as e:

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true",
                        help="serve a tiny random model (the default without --upstream/--model)")
     serve.add_argument("--device", help="embedded engine device (default: cuda if available)")
+    serve.add_argument("--engine-path", choices=["auto", "fast", "reference"],
+                       help="embedded engine decode: auto (fast on CUDA, reference elsewhere; "
+                            "default), fast, or reference (the plain PyTorch oracle)")
     serve.add_argument("--host", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
@@ -110,7 +113,8 @@ def make_backend(settings: Settings) -> Backend:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if settings.model is not None:
-        return EmbeddedBackend.from_checkpoint(settings.model, device=device)
+        return EmbeddedBackend.from_checkpoint(settings.model, device=device,
+                                               engine_path=settings.engine_path)
     from engine.make_checkpoint import write_checkpoint
 
     path = settings.demo_dir
@@ -120,7 +124,7 @@ def make_backend(settings: Settings) -> Backend:
         "DEMO MODE: serving a tiny RANDOM model from %s. Its output is nonsense: this shows "
         "that the server, the wire and the metrics work, nothing more. Use --upstream URL or "
         "--model DIR for a real model.", path)
-    return EmbeddedBackend.from_checkpoint(path, device=device)
+    return EmbeddedBackend.from_checkpoint(path, device=device, engine_path=settings.engine_path)
 
 
 def main(argv: list[str] | None = None) -> int:

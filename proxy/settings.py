@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     demo: bool = False  # serve a tiny random checkpoint (plumbing demo)
     demo_dir: Path = Path("~/.cache/dsml-proxy/demo").expanduser()
     device: str | None = None  # embedded engine: None = cuda if available, else cpu
+    # embedded engine decode: "auto" = fast path (CUDA graphs, Triton kernels) on CUDA and the
+    # reference elsewhere; "fast" everywhere; "reference" = the plain PyTorch oracle
+    engine_path: Literal["auto", "fast", "reference"] = "auto"
 
     # -- turn policy -------------------------------------------------------------------------
     recover_empty_turns: bool = True

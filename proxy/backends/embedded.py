@@ -41,9 +41,10 @@ class EmbeddedBackend:
         self.engine = engine
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None) -> EmbeddedBackend:
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
+                        engine_path: str = "auto") -> EmbeddedBackend:
         """Load a checkpoint directory (blocking: seconds for the demo, minutes for the real model)."""
-        return cls(Engine.from_checkpoint(path, device=device))
+        return cls(Engine.from_checkpoint(path, device=device, engine_path=engine_path))
 
     def sampling_for(self, sampling: SamplingParams, prompt_len: int) -> EngineSampling:
         """The engine's options for a request; unset ones take DeepSeek's defaults, and an

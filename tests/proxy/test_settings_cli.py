@@ -78,6 +78,17 @@ def test_bad_settings_fail_early() -> None:
         Settings(unknown_setting=1)
 
 
+def test_engine_path_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_args(["serve"]).engine_path == "auto"
+    monkeypatch.setenv("DSML_PROXY_ENGINE_PATH", "fast")
+    assert settings_from_args(["serve"]).engine_path == "fast"
+    assert settings_from_args(["serve", "--engine-path", "reference"]).engine_path == "reference"
+    with pytest.raises(SystemExit):
+        settings_from_args(["serve", "--engine-path", "triton"])  # argparse: not a choice
+    with pytest.raises(ValueError):
+        Settings(engine_path="quick")
+
+
 async def _wait_http(url: str, proc: asyncio.subprocess.Process) -> int:
     async with aiohttp.ClientSession() as session:
         for _ in range(300):

@@ -1,0 +1,528 @@
+"""Batch-1 decode of the real DeepSeek-V4-Flash shapes on one GPU: tok/s at 4K and 32K context
+against the memory bound, eager vs CUDA graph, with a per-kernel table.
+
+    python bench/engine.py                          # flash, cuda, INT2-G64 experts, 43 layers (H200)
+    python bench/engine.py --layers 20              # fits an 80 GB H100; prints the 43-layer projection
+    python bench/engine.py --config tiny --device cpu --steps 2    # smoke test (CI)
+
+What it does (replaces bench/engine_fullsize.py):
+
+1. builds `Transformer(config, bf16)` on the meta device and materialises every tensor on the
+   device in its stored format (`engine.random_weights`: FP8 + E8M0 projections, INT2-G64
+   routed experts (or `--experts fp4`), BF16/F32 elsewhere); no checkpoint is read;
+2. measures the device's copy bandwidth (read + write bytes of a large device-to-device copy,
+   as spec section 8 counts it) in the same run;
+3. `--prefill N` (default 64): a real prefill of N random tokens through the reference
+   `Transformer.forward` into a slot pool, then one fast decode step (`engine.decode`) checked
+   against the reference forward on a copy of the state (max relative logit difference);
+4. for each context (default 4096 and 32768): a slot pool sized for it whose slot is FILLED
+   WITH RANDOM KV, ENTRIES, INDEXER KEYS AND COMPRESSOR ROWS for positions < context - a
+   SIMULATED prefill (a real 32K prefill on the reference path would take minutes and
+   changes nothing a decode step reads but the values) - then `--steps` greedy decode steps
+   through `engine.runner.DecodeRunner` eagerly and replaying a captured CUDA graph (bucket
+   1); tok/s = steps / wall time between two device syncs (the tokens stay on the device);
+5. the bound: bytes one token reads, counted from the model's own stored tensors (every main
+   layer's weights but the routed experts, K routed experts per layer, the head, one
+   embedding row) plus the KV state read at that context (window, visible ratio-128 entries,
+   top-k ratio-4 entries, indexer keys, compressor rows), over the copy bandwidth;
+6. torch.profiler on `--profile-steps` steps at the first context, eager and graph: a kernel
+   table (name, calls and device time per step, share of the step) and, eager only, a table
+   of weight reads per projection (record_function ranges around each Linear: bytes of the
+   stored tensors each call reads, device time, GB/s);
+7. with --layers < 43: the 43-layer projection = (step - head) / layers * 43 + head, the head
+   (hc_head + norm + head GEMV) timed alone.
+
+JSON to bench/results/engine.json (or --out): device, layers, decode_b1_4k_tok_s,
+decode_b1_32k_tok_s (the graph figure when a graph was captured, else eager; `decode_mode`
+says which), bound_b1_tok_s (at the first context), copy_gbps, peak_gib, kernels (rows),
+and the rest of what is printed. Imports only torch and the engine (no tokenizer, no proxy),
+so it runs on the bare device machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import decode
+from engine.cache import BatchState
+from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
+from engine.decode import DecodeStep, hc_head_collapse, linear_f32
+from engine.kv import SlotPool
+from engine.linear import Linear
+from engine.model import Transformer
+from engine.random_weights import materialize_random_, stored_tensors
+from engine.runner import DecodeRunner
+from engine.sampling import SamplingParams
+
+RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
+FULL_LAYERS = 43
+GIB = 1 << 30
+GREEDY = SamplingParams(temperature=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# model, bytes
+# ---------------------------------------------------------------------------------------------
+def build_config(name: str, layers: int | None) -> ModelConfig:
+    c = ModelConfig.flash() if name == "flash" else ModelConfig.tiny()
+    if layers is not None and layers != c.num_hidden_layers:
+        L, mtp = c.num_hidden_layers, c.num_nextn_predict_layers
+        ratios = c.compress_ratios[:layers] + c.compress_ratios[L : L + mtp]
+        c = c.replace(num_hidden_layers=layers, compress_ratios=ratios,
+                      num_hash_layers=min(c.num_hash_layers, layers))
+    return c
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def weight_bytes_per_token(model: Transformer) -> dict[str, int]:
+    """Bytes a batch-1 decode step reads from the stored weights, by part (the MTP block and
+    all but one embedding row are not read)."""
+    c = model.config
+    parts = {"routed_experts": 0, "attention": 0, "shared_expert": 0, "router": 0,
+             "hc_and_norms": 0, "head": 0}
+    for layer in model.layers:
+        for name, t in stored_tensors(layer).items():
+            if name.startswith("ffn.experts."):
+                continue  # counted below: K experts per token
+            if name.endswith("tid2eid"):
+                parts["router"] += c.num_experts_per_tok * t.element_size()  # one row
+            elif name.startswith("ffn.shared_experts."):
+                parts["shared_expert"] += _nbytes(t)
+            elif name.startswith("ffn.gate."):
+                parts["router"] += _nbytes(t)
+            elif name.startswith("attn."):
+                parts["attention"] += _nbytes(t)
+            else:
+                parts["hc_and_norms"] += _nbytes(t)
+        expert = sum(_nbytes(t) for t in stored_tensors(layer.ffn.experts[0]).values())
+        parts["routed_experts"] += c.num_experts_per_tok * expert
+    top = stored_tensors(model)
+    parts["head"] = _nbytes(top["head.weight"])
+    parts["hc_and_norms"] += sum(_nbytes(top[n]) for n in
+                                 ("norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"))
+    parts["hc_and_norms"] += c.hidden_size * top["embed.weight"].element_size()  # one row
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def kv_bytes_per_token(pool: SlotPool, context: int) -> int:
+    """KV state one decode step at `context` reads (what the attention needs, not what the
+    reference-op fallback happens to gather)."""
+    c = pool.config
+    total = 0
+    for layer in pool.layers[: c.num_hidden_layers]:
+        el = layer.window.element_size()
+        total += _nbytes(layer.window[0])
+        if layer.ratio == RATIO_WINDOW:
+            continue
+        n = context // layer.ratio
+        total += _nbytes(layer.comp_kv[0]) + _nbytes(layer.comp_score[0])
+        if layer.ratio == RATIO_SPARSE:
+            total += min(n, c.index_topk) * c.head_dim * el + n * c.index_head_dim * el
+            total += _nbytes(layer.index_kv[0]) + _nbytes(layer.index_score[0])
+        else:
+            total += n * c.head_dim * el
+    return total
+
+
+def weight_formats(model: Transformer) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, Linear):
+            counts[str(m.format)] = counts.get(str(m.format), 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------------------------
+class Clock:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn, reps: int) -> float:
+        """Seconds per call of fn over reps calls, device synced before and after."""
+        self.sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        self.sync()
+        return (time.perf_counter() - t) / reps
+
+
+def copy_bandwidth(device: torch.device, clock: Clock) -> float:
+    """Device copy bandwidth in bytes/s, read + write counted (spec section 8's convention)."""
+    n = (1 << 30) if clock.cuda else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    reps = 20 if clock.cuda else 3
+    return 2 * n / clock.time(lambda: dst.copy_(src), reps)
+
+
+def simulate_prefill_(pool: SlotPool, slot: int, context: int, seed: int) -> None:
+    """Random finite state for positions < context in `slot` (see the module docstring)."""
+    g = torch.Generator(device=pool.device).manual_seed(seed)
+
+    def fill(t: torch.Tensor) -> None:
+        t.copy_(torch.randn(t.shape, generator=g, device=pool.device, dtype=torch.float32))
+
+    for layer in pool.layers[: pool.config.num_hidden_layers]:
+        fill(layer.window[slot])
+        if layer.ratio == RATIO_WINDOW:
+            continue
+        fill(layer.entries[slot, : context // layer.ratio])
+        fill(layer.comp_kv[slot])
+        fill(layer.comp_score[slot])
+        if layer.ratio == RATIO_SPARSE:
+            fill(layer.index_keys[slot, : context // layer.ratio])
+            fill(layer.index_kv[slot])
+            fill(layer.index_score[slot])
+
+
+class _Unpatch:
+    def __init__(self, original) -> None:
+        self.original = original
+
+    def remove(self) -> None:
+        decode.linear_f32 = self.original
+
+
+def _label_linears(model: Transformer, reads: dict[str, list[int]]):
+    """Forward hooks opening/closing a profiler range around every Linear call, named by its
+    role (`attn.wq_b`, `ffn.experts.w1`, `head`, ...); reads[role] = [calls, bytes]. The
+    decode step's `linear_f32` (head, compressors) bypasses the module call: wrapped too."""
+    handles = []
+    roles: dict[int, tuple[str, int]] = {}
+    inside: set[int] = set()  # modules the wrapper already labels (its fallback calls them)
+    original = decode.linear_f32
+
+    def labelled(lin, x):
+        role, nbytes = roles[id(lin)]
+        handle = torch.ops.profiler._record_function_enter_new(f"linear:{role}", None)
+        r = reads.setdefault(role, [0, 0])
+        r[0] += 1
+        r[1] += nbytes
+        inside.add(id(lin))
+        try:
+            return original(lin, x)
+        finally:
+            inside.discard(id(lin))
+            torch.ops.profiler._record_function_exit._RecordFunction(handle)
+
+    decode.linear_f32 = labelled
+    handles.append(_Unpatch(original))
+    for name, mod in model.named_modules():
+        if not isinstance(mod, Linear) or name.startswith("mtp."):
+            continue
+        parts = name.split(".")
+        role = ".".join(p for p in parts if not p.isdigit() and p != "layers")
+        nbytes = sum(_nbytes(t) for t in (mod.weight, mod.scale, mod.zero) if t is not None)
+        roles[id(mod)] = (role, nbytes)
+        box: list = []
+
+        def pre(m, _inp, role=role, nbytes=nbytes, box=box):
+            if id(m) in inside:
+                return
+            box.append(torch.ops.profiler._record_function_enter_new(f"linear:{role}", None))
+            r = reads.setdefault(role, [0, 0])
+            r[0] += 1
+            r[1] += nbytes
+
+        def post(m, _inp, _out, box=box):
+            if id(m) in inside:
+                return
+            torch.ops.profiler._record_function_exit._RecordFunction(box.pop())
+
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post))
+    return handles
+
+
+def profile_steps(run_step, steps: int, clock: Clock, model: Transformer | None,
+                  mode: str) -> tuple[list[dict], list[dict]]:
+    """(kernel rows, projection rows) for `steps` calls of run_step under torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.cuda else [])
+    reads: dict[str, list[int]] = {}
+    handles = _label_linears(model, reads) if model is not None else []
+    try:
+        clock.sync()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                run_step()
+            clock.sync()
+    finally:
+        for h in handles:
+            h.remove()
+    events = prof.key_averages()
+    if clock.cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+        time_of = lambda e: e.self_device_time_total  # noqa: E731
+    else:  # CPU: the aten operators are the "kernels"
+        kernels = [e for e in events if e.key.startswith("aten::")]
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    total = sum(time_of(e) for e in kernels) or 1.0
+    rows = [{"mode": mode, "kernel": e.key, "calls_per_step": e.count / steps,
+             "time_us_per_step": time_of(e) / steps, "share": time_of(e) / total,
+             "bytes_per_step": None, "gbps": None}
+            for e in sorted(kernels, key=time_of, reverse=True)]
+    parts = []
+    for e in events:
+        if e.key.startswith("linear:") and e.key[7:] in reads and e.device_type == DeviceType.CPU:
+            us = (e.device_time_total if clock.cuda else e.cpu_time_total) / steps
+            calls, nbytes = reads[e.key[7:]]
+            parts.append({"projection": e.key[7:], "calls_per_step": calls / steps,
+                          "bytes_per_step": nbytes / steps, "time_us_per_step": us,
+                          "gbps": nbytes / steps / (us * 1e-6) / 1e9 if us else None})
+    parts.sort(key=lambda r: r["time_us_per_step"], reverse=True)
+    return rows, parts
+
+
+def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock: Clock,
+              device: torch.device) -> dict:
+    """Eager and graph decode at one context, on a pool sized for it."""
+    steps, warm = args.steps, 2
+    max_len = context + warm * 2 + steps * 2 + 2 * args.profile_steps + 8
+    pool = SlotPool(config, max_seqs=1, max_len=max_len, device=device, dtype=torch.bfloat16)
+    slot = pool.acquire()
+    simulate_prefill_(pool, slot, context, args.seed + context)
+    state = pool.sequence_state(slot)
+    state.length = context
+    out: dict = {"context": context, "pool_gib": pool.nbytes() / GIB,
+                 "kv_bytes_per_token": kv_bytes_per_token(pool, context)}
+    runner = DecodeRunner(model, pool, buckets=(1,), graphs=clock.cuda and not args.no_graph)
+    errors = runner.capture(kinds=(False,))
+    out["capture_errors"] = {str(k): v for k, v in errors.items()}
+    ids = torch.full((1,), 2, dtype=torch.int64, device=device)
+
+    def one_step() -> None:
+        tokens, _ = runner.decode([state], ids, [GREEDY])
+        ids.copy_(tokens)  # stays on the device: no host sync between steps
+
+    for mode in ("eager", "graph"):
+        if mode == "graph" and not runner.graphs:
+            out[mode] = None
+            continue
+        runner.use_graphs = mode == "graph"
+        for _ in range(warm):
+            one_step()
+        step_s = clock.time(one_step, steps)
+        out[mode] = {"step_ms": step_s * 1e3, "tok_s": 1 / step_s}
+        print(f"  context {context:>6}: {mode:<5} {1 / step_s:9.2f} tok/s "
+              f"({step_s * 1e3:.2f} ms/step)", flush=True)
+    out["finite"] = bool(torch.isfinite(runner.logits[:1]).all())
+    if args.profile_steps and context == args.contexts[0]:
+        runner.use_graphs = False
+        k_rows, p_rows = profile_steps(one_step, args.profile_steps, clock, model, "eager")
+        if runner.graphs:
+            runner.use_graphs = True
+            g_rows, _ = profile_steps(one_step, args.profile_steps, clock, None, "graph")
+            k_rows += g_rows
+        out["kernels"], out["projections"] = k_rows, p_rows
+    return out
+
+
+def prefill_check(model: Transformer, config: ModelConfig, n: int, clock: Clock,
+                  device: torch.device, seed: int) -> dict:
+    """A real prefill of n tokens into a pool slot, then one fast step vs the reference."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(2, config.vocab_size, (1, n), generator=g).to(device)
+    pool = SlotPool(config, max_seqs=1, max_len=n + 8, device=device, dtype=torch.bfloat16)
+    state = pool.sequence_state(pool.acquire())
+    clock.sync()
+    t = time.perf_counter()
+    logits = model(prompt, BatchState([state]), last_only=True)
+    clock.sync()
+    prefill_s = time.perf_counter() - t
+    nxt = logits.argmax(-1)
+    ref_state = state.clone()
+    ref = model(nxt[:, None], BatchState([ref_state]), last_only=True)
+    fast = DecodeStep(model, pool)(nxt, torch.tensor([state.slot], device=device),
+                                   torch.tensor([state.length], device=device))
+    rel = float((fast - ref).abs().max() / ref.abs().max())
+    same = bool(fast.argmax(-1).eq(ref.argmax(-1)).all())
+    print(f"real prefill {n} tokens: {prefill_s:.2f} s; fast step vs reference: max rel "
+          f"logit diff {rel:.2e}, same greedy token {same}", flush=True)
+    return {"tokens": n, "seconds": prefill_s, "fast_vs_reference_max_rel": rel,
+            "same_greedy_token": same}
+
+
+def head_time(model: Transformer, clock: Clock, device: torch.device) -> float:
+    c = model.config
+    h = torch.randn(1, c.hc_mult, c.hidden_size, device=device).to(model.dtype)
+
+    def head() -> None:
+        y = model.norm(hc_head_collapse(h, model.hc_head_fn, model.hc_head_scale,
+                                        model.hc_head_base, c))
+        linear_f32(model.head, y).argmax(-1)  # the fast path's head
+
+    head()
+    return clock.time(head, 10 if clock.cuda else 2)
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=["flash", "tiny"], default="flash")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--experts", choices=["int2", "fp4"], default="int2",
+                   help="routed experts of the main layers: INT2-G64 (default) or the release's FP4")
+    p.add_argument("--layers", type=int, default=None, help="main layers (default: the config's)")
+    p.add_argument("--contexts", default="4096,32768", help="decode contexts, comma separated")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per context and mode")
+    p.add_argument("--prefill", type=int, default=64,
+                   help="real prefill tokens for the fast-vs-reference check (0: skip)")
+    p.add_argument("--profile-steps", type=int, default=2, help="profiled steps (0: no profile)")
+    p.add_argument("--no-graph", action="store_true", help="eager only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--quiet", action="store_true", help="no per-layer build lines")
+    args = p.parse_args(argv)
+    args.contexts = [int(x) for x in args.contexts.split(",") if x]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    clock = Clock(device)
+    config = build_config(args.config, args.layers)
+    L = config.num_hidden_layers
+    print(f"config {args.config}: {L} layers, experts {args.experts}, device {device}", flush=True)
+
+    with torch.device("meta"):
+        model = Transformer(config, dtype=torch.bfloat16)
+
+    def progress(group: str, seconds: float) -> None:
+        if not args.quiet:
+            mem = f", {torch.cuda.memory_allocated(device) / GIB:.1f} GiB" if clock.cuda else ""
+            print(f"  {group}: {seconds:.2f} s{mem}", flush=True)
+
+    t = time.perf_counter()
+    materialize_random_(model, seed=args.seed, device=device,
+                        experts="int2" if args.experts == "int2" else "release", progress=progress)
+    clock.sync()
+    build_s = time.perf_counter() - t
+    weights_gib = sum(_nbytes(x) for x in stored_tensors(model).values()) / GIB
+    print(f"built in {build_s:.1f} s: {weights_gib:.2f} GiB of stored weights", flush=True)
+
+    copy_bps = copy_bandwidth(device, clock)
+    print(f"copy bandwidth (read + write): {copy_bps / 1e9:.0f} GB/s", flush=True)
+    if clock.cuda:
+        torch.cuda.empty_cache()
+
+    with torch.inference_mode():
+        prefill = prefill_check(model, config, args.prefill, clock, device, args.seed) \
+            if args.prefill else None
+        print("decode, batch 1 (prefill SIMULATED: the pool slot holds random kv/entries for "
+              "positions < context):", flush=True)
+        runs = [decode_at(model, config, ctx, args, clock, device) for ctx in args.contexts]
+        head_s = head_time(model, clock, device)
+
+    w_bytes = weight_bytes_per_token(model)
+    for run in runs:
+        run["bytes_per_token"] = w_bytes["total"] + run["kv_bytes_per_token"]
+        run["bound_tok_s"] = copy_bps / run["bytes_per_token"]
+        best = run["graph"] or run["eager"]
+        run["decode_mode"] = "graph" if run["graph"] else "eager"
+        run["tok_s"] = best["tok_s"]
+        run["pct_of_bound"] = 100 * best["tok_s"] / run["bound_tok_s"]
+        run["achieved_gbps"] = run["bytes_per_token"] * best["tok_s"] / 1e9
+        if L < FULL_LAYERS:
+            step = 1 / best["tok_s"]
+            per_layer = (step - head_s) / L
+            proj_bytes = (run["bytes_per_token"] - w_bytes["head"]) / L * FULL_LAYERS + w_bytes["head"]
+            run["projection_43"] = {"per_layer_ms": per_layer * 1e3,
+                                    "step_ms": (per_layer * FULL_LAYERS + head_s) * 1e3,
+                                    "tok_s": 1 / (per_layer * FULL_LAYERS + head_s),
+                                    "bound_tok_s": copy_bps / proj_bytes}
+
+    if clock.cuda:
+        peak = torch.cuda.max_memory_allocated(device) / GIB
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # host RSS
+    by_ctx = {r["context"]: r for r in runs}
+    first = runs[0]
+    result = {
+        "config": args.config,
+        "device": torch.cuda.get_device_name(device) if clock.cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "layers": L,
+        "experts": args.experts,
+        "linear_formats": weight_formats(model),
+        "weights_gib": weights_gib,
+        "build_s": build_s,
+        "simulated_prefill": True,
+        "decode_mode": first["decode_mode"],
+        "decode_b1_4k_tok_s": by_ctx[4096]["tok_s"] if 4096 in by_ctx else None,
+        "decode_b1_32k_tok_s": by_ctx[32768]["tok_s"] if 32768 in by_ctx else None,
+        "bound_b1_tok_s": first["bound_tok_s"],
+        "copy_gbps": copy_bps / 1e9,
+        "peak_gib": peak,
+        "peak_is": "torch.cuda.max_memory_allocated" if clock.cuda else "host max RSS",
+        "weight_bytes_per_token": w_bytes,
+        "head_ms": head_s * 1e3,
+        "prefill_check": prefill,
+        "contexts": [{k: v for k, v in r.items() if k not in ("kernels", "projections")}
+                     for r in runs],
+        "kernels": first.get("kernels", []),
+        "projections": first.get("projections", []),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print("\n| context | mode | tok/s | ms/step | bound tok/s | % of bound | GB/s | 43-layer tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        for mode in ("eager", "graph"):
+            if r[mode] is None:
+                continue
+            proj = r.get("projection_43")
+            pt = (f"{1 / ((1 / r[mode]['tok_s'] - head_s) / L * FULL_LAYERS + head_s):.1f}"
+                  if proj else "-")
+            print(f"| {r['context']} | {mode} | {r[mode]['tok_s']:.2f} | {r[mode]['step_ms']:.2f} | "
+                  f"{r['bound_tok_s']:.1f} | {100 * r[mode]['tok_s'] / r['bound_tok_s']:.1f}% | "
+                  f"{r['bytes_per_token'] * r[mode]['tok_s'] / 1e9:.0f} | {pt} |")
+        if r["capture_errors"]:
+            print(f"  graph capture failed at {r['context']}: {r['capture_errors']}")
+    print(f"\nbytes per token {first['bytes_per_token'] / 1e9:.3f} GB at context {first['context']}"
+          f" (weights {w_bytes['total'] / 1e9:.3f}); copy {copy_bps / 1e9:.0f} GB/s; peak "
+          f"{peak:.2f} GiB ({result['peak_is']}); head {head_s * 1e3:.2f} ms")
+    for mode in ("eager", "graph"):
+        rows = [k for k in result["kernels"] if k["mode"] == mode][:15]
+        if rows:
+            print(f"\ntop kernels, {mode} (per step):")
+            for k in rows:
+                print(f"  {k['time_us_per_step']:10.1f} us {100 * k['share']:5.1f}%  "
+                      f"x{k['calls_per_step']:<6g} {k['kernel'][:90]}")
+    if result["projections"]:
+        print("\nweight reads per projection, eager (per step):")
+        for r in result["projections"][:12]:
+            gbps = f"{r['gbps']:.0f}" if r["gbps"] else "-"
+            print(f"  {r['projection']:<28} {r['bytes_per_step'] / 1e6:9.1f} MB "
+                  f"{r['time_us_per_step']:10.1f} us {gbps:>7} GB/s")
+    print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
