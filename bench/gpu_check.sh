@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU session in one command: the kernel and decode tests at real shapes on CUDA, every
+# kernel's benchmark against copy bandwidth, and bench/engine.py. Logs and JSON under $OUT
+# (or bench/results). Stages: STAGES="tests kernels engine" (default all), LAYERS (engine
+# layers, default 8), CONTEXTS (default 4096,32768), ENGINE_ARGS (more bench/engine.py flags).
+#
+#   OUT=/tmp/out LAYERS=20 bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DSML_TEST_DEVICE=cuda
+OUT=${OUT:-bench/results}
+STAGES=${STAGES:-tests kernels engine}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+for stage in $STAGES; do
+  case $stage in
+    tests)
+      timeout 400 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/engine/kernels tests/engine/test_decode.py tests/engine/test_runner.py 2>&1 \
+        | tee "$OUT/tests.log" | tail -25 ;;
+    kernels)
+      timeout 400 python3 -m bench.kernels --out "$OUT/kernels.json" 2>&1 \
+        | tee "$OUT/kernels.log" | tail -60 ;;
+    engine)
+      timeout 500 python3 bench/engine.py --layers "${LAYERS:-8}" \
+        --contexts "${CONTEXTS:-4096,32768}" --out "$OUT/engine.json" ${ENGINE_ARGS:-} 2>&1 \
+        | tee "$OUT/engine.log" | tail -70 ;;
+  esac
+done
