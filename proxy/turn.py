@@ -25,6 +25,7 @@ tokenizer is the model's (v4, v4-0731), as text otherwise (see `sends_ids`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterator
@@ -56,6 +57,7 @@ from proxy.metrics import Metrics, TurnObserver
 from proxy.reasoning_cache import ReasoningCache
 from proxy.timing import RequestClock
 
+log = logging.getLogger("dsml_proxy.backend")
 
 def forced_block(dialect: Dialect | str = Dialect.V4) -> str:
     """What the model writes before its first invoke: `\\n\\n<｜DSML｜tool_calls>\\n` in v4 and
@@ -200,6 +202,10 @@ class TurnRunner:
                     yield delta
         except BackendError as exc:
             metrics.upstream_errors.labels(exc.reason).inc()
+            # The client's error says what failed, not where: the engine's text goes here.
+            log.warning("upstream error", extra={"fields": {
+                "reason": exc.reason, "status": exc.status, "message": exc.message,
+                "detail": exc.detail}})
             raise
 
 
@@ -228,6 +234,10 @@ class Turn:
         self._prompt_ids: list[int] = []
         self._prompt_json = "[]"  # _prompt_ids as a JSON array
         self._generated: list[str] = []  # model-side text after the prompt (forced text included)
+        # The same text as pieces for a continuation's prompt ids (see _continuation_ids):
+        # (text, the engine's ids of it or None, whether the proxy wrote it).
+        self._pieces: list[tuple[str, list[int] | None, bool]] = []
+        self._phases = 0  # generations run so far
         self._in_reasoning = prompt.thinking
         self._saw_think_close = False
         self._saw_eos = False
@@ -319,25 +329,37 @@ class Turn:
         generated = "".join(self._generated)
         prompt_ids = ids_json = None
         if self._send_ids:
-            # Model-side text is re-encoded with control tokens matched: it is what the
-            # model wrote (or what we force it to have written), never client text.
-            more = self._runner.tokenizer.encode_generated(generated) if generated else []
+            more = self._continuation_ids() if generated else []
             prompt_ids = self._prompt_ids + more
             if not more:
                 ids_json = self._prompt_json
             elif self._prompt_ids:  # the prompt's array, extended
                 ids_json = self._prompt_json[:-1] + "," + ",".join(map(str, more)) + "]"
+        # Only a first generation in thinking mode is ever continued (forced tool choice,
+        # empty-turn recovery): its ids are asked for, so the continuation is the model's own.
+        may_continue = (self._send_ids and self._phases == 0 and self.prompt.thinking
+                        and (self._runner.recover_empty_turns
+                             or bool(forced_opener(self.prompt, self.dialect))))
+        self._phases += 1
         req = GenerateRequest(
             prompt_ids=prompt_ids,
             prompt_text=self.prompt.text + generated,
             sampling=sampling,
             prompt_ids_json=ids_json,
+            return_token_ids=may_continue,
         )
+        phase_texts: list[str] = []
+        phase_ids: list[int] | None = [] if may_continue else None
         self._backend_finish = self._backend_stop = None
         async with aclosing(
             self._runner.deltas(req, endpoint=self.endpoint, clock=self._clock)
         ) as deltas:
             async for merged in deltas:
+                if phase_ids is not None:
+                    if merged.token_ids is not None:
+                        phase_ids += merged.token_ids
+                    elif merged.text:
+                        phase_ids = None  # this engine does not say: see _continuation_ids
                 for delta in self._steps(merged):
                     self.completion_tokens += delta.num_tokens
                     if self._in_reasoning:
@@ -358,6 +380,7 @@ class Turn:
                         self._in_reasoning = False
                         self._saw_think_close = True
                     self._generated.append(text)
+                    phase_texts.append(text)
                     if batch := self._feed(text):
                         yield batch
                     elif not self._started:
@@ -368,6 +391,8 @@ class Turn:
                         break
                 if self._stopped_after_first_call:
                     break  # closing `deltas` cancels the backend request
+        if phase_texts or phase_ids:
+            self._pieces.append(("".join(phase_texts), phase_ids, False))
 
     def _steps(self, delta: GenerateDelta) -> Iterator[GenerateDelta]:
         """A delta, or the tokens it merges (`parts`: the upstream backend merges what one
@@ -403,10 +428,58 @@ class Turn:
         """Text the model is made to have written: fed to the parser, appended to the prompt."""
         if not in_prompt:
             self._generated.append(text)
+            self._pieces.append((text, None, True))
         if THINK_CLOSE in text:
             self._in_reasoning = False
             self._saw_think_close = True
         return self._feed(text)
+
+    def _continuation_ids(self) -> list[int]:
+        """The ids of the model-side text so far, for the prompt of a continuation.
+
+        Never the engine's text re-tokenized with control tokens matched: a model that
+        writes the characters `<｜User｜>` (echoing a document) would inject a real user
+        turn. In order of preference, per piece:
+
+        - the proxy's own text (`</think>`, the forced opener): control strings matched;
+        - the engine's ids of a generation (vLLM, SGLang: `return_token_ids`; the embedded
+          engine), less the EOS or `</think>` that ended it but is not in its text (a
+          stop string is cut from the text, not from the ids); used only when they decode
+          to the text exactly;
+        - otherwise the text as plain BPE, with only the `</think>` the parser took as the
+          end of reasoning as a control token (no call had started: a continuation only
+          follows a generation without one, so no other markup is in it).
+        """
+        tokenizer = self._runner.tokenizer
+        ids: list[int] = []
+        in_reasoning = self.prompt.thinking
+        for text, piece_ids, ours in self._pieces:
+            if ours:
+                ids += tokenizer.encode_generated(text)
+            elif piece_ids is not None and (exact := self._engine_ids(text, piece_ids)):
+                ids += exact
+            elif in_reasoning and THINK_CLOSE in text:
+                head, _, tail = text.partition(THINK_CLOSE)
+                ids += tokenizer.encode_text(head)
+                ids.append(tokenizer.control_ids[THINK_CLOSE])
+                ids += tokenizer.encode_text(tail)
+            else:
+                ids += tokenizer.encode_text(text)
+            if THINK_CLOSE in text:
+                in_reasoning = False
+        return ids
+
+    def _engine_ids(self, text: str, ids: list[int]) -> list[int] | None:
+        """`ids` (the engine's, of a generation whose text is `text`) less a trailing EOS or
+        `</think>` that the text lacks; None unless they decode to `text` exactly."""
+        tokenizer = self._runner.tokenizer
+        ids = list(ids)
+        for marker in (EOS, THINK_CLOSE):
+            if ids and ids[-1] == tokenizer.control_ids[marker] and not text.endswith(marker):
+                ids.pop()
+        if not all(type(i) is int and 0 <= i < tokenizer.vocab_size for i in ids):
+            return None
+        return ids if tokenizer.decode(ids) == text else None
 
     def _new_parser(self, *, thinking: bool, strict: bool = False) -> Any:
         # The rendering dialect's own tags are native to the parser, not repairs.

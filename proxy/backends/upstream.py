@@ -39,6 +39,10 @@ _SPECIAL_TOKEN_FIELDS = {"skip_special_tokens": False, "spaces_between_special_t
 # take, and how much it may hold, for its connection to go back to the pool.
 _DRAIN_TIMEOUT_S = 5.0
 _DRAIN_MAX_BYTES = 65536
+# What an event the engine should not have sent raises while it is decoded: bad JSON or
+# UTF-8 (ValueError), a wrong shape, `Infinity` in a count (OverflowError), JSON nested
+# deeper than the decoder can go (RecursionError). Each is a 502, never a 500.
+_BAD_EVENT = (ValueError, AttributeError, TypeError, OverflowError, RecursionError)
 
 
 def _matched_stop(choice: dict[str, Any]) -> str | None:
@@ -141,6 +145,10 @@ class UpstreamBackend:
             body["stop"] = list(s.stop)
         if self.kind in _IDS_BY_DEFAULT:
             body.update(_SPECIAL_TOKEN_FIELDS)
+            if req.return_token_ids:
+                # vLLM and SGLang then put the ids of each event's tokens in the choice's
+                # `token_ids` (vLLM also echoes the prompt's in the first event).
+                body["return_token_ids"] = True
         if self.kind is UpstreamKind.VLLM and isinstance(prompt, str):
             # vLLM's /v1/completions adds the tokenizer's BOS to a text prompt by default; the
             # rendered prompt already starts with it (text goes out for dialects whose
@@ -181,9 +189,11 @@ class UpstreamBackend:
         except TimeoutError as exc:
             raise BackendError("timeout", "no response within the timeout") from exc
         except OSError as exc:  # refused, unreachable, a TLS failure
-            raise BackendError("connect", f"{type(exc).__name__}: {exc}") from exc
+            raise BackendError("connect", "cannot connect to the engine",
+                               detail=f"{type(exc).__name__}: {exc}") from exc
         except HttpError as exc:
-            raise BackendError("stream", f"bad response: {exc}") from exc
+            raise BackendError("stream", "the engine sent a bad HTTP response",
+                               detail=str(exc)) from exc
         finished = False
         try:
             if resp.status != 200:
@@ -191,7 +201,8 @@ class UpstreamBackend:
                     text = (await resp.read(4096)).decode("utf-8", "replace")[:500]
                 except (TimeoutError, HttpError):
                     text = ""
-                raise BackendError("status", f"HTTP {resp.status}: {text}", status=resp.status)
+                raise BackendError("status", f"the engine answered HTTP {resp.status}",
+                                   status=resp.status, detail=text)
             async for delta in self._read_stream(resp):
                 yield delta
             finished = True
@@ -246,7 +257,7 @@ class UpstreamBackend:
                     error: Exception | None = None
                     try:
                         reader.take(out)
-                    except (BackendError, ValueError, AttributeError, TypeError) as exc:
+                    except (BackendError, *_BAD_EVENT) as exc:
                         error = exc  # after what the read held before the bad event
                     if out:
                         for delta in out:
@@ -262,9 +273,11 @@ class UpstreamBackend:
         except TimeoutError as exc:
             raise BackendError("timeout", "no data from the upstream within the read timeout") from exc
         except (HttpError, OSError) as exc:  # ConnectionLost included
-            raise BackendError("stream", f"stream broken: {type(exc).__name__}: {exc}") from exc
-        except (ValueError, AttributeError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise BackendError("stream", f"unreadable SSE event: {exc}") from exc
+            raise BackendError("stream", "the engine's stream broke",
+                               detail=f"{type(exc).__name__}: {exc}") from exc
+        except _BAD_EVENT as exc:  # JSONDecodeError, UnicodeDecodeError, Infinity, deep nesting
+            raise BackendError("stream", "the engine sent an unreadable event",
+                               detail=f"{type(exc).__name__}: {str(exc)[:500]}") from exc
         if reader.done:
             return
         if reader.finish is None:
@@ -450,13 +463,18 @@ class SseReader:
         texts: list[str] = []
         num = 0
         finish = stop = None
+        ids: list[int] | None = None  # the events' `token_ids`, where the engine sends them
         counted, started, max_merge = self.num_counted, self._started, self.max_merge
         try:
             for data in events:
                 if "error" in data:
-                    raise BackendError("stream", f"upstream error event: {data['error']}")
+                    raise BackendError("stream", "the engine reported an error",
+                                       detail=str(data["error"])[:500])
                 for choice in data.get("choices") or ():
                     text = choice.get("text")
+                    token_ids = choice.get("token_ids")
+                    if type(token_ids) is list:
+                        ids = token_ids if ids is None else ids + token_ids
                     if text:
                         texts.append(text)
                         num += 1
@@ -467,8 +485,9 @@ class SseReader:
                         stop = _matched_stop(choice) if finish == "stop" else None
                     if text and (not started or THINK_CLOSE in text or len(texts) >= max_merge):
                         started = True
-                        out.append(MergedDelta("".join(texts), num, finish, stop, texts))
-                        texts, num, finish, stop = [], 0, None, None
+                        out.append(MergedDelta("".join(texts), num, finish, stop, ids,
+                                               parts=texts))
+                        texts, num, finish, stop, ids = [], 0, None, None, None
                 usage = data.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     # SSE events can carry several tokens (speculative decoding, batching):
@@ -479,5 +498,5 @@ class SseReader:
                         num += missing
         finally:
             self.num_counted, self._started = counted, started
-            if texts or num or finish is not None:
-                out.append(MergedDelta("".join(texts), num, finish, stop, texts))
+            if texts or num or finish is not None or ids:
+                out.append(MergedDelta("".join(texts), num, finish, stop, ids, parts=texts))
