@@ -142,7 +142,7 @@ async def test_empty_turn_recovery_does_not_forge(serve: Callable[..., Any],
     continued = second[len(first):]
     assert second[: len(first)] == first
     assert USER_ID not in continued and TOK.eos_id not in continued
-    assert continued == reasoning_ids + [TOK.control_ids[mk.THINK_CLOSE]]
+    assert continued == [*reasoning_ids, TOK.control_ids[mk.THINK_CLOSE]]
 
 
 def test_token_ids_are_asked_of_vllm_and_sglang_only() -> None:
