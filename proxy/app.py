@@ -9,6 +9,7 @@ backend request, at once (without it aiohttp only notices at the next write).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -23,6 +24,11 @@ from proxy.reasoning_cache import ReasoningCache
 from proxy.routes import anthropic, chat, completions, models, ops, responses
 from proxy.settings import Settings
 from proxy.turn import TurnRunner
+
+
+async def _workers_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[state.WORKERS].shutdown(wait=False, cancel_futures=True)
 
 
 async def _backend_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -66,7 +72,10 @@ def create_app(
         recover_empty_turns=settings.recover_empty_turns,
         strict_tool_calls=settings.strict_tool_calls, dialect=settings.dialect,
     )
+    app[state.WORKERS] = ThreadPoolExecutor(settings.worker_threads,
+                                            thread_name_prefix="dsml-proxy-worker")
     app.cleanup_ctx.append(_backend_lifecycle)
+    app.cleanup_ctx.append(_workers_lifecycle)
 
     app.router.add_post("/v1/chat/completions", chat.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)

@@ -12,6 +12,7 @@ nothing here.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,6 +28,7 @@ class ResponseStore:
         self.ttl_s = ttl_s
         self._clock = clock
         self._items: OrderedDict[str, tuple[float, Messages]] = OrderedDict()
+        self._lock = threading.Lock()  # a big request's get runs on a worker thread
 
     def __len__(self) -> int:
         return len(self._items)
@@ -34,14 +36,16 @@ class ResponseStore:
     def put(self, response_id: str, messages: Messages) -> None:
         if self.max_entries <= 0:
             return
-        self._expire()
-        self._items[response_id] = (self._clock() + self.ttl_s, messages)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._expire()
+            self._items[response_id] = (self._clock() + self.ttl_s, messages)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
 
     def get(self, response_id: str) -> Messages | None:
-        self._expire()
-        entry = self._items.get(response_id)
+        with self._lock:
+            self._expire()
+            entry = self._items.get(response_id)
         return None if entry is None else entry[1]
 
     def _expire(self) -> None:

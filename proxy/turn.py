@@ -233,6 +233,7 @@ class Turn:
         self._parser: Any = None
         self._prompt_ids: list[int] = []
         self._prompt_json = "[]"  # _prompt_ids as a JSON array
+        self._tokenized = False  # see tokenize
         self._generated: list[str] = []  # model-side text after the prompt (forced text included)
         # The same text as pieces for a continuation's prompt ids (see _continuation_ids):
         # (text, the engine's ids of it or None, whether the proxy wrote it).
@@ -267,6 +268,20 @@ class Turn:
                 for event in batch:
                     yield event
 
+    def tokenize(self) -> None:
+        """The prompt's ids (or, for a prompt that goes as text, its length), once. The turn
+        does it when it starts; an endpoint calls it before, on a worker thread, for a big
+        prompt (proxy.routes.common.prepare_turn)."""
+        if self._tokenized:
+            return
+        tokenizer = self._runner.tokenizer
+        if self._send_ids:
+            self._prompt_ids, self._prompt_json = tokenizer.encode_prompt_json(self.prompt)
+            self.prompt_tokens = len(self._prompt_ids)
+        else:
+            self.prompt_tokens = count_prompt_tokens(tokenizer, self.prompt)
+        self._tokenized = True
+
     async def batches(self) -> AsyncIterator[list[Event]]:
         """The turn's events, in lists: those of one backend delta together, so that an
         endpoint can write them out at once. Never empty but once: when the engine's first
@@ -275,11 +290,7 @@ class Turn:
         generation has started, so the stream can open now (a chat stream's first chunk,
         with the role, as OpenAI sends it) instead of after those tokens."""
         runner, prompt = self._runner, self.prompt
-        if self._send_ids:
-            self._prompt_ids, self._prompt_json = runner.tokenizer.encode_prompt_json(prompt)
-            self.prompt_tokens = len(self._prompt_ids)
-        else:
-            self.prompt_tokens = count_prompt_tokens(runner.tokenizer, prompt)
+        self.tokenize()
         self._parser = self._new_parser(thinking=prompt.thinking,
                                         strict=runner.strict_tool_calls)
         user_stop = list(self.sampling.stop)

@@ -9,6 +9,7 @@ and outside auth, so a bad key is answered in that shape too.
 from __future__ import annotations
 
 import asyncio
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -19,13 +20,14 @@ from proxy.backends.base import SamplingParams
 from proxy.encoders.anthropic import AnthropicStreamEncoder, anthropic_error, message_body
 from proxy.middleware import Handler, api_error_for
 from proxy.models import ModelSpec
-from proxy.routes.common import drain, read_json, stream_turn
+from proxy.routes.common import drain, off_loop, prepare_turn, read_json, stream_turn
 from proxy.signature import app_signer
 from proxy.translate.anthropic import to_chat
 from proxy.turn import count_prompt_tokens
 from schemas.anthropic import CountTokensRequest, MessagesRequest
 
 ENDPOINT = "messages"
+R = TypeVar("R", bound=CountTokensRequest)
 PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 
 
@@ -46,9 +48,9 @@ def render(app: web.Application, req: CountTokensRequest) -> tuple[Prompt, bool,
 
 async def messages(request: web.Request) -> web.StreamResponse:
     app = request.app
-    req = MessagesRequest.model_validate(await read_json(request))
+    req, (prompt, parallel, model) = await off_loop(
+        request, prepare, app, MessagesRequest, await read_json(request))
     request[state.LOG_FIELDS]["model"] = req.model
-    prompt, parallel, model = render(app, req)
     sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                               top_p=req.top_p, top_k=req.top_k,
                               stop=list(req.stop_sequences or ()))
@@ -56,6 +58,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     async with app[state.LIMITER].slot(clock):  # queueing is a wait, not overhead
         turn = app[state.RUNNER].start(prompt, sampling, endpoint=ENDPOINT, clock=clock,
                                        parallel_tool_calls=parallel, dialect=model.dialect)
+        await prepare_turn(request, turn)
         if req.stream:
             encoder = AnthropicStreamEncoder(turn, req.model, app_signer(app))
             return await stream_turn(request, turn, encoder,
@@ -66,10 +69,20 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's length with the real tokenizer: rendered exactly as /v1/messages would."""
-    req = CountTokensRequest.model_validate(await read_json(request))
-    prompt, _, _ = render(request.app, req)
-    return web.json_response(
-        {"input_tokens": count_prompt_tokens(request.app[state.TOKENIZER], prompt)})
+    app = request.app
+
+    def count(body: dict[str, Any]) -> int:
+        _, (prompt, _, _) = prepare(app, CountTokensRequest, body)
+        return count_prompt_tokens(app[state.TOKENIZER], prompt)
+
+    return web.json_response({"input_tokens": await off_loop(request, count,
+                                                             await read_json(request))})
+
+
+def prepare(app: web.Application, schema: type[R], body: dict[str, Any]
+            ) -> tuple[R, tuple[Prompt, bool, ModelSpec]]:
+    req = schema.model_validate(body)
+    return req, render(app, req)
 
 
 @web.middleware

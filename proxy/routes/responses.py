@@ -17,7 +17,7 @@ from proxy.backends.base import SamplingParams
 from proxy.encoders.responses import ResponsesStreamEncoder, envelope, new_id, response_body
 from proxy.errors import ApiError
 from proxy.response_store import ResponseStore
-from proxy.routes.common import drain, read_json, stream_turn
+from proxy.routes.common import drain, off_loop, prepare_turn, read_json, stream_turn
 from proxy.signature import app_signer
 from proxy.translate.responses import input_messages, output_message, to_chat
 from schemas.responses import ResponsesRequest
@@ -46,14 +46,20 @@ def history(app: web.Application, req: ResponsesRequest) -> list[dict[str, Any]]
 
 async def responses(request: web.Request) -> web.StreamResponse:
     app = request.app
-    req = ResponsesRequest.model_validate(await read_json(request))
-    request[state.LOG_FIELDS]["model"] = req.model
-    model = app[state.MODELS].get(req.model)  # 404 for an unknown model
     signer = app_signer(app)
-    messages = history(app, req) + input_messages(req, signer)
-    chat, parallel = to_chat(req, messages)
-    app[state.REASONING_CACHE].backfill(chat["messages"])
-    prompt = render_chat(chat, dialect=model.dialect, default_thinking=model.thinking)
+
+    def prepare(body: dict[str, Any]) -> tuple[Any, ...]:
+        req = ResponsesRequest.model_validate(body)
+        model = app[state.MODELS].get(req.model)  # 404 for an unknown model
+        messages = history(app, req) + input_messages(req, signer)
+        chat, parallel = to_chat(req, messages)
+        app[state.REASONING_CACHE].backfill(chat["messages"])
+        prompt = render_chat(chat, dialect=model.dialect, default_thinking=model.thinking)
+        return req, model, messages, chat, parallel, prompt
+
+    req, model, messages, chat, parallel, prompt = await off_loop(
+        request, prepare, await read_json(request))
+    request[state.LOG_FIELDS]["model"] = req.model
     sampling = SamplingParams(max_tokens=req.max_output_tokens, temperature=req.temperature,
                               top_p=req.top_p)
     response = envelope(req, new_id("resp_"), chat.get("tools", []))
@@ -62,6 +68,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     async with app[state.LIMITER].slot(clock):  # queueing is a wait, not overhead
         turn = app[state.RUNNER].start(prompt, sampling, endpoint=ENDPOINT, clock=clock,
                                        parallel_tool_calls=parallel, dialect=model.dialect)
+        await prepare_turn(request, turn)
         if req.stream:
             streamed = await stream_turn(request, turn, ResponsesStreamEncoder(response, signer),
                                          keepalive_s=app[state.SETTINGS].keepalive_interval_s)
