@@ -407,3 +407,25 @@ def test_render_vectors_encode_like_deepseek_recipe(tok: V4Tokenizer, recipe_enc
         assert tok.encode_prompt(prompt) == recipe_encoding.encode(conversation), vector["id"]
         num_compared += 1
     assert num_compared >= 100
+
+
+def test_long_texts_are_cut_only_where_bpe_ids_stay_the_same() -> None:
+    # Long client texts are encoded in parts by one batch call (it releases the GIL and runs
+    # in parallel: issue 14); the ids must be those of the whole text.
+    import random
+
+    from dsml.tokenizer import RELEASE_GIL_CHARS, load_tokenizer, split_for_bpe
+
+    tok = load_tokenizer()
+    rnd = random.Random(7)
+    words = ["hello", "World", "x", "2024", "12345678", "，", "你好世界", "テスト", "\n", "\n\n",
+             "  ", "\t", "don't", "a.b", "<｜User｜>", "é", "ñandú", "__init__", "foo()", "😀",
+             "ABC", "q", "-", "'s"]
+    text = "".join(rnd.choice(words) + rnd.choice([" ", " ", "", "\n"]) for _ in range(40_000))
+    assert len(text) > RELEASE_GIL_CHARS
+    parts = split_for_bpe(text, size=997)
+    assert len(parts) > 50 and "".join(parts) == text
+    assert tok.encode_text(text) == tok._plain.encode(text, add_special_tokens=False).ids
+    whole = tok._plain.encode(text, add_special_tokens=False).ids
+    assert [i for p in parts for i in tok._plain.encode(p, add_special_tokens=False).ids] == whole
+    assert split_for_bpe("你好" * 50_000) == ["你好" * 50_000]  # nowhere safe to cut: whole
