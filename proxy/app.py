@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import signal
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,7 @@ from aiohttp import web
 from dsml.tokenizer import V4Tokenizer, load_tokenizer
 from proxy import __version__, state
 from proxy.backends.base import Backend
+from proxy.connections import GUARD, ConnectionGuard, GuardedRunner, guard_middleware
 from proxy.limits import ConcurrencyLimiter
 from proxy.metrics import Metrics
 from proxy.middleware import Handler, auth_middleware, error_middleware, observe_middleware
@@ -84,11 +86,12 @@ def create_app(
     # sits just above it as a backstop for handlers that read bodies another way.
     app = web.Application(
         # anthropic_errors answers /v1/messages errors (auth's included) in Anthropic's shape.
-        middlewares=[release_memory_middleware, observe_middleware, error_middleware,
-                     anthropic.anthropic_errors, auth_middleware],
+        middlewares=[guard_middleware, release_memory_middleware, observe_middleware,
+                     error_middleware, anthropic.anthropic_errors, auth_middleware],
         client_max_size=settings.max_body_bytes + 1,
     )
     app[state.SETTINGS] = settings
+    app[GUARD] = ConnectionGuard(settings.max_connections, settings.client_timeout_s)
     app[state.BACKEND] = backend
     app[state.TOKENIZER] = tokenizer
     app[state.METRICS] = metrics
@@ -120,5 +123,25 @@ def create_app(
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
-    """An AppRunner that cancels a handler when its client disconnects."""
-    return web.AppRunner(app, handler_cancellation=True, access_log=None)
+    """An AppRunner that cancels a handler when its client disconnects, and bounds client
+    connections (proxy.connections: how many, and how long a request may take to come)."""
+    return GuardedRunner(app, handler_cancellation=True, access_log=None)
+
+
+def serve(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM (what `web.run_app` does, through `make_runner`)."""
+
+    async def main() -> None:
+        runner = make_runner(app)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())

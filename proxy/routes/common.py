@@ -56,8 +56,9 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         async with asyncio.timeout(settings.client_timeout_s):
             raw = await request.read()
     except TimeoutError:
+        # The rest of the body may still come: this connection cannot carry another request.
         raise ApiError(408, f"the body did not arrive within {settings.client_timeout_s} s",
-                       code="request_timeout") from None
+                       code="request_timeout", headers={"Connection": "close"}) from None
     finally:
         clock.wait_end()
     request[state.OFFLOAD] = len(raw) > settings.offload_bytes
