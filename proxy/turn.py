@@ -33,7 +33,7 @@ from contextlib import aclosing
 from typing import Any
 
 from dsml.dialects import Dialect, texts
-from dsml.errors import UnsupportedError
+from dsml.errors import DsmlError, UnsupportedError
 from dsml.events import (
     Event,
     ParseResult,
@@ -53,6 +53,7 @@ from proxy.backends.base import (
     GenerateRequest,
     SamplingParams,
 )
+from proxy.errors import ApiError
 from proxy.metrics import Metrics, TurnObserver
 from proxy.reasoning_cache import ReasoningCache
 from proxy.timing import RequestClock
@@ -110,6 +111,14 @@ def observe_many(histogram: Any, value: float, n: int) -> None:
         return
     total.inc(value * n)
     buckets[bisect_left(bounds, value)].inc(n)  # the first bucket with value <= bound
+
+
+def unparsable(exc: Exception) -> ApiError:
+    """A parser failure on the model's output (a parser bug): a 502 in the API's error shape
+    (the model's output, not the request, is at fault), never a 500; the traceback is logged."""
+    log.error("the DSML parser failed on the model's output", exc_info=exc)
+    return ApiError(502, f"the model's output could not be parsed ({type(exc).__name__})",
+                    code="unparsable_output")
 
 
 def forced_opener(prompt: Prompt, dialect: Dialect | str = Dialect.V4) -> str:
@@ -324,7 +333,13 @@ class Turn:
                 yield batch
         elif self._saw_eos and (batch := self._feed(EOS)):
             yield batch
-        if batch := self._filter(self._parser.finish()):
+        try:
+            events = self._parser.finish()
+        except DsmlError:
+            raise
+        except Exception as exc:
+            raise unparsable(exc) from exc
+        if batch := self._filter(events):
             yield batch
         self._finish_turn()
 
@@ -498,7 +513,12 @@ class Turn:
                                  dialect=self.dialect)
 
     def _feed(self, text: str) -> list[Event]:
-        return self._filter(self._parser.feed(text))
+        try:
+            return self._filter(self._parser.feed(text))
+        except DsmlError:
+            raise
+        except Exception as exc:
+            raise unparsable(exc) from exc
 
     def _filter(self, events: list[Event]) -> list[Event]:
         out = []
@@ -542,8 +562,13 @@ class Turn:
         # (dsml.md section 6), so ask a throwaway parser how this turn would end. This runs
         # once, only for turns that never left reasoning.
         probe = self._new_parser(thinking=True)
-        probe.feed("".join(self._generated))
-        probe.finish()
+        try:
+            probe.feed("".join(self._generated))
+            probe.finish()
+        except DsmlError:
+            raise
+        except Exception as exc:
+            raise unparsable(exc) from exc
         return not probe.result.tool_calls
 
     def _finish_turn(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ _DRAIN_MAX_BYTES = 65536
 # UTF-8 (ValueError), a wrong shape, `Infinity` in a count (OverflowError), JSON nested
 # deeper than the decoder can go (RecursionError). Each is a 502, never a 500.
 _BAD_EVENT = (ValueError, AttributeError, TypeError, OverflowError, RecursionError)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _matched_stop(choice: dict[str, Any]) -> str | None:
@@ -424,7 +426,7 @@ class SseReader:
             except ValueError:
                 decoded = None
             if decoded is not None and (n == 1 or len(decoded) == n):
-                self._merge([decoded] if n == 1 else decoded, out)
+                self._merge([decoded] if n == 1 else decoded, out, b"\\u" in region)
                 return
         payloads = []
         for event in region.split(b"\n\n"):
@@ -443,23 +445,26 @@ class SseReader:
                 self.done = True
                 break
         if len(payloads) == 1:
-            self._merge([json.loads(payloads[0])], out)
+            self._merge([json.loads(payloads[0])], out, b"\\u" in region)
             return
         try:
             decoded = json.loads(b"[" + b",".join(payloads) + b"]")
         except ValueError:
             decoded = None
         if decoded is not None and len(decoded) == len(payloads):
-            self._merge(decoded, out)
+            self._merge(decoded, out, b"\\u" in region)
             return
         good = []
         try:
             for payload in payloads:
                 good.append(json.loads(payload))
         finally:  # what came before the bad event goes out first
-            self._merge(good, out)
+            self._merge(good, out, b"\\u" in region)
 
-    def _merge(self, events: list[Any], out: list[GenerateDelta]) -> None:
+    def _merge(self, events: list[Any], out: list[GenerateDelta], escaped: bool = False) -> None:
+        """`escaped`: the events' bytes hold a `\\u` escape, so a text may hold a lone
+        surrogate (an escaped pair is one character once decoded): it becomes U+FFFD, as
+        invalid UTF-8 from an engine does, instead of failing every encoder downstream."""
         texts: list[str] = []
         num = 0
         finish = stop = None
@@ -472,6 +477,8 @@ class SseReader:
                                        detail=str(data["error"])[:500])
                 for choice in data.get("choices") or ():
                     text = choice.get("text")
+                    if escaped and text and _LONE_SURROGATE.search(text):
+                        text = _LONE_SURROGATE.sub("\ufffd", text)
                     token_ids = choice.get("token_ids")
                     if type(token_ids) is list:
                         ids = token_ids if ids is None else ids + token_ids

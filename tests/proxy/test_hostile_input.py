@@ -302,3 +302,47 @@ async def test_completions_stream_error_after_200_is_an_sse_event() -> None:
         assert events[-1]["error"]["code"] == "internal_error"
     finally:
         await runner.cleanup()
+
+
+async def test_a_parser_failure_is_a_502_not_a_500(proxy: ProxyServer, fake: FakeUpstream,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsml.parser import StreamParser
+
+    def broken(self: Any, text: str) -> Any:
+        raise IndexError("parser bug")
+
+    monkeypatch.setattr(StreamParser, "feed", broken)
+    fake.push("hello" + EOS)
+    status, body = await post(proxy.url, "/v1/chat/completions", CHAT)
+    assert status == 502, body
+    assert openai_error(body)["code"] == "unparsable_output"
+    fake.push("hello" + EOS)
+    status, body = await post(proxy.url, "/v1/messages", {
+        "model": "deepseek-chat", "max_tokens": 5, "messages": USER})
+    assert status == 502 and anthropic_error(body)
+
+
+async def test_lone_surrogate_from_the_upstream_becomes_a_replacement_char(
+        start_proxy: StartProxy) -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"text": "a\\ud800b", "finish_reason": null}]}'
+                             b'\n\ndata: {"choices": [{"text": " \\ud83d\\ude00", '
+                             b'"finish_reason": "stop"}]}\n\ndata: [DONE]\n\n')
+        return response
+
+    runner, url = await serve_completions(completions)
+    try:
+        proxy = await start_proxy(upstream=url)
+        for stream in (False, True):
+            async with aiohttp.ClientSession() as session, session.post(
+                    proxy.url + "/v1/chat/completions", json={**CHAT, "stream": stream}) as resp:
+                assert resp.status == 200
+                raw = await resp.text()
+            if not stream:
+                assert json.loads(raw)["choices"][0]["message"]["content"] == "a\ufffdb \U0001f600"
+            else:
+                assert '"error"' not in raw and "data: [DONE]" in raw
+    finally:
+        await runner.cleanup()
