@@ -115,6 +115,15 @@ _SAFE_CUT = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
 BPE_CHUNK_CHARS = 1 << 15
 
 
+def ids_json_items(ids: list[int] | array) -> str:
+    """`",".join(map(str, ids))`, a slice at a time for a long list: one C call over 10^6
+    ids holds the GIL for ~0.1 s, which a worker thread must not take from the event loop."""
+    step = 1 << 14
+    if len(ids) <= step:
+        return ",".join(map(str, ids))
+    return ",".join([",".join(map(str, ids[k:k + step])) for k in range(0, len(ids), step)])
+
+
 def split_for_bpe(text: str, size: int = BPE_CHUNK_CHARS) -> list[str]:
     """`text` in parts of about `size` characters, cut only where BPE gives the same ids
     (see _SAFE_CUT): one long text is then encoded by one parallel batch call, not one
@@ -270,7 +279,7 @@ class V4Tokenizer:
         """encode_prompt_json for a prompt _json_segments cannot take (a control segment
         that is not exactly one control string): the ids, then their JSON."""
         ids = self.encode_prompt(prompt)
-        return ids, "[" + ",".join(map(str, ids)) + "]"
+        return ids, "[" + ids_json_items(ids) + "]"
 
     def _json_segments(self, segments: list[Segment], ids: list[int], parts: list[str]) -> bool:
         """Append the ids and JSON pieces of `segments` (which end before a control token,
@@ -302,7 +311,7 @@ class V4Tokenizer:
             return
         ids += piece
         if json_text is None:
-            json_text = ",".join(map(str, piece))
+            json_text = ids_json_items(piece)
             self._pieces.put_json(text, json_text)
         parts.append(json_text)
 
