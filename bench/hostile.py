@@ -4,6 +4,7 @@
     python bench/hostile.py                # the catalogue, then a 60 s mixed soak
     python bench/hostile.py --soak 600     # the 10-minute soak (64 streams + hostile traffic)
     python bench/hostile.py --soak 0       # the catalogue only
+    python bench/hostile.py --no-hostile   # the soak's baseline: the 64 streams alone
 
 Processes as in bench/proxy.py: the fast fake vLLM, the proxy (`dsml-proxy serve`, default
 settings), this process as the clients. The catalogue sends each case of the issue once, with
@@ -142,7 +143,7 @@ async def run_catalogue(url: str) -> list[dict[str, Any]]:
 
 
 async def mixed_soak(url: str, pid: int, seconds: float, cases: list[dict[str, Any]],
-                     streams: int = 64) -> dict[str, Any]:
+                     streams: int = 64, with_hostile: bool = True) -> dict[str, Any]:
     payloads = [json.dumps({
         "model": "deepseek-reasoner" if case["thinking"] else "deepseek-chat",
         "messages": [{"role": "user", "content": f"Soak request {i}: use a tool."}],
@@ -178,7 +179,7 @@ async def mixed_soak(url: str, pid: int, seconds: float, cases: list[dict[str, A
 
         async def hostile() -> None:
             k = 0
-            while time.perf_counter() < deadline:
+            while with_hostile and time.perf_counter() < deadline:
                 _, path, body, headers, ok = cheap[k % len(cheap)]
                 async with session.post(url + path, data=body, headers=headers) as resp:
                     await resp.read()
@@ -200,7 +201,8 @@ async def mixed_soak(url: str, pid: int, seconds: float, cases: list[dict[str, A
         await prober
         samples.append((time.perf_counter() - start, rss_bytes(pid) / 2**20))
     half = len(samples) // 2
-    return {"seconds": seconds, "concurrent_streams": streams, **counts,
+    return {"seconds": seconds, "concurrent_streams": streams, "with_hostile": with_hostile,
+            **counts,
             "health_probes": len(health), "health_p50_ms": round(pct(health, 0.5) * 1000, 1),
             "health_p99_ms": round(pct(health, 0.99) * 1000, 1),
             "health_max_ms": round(max(health, default=0) * 1000, 1),
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--soak", type=float, default=60, metavar="SECONDS",
                     help="the mixed soak's length (default 60; 0: none)")
+    ap.add_argument("--no-hostile", action="store_true",
+                    help="the soak without the hostile client (the baseline of its figures)")
     ap.add_argument("--out", type=Path, default=RESULTS / "hostile.json")
     args = ap.parse_args(argv)
     cases = _fake_engine.load_cases(None)
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             "catalogue": asyncio.run(run_catalogue(proxy.url)),
         }
         if args.soak > 0:
-            report["soak"] = asyncio.run(mixed_soak(proxy.url, proxy.pid, args.soak, cases))
+            report["soak"] = asyncio.run(mixed_soak(proxy.url, proxy.pid, args.soak, cases,
+                                                    with_hostile=not args.no_hostile))
             print(json.dumps({k: v for k, v in report["soak"].items()
                               if k != "rss_mb_samples"}, indent=1))
     finally:

@@ -6,9 +6,13 @@ import json
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from dsml.checks import compile_check
+from dsml.errors import RenderError
+from dsml.request import render_chat
 from dsml.schema import ToolRegistry, ToolSchema, _compile, coerce_value, loads_strict
 from tests.dsml.conftest import vectors
 
@@ -226,3 +230,49 @@ def test_ref_cycle_is_a_validation_error_not_a_crash() -> None:
                             "$defs": {"a": {"$ref": "#/$defs/a"}}})
     error = tool.validate({"x": 1})
     assert error is not None and "loop" in error
+
+
+# --- fuzzed schemas: a 400 or a verdict, never an exception (issue 14) ----------------------
+
+_PATTERNS = ["^(a+)+$", "(a)\\1", "(?=x)", "[", "\\p{L}+", "^[a-z]{2,5}$", "\ud800", "a{99999}",
+             "(?i)abc", ".*.*.*=.*", "\\d+"]
+_KEYWORDS = ["type", "properties", "required", "items", "enum", "const", "pattern",
+             "patternProperties", "propertyNames", "additionalProperties", "anyOf", "oneOf",
+             "allOf", "not", "$ref", "$defs", "minimum", "maxLength", "format",
+             "unevaluatedProperties", "if", "then", "dependentSchemas", "prefixItems"]
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=4), children, max_size=3), max_leaves=8)
+_schemas = st.recursive(
+    st.booleans() | st.fixed_dictionaries({"type": st.sampled_from(
+        ["string", "integer", "object", "array", "null", "bogus"])}),
+    lambda children: st.dictionaries(
+        st.sampled_from(_KEYWORDS),
+        children | st.sampled_from(_PATTERNS) | _json | st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["a", "b", "^x", "(a)\\1", "#/$defs/a"]), children,
+                          max_size=3)
+        | st.sampled_from(["#/$defs/a", "#", "#/nope", "https://example.com/s.json"]),
+        max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schema=_schemas, arguments=st.dictionaries(st.sampled_from(["a", "b", "x1", "aaaa!"]),
+                                                   _json, max_size=3))
+def test_fuzzed_schemas_render_or_refuse_and_validate_without_exceptions(
+        schema: object, arguments: dict) -> None:
+    import time
+
+    params = schema if isinstance(schema, dict) else {"type": "object"}
+    request = {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": params}}]}
+    try:
+        prompt = render_chat(request)
+    except RenderError:
+        return  # a 400 in the proxy
+    tools = ToolRegistry(prompt.tools)
+    start = time.perf_counter()
+    verdict = tools.get("f").validate(arguments)  # type: ignore[union-attr]
+    assert verdict is None or isinstance(verdict, str)
+    assert time.perf_counter() - start < 1.0
