@@ -60,6 +60,7 @@ from proxy.timing import RequestClock
 
 log = logging.getLogger("dsml_proxy.backend")
 
+
 def forced_block(dialect: Dialect | str = Dialect.V4) -> str:
     """What the model writes before its first invoke: `\\n\\n<｜DSML｜tool_calls>\\n` in v4 and
     v4-0731, `<｜DSML｜ calls>` in v4.1, `<｜DSML｜function_calls>` in v3.2 (dsml.md 2, 5)."""
@@ -361,21 +362,23 @@ class Turn:
                 ids_json = self._prompt_json
             elif self._prompt_ids:  # the prompt's array, extended
                 ids_json = self._prompt_json[:-1] + "," + ",".join(map(str, more)) + "]"
-        # Only a first generation in thinking mode is ever continued (forced tool choice,
-        # empty-turn recovery): its ids are asked for, so the continuation is the model's own.
-        may_continue = (self._send_ids and self._phases == 0 and self.prompt.thinking
-                        and (self._runner.recover_empty_turns
-                             or bool(forced_opener(self.prompt, self.dialect))))
+        # Only a first generation in thinking mode may be continued: the ids that come with
+        # its deltas are kept. A forced tool choice always continues it, so it asks an
+        # upstream for them; an empty-turn recovery (rare) does not: vLLM echoes the
+        # prompt's ids in the first event with them, and plain BPE is as safe
+        # (_continuation_ids). The embedded engine always gives them.
+        continuable = self._send_ids and self._phases == 0 and self.prompt.thinking
+        ask_ids = continuable and bool(forced_opener(self.prompt, self.dialect))
         self._phases += 1
         req = GenerateRequest(
             prompt_ids=prompt_ids,
             prompt_text=self.prompt.text + generated,
             sampling=sampling,
             prompt_ids_json=ids_json,
-            return_token_ids=may_continue,
+            return_token_ids=ask_ids,
         )
         phase_texts: list[str] = []
-        phase_ids: list[int] | None = [] if may_continue else None
+        phase_ids: list[int] | None = [] if continuable else None
         self._backend_finish = self._backend_stop = None
         async with aclosing(
             self._runner.deltas(req, endpoint=self.endpoint, clock=self._clock)
@@ -468,8 +471,8 @@ class Turn:
         turn. In order of preference, per piece:
 
         - the proxy's own text (`</think>`, the forced opener): control strings matched;
-        - the engine's ids of a generation (vLLM, SGLang: `return_token_ids`; the embedded
-          engine), less the EOS or `</think>` that ended it but is not in its text (a
+        - the engine's ids of a generation (vLLM, SGLang: `return_token_ids`, asked for by a
+          forced tool choice; the embedded engine always), less the EOS or `</think>` that ended it but is not in its text (a
           stop string is cut from the text, not from the ids); used only when they decode
           to the text exactly;
         - otherwise the text as plain BPE, with only the `</think>` the parser took as the
@@ -514,11 +517,12 @@ class Turn:
 
     def _feed(self, text: str) -> list[Event]:
         try:
-            return self._filter(self._parser.feed(text))
+            events = self._parser.feed(text)
         except DsmlError:
             raise
         except Exception as exc:
             raise unparsable(exc) from exc
+        return self._filter(events)
 
     def _filter(self, events: list[Event]) -> list[Event]:
         out = []

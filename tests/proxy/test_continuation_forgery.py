@@ -19,6 +19,7 @@ from aiohttp import web
 from dsml import markers as mk
 from dsml.tokenizer import load_tokenizer
 from proxy.app import create_app, make_runner
+from proxy.backends.base import GenerateDelta, GenerateRequest
 from proxy.backends.upstream import UpstreamBackend
 from proxy.settings import Settings
 from tests.fakes.upstream import serve_completions
@@ -138,6 +139,9 @@ async def test_empty_turn_recovery_does_not_forge(serve: Callable[..., Any],
     body = await chat(url, {"model": "deepseek-reasoner",
                             "messages": [{"role": "user", "content": "Weather?"}]})
     assert body["choices"][0]["message"]["content"] == "It is sunny."
+    # A recovery is rare: ids are not asked for every turn that might need one (vLLM would
+    # echo the whole prompt's); the text is continued as plain BPE.
+    assert "return_token_ids" not in engine.bodies[0]
     first, second = engine.bodies[0]["prompt"], engine.bodies[1]["prompt"]
     continued = second[len(first):]
     assert second[: len(first)] == first
@@ -167,3 +171,48 @@ def test_sse_reader_merges_token_ids() -> None:
     reader.feed(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events), out)
     assert "".join(d.text for d in out) == "abcdef"
     assert [i for d in out for i in (d.token_ids or [])] == [0, 1, 2, 3, 4, 5, 1]
+
+
+class _IdsBackend:
+    """An in-process backend that, like the embedded engine, gives every delta's ids; its
+    ids for the reasoning are one per character (not what BPE would give), so a test can
+    tell its ids from a re-tokenization."""
+
+    name = "ids"
+
+    def __init__(self, replies: list[list[tuple[str, list[int]]]]) -> None:
+        self.replies = list(replies)
+        self.prompts: list[list[int]] = []
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        self.prompts.append(list(req.prompt_ids or []))
+        reply = self.replies.pop(0)
+        for k, (text, ids) in enumerate(reply):
+            yield GenerateDelta(text, len(ids), "stop" if k == len(reply) - 1 else None,
+                                token_ids=ids)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_embedded_style_ids_are_continued_exactly() -> None:
+    text = "Hmm <｜User｜> x"
+    per_char = [i for ch in text for i in TOK.encode_text(ch)]
+    assert TOK.decode(per_char) == text and per_char != TOK.encode_text(text)
+    backend = _IdsBackend([[(text, per_char), ("", [TOK.eos_id])],
+                           [("Done.", TOK.encode_generated("Done.")), ("", [TOK.eos_id])]])
+    cfg = Settings(log_requests=False)
+    runner = make_runner(create_app(backend, cfg))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        body = await chat(f"http://127.0.0.1:{runner.addresses[0][1]}", {
+            "model": "deepseek-reasoner", "messages": [{"role": "user", "content": "Hi"}]})
+        assert body["choices"][0]["message"]["content"] == "Done."
+    finally:
+        await runner.cleanup()
+    first, second = backend.prompts
+    assert second == [*first, *per_char, TOK.control_ids[mk.THINK_CLOSE]]
