@@ -346,3 +346,42 @@ async def test_lone_surrogate_from_the_upstream_becomes_a_replacement_char(
                 assert '"error"' not in raw and "data: [DONE]" in raw
     finally:
         await runner.cleanup()
+
+
+def _deep_object(depth: int) -> Any:
+    value: Any = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("where", ["arguments", "response_format", "metadata", "tool_result",
+                                   "anthropic_input"])
+async def test_deep_values_below_the_json_limit_are_never_a_500(
+        proxy: ProxyServer, fake: FakeUpstream, where: str) -> None:
+    deep = _deep_object(900)  # json reads it; a recursive step after it may not
+    fake.responder = lambda body: "ok" + EOS
+    path, payload = "/v1/chat/completions", dict(CHAT)
+    if where == "arguments":
+        payload["messages"] = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": deep}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "x"}]
+        payload["tools"] = [tool({})]
+    elif where == "response_format":
+        payload["response_format"] = {"type": "json_schema",
+                                      "json_schema": {"name": "x", "schema": deep}}
+    elif where == "metadata":
+        payload["metadata"] = deep
+    elif where == "tool_result":
+        path, payload = "/v1/messages", {"model": "deepseek-chat", "max_tokens": 5, "messages": [
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                          "content": [deep]}]}]}
+    else:
+        path, payload = "/v1/messages", {"model": "deepseek-chat", "max_tokens": 5, "messages": [
+            *USER, {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t", "name": "lookup", "input": deep}]},
+            {"role": "user", "content": "go on"}]}
+    data = json.dumps(payload).encode()
+    status, body = await post(proxy.url, path, data=data,
+                              headers={"Content-Type": "application/json"})
+    assert status < 500, body
