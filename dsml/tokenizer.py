@@ -24,7 +24,10 @@ engine's prefix cache keys on.
 from __future__ import annotations
 
 import re
+import threading
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from importlib import resources
 
@@ -107,11 +110,12 @@ class _PieceCache:
 # loop free. The same ids; below this the batch call's overhead is not worth it.
 RELEASE_GIL_CHARS = 1 << 16
 
-# Where a long text may be cut without changing its BPE ids: a space between two ASCII
-# letters. V4's pre-tokenizer (digit groups, CJK runs, then one regex) never puts such a
-# letter and the space after it in one pre-token, and starts a new one at the space, so
-# the pieces of the whole text and of its parts are the same. BPE works per pre-token.
-_SAFE_CUT = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
+# Where a long text may be cut without changing its BPE ids: a space after an ASCII letter
+# or digit and before an ASCII letter. V4's pre-tokenizer (digit groups, CJK runs, then one
+# regex) never puts that letter or digit and the space after it in one pre-token, and
+# starts a new one at the space, so the pieces of the whole text and of its parts are the
+# same. BPE works per pre-token; no added token holds such a place either.
+_SAFE_CUT = re.compile(r"(?<=[A-Za-z0-9]) (?=[A-Za-z])")
 BPE_CHUNK_CHARS = 1 << 15
 
 
@@ -138,6 +142,42 @@ def split_for_bpe(text: str, size: int = BPE_CHUNK_CHARS) -> list[str]:
         start = cut.start()
     parts.append(text[start:])
     return parts
+
+
+class TokenBudgetExceeded(ValueError):
+    """More tokens than `token_budget` allows: the prompt is over the model's context."""
+
+
+_BUDGET = threading.local()
+
+
+@contextmanager
+def token_budget(limit: int) -> Iterator[None]:
+    """Within it (on this thread), long texts stop being encoded once they hold more than
+    `limit` tokens in all (TokenBudgetExceeded): a 16 MB prompt that cannot fit the model's
+    context costs at most about that many tokens of work, not all of its own. Short and
+    cached pieces are not counted: it bounds the work, the exact length is checked after."""
+    _BUDGET.left = limit
+    try:
+        yield
+    finally:
+        del _BUDGET.left
+
+
+def _encode_long(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A long text's ids: its parts (split_for_bpe) by batch calls of 16 (each releases the
+    GIL and runs in parallel), within the thread's token budget."""
+    parts = split_for_bpe(text)
+    ids: list[int] = []
+    for k in range(0, len(parts), 16):
+        for encoding in tokenizer.encode_batch(parts[k:k + 16], add_special_tokens=False):
+            ids += encoding.ids
+        left = getattr(_BUDGET, "left", None)
+        if left is not None and len(ids) > left:
+            raise TokenBudgetExceeded(f"more than {left} tokens")
+    if getattr(_BUDGET, "left", None) is not None:
+        _BUDGET.left -= len(ids)
+    return ids
 
 
 PREFIX_CACHE_MAX_ENTRIES = 256
@@ -329,8 +369,7 @@ class V4Tokenizer:
         if not text:
             return []
         if len(text) >= RELEASE_GIL_CHARS:
-            pieces = self._plain.encode_batch(split_for_bpe(text), add_special_tokens=False)
-            return [i for piece in pieces for i in piece.ids]
+            return _encode_long(self._plain, text)
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_generated(self, text: str) -> list[int]:
@@ -340,7 +379,7 @@ class V4Tokenizer:
         it is for model output (tests, benchmarks) and for comparing with the reference.
         """
         if len(text) >= RELEASE_GIL_CHARS:
-            return self._generated.encode_batch([text], add_special_tokens=False)[0].ids
+            return _encode_long(self._generated, text)  # no added token holds a safe cut
         return self._generated.encode(text, add_special_tokens=False).ids
 
     # -- decoding ---------------------------------------------------------------------------

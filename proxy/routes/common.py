@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 from aiohttp import web
 
 from dsml.events import Event
+from dsml.tokenizer import TokenBudgetExceeded, token_budget
 from proxy import state
 from proxy.errors import ApiError, to_api_error
 from proxy.logs import ACCESS_LOGGER
@@ -127,9 +128,22 @@ def check_prompt_tokens(request: web.Request, num_tokens: int) -> None:
 
 
 async def prepare_turn(request: web.Request, turn: Turn) -> None:
-    """Tokenize the turn's prompt (off the loop for a big request) and check its length."""
-    await off_loop(request, turn.tokenize)
+    """Tokenize the turn's prompt (off the loop for a big request) and check its length;
+    tokenizing stops early once the prompt is surely over the bound (dsml.tokenizer's
+    token_budget)."""
+    bound = request.app[state.SETTINGS].max_prompt_tokens
+    await off_loop(request, tokenize_within, bound, turn.tokenize)
     check_prompt_tokens(request, turn.prompt_tokens)
+
+
+def tokenize_within(bound: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` under a token budget of `bound`: over it, the 400 of check_prompt_tokens."""
+    try:
+        with token_budget(bound):
+            return fn(*args)
+    except TokenBudgetExceeded:
+        raise ApiError(400, f"the prompt has more than {bound} tokens, this model's context "
+                       "(setting max_prompt_tokens)", code="context_length_exceeded") from None
 
 
 class StreamEncoder(Protocol):

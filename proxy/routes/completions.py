@@ -19,7 +19,7 @@ from proxy.backends.base import GenerateRequest, SamplingParams
 from proxy.encoders.completions import CompletionStreamEncoder, completion_body
 from proxy.errors import ApiError, sse_error_event, to_api_error
 from proxy.logs import ACCESS_LOGGER
-from proxy.routes.common import check_prompt_tokens, off_loop, read_json
+from proxy.routes.common import check_prompt_tokens, off_loop, read_json, tokenize_within
 from proxy.turn import sends_ids
 from schemas.openai_completions import CompletionRequest
 
@@ -60,7 +60,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         gen = generate_request(app, req)
         return req, gen, prompt_tokens(app, gen)
 
-    req, gen, num_prompt = await off_loop(request, prepare, await read_json(request))
+    bound = app[state.SETTINGS].max_prompt_tokens
+    req, gen, num_prompt = await off_loop(request, tokenize_within, bound, prepare,
+                                          await read_json(request))
     check_prompt_tokens(request, num_prompt)
     metrics, clock = app[state.METRICS], request[state.CLOCK]
     async with app[state.LIMITER].slot(request[state.CLOCK]):
