@@ -142,6 +142,10 @@ async def test_prompt_over_max_prompt_tokens_is_400(start_proxy: StartProxy,
         status, body = await post(proxy.url, path, payload)
         assert status == 400, body
         assert openai_error(body)["code"] == "context_length_exceeded"
+    # A big one (on a worker thread) stops being tokenized once it is surely over.
+    big = {**CHAT, "messages": [{"role": "user", "content": "lorem ipsum dolor " * 100_000}]}
+    status, body = await post(proxy.url, "/v1/chat/completions", big)
+    assert status == 400 and "more than 50 tokens" in openai_error(body)["message"]
     assert not fake.requests  # refused before the engine
 
 
