@@ -2,8 +2,9 @@
 
 `compile_check(schema)` returns `check(value) -> str | None` (the first error message, or
 None when the value is valid), or None when the schema uses a keyword outside the subset:
-type, properties, required, additionalProperties, items, enum, const, and the numeric and
-length bounds (annotations are ignored). Then `jsonschema` does the work.
+type, properties, required, additionalProperties, items, enum, const, pattern (matched by
+RE2, dsml.patterns: linear time) and the numeric and length bounds (annotations are
+ignored). Then `jsonschema` does the work.
 
 Why generated source: every parser validates each tool call it closes, and a check built
 from one closure per keyword spent ~5 us on a typical call (a Python call per keyword per
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+from dsml.patterns import PatternError, compile_pattern
 
 Check = Callable[[Any], "str | None"]
 
@@ -178,6 +181,14 @@ class _Writer:
                 shown = self.const(repr(arg))
                 self.emit(indent, f"if not _json_equal({v}, {c}):")
                 self.emit(indent + 1, f'return {prefix}{shown} + " was expected"')
+            elif key == "pattern" and isinstance(arg, str):
+                try:
+                    program = self.const(compile_pattern(arg))
+                except PatternError:
+                    raise _Unsupported from None
+                shown = self.const(repr(arg))
+                self.emit(indent, f"if type({v}) is str and not _matches({program}, {v}):")
+                self.emit(indent + 1, f'return {prefix}repr({v}) + " does not match " + {shown}')
             elif key in _BOUNDS and isinstance(arg, int | float) and not isinstance(arg, bool):
                 applies, fails, message = _BOUNDS[key]
                 n = self.const(arg)
@@ -246,8 +257,15 @@ class _Writer:
             self.lines.extend(body)
 
 
+def _matches(program: Any, text: str) -> bool:
+    try:
+        return program.search(text) is not None
+    except UnicodeEncodeError:  # a lone surrogate: RE2 reads UTF-8
+        return program.search(text.encode("utf-8", "replace").decode("utf-8")) is not None
+
+
 _MISSING = object()
-_GLOBALS = {"_type_allows": type_allows, "_json_equal": json_equal, "_num": _num, "_MISSING": _MISSING,
+_GLOBALS = {"_matches": _matches, "_type_allows": type_allows, "_json_equal": json_equal, "_num": _num, "_MISSING": _MISSING,
             "NoneType": type(None)}  # fmt: skip
 
 

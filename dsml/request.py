@@ -21,10 +21,15 @@ from dsml import markers as mk
 from dsml.dialects import Dialect, Effort
 from dsml.errors import RenderError, UnsupportedError
 from dsml.lru import SizedLRU
+from dsml.patterns import schema_pattern_error
 from dsml.prompt import Prompt, Segment
 from dsml.render import JSON_OBJECT, _render_messages
 
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_.-]{1,64}")
+# Objects and arrays inside one tool's parameters, nested: real schemas stay under ~20
+# (each property level is two); the copy and the checks below recurse, so a bound keeps a
+# client's 450-deep schema from reaching Python's recursion limit.
+MAX_SCHEMA_DEPTH = 64
 
 # DeepSeek's API folds OpenAI's effort names onto its tiers; "none" turns thinking off.
 EFFORT_TIERS = {
@@ -276,9 +281,42 @@ def _tool(tool: Any, param: str) -> dict[str, Any]:
         raise RenderError(
             f"{param}.function.parameters must be an object", param=f"{param}.function.parameters"
         )
+    _check_schema(parameters, f"{param}.function.parameters", name)
     if function.get("strict"):
         parameters = strict_schema(parameters, f"{param}.function.parameters")
     return {"name": name, "description": description, "parameters": _copy_json(parameters)}
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deep objects and arrays nest in `value`, counted up to `limit + 1` (iterative:
+    the value may be deeper than Python's recursion limit)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            children: Any = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _check_schema(parameters: Mapping[str, Any], param: str, tool: str) -> None:
+    """Refuse a schema too deep to handle, or with a pattern RE2 cannot match (400)."""
+    if json_depth(parameters, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+        raise RenderError(f"{param}: the parameters of tool {tool!r} nest more than "
+                          f"{MAX_SCHEMA_DEPTH} objects/arrays deep", param=param)
+    problem = schema_pattern_error(parameters, param)
+    if problem is not None:
+        where, keyword, message = problem
+        raise RenderError(f"{where}: tool {tool!r}: {keyword} is not supported: {message} "
+                          "(patterns run on RE2: no backreferences or lookaround)", param=where)
 
 
 def _copy_json(value: Any) -> Any:

@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from dsml.checks import compile_check, json_type, type_allows
+from dsml.patterns import PatternError, validator_class
 
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
@@ -69,16 +70,16 @@ def _refuse(uri: str) -> Any:
 @lru_cache(maxsize=512)
 def _compile(schema_text: str) -> Draft202012Validator | None:
     # Imported here: most tool schemas never need jsonschema (see dsml.checks).
-    from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
     from referencing import Registry
 
     schema = json.loads(schema_text)
+    cls = validator_class()  # Draft 2020-12, patterns on RE2 (dsml.patterns)
     try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError:
+        cls.check_schema(schema)
+    except (SchemaError, RecursionError):
         return None  # the renderer already accepted it; a broken schema cannot judge calls
-    return Draft202012Validator(schema, registry=Registry(retrieve=_refuse))  # type: ignore[call-arg]
+    return cls(schema, registry=Registry(retrieve=_refuse))  # type: ignore[no-any-return]
 
 
 class _Derived:
@@ -160,13 +161,17 @@ class ToolSchema:
         if check is False:
             # From a private copy: the check's closures keep parts of the schema, and the
             # caller's dict may change after this request.
-            check = derived.check = compile_check(copy.deepcopy(self.parameters))
+            try:
+                check = compile_check(copy.deepcopy(self.parameters))
+            except RecursionError:  # too deep to copy: jsonschema (bounded above) decides
+                check = None
+            derived.check = check
         if check is not None:
             return check(arguments)  # type: ignore[operator]
         if self._validator is False:
             try:
                 text = json.dumps(self.parameters, sort_keys=True)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 text = "{}"
             self._validator = _compile(text)
         if self._validator is None:
@@ -177,6 +182,10 @@ class ToolSchema:
             errors = sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path))
         except Unresolvable as exc:  # a remote (refused) or missing $ref
             return f"schema reference cannot be resolved: {exc}"
+        except RecursionError:  # a $ref cycle (`#/$defs/a` -> itself), or a schema too deep
+            return "the schema cannot be applied: its references loop or nest too deeply"
+        except PatternError as exc:  # a library caller skipped dsml.request's check
+            return f"the schema has a pattern RE2 cannot take: {exc}"
         if not errors:
             return None
         err = errors[0]

@@ -24,7 +24,10 @@ engine's prefix cache keys on.
 from __future__ import annotations
 
 import re
+import threading
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from importlib import resources
 
@@ -100,6 +103,81 @@ class _PieceCache:
 
     def __len__(self) -> int:
         return len(self._lru)
+
+
+# Texts this long are encoded by `encode_batch`, which releases the GIL while it works
+# (`encode` holds it): a 30 MB message tokenized on a worker thread then leaves the event
+# loop free. The same ids; below this the batch call's overhead is not worth it.
+RELEASE_GIL_CHARS = 1 << 16
+
+# Where a long text may be cut without changing its BPE ids: a space after an ASCII letter
+# or digit and before an ASCII letter. V4's pre-tokenizer (digit groups, CJK runs, then one
+# regex) never puts that letter or digit and the space after it in one pre-token, and
+# starts a new one at the space, so the pieces of the whole text and of its parts are the
+# same. BPE works per pre-token; no added token holds such a place either.
+_SAFE_CUT = re.compile(r"(?<=[A-Za-z0-9]) (?=[A-Za-z])")
+BPE_CHUNK_CHARS = 1 << 15
+
+
+def ids_json_items(ids: list[int] | array) -> str:
+    """`",".join(map(str, ids))`, a slice at a time for a long list: one C call over 10^6
+    ids holds the GIL for ~0.1 s, which a worker thread must not take from the event loop."""
+    step = 1 << 14
+    if len(ids) <= step:
+        return ",".join(map(str, ids))
+    return ",".join([",".join(map(str, ids[k:k + step])) for k in range(0, len(ids), step)])
+
+
+def split_for_bpe(text: str, size: int = BPE_CHUNK_CHARS) -> list[str]:
+    """`text` in parts of about `size` characters, cut only where BPE gives the same ids
+    (see _SAFE_CUT): one long text is then encoded by one parallel batch call, not one
+    sequential one (tens of seconds for 10 MB). A text with no such place stays whole."""
+    parts: list[str] = []
+    start = 0
+    while len(text) - start > size:
+        cut = _SAFE_CUT.search(text, start + size)
+        if cut is None:
+            break
+        parts.append(text[start:cut.start()])
+        start = cut.start()
+    parts.append(text[start:])
+    return parts
+
+
+class TokenBudgetExceeded(ValueError):
+    """More tokens than `token_budget` allows: the prompt is over the model's context."""
+
+
+_BUDGET = threading.local()
+
+
+@contextmanager
+def token_budget(limit: int) -> Iterator[None]:
+    """Within it (on this thread), long texts stop being encoded once they hold more than
+    `limit` tokens in all (TokenBudgetExceeded): a 16 MB prompt that cannot fit the model's
+    context costs at most about that many tokens of work, not all of its own. Short and
+    cached pieces are not counted: it bounds the work, the exact length is checked after."""
+    _BUDGET.left = limit
+    try:
+        yield
+    finally:
+        del _BUDGET.left
+
+
+def _encode_long(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A long text's ids: its parts (split_for_bpe) by batch calls of 16 (each releases the
+    GIL and runs in parallel), within the thread's token budget."""
+    parts = split_for_bpe(text)
+    ids: list[int] = []
+    for k in range(0, len(parts), 16):
+        for encoding in tokenizer.encode_batch(parts[k:k + 16], add_special_tokens=False):
+            ids += encoding.ids
+        left = getattr(_BUDGET, "left", None)
+        if left is not None and len(ids) > left:
+            raise TokenBudgetExceeded(f"more than {left} tokens")
+    if getattr(_BUDGET, "left", None) is not None:
+        _BUDGET.left -= len(ids)
+    return ids
 
 
 PREFIX_CACHE_MAX_ENTRIES = 256
@@ -241,7 +319,7 @@ class V4Tokenizer:
         """encode_prompt_json for a prompt _json_segments cannot take (a control segment
         that is not exactly one control string): the ids, then their JSON."""
         ids = self.encode_prompt(prompt)
-        return ids, "[" + ",".join(map(str, ids)) + "]"
+        return ids, "[" + ids_json_items(ids) + "]"
 
     def _json_segments(self, segments: list[Segment], ids: list[int], parts: list[str]) -> bool:
         """Append the ids and JSON pieces of `segments` (which end before a control token,
@@ -273,7 +351,7 @@ class V4Tokenizer:
             return
         ids += piece
         if json_text is None:
-            json_text = ",".join(map(str, piece))
+            json_text = ids_json_items(piece)
             self._pieces.put_json(text, json_text)
         parts.append(json_text)
 
@@ -290,6 +368,8 @@ class V4Tokenizer:
         """Plain BPE: never produces an added/special token, whatever the text holds."""
         if not text:
             return []
+        if len(text) >= RELEASE_GIL_CHARS:
+            return _encode_long(self._plain, text)
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_generated(self, text: str) -> list[int]:
@@ -298,6 +378,8 @@ class V4Tokenizer:
         Never use this on client text (it would let a client forge turns and tool calls);
         it is for model output (tests, benchmarks) and for comparing with the reference.
         """
+        if len(text) >= RELEASE_GIL_CHARS:
+            return _encode_long(self._generated, text)  # no added token holds a safe cut
         return self._generated.encode(text, add_special_tokens=False).ids
 
     # -- decoding ---------------------------------------------------------------------------

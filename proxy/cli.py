@@ -15,8 +15,6 @@ import logging
 import sys
 from typing import Any
 
-from aiohttp import web
-
 from dsml.dialects import Dialect
 from proxy.backends.base import Backend
 from proxy.logs import configure_logging
@@ -88,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keepalive-interval", dest="keepalive_interval_s", type=float,
                        metavar="SECONDS",
                        help="SSE keep-alive while a streamed turn is silent (default 5)")
+    serve.add_argument("--client-timeout", dest="client_timeout_s", type=float,
+                       metavar="SECONDS",
+                       help="to send a request's headers, and its body (default 30)")
+    serve.add_argument("--max-connections", type=int,
+                       help="open client connections; beyond: 503 (default 1024)")
     serve.add_argument("--config", dest="config_file", metavar="FILE", help="a TOML file")
     serve.add_argument("--log-level", help="INFO (default), DEBUG, WARNING")
     return parser
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
     configure_logging(settings.log_level)
     from proxy import state
-    from proxy.app import create_app
+    from proxy.app import create_app, serve
     from proxy.turn import sends_ids
 
     backend = make_backend(settings)
@@ -148,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             "dialects %s: the proxy has no tokenizer of these models, so their prompts go to "
             "the engine as text and the engine tokenizes them; control strings inside client "
             "text (e.g. <｜User｜>) then become control tokens", ", ".join(text_dialects))
-    web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
-                access_log=None, print=None)
+    serve(app, settings.host, settings.port)
     return 0
 
 

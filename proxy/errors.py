@@ -23,7 +23,9 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -94,6 +96,10 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         return from_validation_error(exc)
     if isinstance(exc, BackendError):
         return from_backend_error(exc)
+    if isinstance(exc, RecursionError):
+        # Only client data nests deep enough for this (a body that parsed, then went too
+        # deep for a recursive step): the client's to fix, never a 500.
+        return ApiError(400, "the request nests too deeply", code="too_deeply_nested")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return ApiError(413, "request body too large", code="body_too_large")
     if isinstance(exc, web.HTTPNotFound):

@@ -9,6 +9,7 @@ Bounded LRU: the memory stays flat however long the server runs.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -17,6 +18,8 @@ class ReasoningCache:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._items: OrderedDict[str, str] = OrderedDict()
+        # A big request's rendering (backfill) runs on a worker thread (proxy.routes.common).
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -24,15 +27,17 @@ class ReasoningCache:
     def put(self, call_id: str, reasoning: str) -> None:
         if self.max_entries <= 0 or not reasoning:
             return
-        self._items[call_id] = reasoning
-        self._items.move_to_end(call_id)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[call_id] = reasoning
+            self._items.move_to_end(call_id)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
 
     def get(self, call_id: str) -> str | None:
-        reasoning = self._items.get(call_id)
-        if reasoning is not None:
-            self._items.move_to_end(call_id)
+        with self._lock:
+            reasoning = self._items.get(call_id)
+            if reasoning is not None:
+                self._items.move_to_end(call_id)
         return reasoning
 
     def backfill(self, messages: list[dict[str, Any]]) -> int:

@@ -18,6 +18,7 @@ and each for at most `ttl_s` seconds after it was stored. Nothing survives a res
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -52,6 +53,7 @@ class ResponseStore:
         self.ttl_s = ttl_s
         self._clock = clock
         self._items: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()  # a big request's get runs on a worker thread
 
     def __len__(self) -> int:
         return len(self._items)
@@ -59,20 +61,23 @@ class ResponseStore:
     def put(self, key: str, value: Any) -> None:
         if self.max_entries <= 0:
             return
-        self._expire()
-        self._items.pop(key, None)  # a re-put goes to the back (expiry order)
-        self._items[key] = (self._clock() + self.ttl_s, value)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._expire()
+            self._items.pop(key, None)  # a re-put goes to the back (expiry order)
+            self._items[key] = (self._clock() + self.ttl_s, value)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
 
     def get(self, key: str) -> Any:
-        self._expire()
-        entry = self._items.get(key)
+        with self._lock:
+            self._expire()
+            entry = self._items.get(key)
         return None if entry is None else entry[1]
 
     def delete(self, key: str) -> bool:
-        self._expire()
-        return self._items.pop(key, None) is not None
+        with self._lock:
+            self._expire()
+            return self._items.pop(key, None) is not None
 
     def _expire(self) -> None:
         # Insertion order is expiry order (one TTL for all), so only the head can be stale.

@@ -100,7 +100,15 @@ class Settings(BaseSettings):
     keepalive_interval_s: float = Field(5.0, gt=0)  # SSE ping / comment while a turn is silent
 
     # -- limits and auth -----------------------------------------------------------------------
-    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    # Work one request may ask for (issue 14): each is refused with a 400 before the work.
+    max_tools: int = Field(1024, ge=0)
+    max_messages: int = Field(16384, ge=1)  # messages / Responses input items
+    max_prompt_tokens: int = Field(1_048_576, ge=1)  # the model's context (V4: 1M tokens)
+    offload_bytes: int = Field(256 * 1024, ge=0)  # bigger bodies: parsed/rendered off the loop
+    worker_threads: int = Field(2, ge=1)  # ... on this many threads
+    client_timeout_s: float = Field(30.0, gt=0)  # to send a request's headers, and its body
+    max_connections: int = Field(1024, ge=1)  # open client connections; beyond: 503, closed
     max_concurrency: int = Field(64, ge=1)  # turns generating at once
     max_queue: int = Field(256, ge=0)  # turns waiting for a slot; beyond: 429
     retry_after_s: int = Field(1, ge=0)

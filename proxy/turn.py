@@ -30,6 +30,7 @@ tokenizer is the model's (v4, v4-0731), as text otherwise (see `sends_ids`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterator
@@ -37,7 +38,7 @@ from contextlib import aclosing
 from typing import Any
 
 from dsml.dialects import Dialect, texts
-from dsml.errors import UnsupportedError
+from dsml.errors import DsmlError, UnsupportedError
 from dsml.events import (
     CallOutcome,
     ContentDelta,
@@ -61,10 +62,13 @@ from proxy.backends.base import (
     SamplingParams,
     TokenLogprob,
 )
+from proxy.errors import ApiError
 from proxy.logprobs import LogprobAligner
 from proxy.metrics import Metrics, TurnObserver
 from proxy.reasoning_cache import ReasoningCache
 from proxy.timing import RequestClock
+
+log = logging.getLogger("dsml_proxy.backend")
 
 
 def forced_block(dialect: Dialect | str = Dialect.V4) -> str:
@@ -118,6 +122,14 @@ def observe_many(histogram: Any, value: float, n: int) -> None:
         return
     total.inc(value * n)
     buckets[bisect_left(bounds, value)].inc(n)  # the first bucket with value <= bound
+
+
+def unparsable(exc: Exception) -> ApiError:
+    """A parser failure on the model's output (a parser bug): a 502 in the API's error shape
+    (the model's output, not the request, is at fault), never a 500; the traceback is logged."""
+    log.error("the DSML parser failed on the model's output", exc_info=exc)
+    return ApiError(502, f"the model's output could not be parsed ({type(exc).__name__})",
+                    code="unparsable_output")
 
 
 def forced_opener(prompt: Prompt, dialect: Dialect | str = Dialect.V4) -> str:
@@ -210,6 +222,10 @@ class TurnRunner:
                     yield delta
         except BackendError as exc:
             metrics.upstream_errors.labels(exc.reason).inc()
+            # The client's error says what failed, not where: the engine's text goes here.
+            log.warning("upstream error", extra={"fields": {
+                "reason": exc.reason, "status": exc.status, "message": exc.message,
+                "detail": exc.detail}})
             raise
 
 
@@ -237,7 +253,12 @@ class Turn:
         self._parser: Any = None
         self._prompt_ids: list[int] = []
         self._prompt_json = "[]"  # _prompt_ids as a JSON array
+        self._tokenized = False  # see tokenize
         self._generated: list[str] = []  # model-side text after the prompt (forced text included)
+        # The same text as pieces for a continuation's prompt ids (see _continuation_ids):
+        # (text, the engine's ids of it or None, whether the proxy wrote it).
+        self._pieces: list[tuple[str, list[int] | None, bool]] = []
+        self._phases = 0  # generations run so far
         self._in_reasoning = prompt.thinking
         self._saw_think_close = False
         self._saw_eos = False
@@ -284,6 +305,20 @@ class Turn:
                 for event in batch:
                     yield event
 
+    def tokenize(self) -> None:
+        """The prompt's ids (or, for a prompt that goes as text, its length), once. The turn
+        does it when it starts; an endpoint calls it before, on a worker thread, for a big
+        prompt (proxy.routes.common.prepare_turn)."""
+        if self._tokenized:
+            return
+        tokenizer = self._runner.tokenizer
+        if self._send_ids:
+            self._prompt_ids, self._prompt_json = tokenizer.encode_prompt_json(self.prompt)
+            self.prompt_tokens = len(self._prompt_ids)
+        else:
+            self.prompt_tokens = count_prompt_tokens(tokenizer, self.prompt)
+        self._tokenized = True
+
     async def batches(self) -> AsyncIterator[list[Event]]:
         """The turn's events, in lists: those of one backend delta together, so that an
         endpoint can write them out at once. Never empty but once: when the engine's first
@@ -292,11 +327,7 @@ class Turn:
         generation has started, so the stream can open now (a chat stream's first chunk,
         with the role, as OpenAI sends it) instead of after those tokens."""
         runner, prompt = self._runner, self.prompt
-        if self._send_ids:
-            self._prompt_ids, self._prompt_json = runner.tokenizer.encode_prompt_json(prompt)
-            self.prompt_tokens = len(self._prompt_ids)
-        else:
-            self.prompt_tokens = count_prompt_tokens(runner.tokenizer, prompt)
+        self.tokenize()
         self._parser = self._new_parser(thinking=prompt.thinking,
                                         strict=runner.strict_tool_calls)
         user_stop = list(self.sampling.stop)
@@ -347,26 +378,40 @@ class Turn:
         generated = "".join(self._generated)
         prompt_ids = ids_json = None
         if self._send_ids:
-            # Model-side text is re-encoded with control tokens matched: it is what the
-            # model wrote (or what we force it to have written), never client text.
-            more = self._runner.tokenizer.encode_generated(generated) if generated else []
+            more = self._continuation_ids() if generated else []
             prompt_ids = self._prompt_ids + more
             if not more:
                 ids_json = self._prompt_json
             elif self._prompt_ids:  # the prompt's array, extended
                 ids_json = self._prompt_json[:-1] + "," + ",".join(map(str, more)) + "]"
+        # Only a first generation in thinking mode may be continued: the ids that come with
+        # its deltas are kept. A forced tool choice always continues it, so it asks an
+        # upstream for them; an empty-turn recovery (rare) does not: vLLM echoes the
+        # prompt's ids in the first event with them, and plain BPE is as safe
+        # (_continuation_ids). The embedded engine always gives them.
+        continuable = self._send_ids and self._phases == 0 and self.prompt.thinking
+        ask_ids = continuable and bool(forced_opener(self.prompt, self.dialect))
+        self._phases += 1
         req = GenerateRequest(
             prompt_ids=prompt_ids,
             prompt_text=self.prompt.text + generated,
             sampling=sampling,
             prompt_ids_json=ids_json,
+            return_token_ids=ask_ids,
         )
+        phase_texts: list[str] = []
+        phase_ids: list[int] | None = [] if continuable else None
         self._backend_finish = self._backend_stop = None
         self._own_stop = False
         async with aclosing(
             self._runner.deltas(req, endpoint=self.endpoint, clock=self._clock)
         ) as deltas:
             async for merged in deltas:
+                if phase_ids is not None:
+                    if merged.token_ids is not None:
+                        phase_ids += merged.token_ids
+                    elif merged.text:
+                        phase_ids = None  # this engine does not say: see _continuation_ids
                 for delta in self._steps(merged):
                     self.completion_tokens += delta.num_tokens
                     if self._in_reasoning:
@@ -390,6 +435,7 @@ class Turn:
                         self._in_reasoning = False
                         self._saw_think_close = True
                     self._generated.append(text)
+                    phase_texts.append(text)
                     if batch := self._feed(text, logprobs):
                         yield batch
                     elif not self._started:
@@ -400,6 +446,8 @@ class Turn:
                         break
                 if self._stopped_after_first_call:
                     break  # closing `deltas` cancels the backend request
+        if phase_texts or phase_ids:
+            self._pieces.append(("".join(phase_texts), phase_ids, False))
 
     def _steps(self, delta: GenerateDelta) -> Iterator[GenerateDelta]:
         """A delta, or the tokens it merges (`parts`: the upstream backend merges what one
@@ -438,18 +486,76 @@ class Turn:
         """Text the model is made to have written: fed to the parser, appended to the prompt."""
         if not in_prompt:
             self._generated.append(text)
+            self._pieces.append((text, None, True))
         if THINK_CLOSE in text:
             self._in_reasoning = False
             self._saw_think_close = True
         return self._feed(text)
+
+    def _continuation_ids(self) -> list[int]:
+        """The ids of the model-side text so far, for the prompt of a continuation.
+
+        Never the engine's text re-tokenized with control tokens matched: a model that
+        writes the characters `<｜User｜>` (echoing a document) would inject a real user
+        turn. In order of preference, per piece:
+
+        - the proxy's own text (`</think>`, the forced opener): control strings matched;
+        - the engine's ids of a generation (vLLM, SGLang: `return_token_ids`, asked for by a
+          forced tool choice; the embedded engine always), less the EOS or `</think>` that ended it but is not in its text (a
+          stop string is cut from the text, not from the ids); used only when they decode
+          to the text exactly;
+        - otherwise the text as plain BPE, with only the `</think>` the parser took as the
+          end of reasoning as a control token (no call had started: a continuation only
+          follows a generation without one, so no other markup is in it).
+        """
+        tokenizer = self._runner.tokenizer
+        ids: list[int] = []
+        in_reasoning = self.prompt.thinking
+        for text, piece_ids, ours in self._pieces:
+            if ours:
+                ids += tokenizer.encode_generated(text)
+            elif piece_ids is not None and (exact := self._engine_ids(text, piece_ids)):
+                ids += exact
+            elif in_reasoning and THINK_CLOSE in text:
+                head, _, tail = text.partition(THINK_CLOSE)
+                ids += tokenizer.encode_text(head)
+                ids.append(tokenizer.control_ids[THINK_CLOSE])
+                ids += tokenizer.encode_text(tail)
+            else:
+                ids += tokenizer.encode_text(text)
+            if THINK_CLOSE in text:
+                in_reasoning = False
+        return ids
+
+    def _engine_ids(self, text: str, ids: list[int]) -> list[int] | None:
+        """`ids` (the engine's, of a generation whose text is `text`) less a trailing EOS or
+        `</think>` that the text lacks; None unless they decode to `text` exactly."""
+        tokenizer = self._runner.tokenizer
+        ids = list(ids)
+        for marker in (EOS, THINK_CLOSE):
+            if ids and ids[-1] == tokenizer.control_ids[marker] and not text.endswith(marker):
+                ids.pop()
+        if not all(type(i) is int and 0 <= i < tokenizer.vocab_size for i in ids):
+            return None
+        return ids if tokenizer.decode(ids) == text else None
 
     def _new_parser(self, *, thinking: bool, strict: bool = False) -> Any:
         # The rendering dialect's own tags are native to the parser, not repairs.
         return StreamParser(tools=self.prompt.tools, thinking=thinking, strict=strict,
                                  dialect=self.dialect)
 
+    def _parse(self, text: str | None) -> list[Event]:
+        """The parser's events for `text` (None: finish). The parser must never raise; if it
+        does, the turn fails as unparsable model output (a 502), not as a server error."""
+        try:
+            return self._parser.finish() if text is None else self._parser.feed(text)
+        except DsmlError:
+            raise
+        except Exception as exc:
+            raise unparsable(exc) from exc
+
     def _feed(self, text: str, logprobs: list[TokenLogprob] | None = None) -> list[Event]:
-        return self._filter(self._parser.feed(text), logprobs)
+        return self._filter(self._parse(text), logprobs)
 
     def _ended_at_eos(self) -> bool:
         """The engine said `stop` without a stop string: EOS, whose text vLLM and SGLang
@@ -462,7 +568,7 @@ class Turn:
         """The turn's last events (EOS fed, or the parser finished). After a cut call, the
         parser returns the cut block's text as content (dsml.md: nothing is lost); the
         client saw that text as the call already, so it is not repeated."""
-        events = self._filter(self._parser.feed(eos) if eos else self._parser.finish())
+        events = self._filter(self._parse(eos or None))
         if self.cut_call is None:
             return events
         cut_at = next((i for i, e in enumerate(events) if isinstance(e, ToolCallEnd)
@@ -530,8 +636,13 @@ class Turn:
         # (dsml.md section 6), so ask a throwaway parser how this turn would end. This runs
         # once, only for turns that never left reasoning.
         probe = self._new_parser(thinking=True)
-        probe.feed("".join(self._generated))
-        probe.finish()
+        try:
+            probe.feed("".join(self._generated))
+            probe.finish()
+        except DsmlError:
+            raise
+        except Exception as exc:
+            raise unparsable(exc) from exc
         return not probe.result.tool_calls
 
     def _finish_turn(self) -> None:

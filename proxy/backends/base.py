@@ -66,6 +66,10 @@ class GenerateRequest:
     # it from cached pieces, dsml.tokenizer.encode_prompt_json): an HTTP backend sends it as
     # is instead of serializing ~1,000 ids per request. None: serialize `prompt_ids`.
     prompt_ids_json: str | None = None
+    # Ask for the generated token ids along with the text (`GenerateDelta.token_ids`), where
+    # the backend can return them: a turn that may be continued (forced tool choice in
+    # thinking mode, empty-turn recovery) continues from the model's own ids (proxy.turn).
+    return_token_ids: bool = False
 
 
 @dataclass(slots=True)
@@ -79,6 +83,9 @@ class GenerateDelta:
     # With SamplingParams.logprobs: one entry per token of this delta, in order (a backend
     # may give fewer, e.g. none for a usage correction). None: not asked for.
     logprobs: list[TokenLogprob] | None = None
+    # The ids of the tokens this delta covers, where the backend returned them (asked for by
+    # `GenerateRequest.return_token_ids`); None where it did not.
+    token_ids: list[int] | None = None
 
 
 class BackendError(Exception):
@@ -86,13 +93,15 @@ class BackendError(Exception):
 
     REASONS = ("connect", "timeout", "status", "stream")
 
-    def __init__(self, reason: str, message: str, *, status: int | None = None) -> None:
+    def __init__(self, reason: str, message: str, *, status: int | None = None,
+                 detail: str | None = None) -> None:
         if reason not in self.REASONS:
             raise ValueError(f"BackendError reason must be one of {self.REASONS}, got {reason!r}")
         super().__init__(message)
         self.reason = reason
-        self.message = message
+        self.message = message  # goes to the client: never the engine's address or body
         self.status = status  # the upstream's HTTP status for reason="status"
+        self.detail = detail  # for the log only (the engine's error text, the socket error)
 
     def __repr__(self) -> str:
         return f"BackendError(reason={self.reason!r}, status={self.status}, message={self.message!r})"

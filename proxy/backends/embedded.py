@@ -95,17 +95,17 @@ class EmbeddedBackend:
             sampling = self.sampling_for(req.sampling, len(prompt_ids))
         except ValueError as e:  # out-of-range options the request schema let through
             raise ApiError(400, str(e)) from None
-        pending = 0  # tokens whose text is still held back (a split UTF-8 char, a stop prefix)
+        pending: list[int] = []  # tokens whose text is held back (a split UTF-8 char, a stop prefix)
         entries: list[TokenLogprob] | None = None if sampling.logprobs is None else []
         async for step in self.engine.stream(prompt_ids, sampling):
-            pending += 1
+            pending.append(step.token_id)
             if entries is not None and step.logprobs is not None:
                 entries.append(self._entry(step.logprobs, step.token_id))
             if step.text or step.finish_reason is not None:
-                yield GenerateDelta(text=step.text, num_tokens=pending,
+                yield GenerateDelta(text=step.text, num_tokens=len(pending),
                                     finish_reason=step.finish_reason, stop_reason=step.stop_reason,
-                                    logprobs=entries)
-                pending = 0
+                                    logprobs=entries, token_ids=pending)
+                pending = []
                 entries = None if entries is None else []
 
     async def ready(self) -> bool:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,11 @@ SAMPLING_FIELDS = {  # what each kind takes (see the table above)
     UpstreamKind.DS4: frozenset({"top_k", "seed", "min_p"}),
 }
 _SPELLING = {UpstreamKind.LLAMACPP: {"repetition_penalty": "repeat_penalty", "logprobs": "n_probs"}}
+# What an event the engine should not have sent raises while it is decoded: bad JSON or
+# UTF-8 (ValueError), a wrong shape, `Infinity` in a count (OverflowError), JSON nested
+# deeper than the decoder can go (RecursionError). Each is a 502, never a 500.
+_BAD_EVENT = (ValueError, AttributeError, TypeError, OverflowError, RecursionError)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _matched_stop(choice: dict[str, Any]) -> str | None:
@@ -213,6 +219,10 @@ class UpstreamBackend:
             body["stop"] = list(s.stop)
         if self.kind in _IDS_BY_DEFAULT:
             body.update(_SPECIAL_TOKEN_FIELDS)
+            if req.return_token_ids:
+                # vLLM and SGLang then put the ids of each event's tokens in the choice's
+                # `token_ids` (vLLM also echoes the prompt's in the first event).
+                body["return_token_ids"] = True
         if self.kind is UpstreamKind.VLLM and isinstance(prompt, str):
             # vLLM's /v1/completions adds the tokenizer's BOS to a text prompt by default; the
             # rendered prompt already starts with it (text goes out for dialects whose
@@ -243,9 +253,11 @@ class UpstreamBackend:
         except TimeoutError as exc:
             raise BackendError("timeout", "no response within the timeout") from exc
         except OSError as exc:  # refused, unreachable, a TLS failure
-            raise BackendError("connect", f"{type(exc).__name__}: {exc}") from exc
+            raise BackendError("connect", "cannot connect to the engine",
+                               detail=f"{type(exc).__name__}: {exc}") from exc
         except HttpError as exc:
-            raise BackendError("stream", f"bad response: {exc}") from exc
+            raise BackendError("stream", "the engine sent a bad HTTP response",
+                               detail=str(exc)) from exc
         finished = False
         try:
             if resp.status != 200:
@@ -253,7 +265,8 @@ class UpstreamBackend:
                     text = (await resp.read(4096)).decode("utf-8", "replace")[:500]
                 except (TimeoutError, HttpError):
                     text = ""
-                raise BackendError("status", f"HTTP {resp.status}: {text}", status=resp.status)
+                raise BackendError("status", f"the engine answered HTTP {resp.status}",
+                                   status=resp.status, detail=text)
             async for delta in self._read_stream(resp, req.sampling.logprobs):
                 yield delta
             finished = True
@@ -309,7 +322,7 @@ class UpstreamBackend:
                     error: Exception | None = None
                     try:
                         reader.take(out)
-                    except (BackendError, ValueError, AttributeError, TypeError) as exc:
+                    except (BackendError, *_BAD_EVENT) as exc:
                         error = exc  # after what the read held before the bad event
                     if out:
                         for delta in out:
@@ -325,9 +338,11 @@ class UpstreamBackend:
         except TimeoutError as exc:
             raise BackendError("timeout", "no data from the upstream within the read timeout") from exc
         except (HttpError, OSError) as exc:  # ConnectionLost included
-            raise BackendError("stream", f"stream broken: {type(exc).__name__}: {exc}") from exc
-        except (ValueError, AttributeError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise BackendError("stream", f"unreadable SSE event: {exc}") from exc
+            raise BackendError("stream", "the engine's stream broke",
+                               detail=f"{type(exc).__name__}: {exc}") from exc
+        except _BAD_EVENT as exc:  # JSONDecodeError, UnicodeDecodeError, Infinity, deep nesting
+            raise BackendError("stream", "the engine sent an unreadable event",
+                               detail=f"{type(exc).__name__}: {str(exc)[:500]}") from exc
         if reader.done:
             return
         if reader.finish is None:
@@ -513,7 +528,7 @@ class SseReader:
             except ValueError:
                 decoded = None
             if decoded is not None and (n == 1 or len(decoded) == n):
-                self._merge([decoded] if n == 1 else decoded, out)
+                self._merge([decoded] if n == 1 else decoded, out, b"\\u" in region)
                 return
         payloads = []
         for event in region.split(b"\n\n"):
@@ -532,35 +547,45 @@ class SseReader:
                 self.done = True
                 break
         if len(payloads) == 1:
-            self._merge([json.loads(payloads[0])], out)
+            self._merge([json.loads(payloads[0])], out, b"\\u" in region)
             return
         try:
             decoded = json.loads(b"[" + b",".join(payloads) + b"]")
         except ValueError:
             decoded = None
         if decoded is not None and len(decoded) == len(payloads):
-            self._merge(decoded, out)
+            self._merge(decoded, out, b"\\u" in region)
             return
         good = []
         try:
             for payload in payloads:
                 good.append(json.loads(payload))
         finally:  # what came before the bad event goes out first
-            self._merge(good, out)
+            self._merge(good, out, b"\\u" in region)
 
-    def _merge(self, events: list[Any], out: list[GenerateDelta]) -> None:
+    def _merge(self, events: list[Any], out: list[GenerateDelta], escaped: bool = False) -> None:
+        """`escaped`: the events' bytes hold a `\\u` escape, so a text may hold a lone
+        surrogate (an escaped pair is one character once decoded): it becomes U+FFFD, as
+        invalid UTF-8 from an engine does, instead of failing every encoder downstream."""
         texts: list[str] = []
         top_n = self.top_logprobs
         lps: list[list[TokenLogprob]] | None = None if top_n is None else []
         num = 0
         finish = stop = None
+        ids: list[int] | None = None  # the events' `token_ids`, where the engine sends them
         counted, started, max_merge = self.num_counted, self._started, self.max_merge
         try:
             for data in events:
                 if "error" in data:
-                    raise BackendError("stream", f"upstream error event: {data['error']}")
+                    raise BackendError("stream", "the engine reported an error",
+                                       detail=str(data["error"])[:500])
                 for choice in data.get("choices") or ():
                     text = choice.get("text")
+                    if escaped and text and _LONE_SURROGATE.search(text):
+                        text = _LONE_SURROGATE.sub("\ufffd", text)
+                    token_ids = choice.get("token_ids")
+                    if type(token_ids) is list:
+                        ids = token_ids if ids is None else ids + token_ids
                     if text:
                         texts.append(text)
                         num += 1
@@ -573,8 +598,8 @@ class SseReader:
                         stop = _matched_stop(choice) if finish == "stop" else None
                     if text and (not started or THINK_CLOSE in text or len(texts) >= max_merge):
                         started = True
-                        out.append(_merged(texts, num, finish, stop, lps))
-                        texts, num, finish, stop = [], 0, None, None
+                        out.append(_merged(texts, num, finish, stop, lps, ids))
+                        texts, num, finish, stop, ids = [], 0, None, None, None
                         lps = None if lps is None else []
                 usage = data.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
@@ -586,12 +611,12 @@ class SseReader:
                         num += missing
         finally:
             self.num_counted, self._started = counted, started
-            if texts or num or finish is not None:
-                out.append(_merged(texts, num, finish, stop, lps))
+            if texts or num or finish is not None or ids:
+                out.append(_merged(texts, num, finish, stop, lps, ids))
 
 
 def _merged(texts: list[str], num: int, finish: str | None, stop: str | None,
-            lps: list[list[TokenLogprob]] | None) -> MergedDelta:
-    if lps is None:
-        return MergedDelta("".join(texts), num, finish, stop, None, texts)
-    return MergedDelta("".join(texts), num, finish, stop, [e for p in lps for e in p], texts, lps)
+            lps: list[list[TokenLogprob]] | None, ids: list[int] | None) -> MergedDelta:
+    flat = None if lps is None else [e for p in lps for e in p]
+    return MergedDelta("".join(texts), num, finish, stop, logprobs=flat, token_ids=ids,
+                       parts=texts, part_logprobs=lps)

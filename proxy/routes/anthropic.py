@@ -29,7 +29,7 @@ from proxy.errors import ApiError
 from proxy.middleware import Handler, api_error_for
 from proxy.models import ModelSpec
 from proxy.response_store import StoredThread, app_store
-from proxy.routes.common import drain, read_json, stream_turn
+from proxy.routes.common import drain, off_loop, prepare_turn, read_json, stream_turn
 from proxy.signature import app_signer
 from proxy.translate.anthropic import to_chat
 from proxy.turn import count_prompt_tokens
@@ -45,13 +45,14 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(PATHS[1], count_tokens)
 
 
-async def render(app: web.Application, req: CountTokensRequest) -> tuple[Prompt, bool, ModelSpec]:
-    """The prompt in the model's dialect, whether calls may be parallel, and the model."""
-    model = await app[state.MODELS].resolve(req.model)  # 404 for an unknown model
+def render(app: web.Application, req: CountTokensRequest, model: ModelSpec
+           ) -> tuple[Prompt, bool]:
+    """The prompt in the model's dialect, and whether calls may be parallel (a worker
+    thread runs this for a big request: proxy.routes.common.off_loop)."""
     chat, parallel = to_chat(req, app_signer(app))
     app[state.REASONING_CACHE].backfill(chat["messages"])
     prompt = render_chat(chat, dialect=model.dialect, default_thinking=model.thinking)
-    return prompt, parallel, model
+    return prompt, parallel
 
 
 def with_thread(app: web.Application, req: MessagesRequest) -> MessagesRequest:
@@ -89,10 +90,11 @@ def keep_thread(app: web.Application, req: MessagesRequest, body: dict[str, Any]
 
 async def messages(request: web.Request) -> web.StreamResponse:
     app = request.app
-    req = MessagesRequest.model_validate(await read_json(request))
+    req = await off_loop(request, MessagesRequest.model_validate, await read_json(request))
     request[state.LOG_FIELDS]["model"] = req.model
     req = with_thread(app, req)
-    prompt, parallel, model = await render(app, req)
+    model = await app[state.MODELS].resolve(req.model)  # 404 for an unknown model
+    prompt, parallel = await off_loop(request, render, app, req, model)
     sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                               top_p=req.top_p, top_k=req.top_k,
                               stop=list(req.stop_sequences or ()))
@@ -100,6 +102,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     async with app[state.LIMITER].slot(clock):  # queueing is a wait, not overhead
         turn = app[state.RUNNER].start(prompt, sampling, endpoint=ENDPOINT, clock=clock,
                                        parallel_tool_calls=parallel, dialect=model.dialect)
+        await prepare_turn(request, turn)
         if req.stream:
             encoder = AnthropicStreamEncoder(turn, req.model, app_signer(app))
             streamed = await stream_turn(request, turn, encoder,
@@ -117,10 +120,15 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's length with the real tokenizer: rendered exactly as /v1/messages would."""
-    req = CountTokensRequest.model_validate(await read_json(request))
-    prompt, _, _ = await render(request.app, req)
-    return web.json_response(
-        {"input_tokens": count_prompt_tokens(request.app[state.TOKENIZER], prompt)})
+    app = request.app
+    req = await off_loop(request, CountTokensRequest.model_validate, await read_json(request))
+    model = await app[state.MODELS].resolve(req.model)  # 404 for an unknown model
+
+    def count() -> int:
+        prompt, _ = render(app, req, model)
+        return count_prompt_tokens(app[state.TOKENIZER], prompt)
+
+    return web.json_response({"input_tokens": await off_loop(request, count)})
 
 
 @web.middleware

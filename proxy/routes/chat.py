@@ -13,8 +13,9 @@ from proxy.backends.base import SamplingParams
 from proxy.encoders.chat import ChatStreamEncoder, chat_completion_body
 from proxy.errors import ApiError
 from proxy.models import ModelSpec
-from proxy.routes.common import drain, read_json, stream_turn
+from proxy.routes.common import drain, off_loop, prepare_turn, read_json, stream_turn
 from proxy.sampling import extra_sampling
+from proxy.translate import allowed_tool_names
 from schemas.openai_chat import ChatCompletionRequest
 
 ENDPOINT = "chat_completions"
@@ -30,7 +31,7 @@ def narrow_allowed_tools(payload: dict[str, Any]) -> None:
     if not (isinstance(choice, dict) and choice.get("type") == "allowed_tools"):
         return
     allowed = choice["allowed_tools"]
-    names = {(t.get("function") or {}).get("name") or t.get("name") for t in allowed["tools"]}
+    names = allowed_tool_names(allowed["tools"], "tool_choice.allowed_tools.tools")
     tools = [t for t in payload.get("tools") or [] if t["function"]["name"] in names]
     unknown = names - {t["function"]["name"] for t in tools}
     if unknown:
@@ -64,16 +65,17 @@ def sampling(chat: ChatCompletionRequest, vocab_size: int) -> SamplingParams:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
-    chat = ChatCompletionRequest.model_validate(await read_json(request))
+    chat = await off_loop(request, ChatCompletionRequest.model_validate, await read_json(request))
     request[state.LOG_FIELDS]["model"] = chat.model
     model = await app[state.MODELS].resolve(chat.model)  # 404 for an unknown model
-    prompt = render(app, chat, model)
+    prompt = await off_loop(request, render, app, chat, model)
     async with app[state.LIMITER].slot(request[state.CLOCK]):
         turn = app[state.RUNNER].start(
             prompt, sampling(chat, app[state.TOKENIZER].vocab_size), endpoint=ENDPOINT,
             clock=request[state.CLOCK],
             parallel_tool_calls=chat.parallel_tool_calls is not False, dialect=model.dialect,
         )
+        await prepare_turn(request, turn)
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             encoder = ChatStreamEncoder(chat.model, include_usage=include_usage)

@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable
+import re
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
 from dsml.events import Event
+from dsml.tokenizer import TokenBudgetExceeded, token_budget
 from proxy import state
 from proxy.errors import ApiError, to_api_error
 from proxy.logs import ACCESS_LOGGER
@@ -23,25 +25,125 @@ from proxy.turn import Turn
 log = logging.getLogger(ACCESS_LOGGER)
 
 
+# A `\uD800`-`\uDFFF` escape: the only way a lone surrogate gets into a str (the body is
+# decoded as strict UTF-8, which refuses surrogates written as bytes).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# Lists whose length bounds a request's work: (key, setting), in any endpoint's body.
+_COUNTED = (("messages", "max_messages"), ("input", "max_messages"), ("tools", "max_tools"))
+T = TypeVar("T")
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object (413 past the body limit, 400 if not a JSON object)."""
-    limit = request.app[state.SETTINGS].max_body_bytes
+    """The body as a JSON object: 413 past the body limit, 415 for another content type, 408
+    for a body slower than `client_timeout_s`, 400 if it is not a JSON object (or nests too
+    deep, holds an over-long number or a lone surrogate, or lists more messages or tools
+    than the limits). A body over `offload_bytes` is decoded on a worker thread, and the
+    request's later work too (`off_loop`)."""
+    settings = request.app[state.SETTINGS]
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body of {request.content_length} bytes is over the "
                        f"limit of {limit} bytes", code="body_too_large")
+    if "Content-Type" in request.headers and not _is_json(request.content_type):
+        raise ApiError(415, f"the body must be JSON (Content-Type: application/json), not "
+                       f"{request.content_type!r}", code="unsupported_media_type")
     clock = request[state.CLOCK]
     clock.wait_begin()  # receiving the body is the client's time, not ours
     try:
-        raw = await request.read()
+        async with asyncio.timeout(settings.client_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        # The rest of the body may still come: this connection cannot carry another request.
+        raise ApiError(408, f"the body did not arrive within {settings.client_timeout_s} s",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     finally:
         clock.wait_end()
+    request[state.OFFLOAD] = len(raw) > settings.offload_bytes
+    body = await off_loop(request, _decode, raw, request[state.OFFLOAD])
+    for key, setting in _COUNTED:
+        value, bound = body.get(key), getattr(settings, setting)
+        if isinstance(value, list) and len(value) > bound:
+            raise ApiError(400, f"{key} holds {len(value)} entries; this server takes at most "
+                           f"{bound} (setting {setting})", param=key, code="too_many_entries")
+    return body
+
+
+def _yield(obj: Any) -> Any:
+    # Called by json's C decoder for every object (and `_int` for every integer): running
+    # Python code there lets the event loop's thread take the GIL while a big body is
+    # decoded on a worker (one C call over 10^5 tools would hold it for seconds).
+    return obj
+
+
+def _int(text: str) -> int:
+    return int(text)
+
+
+def _decode(raw: bytes, big: bool) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
+        text = raw.decode("utf-8-sig")  # strict: surrogates as bytes are refused
+        body = json.loads(text, object_hook=_yield, parse_int=_int) if big else json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the body nests too deeply", code="invalid_json") from None
+    except ValueError as exc:  # an integer past Python's digit limit
+        raise ApiError(400, f"the body holds a number that cannot be read: {exc}",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(text):
+        try:  # escapes of valid pairs (emoji) are common: only a lone one is refused
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the body holds a lone UTF-16 surrogate (an unpaired "
+                           "\\ud800-\\udfff escape), which is no text", code="invalid_json"
+                           ) from None
     return body
+
+
+async def off_loop(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a worker thread for a big request (read_json decides), else here.
+
+    A big request (10^5 tools, 30 MB of text) costs seconds of rendering and tokenizing;
+    on the event loop that would stop every other request, /health included. The
+    `tokenizers` library releases the GIL in its batch calls (dsml.tokenizer uses them for
+    long texts), and Python code gives it up every few ms, so the loop keeps answering."""
+    if not request.get(state.OFFLOAD):
+        return fn(*args)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app[state.WORKERS], fn, *args)
+
+
+def check_prompt_tokens(request: web.Request, num_tokens: int) -> None:
+    """A 400 for a prompt over `max_prompt_tokens` (the model's context), before the engine."""
+    bound = request.app[state.SETTINGS].max_prompt_tokens
+    if num_tokens > bound:
+        raise ApiError(400, f"the prompt has {num_tokens} tokens; this model's context is "
+                       f"{bound} (setting max_prompt_tokens)", code="context_length_exceeded")
+
+
+async def prepare_turn(request: web.Request, turn: Turn) -> None:
+    """Tokenize the turn's prompt (off the loop for a big request) and check its length;
+    tokenizing stops early once the prompt is surely over the bound (dsml.tokenizer's
+    token_budget)."""
+    bound = request.app[state.SETTINGS].max_prompt_tokens
+    await off_loop(request, tokenize_within, bound, turn.tokenize)
+    check_prompt_tokens(request, turn.prompt_tokens)
+
+
+def tokenize_within(bound: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` under a token budget of `bound`: over it, the 400 of check_prompt_tokens."""
+    try:
+        with token_budget(bound):
+            return fn(*args)
+    except TokenBudgetExceeded:
+        raise ApiError(400, f"the prompt has more than {bound} tokens, this model's context "
+                       "(setting max_prompt_tokens)", code="context_length_exceeded") from None
 
 
 class StreamEncoder(Protocol):

@@ -8,22 +8,25 @@ than V4's (v4.1, v3.2: proxy.turn.sends_ids) it goes to the engine as text inste
 
 from __future__ import annotations
 
+import logging
 from contextlib import aclosing
 
 from aiohttp import web
 
 from dsml.dialects import Dialect
 from proxy import state
-from proxy.backends.base import BackendError, GenerateRequest, SamplingParams, TokenLogprob
+from proxy.backends.base import GenerateRequest, SamplingParams, TokenLogprob
 from proxy.encoders.completions import CompletionStreamEncoder, completion_body
 from proxy.errors import ApiError, sse_error_event, to_api_error
 from proxy.logprobs import legacy_logprobs
-from proxy.routes.common import read_json
+from proxy.logs import ACCESS_LOGGER
+from proxy.routes.common import check_prompt_tokens, off_loop, read_json, tokenize_within
 from proxy.sampling import extra_sampling
 from proxy.turn import sends_ids
 from schemas.openai_completions import CompletionRequest
 
 ENDPOINT = "completions"
+log = logging.getLogger(ACCESS_LOGGER)
 
 
 def generate_request(app: web.Application, req: CompletionRequest,
@@ -55,11 +58,17 @@ def prompt_tokens(app: web.Application, gen: GenerateRequest) -> int:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     app = request.app
-    req = CompletionRequest.model_validate(await read_json(request))
+    req = await off_loop(request, CompletionRequest.model_validate, await read_json(request))
     dialect = (await app[state.MODELS].resolve(req.model)).dialect  # 404 for unknown names
-    gen = generate_request(app, req, dialect)
+
+    def prepare() -> tuple[GenerateRequest, int]:
+        gen = generate_request(app, req, dialect)
+        return gen, prompt_tokens(app, gen)
+
+    bound = app[state.SETTINGS].max_prompt_tokens
+    gen, num_prompt = await off_loop(request, tokenize_within, bound, prepare)
+    check_prompt_tokens(request, num_prompt)
     metrics, clock = app[state.METRICS], request[state.CLOCK]
-    num_prompt = prompt_tokens(app, gen)
     async with app[state.LIMITER].slot(request[state.CLOCK]):
         deltas = app[state.RUNNER].deltas(gen, endpoint=ENDPOINT, clock=clock)
         num_completion, finish, texts = 0, "stop", []
@@ -97,9 +106,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
                             await response.write(encoder.text(delta.text, logprobs))
                         delta = await anext(deltas, None)
                     await response.write(encoder.finish(finish, num_prompt, num_completion))
-                except BackendError as exc:
+                except Exception as exc:  # the status line is gone: an SSE error event
                     err = to_api_error(exc)
-                    assert err is not None
+                    if err is None:
+                        log.exception("unhandled error mid-stream", extra={"fields": {
+                            "request_id": request[state.REQUEST_ID]}})
+                        err = ApiError(500, f"internal error ({type(exc).__name__})",
+                                       code="internal_error")
+                    request[state.LOG_FIELDS]["error"] = err.message
                     await response.write(sse_error_event(err))
                 await response.write_eof()
     metrics.tokens.labels("prompt").inc(num_prompt)

@@ -18,7 +18,7 @@ from proxy.backends.base import SamplingParams
 from proxy.encoders.responses import ResponsesStreamEncoder, envelope, new_id, response_body
 from proxy.errors import ApiError
 from proxy.response_store import StoredResponse, app_store
-from proxy.routes.common import drain, read_json, stream_turn
+from proxy.routes.common import drain, off_loop, prepare_turn, read_json, stream_turn
 from proxy.signature import app_signer
 from proxy.translate.responses import input_messages, listed_input_items, output_message, to_chat
 from schemas.responses import ResponsesRequest
@@ -55,14 +55,19 @@ def history(app: web.Application, req: ResponsesRequest) -> list[dict[str, Any]]
 async def responses(request: web.Request) -> web.StreamResponse:
     app = request.app
     body = await read_json(request)
-    req = ResponsesRequest.model_validate(body)
+    req = await off_loop(request, ResponsesRequest.model_validate, body)
     request[state.LOG_FIELDS]["model"] = req.model
     model = await app[state.MODELS].resolve(req.model)  # 404 for an unknown model
     signer = app_signer(app)
-    messages = history(app, req) + input_messages(req, signer)
-    chat, parallel = to_chat(req, messages)
-    app[state.REASONING_CACHE].backfill(chat["messages"])
-    prompt = render_chat(chat, dialect=model.dialect, default_thinking=model.thinking)
+
+    def prepare() -> tuple[Any, ...]:
+        messages = history(app, req) + input_messages(req, signer)
+        chat, parallel = to_chat(req, messages)
+        app[state.REASONING_CACHE].backfill(chat["messages"])
+        prompt = render_chat(chat, dialect=model.dialect, default_thinking=model.thinking)
+        return messages, chat, parallel, prompt
+
+    messages, chat, parallel, prompt = await off_loop(request, prepare)
     sampling = SamplingParams(max_tokens=req.max_output_tokens, temperature=req.temperature,
                               top_p=req.top_p, logprobs=req.logprobs_count())
     response = envelope(req, new_id("resp_"), chat.get("tools", []))
@@ -72,6 +77,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     async with app[state.LIMITER].slot(clock):  # queueing is a wait, not overhead
         turn = app[state.RUNNER].start(prompt, sampling, endpoint=ENDPOINT, clock=clock,
                                        parallel_tool_calls=parallel, dialect=model.dialect)
+        await prepare_turn(request, turn)
         if req.stream:
             encoder = ResponsesStreamEncoder(response, signer)
             streamed = await stream_turn(request, turn, encoder,

@@ -7,6 +7,8 @@ lives here: tool-call ids across protocols. (Keep-alives are `stream_turn`'s `ke
 
 from __future__ import annotations
 
+from typing import Any
+
 _CALL = "call_"
 
 # An image a tool returned (Claude Code's Read on a PNG) stays in the history for the rest of
@@ -23,3 +25,23 @@ def wire_call_id(call_id: str, prefix: str) -> str:
 
 def chat_call_id(wire_id: str, prefix: str) -> str:
     return _CALL + wire_id[len(prefix):] if wire_id.startswith(prefix) else wire_id
+
+
+def allowed_tool_names(entries: list[Any], param: str) -> set[str]:
+    """The names of `tool_choice.allowed_tools` entries, `{"type": "function", "name": ...}`
+    (Responses) or `{"type": "function", "function": {"name": ...}}` (chat); anything else
+    is the client's mistake, a 400 (never an AttributeError)."""
+    from proxy.errors import ApiError
+
+    names = set()
+    for k, entry in enumerate(entries):
+        function = entry.get("function") if isinstance(entry, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if name is None and isinstance(entry, dict):
+            name = entry.get("name")
+        if not isinstance(name, str):
+            raise ApiError(400, f"{param}[{k}] must name a function tool "
+                           '({"type": "function", "name": "..."})', param=f"{param}[{k}]",
+                           code="invalid_value")
+        names.add(name)
+    return names

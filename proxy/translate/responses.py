@@ -19,7 +19,7 @@ from typing import Any
 from dsml.events import ParseResult
 from proxy.errors import ApiError
 from proxy.signature import ReasoningSigner
-from proxy.translate import IMAGE_OMITTED
+from proxy.translate import IMAGE_OMITTED, allowed_tool_names
 from schemas.responses import (
     ContentPart,
     FunctionCallItem,
@@ -100,7 +100,7 @@ def to_chat(req: ResponsesRequest, messages: list[dict[str, Any]]) -> tuple[dict
     tools = [_tool(t, k) for k, t in enumerate(req.tools or [])]
     choice = req.tool_choice
     if isinstance(choice, ToolChoiceAllowed):
-        allowed = {t.get("name") for t in choice.tools}
+        allowed = allowed_tool_names(choice.tools, "tool_choice.tools")
         tools = [t for t in tools if t["function"]["name"] in allowed]
         choice = choice.mode
     if tools:

@@ -663,3 +663,48 @@ def test_image_parts_are_unsupported(part: dict[str, Any]) -> None:
 def test_unknown_dialect_is_a_render_error() -> None:
     with pytest.raises(RenderError):
         render_chat(request(user("hi")), dialect="v9")
+
+
+# --- hostile tool schemas (issue 14) ---------------------------------------------------------
+
+
+def _with_params(params: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "lookup", "parameters": params}}]}
+
+
+@pytest.mark.parametrize(("params", "keyword"), [
+    ({"type": "object", "properties": {"s": {"type": "string", "pattern": "(a)\\1"}}}, "pattern"),
+    ({"type": "object", "properties": {"s": {"type": "string", "pattern": "(?=a)b"}}}, "pattern"),
+    ({"type": "object", "patternProperties": {"(?<!x)y": {}}}, "patternProperties"),
+    ({"type": "object", "propertyNames": {"pattern": "(a)\\1"}}, "pattern"),
+    ({"type": "object", "properties": {"s": {"pattern": 5}}}, "pattern"),
+    ({"type": "object", "patternProperties": {"^x": {}}, "unevaluatedProperties": False},
+     "unevaluatedProperties"),
+])
+def test_patterns_re2_cannot_take_are_refused(params: dict[str, Any], keyword: str) -> None:
+    with pytest.raises(RenderError) as info:
+        render_chat(_with_params(params))
+    message = str(info.value)
+    assert "'lookup'" in message and keyword in message
+    assert info.value.param.startswith("tools[0].function.parameters")
+
+
+def test_patterns_re2_takes_are_kept() -> None:
+    params = {"type": "object", "properties": {
+        "s": {"type": "string", "pattern": "^(a+)+$"},
+        "pattern": {"type": "string"},  # a property called "pattern" is not the keyword
+    }, "patternProperties": {"^x-[a-z]+$": {"type": "string"}}}
+    prompt = render_chat(_with_params(params))
+    assert prompt.tools[0]["function"]["parameters"] == params
+
+
+def test_tool_parameters_nested_450_deep_are_a_400() -> None:
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(450):
+        node["properties"] = {"x": {}}
+        node = node["properties"]["x"]
+    with pytest.raises(RenderError) as info:
+        render_chat(_with_params(deep))
+    assert "nest more than" in str(info.value) and "'lookup'" in str(info.value)

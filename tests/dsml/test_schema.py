@@ -6,9 +6,13 @@ import json
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from dsml.checks import compile_check
+from dsml.errors import RenderError
+from dsml.request import render_chat
 from dsml.schema import ToolRegistry, ToolSchema, _compile, coerce_value, loads_strict
 from tests.dsml.conftest import vectors
 
@@ -97,11 +101,11 @@ def test_validate_messages() -> None:
 
 
 def test_unsupported_keywords_use_jsonschema() -> None:
-    params = {"type": "object", "properties": {"id": {"type": "string", "pattern": "^[a-z]+$"}}}
+    params = {"type": "object", "properties": {"id": {"type": "integer", "multipleOf": 3}}}
     assert compile_check(params) is None
     tool = ToolSchema("t", params)
-    assert tool.validate({"id": "abc"}) is None
-    assert "does not match" in tool.validate({"id": "ABC"})
+    assert tool.validate({"id": 9}) is None
+    assert "multiple of" in tool.validate({"id": 4})
 
 
 def test_remote_ref_is_never_fetched() -> None:
@@ -126,10 +130,10 @@ def test_local_ref_resolves() -> None:
 
 
 def test_validators_are_cached_by_schema_text() -> None:
-    params = {"type": "object", "properties": {"q": {"type": "string", "pattern": "x"}}}
+    params = {"type": "object", "properties": {"q": {"type": "integer", "multipleOf": 2}}}
     before = _compile.cache_info().hits
     for _ in range(3):
-        ToolSchema("t", dict(params)).validate({"q": "x"})
+        ToolSchema("t", dict(params)).validate({"q": 2})
     assert _compile.cache_info().hits >= before + 2
 
 
@@ -194,3 +198,81 @@ def test_compiled_check_edge_cases_agree_with_jsonschema(schema, good: list, bad
     for value in bad:
         assert fast(value) is not None and not oracle.is_valid(value), value
     json.dumps(schema)  # schemas here are JSON
+
+
+# --- hostile schemas (issue 14) --------------------------------------------------------------
+
+EVIL = "a" * 28 + "!"
+
+
+@pytest.mark.parametrize(("params", "bad", "good"), [
+    # jsonschema validates these (outside the compiled subset): its patterns on RE2 too.
+    ({"type": "object", "properties": {"s": {"anyOf": [{"type": "string", "pattern": "^(a+)+$"}]}}},
+     {"s": EVIL}, {"s": "aaa"}),
+    ({"type": "object", "patternProperties": {"^(a+)+$": {"type": "integer"}}},
+     {"aaa": "x"}, {EVIL: "x", "aa": 1}),
+    ({"type": "object", "patternProperties": {"^(a+)+$": {}}, "additionalProperties": False},
+     {EVIL: 1}, {"aaa": 1}),
+    ({"type": "object", "propertyNames": {"pattern": "^(a+)+$"}}, {EVIL: 1}, {"aaa": 1}),
+])
+def test_jsonschema_patterns_run_in_linear_time(params: dict, bad: dict, good: dict) -> None:
+    import time
+
+    tool = ToolSchema("t", params)
+    start = time.perf_counter()
+    assert tool.validate(bad) is not None
+    assert tool.validate(good) is None
+    assert time.perf_counter() - start < 0.5  # Python's re: ~8 s on 28 'a's, doubling per 'a'
+
+
+def test_ref_cycle_is_a_validation_error_not_a_crash() -> None:
+    tool = ToolSchema("t", {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}},
+                            "$defs": {"a": {"$ref": "#/$defs/a"}}})
+    error = tool.validate({"x": 1})
+    assert error is not None and "loop" in error
+
+
+# --- fuzzed schemas: a 400 or a verdict, never an exception (issue 14) ----------------------
+
+_PATTERNS = ["^(a+)+$", "(a)\\1", "(?=x)", "[", "\\p{L}+", "^[a-z]{2,5}$", "\ud800", "a{99999}",
+             "(?i)abc", ".*.*.*=.*", "\\d+"]
+_KEYWORDS = ["type", "properties", "required", "items", "enum", "const", "pattern",
+             "patternProperties", "propertyNames", "additionalProperties", "anyOf", "oneOf",
+             "allOf", "not", "$ref", "$defs", "minimum", "maxLength", "format",
+             "unevaluatedProperties", "if", "then", "dependentSchemas", "prefixItems"]
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=4), children, max_size=3), max_leaves=8)
+_schemas = st.recursive(
+    st.booleans() | st.fixed_dictionaries({"type": st.sampled_from(
+        ["string", "integer", "object", "array", "null", "bogus"])}),
+    lambda children: st.dictionaries(
+        st.sampled_from(_KEYWORDS),
+        children | st.sampled_from(_PATTERNS) | _json | st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["a", "b", "^x", "(a)\\1", "#/$defs/a"]), children,
+                          max_size=3)
+        | st.sampled_from(["#/$defs/a", "#", "#/nope", "https://example.com/s.json"]),
+        max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schema=_schemas, arguments=st.dictionaries(st.sampled_from(["a", "b", "x1", "aaaa!"]),
+                                                   _json, max_size=3))
+def test_fuzzed_schemas_render_or_refuse_and_validate_without_exceptions(
+        schema: object, arguments: dict) -> None:
+    import time
+
+    params = schema if isinstance(schema, dict) else {"type": "object"}
+    request = {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": params}}]}
+    try:
+        prompt = render_chat(request)
+    except RenderError:
+        return  # a 400 in the proxy
+    tools = ToolRegistry(prompt.tools)
+    start = time.perf_counter()
+    verdict = tools.get("f").validate(arguments)  # type: ignore[union-attr]
+    assert verdict is None or isinstance(verdict, str)
+    assert time.perf_counter() - start < 1.0

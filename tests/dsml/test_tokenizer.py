@@ -407,3 +407,53 @@ def test_render_vectors_encode_like_deepseek_recipe(tok: V4Tokenizer, recipe_enc
         assert tok.encode_prompt(prompt) == recipe_encoding.encode(conversation), vector["id"]
         num_compared += 1
     assert num_compared >= 100
+
+
+def test_long_texts_are_cut_only_where_bpe_ids_stay_the_same() -> None:
+    # Long client texts are encoded in parts by one batch call (it releases the GIL and runs
+    # in parallel: issue 14); the ids must be those of the whole text.
+    import random
+
+    from dsml.tokenizer import RELEASE_GIL_CHARS, load_tokenizer, split_for_bpe
+
+    tok = load_tokenizer()
+    rnd = random.Random(7)
+    words = ["hello", "World", "x", "2024", "12345678", "，", "你好世界", "テスト", "\n", "\n\n",
+             "  ", "\t", "don't", "a.b", "<｜User｜>", "é", "ñandú", "__init__", "foo()", "😀",
+             "ABC", "q", "-", "'s"]
+    text = "".join(rnd.choice(words) + rnd.choice([" ", " ", "", "\n"]) for _ in range(40_000))
+    assert len(text) > RELEASE_GIL_CHARS
+    parts = split_for_bpe(text, size=997)
+    assert len(parts) > 50 and "".join(parts) == text
+    assert tok.encode_text(text) == tok._plain.encode(text, add_special_tokens=False).ids
+    whole = tok._plain.encode(text, add_special_tokens=False).ids
+    assert [i for p in parts for i in tok._plain.encode(p, add_special_tokens=False).ids] == whole
+    # Model-side text too (added tokens matched): no added token holds a place to cut.
+    assert tok.encode_generated(text) == tok._generated.encode(text, add_special_tokens=False).ids
+    assert split_for_bpe("你好" * 50_000) == ["你好" * 50_000]  # nowhere safe to cut: whole
+
+
+def test_token_budget_stops_long_texts_early() -> None:
+    from dsml.tokenizer import TokenBudgetExceeded, V4Tokenizer, token_budget
+
+    tok = V4Tokenizer()  # its own: the wrapper below must not leak into other tests
+    calls = []
+
+    class Counting:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def encode_batch(self, parts: list[str], **kw: object) -> list:
+            calls.append(len(parts))
+            return self.inner.encode_batch(parts, **kw)  # type: ignore[attr-defined]
+
+    text = "lorem ipsum dolor sit amet " * 120_000  # ~100 parts of 32K chars
+    tok._plain = Counting(tok._plain)  # type: ignore[assignment]
+    with token_budget(1000), pytest.raises(TokenBudgetExceeded):
+        tok.encode_text(text)
+    assert calls == [16]  # stopped after the first batch, not all ~100 parts
+    calls.clear()
+    with token_budget(10**9):
+        ids = tok.encode_text(text)
+    assert sum(calls) > 80 and len(ids) > 100_000
+    assert tok.encode_text(text) == ids  # no budget: the same ids

@@ -39,6 +39,8 @@ async def test_protocol_and_deltas(backend):
     assert sum(d.num_tokens for d in deltas) <= 3
     assert deltas[-1].finish_reason in ("length", "stop")
     assert all(d.finish_reason is None for d in deltas[:-1])
+    # The ids of each delta's tokens come along (a continued turn goes on from them).
+    assert all(d.token_ids is not None and len(d.token_ids) == d.num_tokens for d in deltas)
     # Same prompt given as text: tokenized with control strings as their ids, same output.
     text = load_tokenizer().decode(PROMPT)
     again = await _deltas(backend, GenerateRequest(

@@ -112,12 +112,17 @@ async def test_upstream_down_is_502(start_proxy: StartProxy) -> None:
         assert assert_error_shape(info.value.response.json())["code"] == "upstream_error"
 
 
-async def test_upstream_http_error_is_502(proxy: ProxyServer, fake: FakeUpstream) -> None:
+async def test_upstream_http_error_is_502(proxy: ProxyServer, fake: FakeUpstream,
+                                          caplog: pytest.LogCaptureFixture) -> None:
     fake.push(Reply(status=500, text="engine exploded"))
     with pytest.raises(openai.InternalServerError) as info:
         await proxy.client().chat.completions.create(model="deepseek-chat", messages=MESSAGES)
     assert info.value.status_code == 502
-    assert "engine exploded" in info.value.response.json()["error"]["message"]
+    message = info.value.response.json()["error"]["message"]
+    # The engine's body is logged, never echoed to the client (issue 14).
+    assert "HTTP 500" in message and "engine exploded" not in message
+    assert any("engine exploded" in str(getattr(r, "fields", {}).get("detail"))
+               for r in caplog.records)
 
 
 async def test_upstream_timeout_is_504(start_proxy: StartProxy, fake: FakeUpstream) -> None:
@@ -150,4 +155,5 @@ async def test_engine_refusal_is_400_not_retried(proxy: ProxyServer, fake: FakeU
     with pytest.raises(openai.BadRequestError) as info:
         await proxy.client().chat.completions.create(model="deepseek-chat", messages=MESSAGES)
     error = assert_error_shape(info.value.response.json())
-    assert error["code"] == "upstream_rejected" and "maximum context length" in error["message"]
+    assert error["code"] == "upstream_rejected" and "HTTP 400" in error["message"]
+    assert "maximum context length" not in error["message"]  # logged, not echoed (issue 14)
