@@ -15,7 +15,7 @@ except ImportError:  # the reference path needs neither
     triton = tl = None
 
 
-class jit:  # noqa: N801 - used as a decorator like triton.jit
+class jit:
     def __init__(self, fn) -> None:
         self.fn = fn
         self._kernel = None

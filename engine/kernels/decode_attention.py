@@ -40,7 +40,6 @@ import math
 import torch
 
 from engine.kernels import use_triton
-
 from engine.kernels._triton import jit, tl, triton
 
 LOG2E = math.log2(math.e)
@@ -220,12 +219,12 @@ def _decode_attention_combine_kernel(
     p_mask = offs_p < num_splits
     d_mask = offs_d < head_dim
     row = (pid_b * num_splits + offs_p) * num_heads + pid_h  # [BLOCK_P]
-    m = tl.load(part_ml_ptr + row * 2, mask=p_mask, other=float("-inf"))
-    l = tl.load(part_ml_ptr + row * 2 + 1, mask=p_mask, other=0.0)
+    m_part = tl.load(part_ml_ptr + row * 2, mask=p_mask, other=float("-inf"))
+    l_part = tl.load(part_ml_ptr + row * 2 + 1, mask=p_mask, other=0.0)
     sink = tl.load(sink_ptr + pid_h) * 1.4426950408889634
-    m_all = tl.maximum(tl.max(m, axis=0), sink)
-    w = tl.exp2(m - m_all)  # [BLOCK_P]
-    denom = tl.sum(l * w, axis=0) + tl.exp2(sink - m_all)
+    m_all = tl.maximum(tl.max(m_part, axis=0), sink)
+    w = tl.exp2(m_part - m_all)  # [BLOCK_P]
+    denom = tl.sum(l_part * w, axis=0) + tl.exp2(sink - m_all)
     o = tl.load(
         part_o_ptr + row[:, None] * head_dim + offs_d[None, :],
         mask=p_mask[:, None] & d_mask[None, :],
@@ -288,8 +287,9 @@ def _check(q, window, entries, slots, positions, entry_idx, sink) -> None:
         if entries.dtype != q.dtype:
             raise ValueError(f"entries dtype {entries.dtype} differs from q's {q.dtype}")
         if entry_idx.dim() != 2 or entry_idx.shape[0] != B or entry_idx.dtype != torch.int64:
-            raise ValueError(f"entry_idx must be int64 [{B}, Kc], got {entry_idx.dtype} "
-                             f"{tuple(entry_idx.shape)}")
+            raise ValueError(
+                f"entry_idx must be int64 [{B}, Kc], got {entry_idx.dtype} {tuple(entry_idx.shape)}"
+            )
     for name, t in (("slots", slots), ("positions", positions)):
         if t.shape != (B,) or t.dtype != torch.int64:
             raise ValueError(f"{name} must be int64 [{B}], got {t.dtype} {tuple(t.shape)}")

@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
-                 name: str = "output", show: int = 8) -> None:
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    atol: float,
+    rtol: float,
+    name: str = "output",
+    show: int = 8,
+) -> None:
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     a, e = actual.float(), expected.float()
@@ -17,8 +24,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
     bad = err > atol + rtol * e.abs()
     if bad.any():
         idx = bad.nonzero()[:show].tolist()
-        rows = [f"  {tuple(i)}: got {a[tuple(i)].item():.6g}, want {e[tuple(i)].item():.6g}"
-                for i in idx]
+        rows = [
+            f"  {tuple(i)}: got {a[tuple(i)].item():.6g}, want {e[tuple(i)].item():.6g}"
+            for i in idx
+        ]
         worst = err.argmax()
         raise AssertionError(
             f"{name}: {int(bad.sum())} of {bad.numel()} elements outside atol={atol} "

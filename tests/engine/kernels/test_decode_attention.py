@@ -32,8 +32,9 @@ POISON = 1.0e3  # a key of 1e3s would dominate every softmax it wrongly enters
 def poisoned_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every output/partial buffer starts as NaN: an element the kernels skip shows up."""
     monkeypatch.setattr(
-        da, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                              device=device)
+        da,
+        "_empty",
+        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device),
     )
 
 
@@ -108,8 +109,13 @@ def test_key_splits_agree(num_splits: int) -> None:
     """Forced split counts (tiny key tiles on the CPU) take the partial + combine path with
     splits whose keys are all masked (ring slots past p, -1 entries)."""
     block_n = 16 if CUDA else 4
-    case = make_case(ROWS, "sparse", torch.float32, seed=7 + num_splits,
-                     positions=None if CUDA else [2, RING - 1, 33])
+    case = make_case(
+        ROWS,
+        "sparse",
+        torch.float32,
+        seed=7 + num_splits,
+        positions=None if CUDA else [2, RING - 1, 33],
+    )
     want = da.decode_attention_reference(**case)
     got = da.launch(**case, block_n=block_n, num_splits=num_splits)
     assert_close(got, want, name=f"splits={num_splits}", **FP32_TOL)
