@@ -40,7 +40,9 @@ import math
 import torch
 
 from engine.kernels import use_triton
-from engine.kernels._triton import jit, tl, triton
+from engine.kernels._triton import cdiv, jit, next_power_of_2, store_dtype
+
+tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
 
 LOG2E = math.log2(math.e)
 
@@ -258,10 +260,10 @@ def _num_sms(device: torch.device) -> int:
 
 def _num_splits(num_rows: int, head_blocks: int, num_keys: int, block_n: int, sms: int) -> int:
     """Key splits so the grid fills about one wave of SMs; never an empty split."""
-    chunks = triton.cdiv(num_keys, block_n)
-    want = triton.cdiv(sms, num_rows * head_blocks)
+    chunks = cdiv(num_keys, block_n)
+    want = cdiv(sms, num_rows * head_blocks)
     splits = max(1, min(chunks, want, MAX_SPLITS))
-    return triton.cdiv(chunks, triton.cdiv(chunks, splits))
+    return cdiv(chunks, cdiv(chunks, splits))
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -340,13 +342,13 @@ def launch(
     has_entries = entries is not None and entry_idx.shape[1] > 0
     num_sel = entry_idx.shape[1] if has_entries else 0
     num_keys = W + num_sel
-    head_blocks = triton.cdiv(Hh, block_h)
+    head_blocks = cdiv(Hh, block_h)
     if num_splits is None:
         num_splits = _num_splits(B, head_blocks, num_keys, block_n, _num_sms(q.device))
-    keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(num_keys, keys_per_split)
+    keys_per_split = cdiv(cdiv(num_keys, num_splits), block_n) * block_n
+    num_splits = cdiv(num_keys, keys_per_split)
     one_split = num_splits == 1
-    out = _empty((B, Hh, D), q.dtype, q.device)
+    out = _empty((B, Hh, D), store_dtype(q.dtype, q.device), q.device)
     if B == 0:
         return out
     if one_split:
@@ -356,7 +358,7 @@ def launch(
         part_ml = _empty((B, num_splits, Hh, 2), torch.float32, q.device)
     ent = entries if has_entries else window
     idx = entry_idx if has_entries else slots
-    block_d = triton.next_power_of_2(D)
+    block_d = next_power_of_2(D)
     # fp32 inputs (the tiny test model) get exact fp32 dots, not tf32; bf16 ones the default
     precision = "ieee" if q.dtype == torch.float32 else None
     # Triton's CPU interpreter multiplies bf16 tl.dot operands as their raw uint16 bits
@@ -375,6 +377,6 @@ def launch(
     if not one_split:
         _decode_attention_combine_kernel[(Hh, B)](
             part_o, part_ml, sink, out, Hh, D, num_splits, out.stride(0), out.stride(1),
-            BLOCK_P=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            BLOCK_P=next_power_of_2(num_splits), BLOCK_D=block_d,
         )  # fmt: skip
-    return out
+    return out.to(q.dtype)
