@@ -70,7 +70,9 @@ def decode_attention_reference(
         chosen = entries[slots.unsqueeze(-1), entry_idx.clamp(min=0)]  # [B, Kc, D]
         keys = torch.cat([keys, chosen], dim=1)
         allowed = torch.cat([allowed, entry_idx >= 0], dim=1)
-    kf = keys.float()
+    # masked keys are zeroed, not only their scores: a ring slot or entry the sequence never
+    # wrote may hold anything (a NaN of a fresh buffer, an earlier owner's values)
+    kf = torch.where(allowed.unsqueeze(-1), keys.float(), 0.0)
     scores = torch.einsum("bhd,bmd->bhm", q.float(), kf) * softmax_scale
     scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
     sink_logit = sink.float().view(1, Hh, 1).expand(B, Hh, 1)

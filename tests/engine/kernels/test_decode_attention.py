@@ -4,7 +4,8 @@ On the CPU the kernels run under TRITON_INTERPRET=1 at tiny shapes (Hh 4, D 64, 
 entries, Kc 5); with CUDA the same tests run at V4-Flash's shapes (Hh 64, D 512, W 128,
 8192 / 256 entries, Kc 512). Ring slots that hold no position yet and every buffer the
 launcher allocates are poisoned, so a key read from the wrong place or an output left
-unwritten fails the comparison.
+unwritten fails the comparison. Every slot's last entry is NaN and never visible: an index
+-1 read as an address lands on the previous slot's last entry.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if CUDA:  # V4-Flash: 64 heads x 512, ring 128, ratio-4 entries at 32K, indexer 
     HEADS, DIM, RING, SPARSE_N, TOPK, DENSE_N, ROWS = 64, 512, 128, 8192, 512, 256, 32
 else:
     HEADS, DIM, RING, SPARSE_N, TOPK, DENSE_N, ROWS = 4, 64, 8, 13, 5, 13, 3
-POISON = 1.0e3  # a key of 1e3s would dominate every softmax it wrongly enters
+POISON = float("nan")  # ring slots and entries no position owns: any read of one shows
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +62,8 @@ def make_case(batch: int, kind: str, dtype: torch.dtype, seed: int, positions=No
     if kind != "window":
         entries = torch.randn(pool, n_entries, DIM, generator=g)
         visible = ((positions + 1) // ratio).clamp(max=n_entries)
+        entries[:, n_entries - 1] = POISON  # never visible: the position cap keeps it out
+        visible = visible.clamp(max=n_entries - 1)
         if kind == "sparse":
             entry_idx = torch.full((batch, TOPK), -1, dtype=torch.int64)
             for b in range(batch):
