@@ -176,8 +176,10 @@ class Block(nn.Module):
         h = h.reshape(B * T, S, H)
         x, post, comb = hc_ops.hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c)
         x = self.attn(self.attn_norm(x.view(B, T, H)), batch)  # [B, T, H]
-        h = hc_ops.hc_post(x.reshape(B * T, H), h, post, comb)
-        x, post, comb = hc_ops.hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c)
+        h, x, post, comb = hc_ops.hc_post_pre(  # hc_post, then the ffn's hc_pre, fused
+            x.reshape(B * T, H), h, post, comb, self.hc_ffn_fn, self.hc_ffn_scale,
+            self.hc_ffn_base, c,
+        )  # fmt: skip
         x = self.ffn(self.ffn_norm(x.view(B, T, H)), ids)
         return hc_ops.hc_post(x.reshape(B * T, H), h, post, comb).view(B, T, S, H)
 

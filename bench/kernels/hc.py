@@ -2,7 +2,8 @@
 
     python -m bench.kernels.hc
 
-hc_pre and hc_post run twice per layer (86 times a token), hc_head once. Bytes are what the
+hc_pre and hc_post run twice per layer (86 times a token), hc_head once; hc_post_pre (an
+attention sub-layer's hc_post fused with the ffn's hc_pre) once per layer. Bytes are what the
 op must move: fn (24 x 16384 fp32 = 1.5 MB; 4 x 16384 for the head), the streams h
 [N, 4, 4096] bf16, and the outputs; the fp32 split partials are overhead, not counted.
 """
@@ -54,6 +55,20 @@ def bench(device: str = "cuda") -> list[dict]:
                 2 * stream_bytes + n * H * 2 + n * (S + S * S) * 4,
                 lambda c: hc.hc_post(c["y"], c["h"], c["post"], c["comb"]),
                 lambda c: hc.hc_post_reference(c["y"], c["h"], c["post"], c["comb"]),
+            ),
+            "hc_post_pre": (
+                M,
+                M * S * H * 4 + 2 * stream_bytes + 2 * n * H * 2 + 2 * n * (S + S * S) * 4,
+                lambda c: hc.hc_post_pre(
+                    c["y"], c["h"], c["post"], c["comb"], c["fn"], c["scale"], c["base"], CONFIG
+                ),
+                lambda c: hc.hc_pre_reference(
+                    hc.hc_post_reference(c["y"], c["h"], c["post"], c["comb"]),
+                    c["fn"],
+                    c["scale"],
+                    c["base"],
+                    CONFIG,
+                ),
             ),
             "hc_head": (
                 S,

@@ -69,18 +69,29 @@ def hc_head_reference(h, fn, scale, base, config):
 # ---------------------------------------------------------------------------------------------
 @jit
 def _hc_mixes_kernel(
-    h_ptr,  # [N, K] (flattened streams, rows contiguous)
+    h_ptr,  # [N, K] (flattened streams, rows contiguous); written first when EXPAND
     fn_ptr,  # [M, K] f32
     part_ptr,  # [N, P, BLOCK_M] f32: partial fn . h
     sq_ptr,  # [N, P] f32: partial sum of h^2
+    y_ptr,  # [N, H] sub-layer output (EXPAND only)
+    res_ptr,  # [N, S, H] previous streams (EXPAND only)
+    post_ptr,  # [N, S] f32 (EXPAND only)
+    comb_ptr,  # [N, S, S] f32 (EXPAND only)
     num_tokens,
     num_mix,
     K,
+    hidden,
     stride_h_n,
     stride_fn_m,
+    stride_y_n,
+    stride_r_n,
+    stride_r_s,
+    S: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EXPAND: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -90,19 +101,41 @@ def _hc_mixes_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     t_mask = offs_t < num_tokens
     k_mask = offs_k < K
-    # int64 rows: N * K passes 2^31 from 131072 prefill tokens
-    x = tl.load(
-        h_ptr + offs_t.to(tl.int64)[:, None] * stride_h_n + offs_k[None, :],
-        mask=t_mask[:, None] & k_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)  # [BLOCK_T, BLOCK_K]
+    rows_t = offs_t.to(tl.int64)  # int64 rows: N * K passes 2^31 from 131072 prefill tokens
+    tk_mask = t_mask[:, None] & k_mask[None, :]
+    h_ptrs = h_ptr + rows_t[:, None] * stride_h_n + offs_k[None, :]
+    if EXPAND:
+        # hc_post fused in: this K block is one stream's H slice (BLOCK_K divides H), so the
+        # program computes h_new[n, s, slice] = post[s] y + sum_j comb[j, s] res[j], stores it
+        # and goes on with the GEMV without reading it back
+        s = (pid_k * BLOCK_K) // hidden
+        offs_hid = pid_k * BLOCK_K - s * hidden + tl.arange(0, BLOCK_K)
+        y = tl.load(y_ptr + rows_t[:, None] * stride_y_n + offs_hid[None, :], mask=tk_mask,
+                    other=0.0).to(tl.float32)  # fmt: skip
+        mixed = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+        for j in tl.static_range(S):
+            comb_js = tl.load(comb_ptr + rows_t * (S * S) + j * S + s, mask=t_mask, other=0.0)
+            res_j = tl.load(
+                res_ptr + rows_t[:, None] * stride_r_n + j * stride_r_s + offs_hid[None, :],
+                mask=tk_mask,
+                other=0.0,
+            ).to(tl.float32)
+            mixed += comb_js[:, None] * res_j
+        post_s = tl.load(post_ptr + rows_t * S + s, mask=t_mask, other=0.0)
+        x = post_s[:, None] * y + mixed
+        if ROUND_BF16:  # the GEMV reads the bf16 streams hc_pre would read: round to nearest
+            bits = x.to(tl.int32, bitcast=True)  # even in integers (the interpreter truncates)
+            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        tl.store(h_ptrs, x.to(h_ptr.dtype.element_ty), mask=tk_mask)
+    else:
+        x = tl.load(h_ptrs, mask=tk_mask, other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_K]
     w = tl.load(
         fn_ptr + offs_m[:, None] * stride_fn_m + offs_k[None, :],
         mask=(offs_m < num_mix)[:, None] & k_mask[None, :],
         other=0.0,
     )  # [BLOCK_M, BLOCK_K]
     acc = tl.dot(x, tl.trans(w), input_precision="ieee")  # [BLOCK_T, BLOCK_M], fp32 as F.linear
-    row = offs_t.to(tl.int64) * num_parts + pid_k  # [BLOCK_T] in [N, P]
+    row = rows_t * num_parts + pid_k  # [BLOCK_T] in [N, P]
     tl.store(part_ptr + row[:, None] * BLOCK_M + offs_m[None, :], acc, mask=t_mask[:, None])
     tl.store(sq_ptr + row, tl.sum(x * x, axis=1), mask=t_mask)
 
@@ -268,7 +301,18 @@ def _check_strides(h: torch.Tensor, fn: torch.Tensor) -> None:
         raise ValueError("h must have contiguous [S, H] rows and fn contiguous columns")
 
 
-def _mix_and_collapse(h, fn, scale, base, config: ModelConfig, head: bool):
+def _expand_block_k(hidden: int) -> int:
+    """The largest power of two <= BLOCK_K dividing H (a K block must stay in one stream);
+    0 if below tl.dot's 16."""
+    block = BLOCK_K
+    while block >= 16 and hidden % block:
+        block //= 2
+    return block if block >= 16 else 0
+
+
+def _mix_and_collapse(h, fn, scale, base, config: ModelConfig, head: bool, expand=None):
+    """hc_pre's (or hc_head's) two kernels on h; with expand = (y, res, post, comb) the first
+    kernel also computes h = hc_post(y, res, post, comb) into the buffer h."""
     _check_strides(h, fn)
     N, S, H = h.shape
     M, K = fn.shape
@@ -277,14 +321,18 @@ def _mix_and_collapse(h, fn, scale, base, config: ModelConfig, head: bool):
     comb = _empty((N, S, S), torch.float32, h.device)
     if N == 0:
         return x, post, comb
-    num_parts = cdiv(K, BLOCK_K)
+    block_k = _expand_block_k(H) if expand is not None else BLOCK_K
+    num_parts = cdiv(K, block_k)
     block_t = min(64, max(16, next_power_of_2(N)))  # 16 is tl.dot's smallest M
     block_m = max(16, next_power_of_2(M))
     part = _empty((N, num_parts, block_m), torch.float32, h.device)
     sq = _empty((N, num_parts), torch.float32, h.device)
+    y, res, post_in, comb_in = expand if expand is not None else (h, h, post, comb)
     _hc_mixes_kernel[(num_parts, cdiv(N, block_t))](
-        h, fn, part, sq, N, M, K, h.stride(0), fn.stride(0),
-        BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_K=BLOCK_K,
+        h, fn, part, sq, y, res, post_in, comb_in,
+        N, M, K, H, h.stride(0), fn.stride(0), y.stride(0), res.stride(0), res.stride(1),
+        S=S, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_K=block_k,
+        EXPAND=expand is not None, ROUND_BF16=h.dtype == torch.bfloat16,
     )  # fmt: skip
     block_hid = min(BLOCK_HID, next_power_of_2(H))
     _hc_finish_kernel[(N, cdiv(H, block_hid))](
@@ -323,10 +371,7 @@ def hc_head(
     return _mix_and_collapse(h, fn, scale, base, config, head=True)[0]
 
 
-def hc_post(
-    y: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
-) -> torch.Tensor:
-    """h_new [N, S, H] in res's dtype == engine.model.hc_expand."""
+def _check_post(y, res, post, comb) -> None:
     if res.dim() != 3:
         raise ValueError(f"res must be [N, S, H], got shape {tuple(res.shape)}")
     N, S, H = res.shape
@@ -337,14 +382,26 @@ def hc_post(
         )
     if post.dtype != torch.float32 or comb.dtype != torch.float32:
         raise ValueError("post and comb must be float32")
-    if not use_triton(res):
-        return hc_post_reference(y, res, post, comb)
+
+
+def _check_post_strides(y, res, post, comb) -> None:
     if (
         y.stride(1) != 1
         or res.stride(2) != 1
         or not (post.is_contiguous() and comb.is_contiguous())
     ):
         raise ValueError("hc_post wants contiguous hidden dims and contiguous post/comb")
+
+
+def hc_post(
+    y: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+) -> torch.Tensor:
+    """h_new [N, S, H] in res's dtype == engine.model.hc_expand."""
+    _check_post(y, res, post, comb)
+    if not use_triton(res):
+        return hc_post_reference(y, res, post, comb)
+    _check_post_strides(y, res, post, comb)
+    N, S, H = res.shape
     out = _empty((N, S, H), store_dtype(res.dtype, res.device), res.device)
     if N == 0:
         return out
@@ -355,3 +412,35 @@ def hc_post(
         S=S, BLOCK_S=next_power_of_2(S), BLOCK_HID=block_hid,
     )  # fmt: skip
     return out.to(res.dtype)
+
+
+def hc_post_pre(
+    y: torch.Tensor,
+    res: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    config: ModelConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sub-layer's hc_post fused with the next one's hc_pre: (h_new, x, post', comb') ==
+    h_new = hc_post(y, res, post, comb); x, post', comb' = hc_pre(h_new, fn, scale, base).
+    Two kernels instead of three, and h_new is not read back for the GEMV."""
+    _check_post(y, res, post, comb)
+    S = config.hc_mult
+    _check_streams(res, fn, base, (2 + S) * S)
+    if res.shape[1] != S or scale.shape != (3,):
+        raise ValueError(f"hc_post_pre wants S = hc_mult = {S} streams and 3 scales")
+    if not use_triton(res):
+        h_new = hc_post_reference(y, res, post, comb)
+        return (h_new, *hc_pre_reference(h_new, fn, scale, base, config))
+    _check_post_strides(y, res, post, comb)
+    if not _expand_block_k(res.shape[2]):  # H not a multiple of 16: the unfused kernels
+        h_new = hc_post(y, res, post, comb)
+        return (h_new, *_mix_and_collapse(h_new, fn, scale, base, config, head=False))
+    h_new = _empty(res.shape, res.dtype, res.device)  # bf16 values are rounded in-kernel
+    x, post2, comb2 = _mix_and_collapse(
+        h_new, fn, scale, base, config, head=False, expand=(y, res, post, comb)
+    )
+    return h_new, x, post2, comb2

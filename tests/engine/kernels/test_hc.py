@@ -98,6 +98,34 @@ def test_hc_post_matches_model(n: int, dtype: torch.dtype) -> None:
     assert_close(got, want, name="h_new", **tol(dtype))
 
 
+@pytest.mark.parametrize("hidden", [HIDDEN] if CUDA else [HIDDEN, 24])  # 24: no 16-wide K
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # block: unfused fallback
+@pytest.mark.parametrize("n", TOKENS)
+def test_hc_post_pre_matches_model(n: int, dtype: torch.dtype, hidden: int) -> None:
+    """hc_post fused with the next hc_pre == hc_expand, then hc_mix + hc_collapse of the
+    streams it returned (a one-ulp bf16 flip in h_new moves post by ~1e-4 in any
+    implementation, so the second stage is checked on the kernel's own h_new)."""
+    config = CONFIG.replace(hidden_size=hidden)
+    g = torch.Generator().manual_seed(50 + n)
+    res = torch.randn(n, S, hidden, generator=g).to(DEVICE, dtype)
+    y = torch.randn(n, hidden, generator=g).to(DEVICE, dtype)
+    post = (2 * torch.rand(n, S, generator=g)).to(DEVICE)
+    comb = torch.rand(n, S, S, generator=g).to(DEVICE)
+    K = S * hidden
+    fn = (torch.randn(M, K, generator=g) * K**-0.5).to(DEVICE)
+    scale = (torch.randn(3, generator=g) * 0.2 + 1.0).to(DEVICE)
+    base = (torch.randn(M, generator=g) * 0.5).to(DEVICE)
+    h_want = hc_expand(y[None], res[None], post[None], comb[None])
+    with mode("triton"):
+        h_new, x, post2, comb2 = hc.hc_post_pre(y, res, post, comb, fn, scale, base, config)
+    assert_close(h_new, h_want[0], name="h_new", **tol(dtype))
+    pre, post_want, comb_want = hc_mix(h_new[None], fn, scale, base, config)
+    x_want = hc_collapse(h_new[None], pre)[0]
+    assert_close(post2, post_want[0], name="post", **F32_TOL)
+    assert_close(comb2, comb_want[0], name="comb", **F32_TOL)
+    assert_close(x, x_want, name="x", **tol(dtype))
+
+
 @pytest.mark.parametrize(
     ("n", "dtype", "config"),
     [(n, dtype, CONFIG) for n in TOKENS[:2] for dtype in (torch.bfloat16, torch.float32)]
