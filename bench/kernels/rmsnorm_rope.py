@@ -3,7 +3,7 @@
     python -m bench.kernels.rmsnorm_rope
 
 q: [B, 64, 512] per-head norm (no weight) + RoPE; kv: [B, 512] kv_norm + RoPE; out: the
-inverse RoPE of the attention output [B, 64, 512]. Bytes: x read, out written (bf16),
+inverse RoPE of the attention output [B, 64, 512]; rmsnorm: [B, 4096] (attn/ffn norm). Bytes: x read, out written (bf16),
 cos/sin and the weight.
 """
 
@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.kernels._timing import copies_for, measure, print_table, row
+from engine.kernels import mode
 from engine.kernels import rmsnorm_rope as rr
 
 HEADS, DIM, ROPE, EPS = 64, 512, 64, 1e-6
@@ -62,6 +63,19 @@ def bench(device: str = "cuda") -> list[dict]:
             shape = f"B={batch} Hx={heads or 1} D={DIM} R={ROPE}"
             rows.append(row(name, shape, *measure(fast, cases), moved))
             rows.append(row(f"{name} torch", shape, *measure(ref, cases), moved))
+        hidden = 4096  # attn_norm / ffn_norm over the collapsed hidden state
+        moved = 2 * 2 * batch * hidden + hidden * 2
+        copies = copies_for(moved, moved)
+        cases = [
+            torch.randn(batch, hidden, device=device, dtype=torch.bfloat16) for _ in range(copies)
+        ]
+        weight = torch.ones(hidden, device=device, dtype=torch.bfloat16)
+        shape = f"B={batch} H={hidden}"
+        fast = measure(lambda x, w=weight: rr.rmsnorm(x, w, EPS), cases)
+        rows.append(row("rmsnorm", shape, *fast, moved))
+        with mode("reference"):  # RMSNorm.forward's torch ops
+            with_ref = measure(lambda x, w=weight: rr.rmsnorm(x, w, EPS), cases)
+        rows.append(row("rmsnorm torch", shape, *with_ref, moved))
     return rows
 
 

@@ -1,5 +1,6 @@
-"""RMSNorm fused with the partial interleaved RoPE that follows it (attention's q and kv), and
-the RoPE alone (the inverse rotation of the attention output).
+"""RMSNorm fused with the partial interleaved RoPE that follows it (attention's q and kv), the
+RoPE alone (the inverse rotation of the attention output), and the RMSNorm alone (the
+attn_norm / ffn_norm / final norm over H = 4096: one kernel instead of ~7 torch ones).
 
 Per head row x[n, h] (D channels, the last R = 2 * cos.shape[-1] of them rotate):
 
@@ -174,3 +175,14 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
     if not use_triton(x):
         return rope_reference(x, cos, sin, inverse)
     return _launch(x, None, cos, sin, 0.0, norm=False, inverse=inverse)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """engine.attention.RMSNorm.forward over x's last dim (any leading shape)."""
+    if not use_triton(x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        return (y * weight.float()).to(x.dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    no_rope = rows.new_empty((rows.shape[0], 0), dtype=torch.float32)
+    return _launch(rows, weight, no_rope, no_rope, eps, norm=True, inverse=False).view(x.shape)

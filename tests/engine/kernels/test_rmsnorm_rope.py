@@ -90,6 +90,21 @@ def test_reference_is_attentions_formula() -> None:
     assert torch.equal(rr.rmsnorm_rope_reference(q, None, cos, sin, EPS), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rmsnorm_matches_module(dtype: torch.dtype) -> None:
+    """The plain norm (no rotating channels) over a hidden-size row, leading dims [B, T]."""
+    hidden = 4096 if CUDA else 200
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(2, 3, hidden, generator=g) * 5).to(DEVICE, dtype)
+    norm = RMSNorm(hidden, EPS, dtype).to(DEVICE)
+    norm.weight.data.copy_(1 + 0.1 * torch.randn(hidden, generator=g))
+    with mode("triton"):
+        got = rr.rmsnorm(x, norm.weight, EPS)
+    with mode("reference"):
+        assert torch.equal(rr.rmsnorm(x, norm.weight, EPS), norm(x))
+    check(got, norm(x), dtype, "rmsnorm")
+
+
 def test_rope_inverse_undoes_rope() -> None:
     x, _, cos, sin = make_case(TOKENS, HEADS, torch.float32, seed=9)
     with mode("triton"):
