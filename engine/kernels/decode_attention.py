@@ -299,9 +299,6 @@ def _check(q, window, entries, slots, positions, entry_idx, sink) -> None:
             raise ValueError(f"{name} must be int64 [{B}], got {t.dtype} {tuple(t.shape)}")
     if sink.shape != (Hh,) or sink.dtype != torch.float32:
         raise ValueError(f"sink must be float32 [{Hh}], got {sink.dtype} {tuple(sink.shape)}")
-    for name, t in (("q", q), ("window", window), ("entries", entries)):
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"{name}'s last dim must be contiguous (stride 1)")
 
 
 def decode_attention(
@@ -339,6 +336,9 @@ def launch(
     num_warps: int = 4,
 ) -> torch.Tensor:
     """The Triton path with its tile sizes exposed (tests force splits; the bench tunes)."""
+    for name, t in (("q", q), ("window", window), ("entries", entries)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"{name}'s last dim must be contiguous (stride 1)")
     B, Hh, D = q.shape
     W = window.shape[1]
     has_entries = entries is not None and entry_idx.shape[1] > 0

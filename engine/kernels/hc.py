@@ -1,4 +1,5 @@
-"""Hyper-connection kernels: hc_pre (mix GEMV + Sinkhorn + collapse), hc_post, hc_head.
+"""Hyper-connection kernels: hc_pre (mix GEMV + Sinkhorn + collapse), hc_post, hc_head, and
+hc_post_pre (a sub-layer's hc_post fused with the next sub-layer's hc_pre).
 
 The residual is S parallel streams h [N, S, H] (engine/model.py, "Hyper-connections"). Before
 a sub-layer, with K = S*H and M = (2+S)*S mix logits (24 for S = 4):
@@ -20,6 +21,8 @@ the fn read for any batch; one program per token would put 1..32 programs on 1.5
 grid and fn's re-reads come from L2. A second kernel, one program per (token, H block),
 sums the partials, runs the 4 x 4 Sinkhorn in registers (recomputed per H block: a few
 hundred flops) and writes its block of x; the first H block also writes post and comb.
+hc_post_pre's first kernel computes its K block of h_new (one stream's H slice) from y,
+res, post and comb, stores it and feeds it to the GEMV directly.
 
 Shapes: N tokens, S streams (4), H hidden (4096), K = S*H, M mix logits, P = K / BLOCK_K
 partial blocks.
