@@ -245,11 +245,14 @@ def _decode_attention_combine_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-# BLOCK_H 16 is tl.dot's smallest M; 16 heads x 512 fp32 of accumulator (32 KB) plus the q and
-# key tiles fit one CTA's registers with 4 warps. BLOCK_N 32 keys = a 32 KB bf16 tile. Neither
-# was tuned on a GPU yet: bench/kernels/decode_attention.py times the alternatives.
-DEFAULT_BLOCK_H = 16
-DEFAULT_BLOCK_N = 32
+# 32 heads x 16 keys with 8 warps: compiled for sm_90 (Triton 3.9, bench/kernels/
+# compile_check.py) it takes 246 registers and no spill; 16 heads x 32 keys with 4 warps
+# spills 528 bytes a thread, 32 x 32 spills 168, 64 heads spill 600+. 32 heads a program
+# also halve the L2 re-reads of each key tile against 16. Not timed on a GPU yet:
+# bench/kernels/decode_attention.py --tune times the alternatives.
+DEFAULT_BLOCK_H = 32
+DEFAULT_BLOCK_N = 16
+DEFAULT_NUM_WARPS = 8
 MAX_SPLITS = 16  # bounds the fp32 partials at B * 16 * Hh * D * 4 bytes (2 MiB at B = 1)
 
 
@@ -333,7 +336,7 @@ def launch(
     block_h: int = DEFAULT_BLOCK_H,
     block_n: int = DEFAULT_BLOCK_N,
     num_splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = DEFAULT_NUM_WARPS,
 ) -> torch.Tensor:
     """The Triton path with its tile sizes exposed (tests force splits; the bench tunes)."""
     for name, t in (("q", q), ("window", window), ("entries", entries)):

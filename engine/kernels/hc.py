@@ -14,7 +14,7 @@ head, hc_head: pre = sigmoid(fn . h * rstd * scale[0] + base) + hc_eps, x = sum_
 
 Algorithm. The GEMV reads fn (24 x 16384 fp32 = 1.5 MB) for only 1..32 tokens (64 KB..1 MB
 of h), so it is split along K, not along tokens: one program per (K block of 128, block of
-up to 64 tokens) computes partial logits [tokens, M] with an fp32 tl.dot (ieee, as the
+16 tokens) computes partial logits [tokens, M] with an fp32 tl.dot (ieee, as the
 reference's fp32 F.linear) and partial sums of squares. 128 K blocks put 128 programs on
 the fn read for any batch; one program per token would put 1..32 programs on 1.5 MB each
 (a single SM streams tens of GB/s: ~50 us). For a long prefill the token blocks multiply the
@@ -326,7 +326,9 @@ def _mix_and_collapse(h, fn, scale, base, config: ModelConfig, head: bool, expan
         return x, post, comb
     block_k = _expand_block_k(H) if expand is not None else BLOCK_K
     num_parts = cdiv(K, block_k)
-    block_t = min(64, max(16, next_power_of_2(N)))  # 16 is tl.dot's smallest M
+    # 16 tokens a program (tl.dot's smallest M): the ieee fp32 dot over 16 x 128 x 32 takes 76
+    # registers on sm_90; at 64 tokens it spills 6 KB of stack a thread (compile_check.py)
+    block_t = 16
     block_m = max(16, next_power_of_2(M))
     part = _empty((N, num_parts, block_m), torch.float32, h.device)
     sq = _empty((N, num_parts), torch.float32, h.device)

@@ -1,9 +1,10 @@
-"""hc_pre / hc_post / hc_head (Triton) vs engine/model.py's hc functions, and Block.forward
-and the model with the kernels vs the reference path.
+"""hc_pre / hc_post / hc_head / hc_post_pre (Triton) vs engine/model.py's hc functions, and
+Block.forward and the model with the kernels vs the reference path.
 
 On the CPU the kernels run under TRITON_INTERPRET=1 at small shapes (H 96: not a power of
-two, so every mask is exercised; N up to 70: two token blocks); with CUDA the same tests run
-at V4-Flash's (S 4, H 4096, N 1..32). Every buffer the launchers allocate is NaN-poisoned.
+two, so every mask is exercised; N up to 70: five 16-token blocks, the last partial); with
+CUDA the same tests run at V4-Flash's (S 4, H 4096, N 1..32). Every buffer the launchers
+allocate is NaN-poisoned.
 """
 
 from __future__ import annotations
