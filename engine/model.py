@@ -12,11 +12,10 @@ and stays in its checkpoint format; this file only calls it.
 
 What it deliberately does not do: Triton kernels (the hyper-connection ops go through
 engine/kernels/hc.py's switch, whose reference path is this file's hc functions), CUDA
-graphs, paging, sampling, weight
-loading (engine/weights.py), FP8 activation quantisation inside the Linear layers (spec
-section 6: we run BF16 activations; the Linear may emulate more later), training, tensor
-parallelism, and V4-Flash-0731's DSpark drafter (its `mtp.*` tensors beyond block 0 are
-not modelled). It is a slow, readable oracle: attention loops over batch rows because each
+graphs, paging, sampling, weight loading (engine/weights.py), FP8 activation quantisation
+inside the Linear layers (spec section 6: we run BF16 activations; the Linear may emulate
+more later), training, tensor parallelism, and V4-Flash-0731's DSpark drafter (its `mtp.*`
+tensors beyond block 0 are not modelled). It is a slow, readable oracle: attention loops over batch rows because each
 row has its own cache.
 
 Public API (kept stable for the weights/runtime code):
