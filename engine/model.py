@@ -10,11 +10,12 @@ attribute paths ARE the official checkpoint tensor names (`embed.weight`,
 tensors, which `engine.linear.Linear` owns. Every projection is an `engine.linear.Linear`
 and stays in its checkpoint format; this file only calls it.
 
-What it deliberately does not do: Triton kernels, CUDA graphs, paging, sampling, weight
-loading (engine/weights.py), FP8 activation quantisation inside the Linear layers (spec
-section 6: we run BF16 activations; the Linear may emulate more later), training, tensor
-parallelism, and V4-Flash-0731's DSpark drafter (its `mtp.*` tensors beyond block 0 are
-not modelled). It is a slow, readable oracle: attention loops over batch rows because each
+What it deliberately does not do: Triton kernels (the hyper-connection ops go through
+engine/kernels/hc.py's switch, whose reference path is this file's hc functions), CUDA
+graphs, paging, sampling, weight loading (engine/weights.py), FP8 activation quantisation
+inside the Linear layers (spec section 6: we run BF16 activations; the Linear may emulate
+more later), training, tensor parallelism, and V4-Flash-0731's DSpark drafter (its `mtp.*`
+tensors beyond block 0 are not modelled). It is a slow, readable oracle: attention loops over batch rows because each
 row has its own cache.
 
 Public API (kept stable for the weights/runtime code):
@@ -67,6 +68,7 @@ from torch import nn
 from engine.attention import Attention, RMSNorm
 from engine.cache import BatchState, ForwardBatch
 from engine.config import ModelConfig
+from engine.kernels import hc as hc_ops
 from engine.linear import Linear
 from engine.moe import MoE
 
@@ -139,6 +141,14 @@ def hc_head(
     return hc_collapse(h, pre)
 
 
+def hc_head_tokens(
+    h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, c: ModelConfig
+) -> torch.Tensor:
+    """hc_head through the kernel switch: [B, T, S, H] -> [B, T, H]."""
+    B, T, S, H = h.shape
+    return hc_ops.hc_head(h.reshape(B * T, S, H), fn, scale, base, c).view(B, T, H)
+
+
 # ---------------------------------------------------------------------------------------------
 # Block: the same for all 43 layers and the MTP block. Each sub-layer reads the collapsed
 # streams through its RMSNorm and writes back through hc_expand:
@@ -160,14 +170,19 @@ class Block(nn.Module):
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _f32(mix, width), _f32(mix), _f32(3)
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """h [B, T, S, H], ids [B, T] -> [B, T, S, H]."""
+        """h [B, T, S, H], ids [B, T] -> [B, T, S, H]. The hc ops (kernels.hc: the fused
+        kernels or hc_mix/hc_collapse/hc_expand above) see the B*T tokens as one axis."""
         c = self.config
-        pre, post, comb = hc_mix(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c)
-        x = self.attn(self.attn_norm(hc_collapse(h, pre)), batch)  # [B, T, H]
-        h = hc_expand(x, h, post, comb)
-        pre, post, comb = hc_mix(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c)
-        x = self.ffn(self.ffn_norm(hc_collapse(h, pre)), ids)
-        return hc_expand(x, h, post, comb)
+        B, T, S, H = h.shape
+        h = h.reshape(B * T, S, H)
+        x, post, comb = hc_ops.hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c)
+        x = self.attn(self.attn_norm(x.view(B, T, H)), batch)  # [B, T, H]
+        h, x, post, comb = hc_ops.hc_post_pre(  # hc_post, then the ffn's hc_pre, fused
+            x.reshape(B * T, H), h, post, comb, self.hc_ffn_fn, self.hc_ffn_scale,
+            self.hc_ffn_base, c,
+        )  # fmt: skip
+        x = self.ffn(self.ffn_norm(x.view(B, T, H)), ids)
+        return hc_ops.hc_post(x.reshape(B * T, H), h, post, comb).view(B, T, S, H)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +209,7 @@ class MTPBlock(Block):
         x = self.e_proj(self.enorm(e)).unsqueeze(2) + self.h_proj(self.hnorm(hidden))
         h = super().forward(x.to(e.dtype), ids, batch)
         return self.norm(
-            hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.config)
+            hc_head_tokens(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.config)
         )
 
 
@@ -269,7 +284,7 @@ class Transformer(nn.Module):
         h = self.embed(tokens).unsqueeze(2).repeat(1, 1, c.hc_mult, 1)  # [B, T, S, H]
         for layer in self.layers:
             h = layer(h, tokens, batch)
-        y = self.norm(hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c))
+        y = self.norm(hc_head_tokens(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, c))
         for seq, n in zip(state.seqs, batch.counts, strict=True):
             seq.length += n
         logits = self._logits(y, batch, last_only)

@@ -1,2 +1,3 @@
-"""Per-kernel GPU benchmarks: each module has `bench(device) -> list[dict]` rows
-{kernel, shape, time_us, bytes, gbps} at the real V4-Flash shapes, and a `__main__` table."""
+"""Per-kernel GPU benchmarks: each module's `bench(device) -> list[dict]` times its op at real
+V4-Flash shapes (rows: kernel, shape, time_us, graph_us, bytes, gbps); `python -m
+bench.kernels.<op>` prints the table."""

@@ -1,0 +1,208 @@
+"""Compile every kernel for sm_90 without a GPU and report its registers and spills.
+
+    python -m bench.kernels.compile_check          # Triton's bundled ptxas / cuobjdump
+
+Triton's NVIDIA backend (LLVM, ptxas) ships in the wheel, so the GPU path can be compiled on
+a CPU-only machine: this catches what the interpreter cannot (layouts, shared memory over
+the 227 KB limit, register spills) before GPU time is spent. Each kernel is compiled with
+its launcher's tile sizes at V4-Flash shapes, bf16; `cuobjdump -res-usage` gives REG (per
+thread, 255 max) and STACK (bytes a thread spills to local memory; 0 is the goal).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine.kernels import decode_attention as da
+from engine.kernels import hc, indexer_scores, indexer_topk, rmsnorm_rope
+
+BF, F32, I64, I32, FP = "*bf16", "*fp32", "*i64", "i32", "fp32"
+
+
+def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    wrapper.fn.__globals__["tl"] = triton.language
+    kernel = triton.jit(wrapper.fn)
+    signature = {a: "constexpr" if a in consts else types[a] for a in kernel.arg_names}
+    target = GPUTarget("cuda", 90, 32)
+    options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps})
+    src = triton.compiler.ASTSource(fn=kernel, constexprs=consts, signature=signature)
+    compiled = triton.compile(src, target=target, options=options.__dict__)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = int(usage.split("REG:")[1].split()[0])
+    stack = int(usage.split("STACK:")[1].split()[0])
+    return {"kernel": name, "warps": num_warps, "regs": regs, "spill_bytes": stack,
+            "shared_bytes": compiled.metadata.shared}  # fmt: skip
+
+
+def kernels() -> list[tuple]:
+    """(name, kernel, argument types, constexprs, warps) as the launchers use them."""
+    strides = lambda *names: {n: I32 for n in names}  # noqa: E731
+    attn = dict(
+        q_ptr=BF,
+        window_ptr=BF,
+        entries_ptr=BF,
+        slots_ptr=I64,
+        pos_ptr=I64,
+        idx_ptr=I64,
+        sink_ptr=F32,
+        out_ptr=BF,
+        part_o_ptr=F32,
+        part_ml_ptr=F32,
+        num_heads=I32,
+        head_dim=I32,
+        window=I32,
+        num_sel=I32,
+        keys_per_split=I32,
+        qk_scale=FP,
+        **strides(
+            "stride_q_b",
+            "stride_q_h",
+            "stride_w_s",
+            "stride_w_w",
+            "stride_e_s",
+            "stride_e_n",
+            "stride_i_b",
+            "stride_o_b",
+            "stride_o_h",
+        ),
+    )
+    attn_c = dict(
+        BLOCK_H=da.DEFAULT_BLOCK_H,
+        BLOCK_N=da.DEFAULT_BLOCK_N,
+        BLOCK_D=512,
+        HAS_ENTRIES=True,
+        ONE_SPLIT=False,
+        DOT_PRECISION=None,
+        UPCAST_DOT=False,
+    )
+    combine = dict(
+        part_o_ptr=F32,
+        part_ml_ptr=F32,
+        sink_ptr=F32,
+        out_ptr=BF,
+        num_heads=I32,
+        head_dim=I32,
+        num_splits=I32,
+        **strides("stride_o_b", "stride_o_h"),
+    )
+    mixes = dict(
+        h_ptr=BF,
+        fn_ptr=F32,
+        part_ptr=F32,
+        sq_ptr=F32,
+        y_ptr=BF,
+        res_ptr=BF,
+        post_ptr=F32,
+        comb_ptr=F32,
+        num_tokens=I32,
+        num_mix=I32,
+        K=I32,
+        hidden=I32,
+        **strides("stride_h_n", "stride_fn_m", "stride_y_n", "stride_r_n", "stride_r_s"),
+    )
+    mixes_c = dict(S=4, BLOCK_T=16, BLOCK_M=32, BLOCK_K=hc.BLOCK_K, ROUND_BF16=True)
+    finish = dict(
+        h_ptr=BF,
+        part_ptr=F32,
+        sq_ptr=F32,
+        scale_ptr=F32,
+        base_ptr=F32,
+        x_ptr=BF,
+        post_ptr=F32,
+        comb_ptr=F32,
+        num_streams=I32,
+        hidden=I32,
+        num_parts=I32,
+        rms_eps=FP,
+        hc_eps=FP,
+        sinkhorn_iters=I32,
+        **strides("stride_h_n", "stride_h_s", "stride_x_n"),
+    )
+    finish_c = dict(BLOCK_S=4, BLOCK_P=128, BLOCK_M=32, BLOCK_HID=hc.BLOCK_HID)
+    post = dict(
+        y_ptr=BF,
+        res_ptr=BF,
+        post_ptr=F32,
+        comb_ptr=F32,
+        out_ptr=BF,
+        hidden=I32,
+        **strides("stride_y_n", "stride_r_n", "stride_r_s", "stride_o_n", "stride_o_s"),
+    )
+    scores = dict(
+        q_ptr=BF,
+        keys_ptr=BF,
+        slots_ptr=I64,
+        pos_ptr=I64,
+        w_ptr=F32,
+        out_ptr=F32,
+        num_heads=I32,
+        head_dim=I32,
+        num_entries=I32,
+        ratio=I32,
+        **strides(
+            "stride_q_b", "stride_q_h", "stride_k_s", "stride_k_n", "stride_w_b", "stride_o_b"
+        ),
+    )
+    topk = dict(
+        scores_ptr=F32, out_ptr=I64, num_entries=I32, k=I32, **strides("stride_s_b", "stride_o_b")
+    )
+    norm = dict(
+        x_ptr=BF,
+        w_ptr=BF,
+        cos_ptr=F32,
+        sin_ptr=F32,
+        out_ptr=BF,
+        num_heads=I32,
+        head_dim=I32,
+        rope_half=I32,
+        eps=FP,
+        **strides("stride_x_n", "stride_x_h", "stride_c_n", "stride_o_n", "stride_o_h"),
+    )
+    norm_c = dict(NORM=True, HAS_WEIGHT=True, INVERSE=False, ROUND_BF16=True)
+    return [
+        ("decode_attention", da._decode_attention_kernel, attn, attn_c, da.DEFAULT_NUM_WARPS),
+        ("decode_attention one split", da._decode_attention_kernel, attn,
+         {**attn_c, "ONE_SPLIT": True}, da.DEFAULT_NUM_WARPS),
+        ("decode_attention combine", da._decode_attention_combine_kernel, combine,
+         dict(BLOCK_P=16, BLOCK_D=512), 4),
+        ("hc_mixes", hc._hc_mixes_kernel, mixes, {**mixes_c, "EXPAND": False}, 4),
+        ("hc_mixes expand (hc_post_pre)", hc._hc_mixes_kernel, mixes, {**mixes_c, "EXPAND": True},
+         4),
+        ("hc_finish", hc._hc_finish_kernel, finish, {**finish_c, "HEAD": False}, 4),
+        ("hc_finish head", hc._hc_finish_kernel, finish, {**finish_c, "HEAD": True}, 4),
+        ("hc_post", hc._hc_post_kernel, post, dict(S=4, BLOCK_S=4, BLOCK_HID=hc.BLOCK_HID), 4),
+        ("indexer_scores", indexer_scores._indexer_scores_kernel, scores,
+         dict(BLOCK_H=64, BLOCK_D=128, BLOCK_T=indexer_scores.BLOCK_T, DOT_PRECISION=None,
+              UPCAST_DOT=False), 4),
+        ("indexer_topk 8192", indexer_topk._indexer_topk_kernel, topk,
+         dict(BLOCK_N=8192, BLOCK_K=512), indexer_topk._num_warps(8192)),
+        ("rmsnorm_rope q", rmsnorm_rope._rmsnorm_rope_kernel, norm,
+         dict(BLOCK_H=rmsnorm_rope.BLOCK_H, BLOCK_D=512, BLOCK_R=32, **norm_c), 4),
+        ("rmsnorm hidden", rmsnorm_rope._rmsnorm_rope_kernel, norm,
+         dict(BLOCK_H=1, BLOCK_D=4096, BLOCK_R=1, **norm_c), 4),
+    ]  # fmt: skip
+
+
+def main() -> None:
+    print(f"{'kernel':32} warps  regs  spill_bytes  shared_bytes")
+    for name, kernel, types, consts, warps in kernels():
+        r = compile_kernel(name, kernel, types, consts, warps)
+        print(f"{name:32} {warps:5}  {r['regs']:4}  {r['spill_bytes']:11}  {r['shared_bytes']:12}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Triton, imported at a kernel's first launch, for the kernel files.
+
+Nothing here imports Triton when the engine is imported: the base install has none, and
+Triton fixes compiler vs CPU interpreter (TRITON_INTERPRET) when it is first imported and
+when each `triton.jit` runs, while the engine's modules are imported before a test's
+conftest can set it. So a kernel file decorates its kernels with `jit` below, names
+`tl = None` at module level (bound to triton.language at the first launch), and sizes its
+grids with the pure-Python `cdiv` / `next_power_of_2`.
+"""
+
+from __future__ import annotations
+
+
+class jit:  # lower case: used as a decorator like triton.jit
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self._kernel = None
+
+    def __getitem__(self, grid):
+        if self._kernel is None:
+            try:
+                import triton
+            except ImportError as e:
+                raise RuntimeError("the Triton path needs `triton` (the test extra)") from e
+            self.fn.__globals__["tl"] = triton.language  # the kernel bodies' `tl`
+            self._kernel = triton.jit(self.fn)
+        return self._kernel[grid]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def store_dtype(dtype, device) -> object:
+    """The dtype a kernel should write an output of `dtype` in. Triton's CPU interpreter
+    truncates fp32 -> bf16/fp16 casts (3.9 interpreter.py cast_impl: no rounding mode) where
+    the GPU rounds to nearest even, so on the CPU kernels write fp32 and the launcher casts
+    with torch (round to nearest even, as the GPU)."""
+    import torch
+
+    if device.type != "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
