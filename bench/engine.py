@@ -56,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import decode
 from engine.cache import BatchState
 from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
-from engine.decode import DecodeStep, hc_head_collapse, linear_f32
+from engine.decode import DecodeStep, linear_f32
+from engine.kernels.hc import hc_head
 from engine.kv import SlotPool
 from engine.linear import Linear
 from engine.model import Transformer
@@ -373,7 +374,7 @@ def head_time(model: Transformer, clock: Clock, device: torch.device) -> float:
     h = torch.randn(1, c.hc_mult, c.hidden_size, device=device).to(model.dtype)
 
     def head() -> None:
-        y = model.norm(hc_head_collapse(h, model.hc_head_fn, model.hc_head_scale,
+        y = model.norm(hc_head(h, model.hc_head_fn, model.hc_head_scale,
                                         model.hc_head_base, c))
         linear_f32(model.head, y).argmax(-1)  # the fast path's head
 

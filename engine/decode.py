@@ -21,21 +21,20 @@ Attention) op for op, with masks where the reference slices:
   written into entries[slot, p // r] only where (p + 1) % r == 0 (torch.where);
 - ratio 128: every entry j < (p+1)//128 of entries[slot, :N_max] is attended (index -1 masks
   the rest); ratio 4: the indexer scores index_keys[slot, :N_max], masks entries
-  j >= (p+1)//4 with -inf and keeps the top min(index_topk, N_max) by a STABLE descending
-  sort, so an exact tie goes to the earlier entry as in Indexer.select_row; -inf -> index -1;
-- attention over window + selected entries with the sink through `decode_attention` (the
-  signature agreed in the kernel plan; `_decode_attention_reference` below until the Triton
-  kernel lands), inverse RoPE, grouped wo_a, wo_b;
+  j >= (p+1)//4 with -inf and keeps the top min(index_topk, N_max) (engine/kernels/
+  indexer_scores.py, indexer_topk.py: an exact tie goes to the earlier entry as in
+  Indexer.select_row's stable sort; -1 where fewer are visible);
+- attention over window + selected entries with the sink (engine/kernels/decode_attention.py),
+  inverse RoPE, grouped wo_a, wo_b;
 - QAT round trips (config.qat) exactly where the reference applies them.
 
 What differs from the reference to fp rounding only: the attention's keys are summed in ring
 / score order instead of position order, the static N_max-long indexer and ratio-128 score
 rows carry masked (-inf) tails, and on CUDA the fp32 products of BF16 weights (head,
 compressors) multiply bf16 values with fp32 accumulation instead of upcasting the weight
-(`linear_f32`). The MoE is the block's own module (k-moe makes it
-sync-free on CUDA); the hyper-connection maps go through engine.model's hc_mix /
-hc_collapse / hc_expand / hc_head behind three local wrappers with the kernel plan's
-hc_pre / hc_post / hc_head signatures. Not here: the MTP block (drafting), prefill (the
+(`linear_f32`). The MoE is the block's own module (sync-free on the fast
+path); the hyper-connection maps are engine/kernels/hc.py's hc_pre / hc_post / hc_head.
+Every kernel takes its PyTorch reference when the switch (engine.kernels) says so. Not here: the MTP block (drafting), prefill (the
 reference Transformer.forward writes the pool through the pool's views).
 
 Shapes: B rows, S pool slots, H hidden, Hh heads, D head_dim, W window, N_max entries of a
@@ -58,40 +57,21 @@ from engine.attention import (
     fp8_roundtrip,
     hadamard,
 )
-from engine.config import QAT_INDEXER_FP4_BLOCK, RATIO_SPARSE, RATIO_WINDOW, ModelConfig
+from engine.config import QAT_INDEXER_FP4_BLOCK, RATIO_SPARSE, RATIO_WINDOW
 from engine.formats import WeightFormat
+from engine.kernels.decode_attention import decode_attention
+from engine.kernels.hc import hc_head, hc_post, hc_pre
+from engine.kernels.indexer_scores import indexer_scores
+from engine.kernels.indexer_topk import indexer_topk
 from engine.kv import PoolLayer, SlotPool
 from engine.linear import Linear
-from engine.model import Transformer, hc_collapse, hc_expand, hc_head, hc_mix
+from engine.model import Transformer
 from engine.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 try:  # the FP8 GEMV of issue 15 (k-fp8); until it is merged, wo_a runs dense as the reference
     from engine.kernels.fp8_linear import act_quant_enabled, fp8_linear_grouped
 except ImportError:
     fp8_linear_grouped = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Hyper-connections with the kernel plan's signatures (engine/kernels/hc.py replaces these).
-# ---------------------------------------------------------------------------------------------
-def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-           config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h [N, S, H] -> x [N, H] (h.dtype), post [N, S], comb [N, S, S] (fp32)."""
-    h1 = h.unsqueeze(1)
-    pre, post, comb = hc_mix(h1, fn, scale, base, config)
-    return hc_collapse(h1, pre)[:, 0], post[:, 0], comb[:, 0]
-
-
-def hc_post(y: torch.Tensor, res: torch.Tensor, post: torch.Tensor,
-            comb: torch.Tensor) -> torch.Tensor:
-    """y [N, H], res [N, S, H] -> [N, S, H] in res.dtype."""
-    return hc_expand(y.unsqueeze(1), res.unsqueeze(1), post.unsqueeze(1), comb.unsqueeze(1))[:, 0]
-
-
-def hc_head_collapse(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-                     config: ModelConfig) -> torch.Tensor:
-    """h [N, S, H] -> [N, H] (the head's collapse, before the final norm)."""
-    return hc_head(h.unsqueeze(1), fn, scale, base, config)[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,43 +96,6 @@ def linear_f32(lin: Linear, x: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError, NotImplementedError):
             _mm_out_dtype[0] = False  # decided in the warm-up, before any graph capture
     return lin(x.float())
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention over the window ring and the selected entries (the kernel plan's decode_attention).
-# ---------------------------------------------------------------------------------------------
-def _decode_attention_reference(
-    q: torch.Tensor,  # [B, Hh, D] roped
-    window: torch.Tensor,  # [S, W, D] rings, slot p % W
-    entries: torch.Tensor | None,  # [S, N, D]
-    slots: torch.Tensor,  # [B]
-    positions: torch.Tensor,  # [B]; the query's own kv is already in the ring
-    entry_idx: torch.Tensor | None,  # [B, Kc], -1 = none
-    sink: torch.Tensor,  # [Hh] fp32
-    softmax_scale: float,
-) -> torch.Tensor:
-    """softmax(q.k * scale, plus one sink logit per head) . v over the valid window slots and
-    entries[slot, entry_idx >= 0]; v = k. Returns [B, Hh, D] in q.dtype, NOT de-roped."""
-    W = window.shape[1]
-    keys = window[slots]  # [B, W, D]
-    ring = torch.arange(W, device=q.device)
-    valid = (ring <= positions.unsqueeze(-1)) | (positions.unsqueeze(-1) >= W - 1)  # [B, W]
-    if entries is not None and entry_idx is not None:
-        picked = entries[slots.unsqueeze(-1), entry_idx.clamp(min=0)]  # [B, Kc, D]
-        keys = torch.cat([keys, picked], dim=1)
-        valid = torch.cat([valid, entry_idx >= 0], dim=1)
-    # masked keys are zeroed, not just their scores: a slot this sequence never wrote holds
-    # an earlier owner's values (or anything, on the scratch slot), and a zero probability
-    # times inf/NaN would still be NaN
-    kf = torch.where(valid.unsqueeze(-1), keys.float(), 0.0)
-    scores = torch.einsum("bhd,bmd->bhm", q.float(), kf) * softmax_scale
-    scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
-    sinks = sink.float().view(1, -1, 1).expand(q.shape[0], -1, 1)
-    probs = torch.cat([scores, sinks], dim=-1).softmax(dim=-1)[..., :-1]
-    return torch.einsum("bhm,bmd->bhd", probs, kf).to(q.dtype)
-
-
-decode_attention = _decode_attention_reference  # engine/kernels/decode_attention.py at merge
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +182,7 @@ def _index_select(
     sin: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
 ) -> torch.Tensor:
     """Update the indexer keys; return the selected entry indices [B, min(topk, N_max)]
-    (-1 where fewer entries are visible), best first."""
+    (-1 where fewer entries are visible), in ascending order."""
     c = ix.config
     q, w = _indexer_queries(ix, x, qr, cos, sin)  # [B, Hi, Di] fp32, [B, Hi]
     new, j, complete = _compress_step(ix.compressor, pl.index_kv, pl.index_score, x, slots,
@@ -247,16 +190,10 @@ def _index_select(
     if c.qat:
         new = fp4_roundtrip(hadamard(new))
     _masked_write(pl.index_keys, slots, j, complete, new)
-    keys = pl.index_keys[slots].float()  # [B, N_max, Di]
-    scores = (torch.einsum("bhd,btd->bht", q, keys).relu() * w.unsqueeze(-1)).sum(dim=1)
-    n_max = keys.shape[1]
-    visible = torch.arange(n_max, device=x.device) < ((positions + 1) // RATIO_SPARSE).unsqueeze(-1)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    k = min(c.index_topk, n_max)
-    # stable: an exact tie (ReLU zeros on every head are common) goes to the earlier entry,
-    # the reference's rule; the -inf tail sorts after every visible entry
-    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
-    return torch.where(vals[:, :k] == float("-inf"), -1, idx[:, :k])
+    scores = indexer_scores(q, pl.index_keys, slots, positions, w)  # [B, N_max], -inf unseen
+    # the top min(index_topk, N_max); an exact tie (ReLU zeros on every head are common)
+    # goes to the earlier entry, the reference's stable-sort rule; -1 past the visible count
+    return indexer_topk(scores, c.index_topk)
 
 
 def _wo_a_grouped(attn: Attention, out: torch.Tensor) -> torch.Tensor:
@@ -338,5 +275,5 @@ class DecodeStep:
             x, post, comb = hc_pre(h, layer.hc_ffn_fn, layer.hc_ffn_scale, layer.hc_ffn_base, c)
             x = layer.ffn(layer.ffn_norm(x).unsqueeze(1), ids.unsqueeze(1))[:, 0]
             h = hc_post(x, h, post, comb)
-        y = m.norm(hc_head_collapse(h, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, c))
+        y = m.norm(hc_head(h, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, c))
         return linear_f32(m.head, y)
