@@ -1,0 +1,517 @@
+"""Routed experts for decode and small batches: two kernels, experts picked on the device.
+
+For each (token, expert) pair p = t * K + k (N tokens, K experts each, P = N * K pairs):
+
+  kernel 1  _gate_up_kernel   g = x_t W1_e^T, u = x_t W3_e^T          (W13_e [2I, H]: W1 rows, then W3)
+                              g, u rounded to the activation dtype (F.linear's bf16 output
+                              in the reference), u clamped to [-limit, limit], g to <= limit,
+                              h_p = (silu(g) * u * weight_p) rounded to the activation dtype
+  kernel 2  _down_kernel      y_t = sum_k round(h_{t*K+k} W2_e^T)   (fp32, k = 0..K-1 in order)
+
+The routing weight multiplies before W2, and h is rounded before W2, as engine.moe does. No
+host ever sees an expert id: each program reads its pair's expert from `experts` [P] and
+streams that expert's rows of the stacked weights once. An id outside [0, E) is a no-op
+(its h and its W2 term are 0): padded rows of a captured batch cost no memory traffic.
+Programs of kernel 1 run in expert order (`order` [P] = a stable device sort of the ids), so
+tokens sharing an expert run side by side and the second read of its rows hits L2.
+
+Weights are stacked over experts (engine.moe.MoE.stack_experts), formats of engine/formats.py:
+
+| FORMAT | words `w` (PW values per word)   | scale `s` per 4 words         | zero `z`            |
+|--------|----------------------------------|-------------------------------|---------------------|
+| INT2   | int32 [E, R, C/16], 2 bits each  | fp16 [E, R, C/64]             | uint8 [E, R, C/128] |
+| FP4    | int32 [E, R, C/8] (int8 pairs)   | E8M0 as uint8 [E, R, C/32]    | -                   |
+| DENSE  | bf16/fp16/fp32 [E, R, C] (PW 1)  | -                             | -                   |
+
+(R output rows, C inputs: W13 has R = 2I, C = H; W2 has R = H, C = I.)
+
+Dequantisation happens in registers with no integer->float conversion instruction (the
+conversion unit runs at 1/4 to 1/8 of the FMA rate, which would make the GEMV compute-bound):
+- INT2: value k of a word sits at bits 2k..2k+1. For k < 8, `(word & 3 << 2k) | 0x4B000000`
+  read as fp32 is 2^23 + q * 4^k exactly; minus 2^23 gives q * 4^k, and the activation is
+  pre-multiplied by 4^-k (exact, a power of two). Values 8..15 take `word >> 16`. The zero
+  point leaves the inner loop: sum_k (q_k - z) s x_k = s (sum_k q_k x_k - z sum_k x_k), with
+  sum_k x_k computed once per word column and shared by every row. Per weight: one LOP3,
+  one FADD, one FFMA.
+- FP4: the magnitudes * 2 {0,1,2,3,4,6,8,12} are the nibbles of the constant 0xC8643210, so
+  `(LUT >> 4m) & 15` (m = the code's low 3 bits) is an exact small integer, made fp32 by the
+  same 2^23 trick; the activation is pre-multiplied by 1/2. The sign bit flips the value.
+- DENSE: a plain load and fp32 convert (tiny test checkpoints; the real ones are quantised).
+
+The dequantised weight is exact in fp32 ((q - z) * s has at most 13 significant bits); the
+reference path rounds it to bf16 before F.linear, which is the main source of difference
+between the two paths (tests/engine/kernels/test_routed_experts.py states the tolerance).
+
+The activation of each kernel is staged as `xt` [rows, PW, C/PW] fp32 (xt[., j, w] =
+x[., w * PW + j]), so value j of a block of words meets a contiguous vector of activations.
+Kernel 1 writes h directly in that layout for kernel 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine import formats as fm
+from engine.formats import WeightFormat
+from engine.kernels import use_triton
+
+try:  # optional: the base install has no Triton and takes the reference below
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without the test extra
+    triton = None
+
+FMT_DENSE, FMT_FP4, FMT_INT2 = 0, 1, 2
+_FORMAT_CODE = {WeightFormat.DENSE: FMT_DENSE, WeightFormat.FP4: FMT_FP4, WeightFormat.INT2: FMT_INT2}
+# values per word; a word is an int32 for the packed formats, one element for DENSE
+_PER_WORD = {FMT_DENSE: 1, FMT_FP4: 8, FMT_INT2: 16}
+_WORDS_PER_GROUP = 4  # INT2: 64 values / 16 per word; FP4: 32 values / 8 per word
+SUPPORTED_FORMATS = tuple(_FORMAT_CODE)
+
+# Activations are staged pre-multiplied by 2^prescale_exponent(j) so that decoded value j
+# times its activation is (weight * x) * 2^-49 exactly; the group scale carries the 2^49.
+UNIT_EXPONENT = 49
+
+
+def prescale_exponent(fmt: int, j: int) -> int:
+    """Power of two that value j's activation is staged with (see the header)."""
+    if fmt == FMT_INT2:  # decoded value j is q * 4^jj * 2^-149, jj = j (j <= 10) or j - 11
+        jj = j if j <= 10 else j - 11
+        return 149 - 2 * jj - UNIT_EXPONENT
+    if fmt == FMT_FP4:  # decoded value is e2m1 * 2^-126
+        return 126 - UNIT_EXPONENT
+    return 0
+
+
+CONFIG_ENV = {"gate_up": "DSML_ROUTED_GATE_UP_CONFIG", "down": "DSML_ROUTED_DOWN_CONFIG"}
+
+
+@dataclass
+class ExpertStack:
+    """One layer's routed experts stacked over E (the Linears' parameters are views of these).
+
+    w13 [E, 2I, .] holds W1's rows then W3's; w2 [E, H, .]. `scale13`/`zero13` and
+    `scale2`/`zero2` are None where the format has none."""
+
+    format: WeightFormat
+    hidden: int          # H
+    inter: int           # I
+    w13: torch.Tensor
+    scale13: torch.Tensor | None
+    zero13: torch.Tensor | None
+    w2: torch.Tensor
+    scale2: torch.Tensor | None
+    zero2: torch.Tensor | None
+
+    def __post_init__(self) -> None:
+        # built here (at load), not per call: a lazily made tensor inside a CUDA graph
+        # capture would live in the graph's private pool
+        self.staging = staging_factors(_FORMAT_CODE.get(self.format, FMT_DENSE), self.w13.device)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's three projections as stored (words + scales + zeros)."""
+        ts = (self.w13, self.scale13, self.zero13, self.w2, self.scale2, self.zero2)
+        return sum(t[0].numel() * t.element_size() for t in ts if t is not None)
+
+
+def staging_factors(fmt: int, device: torch.device) -> torch.Tensor:
+    """fp32 [PW]: 2^prescale_exponent(fmt, j), made on `device` from integer bits (exact)."""
+    j = torch.arange(_PER_WORD[fmt], device=device, dtype=torch.int32)
+    if fmt == FMT_INT2:
+        e = 149 - UNIT_EXPONENT - 2 * torch.where(j <= 10, j, j - 11)
+    elif fmt == FMT_FP4:
+        e = torch.full_like(j, 126 - UNIT_EXPONENT)
+    else:
+        e = torch.zeros_like(j)
+    return ((e + 127) << 23).view(torch.float32)
+
+
+# -- kernels -------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _decode(words, hi, j: tl.constexpr, FORMAT: tl.constexpr):
+        """Value j of every word as fp32, exact, times a power of two (prescale_exponent).
+
+        INT2 and FP4 place the value's bits so that read as fp32 they are the value times
+        2^-149 (INT2, a subnormal) or 2^-126 (FP4, subnormal for e2m1 codes below 1): one AND
+        per value, no conversion. (Triton emits no flush-to-zero for fp32 FMA, and the FMA
+        unit takes subnormal inputs at full rate.)"""
+        if FORMAT == 2:  # INT2: bits 2j..2j+1 of the word (j <= 10) or of hi = word >> 22
+            if j <= 10:
+                bits = words & (3 << (2 * j))
+            else:
+                bits = hi & (3 << (2 * (j - 11)))
+            return bits.to(tl.float32, bitcast=True)
+        elif FORMAT == 1:  # FP4: code bits 4j..4j+3; magnitude bits -> 22..24, sign -> 31
+            if j <= 5:
+                mag = (words << (22 - 4 * j)) & 0x01C00000
+            else:
+                mag = (words >> (4 * j - 22)) & 0x01C00000
+            sign = (words << (28 - 4 * j)) & -2147483648  # 0x80000000 as int32
+            return (mag | sign).to(tl.float32, bitcast=True)
+        else:
+            return words.to(tl.float32)
+
+    @triton.jit
+    def _staging_factor(j, FORMAT: tl.constexpr):
+        """2^prescale_exponent(FORMAT, j) for an int32 tensor j, built from its bits (exact)."""
+        if FORMAT == 2:
+            jj = tl.where(j <= 10, j, j - 11)
+            e = 149 - 49 - 2 * jj
+        elif FORMAT == 1:
+            e = j * 0 + (126 - 49)
+        else:
+            e = j * 0
+        return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _rows_dot(w_ptr, s_ptr, z_ptr, xt_ptr, xs_ptr, rows, row_mask, n_words,
+                  stride_w_row, stride_s_row, stride_z_row, stride_xt_j,
+                  FORMAT: tl.constexpr, PW: tl.constexpr, BLOCK_W: tl.constexpr):
+        """sum over inputs of W[rows, :] * x, for one activation vector staged as
+        xt [PW, n_words] (pre-scaled) and, for INT2, xs [n_words] (sum of each word's x).
+
+        rows: int64 [R] row indices into the stacked [E * rows_per_expert, .] arrays.
+        Returns fp32 [R]. The accumulator stays [R, BLOCK_W] until the end (no reduction in
+        the loop)."""
+        if FORMAT == 0:
+            acc = tl.zeros([rows.shape[0], BLOCK_W], dtype=tl.float32)
+        else:
+            acc = tl.zeros([rows.shape[0], BLOCK_W // 4], dtype=tl.float32)
+        for w0 in range(0, n_words, BLOCK_W):
+            offs_w = w0 + tl.arange(0, BLOCK_W)
+            w_mask = offs_w < n_words
+            mask = row_mask[:, None] & w_mask[None, :]
+            words = tl.load(w_ptr + rows[:, None] * stride_w_row + offs_w[None, :], mask=mask,
+                            other=0)
+            if FORMAT == 2:
+                hi = words >> 22
+            else:
+                hi = words
+            for j in tl.static_range(PW):
+                xj = tl.load(xt_ptr + j * stride_xt_j + offs_w, mask=w_mask, other=0.0)
+                term = _decode(words, hi, j, FORMAT) * xj[None, :]
+                if j == 0:
+                    part = term
+                else:
+                    part += term
+            if FORMAT == 0:
+                acc += part
+            else:
+                # one scale (and zero) per 4 words: reduce each group's 4 words first (within
+                # a thread when it holds 4 consecutive words, as its 16-byte loads make it)
+                offs_g = w0 // 4 + tl.arange(0, BLOCK_W // 4)
+                g_mask = row_mask[:, None] & (offs_g < n_words // 4)[None, :]
+                part = tl.sum(tl.reshape(part, [rows.shape[0], BLOCK_W // 4, 4]), axis=2)
+                if FORMAT == 2:  # sum_k (q_k - z) x_k = sum_k q_k x_k - z * sum_k x_k
+                    # xs holds each word's sum of x: add a group's 4 (loaded as [G, 4])
+                    xs = tl.load(xs_ptr + offs_g[:, None] * 4 + tl.arange(0, 4)[None, :],
+                                 mask=(offs_g < n_words // 4)[:, None], other=0.0)
+                    xs = tl.sum(xs, axis=1) * 1.7763568394002505e-15  # 2^-49
+                    zb = tl.load(z_ptr + rows[:, None] * stride_z_row + (offs_g // 2)[None, :],
+                                 mask=g_mask, other=0).to(tl.int32)
+                    zero = (zb >> ((offs_g % 2) * 4)[None, :]) & 15
+                    part -= zero.to(tl.float32) * xs[None, :]
+                sv = tl.load(s_ptr + rows[:, None] * stride_s_row + offs_g[None, :], mask=g_mask,
+                             other=0)
+                if FORMAT == 1:  # E8M0 byte b -> 2^(b - 127) (b = 0 reads as 0)
+                    scale = (sv.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                else:
+                    scale = sv.to(tl.float32)
+                acc += part * (scale * 562949953421312.0)  # 2^49: see UNIT_EXPONENT
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _gate_up_kernel(
+        # pointers
+        xt_ptr,       # [N, PW, H/PW] fp32 staged activations
+        xs_ptr,       # [N, H/16] fp32 sum of each word's activations (INT2 only)
+        w_ptr,        # [E, 2I, H/PW] words (W1 rows 0..I-1, W3 rows I..2I-1)
+        s_ptr,        # [E, 2I, H/64|H/32] scales (unused for DENSE)
+        z_ptr,        # [E, 2I, H/128] packed zeros (INT2 only)
+        experts_ptr,  # [P] expert id per pair
+        weights_ptr,  # [P] fp32 routing weight per pair
+        h_ptr,        # [P, PW, I/PW] fp32 out: round(weight * silu(g) * u), staged for W2
+        hs_ptr,       # [P, I/16] fp32 out: sum of each word's h (INT2 only)
+        # sizes (num_pairs: an autotune key only)
+        num_experts, K, I, n_words, num_pairs,
+        # strides
+        stride_xt_t, stride_xt_j, stride_xs_t, stride_w_row, stride_s_row, stride_z_row,
+        # meta
+        limit,
+        FORMAT: tl.constexpr, PW: tl.constexpr, HAS_LIMIT: tl.constexpr,
+        OUT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):
+        pair = tl.program_id(0).to(tl.int64)  # int64: expert * rows may overflow int32
+        pid_n = tl.program_id(1)
+        expert = tl.load(experts_ptr + pair).to(tl.int64)
+        valid = (expert >= 0) & (expert < num_experts)
+        expert = tl.where(valid, expert, 0)
+        token = pair // K
+
+        # rows 0..BLOCK_N-1 of the tile are W1's n-block, BLOCK_N..2*BLOCK_N-1 the same of W3
+        offs_r = tl.arange(0, 2 * BLOCK_N)
+        offs_n = pid_n * BLOCK_N + offs_r % BLOCK_N
+        row_mask = offs_n < tl.where(valid, I, 0)  # an invalid id masks every row
+        rows = expert * (2 * I) + (offs_r // BLOCK_N) * I + offs_n
+        gu = _rows_dot(w_ptr, s_ptr, z_ptr, xt_ptr + token * stride_xt_t,
+                       xs_ptr + token * stride_xs_t, rows, row_mask, n_words,
+                       stride_w_row, stride_s_row, stride_z_row, stride_xt_j,
+                       FORMAT, PW, BLOCK_W)
+        gu = tl.reshape(gu, [2, BLOCK_N])
+        first = (tl.arange(0, 2) == 0)[:, None]
+        g = tl.sum(tl.where(first, gu, 0.0), axis=0)
+        u = tl.sum(tl.where(first, 0.0, gu), axis=0)
+        # F.linear returns the activation dtype in the reference: round as it does
+        g = g.to(OUT_DTYPE).to(tl.float32)
+        u = u.to(OUT_DTYPE).to(tl.float32)
+        if HAS_LIMIT:
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            g = tl.minimum(g, limit)
+        h = g / (1.0 + tl.exp(-g)) * u * tl.load(weights_ptr + pair)
+        h = h.to(OUT_DTYPE).to(tl.float32)  # rows past I are 0 (g = u = 0)
+
+        # stage h for _down_kernel: value j of word w of row n = w * PW + j
+        offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = offs_o % PW
+        out = h_ptr + pair * I + j * (I // PW) + offs_o // PW
+        tl.store(out, h * _staging_factor(j, FORMAT), mask=offs_o < I)
+        if FORMAT == 2:  # BLOCK_N is a multiple of 16: whole words
+            hs = tl.sum(tl.reshape(h, [BLOCK_N // 16, 16]), axis=1)
+            offs_s = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
+            tl.store(hs_ptr + pair * (I // 16) + offs_s, hs, mask=offs_s < I // 16)
+
+    @triton.jit
+    def _down_kernel(
+        # pointers
+        h_ptr,        # [P, PW, I/PW] fp32 staged h (from _gate_up_kernel)
+        hs_ptr,       # [P, I/16] fp32 word sums of h (INT2 only)
+        w_ptr,        # [E, H, I/PW] words
+        s_ptr,        # [E, H, I/64|I/32] scales (unused for DENSE)
+        z_ptr,        # [E, H, I/128] packed zeros (INT2 only)
+        experts_ptr,  # [P] expert id per pair
+        y_ptr,        # [N, H] fp32 out
+        # sizes (num_tokens: an autotune key only)
+        num_experts, K, H, I, n_words, num_tokens,
+        # strides
+        stride_w_row, stride_s_row, stride_z_row, stride_y_t,
+        # meta
+        FORMAT: tl.constexpr, PW: tl.constexpr, OUT_DTYPE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k in range(0, K):
+            pair = token * K + k
+            expert = tl.load(experts_ptr + pair).to(tl.int64)
+            valid = (expert >= 0) & (expert < num_experts)
+            expert = tl.where(valid, expert, 0)
+            rows = expert * H + offs_n
+            y = _rows_dot(w_ptr, s_ptr, z_ptr, h_ptr + pair * I, hs_ptr + pair * (I // 16),
+                          rows, offs_n < tl.where(valid, H, 0), n_words,
+                          stride_w_row, stride_s_row, stride_z_row, I // PW,
+                          FORMAT, PW, BLOCK_W)
+            # each expert's output is rounded to the activation dtype before the fp32 sum,
+            # as the reference's `self.w2(h).float()` is
+            acc += y.to(OUT_DTYPE).to(tl.float32)
+        tl.store(y_ptr + token * stride_y_t + offs_n, acc, mask=offs_n < H)
+
+
+# -- configs -------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _parse_config(text: str) -> dict[str, int]:
+    """'BLOCK_N=16,BLOCK_W=64,num_warps=4,num_stages=3' -> dict (the pinned-config switch)."""
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in ("BLOCK_N", "BLOCK_W", "num_warps", "num_stages"):
+            raise ValueError(f"bad routed-experts config item {item!r} in {text!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
+def candidate_configs(kernel: str, fmt: int) -> list[dict[str, int]]:
+    """Configs autotuned per (kernel, format, shape). BLOCK_W counts words: DENSE words are
+    single values, hence 16x wider blocks. The interpreter gets one small config (tests run
+    on tiny shapes, where a block wider than the row would only test masking)."""
+    pinned = os.environ.get(CONFIG_ENV[kernel])
+    if pinned:
+        return [_parse_config(pinned)]
+    if _interpreting():
+        return [{"BLOCK_N": 64, "BLOCK_W": 64 if fmt != FMT_DENSE else 256, "num_warps": 1,
+                 "num_stages": 1}]
+    widths = (32, 64, 128) if fmt != FMT_DENSE else (256, 512)
+    # gate_up's INT2 epilogue sums whole words of h: BLOCK_N a multiple of 16 there
+    rows = (4, 8, 16) if kernel == "down" else (16, 32) if fmt == FMT_INT2 else (8, 16, 32)
+    return [{"BLOCK_N": n, "BLOCK_W": w, "num_warps": nw, "num_stages": st}
+            for n in rows for w in widths for nw in (4, 8) for st in (2, 3)
+            if n * w * _PER_WORD[fmt] <= 65536]
+
+
+@functools.cache
+def _tuned(kernel: str, fmt: int):
+    """The autotuned kernel of (kernel, format), keyed on the sizes that change the best tile."""
+    configs = [triton.Config({"BLOCK_N": c["BLOCK_N"], "BLOCK_W": c["BLOCK_W"]},
+                             num_warps=c["num_warps"], num_stages=c["num_stages"])
+               for c in candidate_configs(kernel, fmt)]
+    if kernel == "gate_up":
+        return triton.autotune(configs, key=["K", "I", "n_words", "FORMAT", "num_pairs"])(
+            _gate_up_kernel)
+    return triton.autotune(configs, key=["K", "H", "n_words", "FORMAT", "num_tokens"])(
+        _down_kernel)
+
+
+# -- launcher ------------------------------------------------------------------------------
+
+_TL_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def _word_view(t: torch.Tensor, fmt: int) -> torch.Tensor:
+    if fmt == FMT_INT2:
+        return t.view(torch.int32)
+    if fmt == FMT_FP4:
+        return t.view(torch.int8).view(torch.int32)  # 8 codes per word, code j at bits 4j..4j+3
+    return t
+
+
+def _check_stack(stack: ExpertStack, x: torch.Tensor) -> None:
+    H, I = stack.hidden, stack.inter
+    E = stack.num_experts
+    if stack.format not in SUPPORTED_FORMATS:
+        raise ValueError(f"routed experts: no kernel for format {stack.format}")
+    for name, t in (("w13", stack.w13), ("w2", stack.w2), ("scale13", stack.scale13),
+                    ("zero13", stack.zero13), ("scale2", stack.scale2), ("zero2", stack.zero2)):
+        if t is None:
+            continue
+        if not t.is_contiguous():
+            raise ValueError(f"routed experts: stacked {name} must be contiguous")
+        if t.device != x.device:
+            raise ValueError(f"routed experts: stacked {name} is on {t.device}, x on {x.device}")
+        if t.shape[0] != E:
+            raise ValueError(f"routed experts: {name} has {t.shape[0]} experts, w13 has {E}")
+    if stack.w13.shape[1] != 2 * I or stack.w2.shape[1] != H:
+        raise ValueError(f"routed experts: w13 {list(stack.w13.shape)} / w2 {list(stack.w2.shape)} "
+                         f"do not fit H={H}, I={I}")
+
+
+def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                   stack: ExpertStack, limit: float | None) -> torch.Tensor:
+    """x [N, H] (bf16/fp16/fp32), experts [N, K] int, weights [N, K] fp32 -> [N, H] fp32:
+    sum_k W2_e (weight * swiglu_clamped(W1_e x, W3_e x)), e = experts[:, k].
+
+    Never syncs with the host. Expert ids outside [0, E) contribute nothing."""
+    N, H = x.shape
+    if H != stack.hidden:
+        raise ValueError(f"routed experts: x has {H} features, the experts take {stack.hidden}")
+    if experts.shape != weights.shape or experts.dim() != 2 or experts.shape[0] != N:
+        raise ValueError(f"routed experts: experts {list(experts.shape)} and weights "
+                         f"{list(weights.shape)} must both be [N={N}, K]")
+    if experts.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"routed experts: expert ids must be int32/int64, got {experts.dtype}")
+    if x.dtype not in _TL_DTYPE:
+        raise TypeError(f"routed experts: x must be bf16/fp16/fp32, got {x.dtype}")
+    _check_stack(stack, x)
+    if not use_triton(x) or N == 0:
+        return routed_experts_reference(x, experts, weights, stack, limit)
+
+    fmt = _FORMAT_CODE[stack.format]
+    PW = _PER_WORD[fmt]
+    K = experts.shape[1]
+    I = stack.inter
+    P = N * K
+    ids = experts.reshape(P).contiguous()
+    w = weights.reshape(P).to(torch.float32).contiguous()
+    # staged activations: xt[t, j, w] = x[t, w * PW + j] * 2^prescale_exponent(j)
+    xv = x.reshape(N, H // PW, PW)
+    xt = torch.empty(N, PW, H // PW, dtype=torch.float32, device=x.device)
+    torch.mul(xv.transpose(1, 2), stack.staging.view(PW, 1), out=xt)
+    if fmt == FMT_INT2:
+        xs = torch.sum(xv, dim=-1, dtype=torch.float32)  # [N, H/16]
+        hs = torch.empty(P, I // PW, dtype=torch.float32, device=x.device)
+    else:
+        xs, hs = xt, xt  # unused
+    h = torch.empty(P, PW, I // PW, dtype=torch.float32, device=x.device)
+    y = torch.empty(N, H, dtype=torch.float32, device=x.device)
+    out_dtype = getattr(tl, _TL_DTYPE[x.dtype])
+
+    w13 = _word_view(stack.w13, fmt)
+    s13 = w13 if stack.scale13 is None else stack.scale13.view(
+        torch.uint8 if fmt == FMT_FP4 else torch.float16)
+    z13 = w13 if stack.zero13 is None else stack.zero13.view(torch.uint8)
+    gate_up = _tuned("gate_up", fmt)
+    gate_up[lambda meta: (P, triton.cdiv(I, meta["BLOCK_N"]))](
+        xt, xs, w13, s13, z13, ids, w, h, hs,
+        stack.num_experts, K, I, w13.shape[-1], P,
+        xt.stride(0), xt.stride(1), xs.stride(0), w13.stride(1), s13.stride(1),
+        z13.stride(1), 0.0 if limit is None else float(limit),
+        FORMAT=fmt, PW=PW, HAS_LIMIT=limit is not None, OUT_DTYPE=out_dtype,
+    )
+
+    w2 = _word_view(stack.w2, fmt)
+    s2 = w2 if stack.scale2 is None else stack.scale2.view(
+        torch.uint8 if fmt == FMT_FP4 else torch.float16)
+    z2 = w2 if stack.zero2 is None else stack.zero2.view(torch.uint8)
+    down = _tuned("down", fmt)
+    down[lambda meta: (N, triton.cdiv(H, meta["BLOCK_N"]))](
+        h, hs, w2, s2, z2, ids, y,
+        stack.num_experts, K, H, I, w2.shape[-1], N,
+        w2.stride(1), s2.stride(1), z2.stride(1), y.stride(0),
+        FORMAT=fmt, PW=PW, OUT_DTYPE=out_dtype,
+    )
+    return y
+
+
+# -- reference -----------------------------------------------------------------------------
+
+
+def dequantize_rows(stack: ExpertStack, which: str, ids: torch.Tensor) -> torch.Tensor:
+    """Experts `ids` [P] of w13 or w2 as dense fp32 [P, R, C] (exact: no bf16 rounding)."""
+    w = getattr(stack, which)[ids]
+    scale = getattr(stack, "scale" + which[1:])
+    zero = getattr(stack, "zero" + which[1:])
+    if stack.format == WeightFormat.INT2:
+        return fm.dequantize_int2(w, scale[ids], zero[ids], torch.float32)
+    if stack.format == WeightFormat.FP4:
+        return fm.dequantize_fp4(w, scale[ids], torch.float32)
+    return w.float()
+
+
+def routed_experts_reference(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                             stack: ExpertStack, limit: float | None) -> torch.Tensor:
+    """The kernels' arithmetic in plain PyTorch, one dequantised expert copy per pair (memory
+    heavy, for tests and CPUs); the rounding points are the kernels' (and engine.moe's)."""
+    N, H = x.shape
+    K = experts.shape[1]
+    I = stack.inter
+    ids = experts.reshape(-1).long()
+    valid = (ids >= 0) & (ids < stack.num_experts)
+    safe = torch.where(valid, ids, 0)
+    xp = x.float().repeat_interleave(K, dim=0)  # [P, H]
+    gu = torch.einsum("pc,prc->pr", xp, dequantize_rows(stack, "w13", safe))
+    gu = gu.to(x.dtype).float()
+    g, u = gu[:, :I], gu[:, I:]
+    if limit is not None:
+        u = u.clamp(-limit, limit)
+        g = g.clamp(max=limit)
+    h = F.silu(g) * u * weights.reshape(-1, 1).float()
+    h = torch.where(valid[:, None], h, 0.0).to(x.dtype).float()
+    y = torch.einsum("pc,prc->pr", h, dequantize_rows(stack, "w2", safe)).to(x.dtype).float()
+    y = torch.where(valid[:, None], y, 0.0)
+    return y.view(N, K, H).sum(dim=1)
