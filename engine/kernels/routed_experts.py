@@ -148,13 +148,13 @@ if triton is not None:
         per value, no conversion. (Triton emits no flush-to-zero for fp32 FMA, and the FMA
         unit takes subnormal inputs at full rate.)"""
         if FORMAT == 2:  # INT2: bits 2j..2j+1 of the word (j <= 10) or of hi = word >> 22
-            if j <= 10:
+            if j <= 10:  # noqa: SIM108 (constexpr branches read clearer in a kernel)
                 bits = words & (3 << (2 * j))
             else:
                 bits = hi & (3 << (2 * (j - 11)))
             return bits.to(tl.float32, bitcast=True)
         elif FORMAT == 1:  # FP4: code bits 4j..4j+3; magnitude bits -> 22..24, sign -> 31
-            if j <= 5:
+            if j <= 5:  # noqa: SIM108
                 mag = (words << (22 - 4 * j)) & 0x01C00000
             else:
                 mag = (words >> (4 * j - 22)) & 0x01C00000
@@ -195,7 +195,7 @@ if triton is not None:
             mask = row_mask[:, None] & w_mask[None, :]
             words = tl.load(w_ptr + rows[:, None] * stride_w_row + offs_w[None, :], mask=mask,
                             other=0)
-            if FORMAT == 2:
+            if FORMAT == 2:  # noqa: SIM108
                 hi = words >> 22
             else:
                 hi = words
@@ -245,7 +245,7 @@ if triton is not None:
         h_ptr,        # [P, PW, I/PW] fp32 out: round(weight * silu(g) * u), staged for W2
         hs_ptr,       # [P, I/16] fp32 out: sum of each word's h (INT2 only)
         # sizes (num_pairs: an autotune key only)
-        num_experts, K, I, n_words, num_pairs,
+        num_experts, K, inter, n_words, num_pairs,
         # strides
         stride_xt_t, stride_xt_j, stride_xs_t, stride_w_row, stride_s_row, stride_z_row,
         # meta
@@ -263,8 +263,8 @@ if triton is not None:
         # rows 0..BLOCK_N-1 of the tile are W1's n-block, BLOCK_N..2*BLOCK_N-1 the same of W3
         offs_r = tl.arange(0, 2 * BLOCK_N)
         offs_n = pid_n * BLOCK_N + offs_r % BLOCK_N
-        row_mask = offs_n < tl.where(valid, I, 0)  # an invalid id masks every row
-        rows = expert * (2 * I) + (offs_r // BLOCK_N) * I + offs_n
+        row_mask = offs_n < tl.where(valid, inter, 0)  # an invalid id masks every row
+        rows = expert * (2 * inter) + (offs_r // BLOCK_N) * inter + offs_n
         gu = _rows_dot(w_ptr, s_ptr, z_ptr, xt_ptr + token * stride_xt_t,
                        xs_ptr + token * stride_xs_t, rows, row_mask, n_words,
                        stride_w_row, stride_s_row, stride_z_row, stride_xt_j,
@@ -285,12 +285,12 @@ if triton is not None:
         # stage h for _down_kernel: value j of word w of row n = w * PW + j
         offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         j = offs_o % PW
-        out = h_ptr + pair * I + j * (I // PW) + offs_o // PW
-        tl.store(out, h * _staging_factor(j, FORMAT), mask=offs_o < I)
+        out = h_ptr + pair * inter + j * (inter // PW) + offs_o // PW
+        tl.store(out, h * _staging_factor(j, FORMAT), mask=offs_o < inter)
         if FORMAT == 2:  # BLOCK_N is a multiple of 16: whole words
             hs = tl.sum(tl.reshape(h, [BLOCK_N // 16, 16]), axis=1)
             offs_s = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
-            tl.store(hs_ptr + pair * (I // 16) + offs_s, hs, mask=offs_s < I // 16)
+            tl.store(hs_ptr + pair * (inter // 16) + offs_s, hs, mask=offs_s < inter // 16)
 
     @triton.jit
     def _down_kernel(
@@ -303,7 +303,7 @@ if triton is not None:
         experts_ptr,  # [P] expert id per pair
         y_ptr,        # [N, H] fp32 out
         # sizes (num_tokens: an autotune key only)
-        num_experts, K, H, I, n_words, num_tokens,
+        num_experts, K, H, inter, n_words, num_tokens,
         # strides
         stride_w_row, stride_s_row, stride_z_row, stride_y_t,
         # meta
@@ -319,9 +319,9 @@ if triton is not None:
             valid = (expert >= 0) & (expert < num_experts)
             expert = tl.where(valid, expert, 0)
             rows = expert * H + offs_n
-            y = _rows_dot(w_ptr, s_ptr, z_ptr, h_ptr + pair * I, hs_ptr + pair * (I // 16),
+            y = _rows_dot(w_ptr, s_ptr, z_ptr, h_ptr + pair * inter, hs_ptr + pair * (inter // 16),
                           rows, offs_n < tl.where(valid, H, 0), n_words,
-                          stride_w_row, stride_s_row, stride_z_row, I // PW,
+                          stride_w_row, stride_s_row, stride_z_row, inter // PW,
                           FORMAT, PW, BLOCK_W)
             # each expert's output is rounded to the activation dtype before the fp32 sum,
             # as the reference's `self.w2(h).float()` is
@@ -372,7 +372,7 @@ def _tuned(kernel: str, fmt: int):
                              num_warps=c["num_warps"], num_stages=c["num_stages"])
                for c in candidate_configs(kernel, fmt)]
     if kernel == "gate_up":
-        return triton.autotune(configs, key=["K", "I", "n_words", "FORMAT", "num_pairs"])(
+        return triton.autotune(configs, key=["K", "inter", "n_words", "FORMAT", "num_pairs"])(
             _gate_up_kernel)
     return triton.autotune(configs, key=["K", "H", "n_words", "FORMAT", "num_tokens"])(
         _down_kernel)
@@ -392,7 +392,7 @@ def _word_view(t: torch.Tensor, fmt: int) -> torch.Tensor:
 
 
 def _check_stack(stack: ExpertStack, x: torch.Tensor) -> None:
-    H, I = stack.hidden, stack.inter
+    H, inter = stack.hidden, stack.inter
     E = stack.num_experts
     if stack.format not in SUPPORTED_FORMATS:
         raise ValueError(f"routed experts: no kernel for format {stack.format}")
@@ -406,19 +406,21 @@ def _check_stack(stack: ExpertStack, x: torch.Tensor) -> None:
             raise ValueError(f"routed experts: stacked {name} is on {t.device}, x on {x.device}")
         if t.shape[0] != E:
             raise ValueError(f"routed experts: {name} has {t.shape[0]} experts, w13 has {E}")
-    if stack.w13.shape[1] != 2 * I or stack.w2.shape[1] != H:
+    if stack.w13.shape[1] != 2 * inter or stack.w2.shape[1] != H:
         raise ValueError(f"routed experts: w13 {list(stack.w13.shape)} / w2 {list(stack.w2.shape)} "
-                         f"do not fit H={H}, I={I}")
+                         f"do not fit H={H}, I={inter}")
 
 
 def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                   stack: ExpertStack, limit: float | None) -> torch.Tensor:
+                   stack: ExpertStack, limit: float | None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, H] (bf16/fp16/fp32), experts [N, K] int, weights [N, K] fp32 -> [N, H] fp32:
-    sum_k W2_e (weight * swiglu_clamped(W1_e x, W3_e x)), e = experts[:, k].
+    sum_k W2_e (weight * swiglu_clamped(W1_e x, W3_e x)), e = experts[:, k]. `out` (fp32
+    [N, H], contiguous) receives the result when given.
 
     Never syncs with the host. Expert ids outside [0, E) contribute nothing."""
     N, H = x.shape
-    if H != stack.hidden:
+    if stack.hidden != H:
         raise ValueError(f"routed experts: x has {H} features, the experts take {stack.hidden}")
     if experts.shape != weights.shape or experts.dim() != 2 or experts.shape[0] != N:
         raise ValueError(f"routed experts: experts {list(experts.shape)} and weights "
@@ -428,13 +430,17 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     if x.dtype not in _TL_DTYPE:
         raise TypeError(f"routed experts: x must be bf16/fp16/fp32, got {x.dtype}")
     _check_stack(stack, x)
+    if out is not None and (out.shape != (N, H) or out.dtype != torch.float32
+                            or not out.is_contiguous() or out.device != x.device):
+        raise ValueError(f"routed experts: out must be contiguous fp32 [{N}, {H}] on {x.device}")
     if not use_triton(x) or N == 0:
-        return routed_experts_reference(x, experts, weights, stack, limit)
+        y = routed_experts_reference(x, experts, weights, stack, limit)
+        return y if out is None else out.copy_(y)
 
     fmt = _FORMAT_CODE[stack.format]
     PW = _PER_WORD[fmt]
     K = experts.shape[1]
-    I = stack.inter
+    inter = stack.inter
     P = N * K
     ids = experts.reshape(P).contiguous()
     w = weights.reshape(P).to(torch.float32).contiguous()
@@ -444,11 +450,11 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     torch.mul(xv.transpose(1, 2), stack.staging.view(PW, 1), out=xt)
     if fmt == FMT_INT2:
         xs = torch.sum(xv, dim=-1, dtype=torch.float32)  # [N, H/16]
-        hs = torch.empty(P, I // PW, dtype=torch.float32, device=x.device)
+        hs = torch.empty(P, inter // PW, dtype=torch.float32, device=x.device)
     else:
         xs, hs = xt, xt  # unused
-    h = torch.empty(P, PW, I // PW, dtype=torch.float32, device=x.device)
-    y = torch.empty(N, H, dtype=torch.float32, device=x.device)
+    h = torch.empty(P, PW, inter // PW, dtype=torch.float32, device=x.device)
+    y = torch.empty(N, H, dtype=torch.float32, device=x.device) if out is None else out
     out_dtype = getattr(tl, _TL_DTYPE[x.dtype])
 
     w13 = _word_view(stack.w13, fmt)
@@ -456,9 +462,9 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
         torch.uint8 if fmt == FMT_FP4 else torch.float16)
     z13 = w13 if stack.zero13 is None else stack.zero13.view(torch.uint8)
     gate_up = _tuned("gate_up", fmt)
-    gate_up[lambda meta: (P, triton.cdiv(I, meta["BLOCK_N"]))](
+    gate_up[lambda meta: (P, triton.cdiv(inter, meta["BLOCK_N"]))](
         xt, xs, w13, s13, z13, ids, w, h, hs,
-        stack.num_experts, K, I, w13.shape[-1], P,
+        stack.num_experts, K, inter, w13.shape[-1], P,
         xt.stride(0), xt.stride(1), xs.stride(0), w13.stride(1), s13.stride(1),
         z13.stride(1), 0.0 if limit is None else float(limit),
         FORMAT=fmt, PW=PW, HAS_LIMIT=limit is not None, OUT_DTYPE=out_dtype,
@@ -471,7 +477,7 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     down = _tuned("down", fmt)
     down[lambda meta: (N, triton.cdiv(H, meta["BLOCK_N"]))](
         h, hs, w2, s2, z2, ids, y,
-        stack.num_experts, K, H, I, w2.shape[-1], N,
+        stack.num_experts, K, H, inter, w2.shape[-1], N,
         w2.stride(1), s2.stride(1), z2.stride(1), y.stride(0),
         FORMAT=fmt, PW=PW, OUT_DTYPE=out_dtype,
     )
@@ -499,14 +505,14 @@ def routed_experts_reference(x: torch.Tensor, experts: torch.Tensor, weights: to
     heavy, for tests and CPUs); the rounding points are the kernels' (and engine.moe's)."""
     N, H = x.shape
     K = experts.shape[1]
-    I = stack.inter
+    inter = stack.inter
     ids = experts.reshape(-1).long()
     valid = (ids >= 0) & (ids < stack.num_experts)
     safe = torch.where(valid, ids, 0)
     xp = x.float().repeat_interleave(K, dim=0)  # [P, H]
     gu = torch.einsum("pc,prc->pr", xp, dequantize_rows(stack, "w13", safe))
     gu = gu.to(x.dtype).float()
-    g, u = gu[:, :I], gu[:, I:]
+    g, u = gu[:, :inter], gu[:, inter:]
     if limit is not None:
         u = u.clamp(-limit, limit)
         g = g.clamp(max=limit)
