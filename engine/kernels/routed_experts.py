@@ -112,6 +112,7 @@ class ExpertStack:
         # built here (at load), not per call: a lazily made tensor inside a CUDA graph
         # capture would live in the graph's private pool
         self.staging = staging_factors(_FORMAT_CODE.get(self.format, FMT_DENSE), self.w13.device)
+        _counters(self.w13.device, COUNTER_TOKENS * -(-self.hidden // MIN_DOWN_BLOCK_N))
 
     @property
     def num_experts(self) -> int:
@@ -121,6 +122,25 @@ class ExpertStack:
         """Bytes of one expert's three projections as stored (words + scales + zeros)."""
         ts = (self.w13, self.scale13, self.zero13, self.w2, self.scale2, self.zero2)
         return sum(t[0].numel() * t.element_size() for t in ts if t is not None)
+
+
+# _down_kernel's completion counters: one int32 per (token, block of output rows), shared by
+# every layer on a device (launches on one stream run one after another, and each launch
+# leaves them at 0). Made when experts are stacked, for up to COUNTER_TOKENS tokens; more
+# tokens grow them (outside a graph capture).
+COUNTER_TOKENS = 64
+MIN_DOWN_BLOCK_N = 4
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, size: int) -> torch.Tensor:
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"routed experts: {size} completion counters needed, "
+                               f"{0 if have is None else have.numel()} made before capture")
+        _COUNTERS[device] = have = torch.zeros(size, dtype=torch.int32, device=device)
+    return have
 
 
 def staging_factors(fmt: int, device: torch.device) -> torch.Tensor:
@@ -301,6 +321,8 @@ if triton is not None:
         s_ptr,        # [E, H, I/64|I/32] scales (unused for DENSE)
         z_ptr,        # [E, H, I/128] packed zeros (INT2 only)
         experts_ptr,  # [P] expert id per pair
+        part_ptr,     # [P, H] fp32 scratch: each pair's rounded W2 output
+        count_ptr,    # [>= N * cdiv(H, BLOCK_N)] int32, all 0 between launches
         y_ptr,        # [N, H] fp32 out
         # sizes (num_tokens: an autotune key only)
         num_experts, K, H, inter, n_words, num_tokens,
@@ -310,23 +332,36 @@ if triton is not None:
         FORMAT: tl.constexpr, PW: tl.constexpr, OUT_DTYPE: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     ):
+        """Program (t, n-block, k): expert slot k of token t on one block of output rows.
+        Split over k so that a single token still fills the GPU (K * H / BLOCK_N programs);
+        the last of a block's K programs to finish adds the K parts in slot order, so the
+        sum is the same whichever order they ran in (deterministic, no float atomics)."""
         token = tl.program_id(0).to(tl.int64)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k in range(0, K):
-            pair = token * K + k
-            expert = tl.load(experts_ptr + pair).to(tl.int64)
-            valid = (expert >= 0) & (expert < num_experts)
-            expert = tl.where(valid, expert, 0)
-            rows = expert * H + offs_n
-            y = _rows_dot(w_ptr, s_ptr, z_ptr, h_ptr + pair * inter, hs_ptr + pair * (inter // 16),
-                          rows, offs_n < tl.where(valid, H, 0), n_words,
-                          stride_w_row, stride_s_row, stride_z_row, inter // PW,
-                          FORMAT, PW, BLOCK_W)
-            # each expert's output is rounded to the activation dtype before the fp32 sum,
-            # as the reference's `self.w2(h).float()` is
-            acc += y.to(OUT_DTYPE).to(tl.float32)
-        tl.store(y_ptr + token * stride_y_t + offs_n, acc, mask=offs_n < H)
+        pid_n = tl.program_id(1)
+        k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < H
+        pair = token * K + k
+        expert = tl.load(experts_ptr + pair).to(tl.int64)
+        valid = (expert >= 0) & (expert < num_experts)
+        expert = tl.where(valid, expert, 0)
+        y = _rows_dot(w_ptr, s_ptr, z_ptr, h_ptr + pair * inter, hs_ptr + pair * (inter // 16),
+                      expert * H + offs_n, offs_n < tl.where(valid, H, 0), n_words,
+                      stride_w_row, stride_s_row, stride_z_row, inter // PW,
+                      FORMAT, PW, BLOCK_W)
+        # each expert's output is rounded to the activation dtype before the fp32 sum, as
+        # the reference's `self.w2(h).float()` is
+        tl.store(part_ptr + pair * H + offs_n, y.to(OUT_DTYPE).to(tl.float32), mask=n_mask)
+        tl.debug_barrier()  # every thread's part is written before the release below
+        count = count_ptr + token * tl.num_programs(1) + pid_n
+        done = tl.atomic_add(count, 1, sem="acq_rel")
+        if done == K - 1:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for kk in range(0, K):  # .cg: read the other programs' parts from L2, not L1
+                acc += tl.load(part_ptr + (token * K + kk) * H + offs_n, mask=n_mask,
+                               other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + token * stride_y_t + offs_n, acc, mask=n_mask)
+            tl.atomic_xchg(count, 0)  # ready for the next launch (and a graph replay)
 
 
 # -- configs -------------------------------------------------------------------------------
@@ -359,7 +394,7 @@ def candidate_configs(kernel: str, fmt: int) -> list[dict[str, int]]:
                  "num_stages": 1}]
     widths = (32, 64, 128) if fmt != FMT_DENSE else (256, 512)
     # gate_up's INT2 epilogue sums whole words of h: BLOCK_N a multiple of 16 there
-    rows = (4, 8, 16) if kernel == "down" else (16, 32) if fmt == FMT_INT2 else (8, 16, 32)
+    rows = (8, 16, 32) if kernel == "down" else (16, 32) if fmt == FMT_INT2 else (8, 16, 32)
     return [{"BLOCK_N": n, "BLOCK_W": w, "num_warps": nw, "num_stages": st}
             for n in rows for w in widths for nw in (4, 8) for st in (2, 3)
             if n * w * _PER_WORD[fmt] <= 65536]
@@ -474,9 +509,11 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     s2 = w2 if stack.scale2 is None else stack.scale2.view(
         torch.uint8 if fmt == FMT_FP4 else torch.float16)
     z2 = w2 if stack.zero2 is None else stack.zero2.view(torch.uint8)
+    parts = torch.empty(P, H, dtype=torch.float32, device=x.device)
+    counts = _counters(x.device, N * triton.cdiv(H, MIN_DOWN_BLOCK_N))
     down = _tuned("down", fmt)
-    down[lambda meta: (N, triton.cdiv(H, meta["BLOCK_N"]))](
-        h, hs, w2, s2, z2, ids, y,
+    down[lambda meta: (N, triton.cdiv(H, meta["BLOCK_N"]), K)](
+        h, hs, w2, s2, z2, ids, parts, counts, y,
         stack.num_experts, K, H, inter, w2.shape[-1], N,
         w2.stride(1), s2.stride(1), z2.stride(1), y.stride(0),
         FORMAT=fmt, PW=PW, OUT_DTYPE=out_dtype,

@@ -7,11 +7,12 @@ conftest.py sets TRITON_INTERPRET=1); with CUDA the same tests run at V4-Flash's
 
 Tolerances. Two paths that compute the same fp32 dot products in different orders differ
 by a few fp32 ulps of the sums (FP32_TOL). With bf16 activations both paths round g, u, h
-and each expert's output to bf16 at the same points, so an order difference can flip one
-rounding by one bf16 ulp (2^-8 relative) and that flip is carried on: BF16_TOL allows four
-ulps of the largest output. Against engine.moe's reference loop in bf16 the reference also
-rounds every dequantised weight to bf16 (relative 2^-9 per weight, random), which moves each
-dot product by about 2^-9 relative: the same four-ulp budget still holds (measured < 2).
+and each expert's output to bf16 at the same points, but a last-bit difference in an fp32
+sum can flip one of those roundings by one bf16 ulp (2^-8 relative), and a flipped h_i then
+moves every output by |W2[:, i]| ulp(h_i): a few flips among the 2I + I roundings add up to
+several ulps of the largest output (measured: up to 4.1 for the kernels alone over 18 draws,
+5.5 for the MoE block, whose bf16 reference also rounds each dequantised weight to bf16).
+BF16_TOL allows eight; a wrong scale, zero, clamp or expert is off by far more.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ SHAPES = {
 FORMATS = tuple(SHAPES)
 LIMIT = 10.0
 FP32_TOL = 1e-5            # relative to the largest |output|: a few fp32 ulps of long sums
-BF16_TOL = 4 * 2.0 ** -8   # relative to the largest |output|: four bf16 ulps
+BF16_TOL = 8 * 2.0 ** -8   # relative to the largest |output|: eight bf16 ulps
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
