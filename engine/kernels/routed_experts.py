@@ -264,7 +264,7 @@ if triton is not None:
         weights_ptr,  # [P] fp32 routing weight per pair
         h_ptr,        # [P, PW, I/PW] fp32 out: round(weight * silu(g) * u), staged for W2
         hs_ptr,       # [P, I/16] fp32 out: sum of each word's h (INT2 only)
-        # sizes (num_pairs: an autotune key only)
+        # sizes (num_pairs: _size_class(N), an autotune key only)
         num_experts, K, inter, n_words, num_pairs,
         # strides
         stride_xt_t, stride_xt_j, stride_xs_t, stride_w_row, stride_s_row, stride_z_row,
@@ -324,7 +324,7 @@ if triton is not None:
         part_ptr,     # [P, H] fp32 scratch: each pair's rounded W2 output
         count_ptr,    # [>= N * cdiv(H, BLOCK_N)] int32, all 0 between launches
         y_ptr,        # [N, H] fp32 out
-        # sizes (num_tokens: an autotune key only)
+        # sizes (num_tokens: _size_class(N), an autotune key only)
         num_experts, K, H, inter, n_words, num_tokens,
         # strides
         stride_w_row, stride_s_row, stride_z_row, stride_y_t,
@@ -379,6 +379,9 @@ def _parse_config(text: str) -> dict[str, int]:
         if not sep or key.strip() not in ("BLOCK_N", "BLOCK_W", "num_warps", "num_stages"):
             raise ValueError(f"bad routed-experts config item {item!r} in {text!r}")
         out[key.strip()] = int(value)
+    if out.get("BLOCK_N", MIN_DOWN_BLOCK_N) < MIN_DOWN_BLOCK_N or len(out) != 4:
+        raise ValueError(f"routed-experts config {text!r}: give BLOCK_N >= {MIN_DOWN_BLOCK_N}, "
+                         "BLOCK_W, num_warps and num_stages")
     return out
 
 
@@ -388,16 +391,31 @@ def candidate_configs(kernel: str, fmt: int) -> list[dict[str, int]]:
     on tiny shapes, where a block wider than the row would only test masking)."""
     pinned = os.environ.get(CONFIG_ENV[kernel])
     if pinned:
-        return [_parse_config(pinned)]
+        config = _parse_config(pinned)
+        if kernel == "gate_up" and fmt == FMT_INT2 and config["BLOCK_N"] % 16:
+            raise ValueError(f"{CONFIG_ENV[kernel]}: INT2 needs BLOCK_N % 16 == 0 (whole words)")
+        return [config]
     if _interpreting():
         return [{"BLOCK_N": 64, "BLOCK_W": 64 if fmt != FMT_DENSE else 256, "num_warps": 1,
                  "num_stages": 1}]
-    widths = (32, 64, 128) if fmt != FMT_DENSE else (256, 512)
-    # gate_up's INT2 epilogue sums whole words of h: BLOCK_N a multiple of 16 there
-    rows = (8, 16, 32) if kernel == "down" else (16, 32) if fmt == FMT_INT2 else (8, 16, 32)
-    return [{"BLOCK_N": n, "BLOCK_W": w, "num_warps": nw, "num_stages": st}
-            for n in rows for w in widths for nw in (4, 8) for st in (2, 3)
-            if n * w * _PER_WORD[fmt] <= 65536]
+    # (BLOCK_N, BLOCK_W, num_warps): few, because each compiles for seconds (16 unrolled
+    # values per word) and GPU time is short. From sm_90 SASS (Triton 3.9, no spills): the
+    # INT2 inner loop issues 2.5-2.7 instructions a weight with 512-1024 weights a thread,
+    # 3.0 with 256 (the activation loads and per-word work are shared by fewer weights);
+    # bigger tiles mean fewer programs (6 x 2048 / 64 = 192 at one token), hence a choice.
+    if fmt == FMT_DENSE:
+        tiles = ((16, 256, 4), (32, 256, 4), (16, 512, 8))
+    elif kernel == "gate_up":  # rows of W1 (and as many of W3); INT2 needs BLOCK_N % 16 == 0
+        tiles = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (16, 64, 4), (32, 32, 4))
+    else:
+        tiles = ((32, 64, 4), (64, 64, 4), (32, 128, 4), (16, 64, 4), (32, 32, 4))
+    return [{"BLOCK_N": n, "BLOCK_W": w, "num_warps": nw, "num_stages": 3} for n, w, nw in tiles]
+
+
+def _size_class(count: int) -> int:
+    """Autotuning key for the number of pairs or tokens: 1, 2-8, 9-64, more (the grid size
+    changes the best tile; finer keys would only re-tune)."""
+    return 0 if count <= 1 else 1 if count <= 8 else 2 if count <= 64 else 3
 
 
 @functools.cache
@@ -499,7 +517,7 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     gate_up = _tuned("gate_up", fmt)
     gate_up[lambda meta: (P, triton.cdiv(inter, meta["BLOCK_N"]))](
         xt, xs, w13, s13, z13, ids, w, h, hs,
-        stack.num_experts, K, inter, w13.shape[-1], P,
+        stack.num_experts, K, inter, w13.shape[-1], _size_class(N),
         xt.stride(0), xt.stride(1), xs.stride(0), w13.stride(1), s13.stride(1),
         z13.stride(1), 0.0 if limit is None else float(limit),
         FORMAT=fmt, PW=PW, HAS_LIMIT=limit is not None, OUT_DTYPE=out_dtype,
@@ -514,7 +532,7 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     down = _tuned("down", fmt)
     down[lambda meta: (N, triton.cdiv(H, meta["BLOCK_N"]), K)](
         h, hs, w2, s2, z2, ids, parts, counts, y,
-        stack.num_experts, K, H, inter, w2.shape[-1], N,
+        stack.num_experts, K, H, inter, w2.shape[-1], _size_class(N),
         w2.stride(1), s2.stride(1), z2.stride(1), y.stride(0),
         FORMAT=fmt, PW=PW, OUT_DTYPE=out_dtype,
     )

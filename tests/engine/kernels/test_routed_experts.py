@@ -404,3 +404,17 @@ def test_tiny_model_logits_with_fast_moe_equal_reference():
     # after 6 layers); 1e-5 leaves room and still catches any one wrong expert term
     assert_close(logits["triton"], logits["reference"], 1e-5, "tiny model logits")
     assert torch.equal(logits["triton"].argmax(-1), logits["reference"].argmax(-1))
+
+
+def test_pinned_config_switch(monkeypatch):
+    from engine.kernels.routed_experts import CONFIG_ENV, FMT_INT2, candidate_configs
+
+    monkeypatch.setenv(CONFIG_ENV["down"], "BLOCK_N=16,BLOCK_W=32,num_warps=4,num_stages=2")
+    assert candidate_configs("down", FMT_INT2) == [
+        {"BLOCK_N": 16, "BLOCK_W": 32, "num_warps": 4, "num_stages": 2}]
+    monkeypatch.setenv(CONFIG_ENV["down"], "BLOCK_N=16,BLOCK_W=32")
+    with pytest.raises(ValueError, match="num_warps"):
+        candidate_configs("down", FMT_INT2)
+    monkeypatch.setenv(CONFIG_ENV["gate_up"], "BLOCK_N=8,BLOCK_W=32,num_warps=4,num_stages=2")
+    with pytest.raises(ValueError, match="whole words"):
+        candidate_configs("gate_up", FMT_INT2)
