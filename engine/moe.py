@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.formats import WeightFormat
 from engine.kernels import use_triton
 from engine.linear import Linear
 
@@ -66,7 +67,11 @@ class Gate(Linear):
     def route(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], ids [N] -> (weights [N, K] fp32, experts [N, K] int64)."""
         logits = F.linear(x.float(), self.dense_weight(torch.float32))  # [N, E]
-        scores = F.softplus(logits).sqrt()
+        return self.pick(F.softplus(logits).sqrt(), ids)
+
+    def pick(self, scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """scores [N, E] fp32 (sqrt(softplus(logits))), ids [N] -> (weights, experts) [N, K];
+        all on the device (a stable sort, a gather), no host sync."""
         if self.hash:
             experts = self.tid2eid[ids]
         else:
@@ -203,9 +208,14 @@ class MoE(nn.Module):
 
     def _forward_fast(self, flat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """flat [N, H], ids [N] -> [N, H]: the forward above with no host sync."""
+        from engine.kernels.moe_router import router_scores
         from engine.kernels.routed_experts import routed_experts
 
-        weights, experts = self.gate.route(flat, ids)  # [N, K] on the device
+        gate = self.gate
+        if gate.format == WeightFormat.DENSE:  # the release's router is BF16
+            weights, experts = gate.pick(router_scores(flat, gate.weight), ids)  # [N, K]
+        else:
+            weights, experts = gate.route(flat, ids)
         y = routed_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit)
         if self.shared_experts is not None:
             y += self.shared_experts(flat)
