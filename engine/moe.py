@@ -208,14 +208,17 @@ class MoE(nn.Module):
 
     def _forward_fast(self, flat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """flat [N, H], ids [N] -> [N, H]: the forward above with no host sync."""
-        from engine.kernels.moe_router import router_scores
+        from engine.kernels.moe_router import route_topk, router_scores
         from engine.kernels.routed_experts import routed_experts
 
-        gate = self.gate
+        gate, c = self.gate, self.gate.config
         if gate.format == WeightFormat.DENSE:  # the release's router is BF16
-            weights, experts = gate.pick(router_scores(flat, gate.weight), ids)  # [N, K]
+            scores = router_scores(flat, gate.weight)  # [N, E]
         else:
-            weights, experts = gate.route(flat, ids)
+            scores = F.softplus(F.linear(flat.float(), gate.dense_weight(torch.float32))).sqrt()
+        weights, experts = route_topk(  # [N, K], as Gate.pick
+            scores, gate.topk, c.routed_scaling_factor, c.norm_topk_prob,
+            **({"table": gate.tid2eid, "ids": ids} if gate.hash else {"bias": gate.bias}))
         y = routed_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit)
         if self.shared_experts is not None:
             y += self.shared_experts(flat)

@@ -41,3 +41,40 @@ def test_router_scores_match_reference(N, dtype):
 def test_router_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"\[N, H\]"):
         router_scores(torch.randn(2, H), torch.randn(E, H + 1))
+
+
+@pytest.mark.parametrize("hash_routing", [False, True])
+@pytest.mark.parametrize("N", [1, 4])
+def test_route_topk_matches_gate_pick(hash_routing, N):
+    """The kernel's experts equal Gate.pick's exactly, ties included (scores drawn from a few
+    values, and row 0 tied everywhere), and its weights to fp32
+    rounding (the normalising sum adds K values in another order: 1e-6 relative)."""
+    from engine.config import ModelConfig
+    from engine.kernels.moe_router import route_topk
+    from engine.moe import Gate
+
+    c = ModelConfig.tiny().replace(hidden_size=32, n_routed_experts=E if CUDA else 13,
+                                   num_experts_per_tok=6 if CUDA else 3, num_hash_layers=1)
+    with torch.device(DEVICE):
+        gate = Gate(0 if hash_routing else 1, c, torch.bfloat16)
+    g = torch.Generator(device=DEVICE).manual_seed(N + 10 * hash_routing)
+    n_exp, k = c.n_routed_experts, c.num_experts_per_tok
+    if hash_routing:
+        ranks = torch.rand(c.vocab_size, n_exp, generator=g, device=DEVICE)
+        gate.tid2eid.copy_(ranks.argsort(dim=-1)[:, :k])
+    else:
+        gate.bias.data = torch.randint(0, 3, (n_exp,), generator=g, device=DEVICE).float() / 4
+    scores = torch.randint(1, 5, (N, n_exp), generator=g, device=DEVICE).float() / 4
+    if not hash_routing:
+        scores[0] = 1 - gate.bias  # row 0: every biased score equal, a tie at every rank
+    ids = torch.randint(0, c.vocab_size, (N,), generator=g, device=DEVICE)
+    want_w, want_e = gate.pick(scores, ids)
+    if not hash_routing:  # the draw must contain ties at the top-k boundary
+        biased = (scores + gate.bias).sort(dim=-1, descending=True).values
+        assert (biased[:, k - 1] == biased[:, k]).any()
+    with mode("triton"):
+        got_w, got_e = route_topk(scores, k, c.routed_scaling_factor, c.norm_topk_prob,
+                                  **({"table": gate.tid2eid, "ids": ids} if hash_routing
+                                     else {"bias": gate.bias}))
+    assert torch.equal(got_e, want_e), (got_e, want_e)
+    assert torch.allclose(got_w, want_w, rtol=1e-6, atol=0), (got_w - want_w).abs().max()
