@@ -12,7 +12,7 @@ as DeepSeek does (it matters once W2's input is rounded to bf16/FP8). The shared
 the same SwiGLU with no clamp: DeepSeek's code does not clamp it; `transformers` does (spec
 section 7), and we follow DeepSeek.
 
-Shapes: N tokens (B*T flattened), H hidden, inter moe_intermediate_size, E routed experts,
+Shapes: N tokens (B*T flattened), H hidden, I moe_intermediate_size, E routed experts,
 K experts per token.
 
 Fast path (`engine.kernels.use_triton(x)`, decode and small batches of at most
@@ -94,7 +94,11 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, H], weight [n] fp32 or None -> [n, H] fp32."""
-        g = self.w1(x).float()  # [n, inter]
+        return self.w2(self.hidden(x, weight)).float()
+
+    def hidden(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """W2's input: (weight *) silu(g) * u, rounded to x.dtype -> [n, I]."""
+        g = self.w1(x).float()  # [n, I]
         u = self.w3(x).float()
         if self.limit is not None:
             u = u.clamp(-self.limit, self.limit)
@@ -102,7 +106,7 @@ class Expert(nn.Module):
         h = F.silu(g) * u
         if weight is not None:
             h = weight.unsqueeze(-1) * h
-        return self.w2(h.to(x.dtype)).float()
+        return h.to(x.dtype)
 
 
 class MoE(nn.Module):
@@ -219,10 +223,11 @@ class MoE(nn.Module):
         weights, experts = route_topk(  # [N, K], as Gate.pick
             scores, gate.topk, c.routed_scaling_factor, c.norm_topk_prob,
             **({"table": gate.tid2eid, "ids": ids} if gate.hash else {"bias": gate.bias}))
-        y = routed_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit)
-        if self.shared_experts is not None:
-            y += self.shared_experts(flat)
-        return y.to(flat.dtype)
+        shared = self.shared_experts
+        shared_y = None if shared is None else shared.w2(shared.hidden(flat))  # [N, H] x.dtype
+        # the routed sum + the shared output, rounded to x.dtype once, by the down kernel
+        return routed_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit,
+                              out=torch.empty_like(flat), add=shared_y)
 
 
 def stack_all_experts(model: nn.Module) -> int:

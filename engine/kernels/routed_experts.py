@@ -323,13 +323,14 @@ if triton is not None:
         experts_ptr,  # [P] expert id per pair
         part_ptr,     # [P, H] fp32 scratch: each pair's rounded W2 output
         count_ptr,    # [>= N * cdiv(H, BLOCK_N)] int32, all 0 between launches
-        y_ptr,        # [N, H] fp32 out
+        add_ptr,      # [N, H] added to the sum (HAS_ADD: the shared expert's output)
+        y_ptr,        # [N, H] out, fp32 or the activation dtype (rounded once, at the store)
         # sizes (num_tokens: _size_class(N), an autotune key only)
         num_experts, K, H, inter, n_words, num_tokens,
         # strides
-        stride_w_row, stride_s_row, stride_z_row, stride_y_t,
+        stride_w_row, stride_s_row, stride_z_row, stride_add_t, stride_y_t,
         # meta
-        FORMAT: tl.constexpr, PW: tl.constexpr, OUT_DTYPE: tl.constexpr,
+        FORMAT: tl.constexpr, PW: tl.constexpr, OUT_DTYPE: tl.constexpr, HAS_ADD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     ):
         """Program (t, n-block, k): expert slot k of token t on one block of output rows.
@@ -360,6 +361,8 @@ if triton is not None:
             for kk in range(0, K):  # .cg: read the other programs' parts from L2, not L1
                 acc += tl.load(part_ptr + (token * K + kk) * H + offs_n, mask=n_mask,
                                other=0.0, cache_modifier=".cg")
+            if HAS_ADD:
+                acc += tl.load(add_ptr + token * stride_add_t + offs_n, mask=n_mask).to(tl.float32)
             tl.store(y_ptr + token * stride_y_t + offs_n, acc, mask=n_mask)
             tl.atomic_xchg(count, 0)  # ready for the next launch (and a graph replay)
 
@@ -465,11 +468,13 @@ def _check_stack(stack: ExpertStack, x: torch.Tensor) -> None:
 
 
 def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                   stack: ExpertStack, limit: float | None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, H] (bf16/fp16/fp32), experts [N, K] int, weights [N, K] fp32 -> [N, H] fp32:
-    sum_k W2_e (weight * swiglu_clamped(W1_e x, W3_e x)), e = experts[:, k]. `out` (fp32
-    [N, H], contiguous) receives the result when given.
+                   stack: ExpertStack, limit: float | None, out: torch.Tensor | None = None,
+                   add: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, H] (bf16/fp16/fp32), experts [N, K] int, weights [N, K] fp32 -> [N, H]:
+    sum_k W2_e (weight * swiglu_clamped(W1_e x, W3_e x)), e = experts[:, k], in fp32, plus
+    `add` [N, H] when given (the shared expert's output: the MoE block's sum in one pass).
+    The result goes to `out` (contiguous [N, H], fp32 or a bf16/fp16 that the fp32 sum is
+    rounded to once) when given, else to a new fp32 tensor.
 
     Never syncs with the host. Expert ids outside [0, E) contribute nothing."""
     N, H = x.shape
@@ -483,11 +488,16 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     if x.dtype not in _TL_DTYPE:
         raise TypeError(f"routed experts: x must be bf16/fp16/fp32, got {x.dtype}")
     _check_stack(stack, x)
-    if out is not None and (out.shape != (N, H) or out.dtype != torch.float32
+    if out is not None and (out.shape != (N, H) or out.dtype not in _TL_DTYPE
                             or not out.is_contiguous() or out.device != x.device):
-        raise ValueError(f"routed experts: out must be contiguous fp32 [{N}, {H}] on {x.device}")
+        raise ValueError(f"routed experts: out must be contiguous [{N}, {H}] fp32/bf16/fp16 "
+                         f"on {x.device}")
+    if add is not None and (add.shape != (N, H) or add.stride(1) != 1 or add.device != x.device):
+        raise ValueError(f"routed experts: add must be [{N}, {H}] with unit stride on {x.device}")
     if not use_triton(x) or N == 0:
         y = routed_experts_reference(x, experts, weights, stack, limit)
+        if add is not None:
+            y = y + add.float()
         return y if out is None else out.copy_(y)
 
     fmt = _FORMAT_CODE[stack.format]
@@ -531,10 +541,11 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     counts = _counters(x.device, N * triton.cdiv(H, MIN_DOWN_BLOCK_N))
     down = _tuned("down", fmt)
     down[lambda meta: (N, triton.cdiv(H, meta["BLOCK_N"]), K)](
-        h, hs, w2, s2, z2, ids, parts, counts, y,
+        h, hs, w2, s2, z2, ids, parts, counts, y if add is None else add, y,
         stack.num_experts, K, H, inter, w2.shape[-1], _size_class(N),
-        w2.stride(1), s2.stride(1), z2.stride(1), y.stride(0),
-        FORMAT=fmt, PW=PW, OUT_DTYPE=out_dtype,
+        w2.stride(1), s2.stride(1), z2.stride(1), 0 if add is None else add.stride(0),
+        y.stride(0),
+        FORMAT=fmt, PW=PW, OUT_DTYPE=out_dtype, HAS_ADD=add is not None,
     )
     return y
 

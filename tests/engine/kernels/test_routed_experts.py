@@ -424,3 +424,23 @@ def test_pinned_config_switch(monkeypatch):
     monkeypatch.setenv(CONFIG_ENV["gate_up"], "BLOCK_N=8,BLOCK_W=32,num_warps=4,num_stages=2")
     with pytest.raises(ValueError, match="whole words"):
         candidate_configs("gate_up", FMT_INT2)
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat.INT2, WeightFormat.FP4])
+def test_add_and_activation_dtype_out(fmt):
+    """The MoE block's one-pass form: the shared output added to the fp32 sum, the result
+    rounded once into a bf16 `out` (as the reference's `(y + shared).to(bf16)`)."""
+    E, K, H, _ = SHAPES[fmt]
+    stack = stack_for(fmt)
+    g = torch.Generator(device=DEVICE).manual_seed(17)
+    N = 3
+    x = torch.randn(N, H, generator=g, device=DEVICE).bfloat16()
+    experts, weights = routing(N, E, K, g)
+    add = (torch.randn(N, H, generator=g, device=DEVICE) * 3).bfloat16()
+    want = (routed_experts_reference(x, experts, weights, stack, LIMIT) + add.float()).bfloat16()
+    out = torch.full((N, H), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    with mode("triton"):
+        got = routed_experts(x, experts, weights, stack, LIMIT, out=out, add=add)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == torch.bfloat16
+    assert not got.isnan().any()
+    assert_close(got.float(), want.float(), BF16_TOL, f"{fmt} add + bf16 out")
