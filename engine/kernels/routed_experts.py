@@ -1,19 +1,24 @@
-"""Routed experts for decode and small batches: two kernels, experts picked on the device.
+"""Routed experts for decode and small batches: experts picked on the device, no host sync.
 
 For each (token, expert) pair p = t * K + k (N tokens, K experts each, P = N * K pairs):
 
-  kernel 1  _gate_up_kernel   g = x_t W1_e^T, u = x_t W3_e^T          (W13_e [2I, H]: W1 rows, then W3)
-                              g, u rounded to the activation dtype (F.linear's bf16 output
-                              in the reference), u clamped to [-limit, limit], g to <= limit,
-                              h_p = (silu(g) * u * weight_p) rounded to the activation dtype
-  kernel 2  _down_kernel      y_t = sum_k round(h_{t*K+k} W2_e^T)   (fp32, k = 0..K-1 in order)
+  _stage_kernel     xt [N, PW, H/PW] fp32 = x laid out value-major per word and pre-scaled
+                    (below), xs [N, H/16] = each word's sum of x (INT2)
+  _gate_up_kernel   grid (P, I / BLOCK_N): g = x_t W1_e^T, u = x_t W3_e^T over one tile of
+                    W13_e [2I, H] rows (W1's block, then W3's); g, u rounded to the
+                    activation dtype (F.linear's output in the reference), u clamped to
+                    [-limit, limit], g to <= limit; h_p = silu(g) * u * weight_p rounded
+                    to the activation dtype and written staged for the next kernel
+  _down_kernel      grid (N, H / BLOCK_N, K): part_p = round(h_p W2_e^T); the last of a row
+                    block's K programs (an int32 completion counter it resets) writes
+                    y_t = sum_k part (fp32, k = 0..K-1 in order) [+ add_t], rounded once
+                    to y's dtype: deterministic, no float atomics
 
-The routing weight multiplies before W2, and h is rounded before W2, as engine.moe does. No
-host ever sees an expert id: each program reads its pair's expert from `experts` [P] and
-streams that expert's rows of the stacked weights once. An id outside [0, E) is a no-op
-(its h and its W2 term are 0): padded rows of a captured batch cost no memory traffic.
-Programs of kernel 1 run in expert order (`order` [P] = a stable device sort of the ids), so
-tokens sharing an expert run side by side and the second read of its rows hits L2.
+The routing weight multiplies before W2 and h is rounded before W2, as engine.moe does.
+Each program reads its pair's expert id from `experts` [P] and streams that expert's rows
+of the stacked weights once; pair-major grids run the pairs of one row block side by side,
+so tokens sharing an expert read it concurrently and the second read hits L2. An id outside
+[0, E) is a no-op (masked: no memory traffic), for padded rows of a captured batch.
 
 Weights are stacked over experts (engine.moe.MoE.stack_experts), formats of engine/formats.py:
 
@@ -25,26 +30,22 @@ Weights are stacked over experts (engine.moe.MoE.stack_experts), formats of engi
 
 (R output rows, C inputs: W13 has R = 2I, C = H; W2 has R = H, C = I.)
 
-Dequantisation happens in registers with no integer->float conversion instruction (the
-conversion unit runs at 1/4 to 1/8 of the FMA rate, which would make the GEMV compute-bound):
-- INT2: value k of a word sits at bits 2k..2k+1. For k < 8, `(word & 3 << 2k) | 0x4B000000`
-  read as fp32 is 2^23 + q * 4^k exactly; minus 2^23 gives q * 4^k, and the activation is
-  pre-multiplied by 4^-k (exact, a power of two). Values 8..15 take `word >> 16`. The zero
-  point leaves the inner loop: sum_k (q_k - z) s x_k = s (sum_k q_k x_k - z sum_k x_k), with
-  sum_k x_k computed once per word column and shared by every row. Per weight: one LOP3,
-  one FADD, one FFMA.
-- FP4: the magnitudes * 2 {0,1,2,3,4,6,8,12} are the nibbles of the constant 0xC8643210, so
-  `(LUT >> 4m) & 15` (m = the code's low 3 bits) is an exact small integer, made fp32 by the
-  same 2^23 trick; the activation is pre-multiplied by 1/2. The sign bit flips the value.
+Dequantisation in registers with no integer->float conversion (the conversion unit runs at
+a fraction of the FMA rate; an INT2 GEMV at 3 TB/s must decode ~10^13 weights/s):
+- INT2: value j of a word sits at bits 2j..2j+1. `word & (3 << 2j)` read as fp32 is the
+  subnormal q * 4^j * 2^-149 exactly (j <= 10; values 11..15 use `word >> 22`), and the
+  staged activation carries the inverse power of two, so a value costs one AND and one FFMA.
+  The zero point leaves the inner loop: sum (q - z) s x = s (sum q x - z sum x), with the
+  word sums of x staged once; the fp16 scale is applied once per 4 words.
+- FP4: a code's 3 magnitude bits moved to fp32 bits 22..24 and its sign to bit 31 read as
+  e2m1 * 2^-126 (subnormal for codes below 1): two shifts, two ANDs, an OR, an FFMA.
 - DENSE: a plain load and fp32 convert (tiny test checkpoints; the real ones are quantised).
+This needs fp32 FMA without flush-to-zero: Triton emits `fma.rn.f32` (checked in the PTX
+for sm_90), and the FMA unit takes subnormal inputs at full rate.
 
 The dequantised weight is exact in fp32 ((q - z) * s has at most 13 significant bits); the
-reference path rounds it to bf16 before F.linear, which is the main source of difference
-between the two paths (tests/engine/kernels/test_routed_experts.py states the tolerance).
-
-The activation of each kernel is staged as `xt` [rows, PW, C/PW] fp32 (xt[., j, w] =
-x[., w * PW + j]), so value j of a block of words meets a contiguous vector of activations.
-Kernel 1 writes h directly in that layout for kernel 2.
+reference path rounds it to bf16 before F.linear, the main source of difference between the
+paths (tests/engine/kernels/test_routed_experts.py states the tolerances).
 """
 
 from __future__ import annotations
@@ -70,23 +71,12 @@ FMT_DENSE, FMT_FP4, FMT_INT2 = 0, 1, 2
 _FORMAT_CODE = {WeightFormat.DENSE: FMT_DENSE, WeightFormat.FP4: FMT_FP4, WeightFormat.INT2: FMT_INT2}
 # values per word; a word is an int32 for the packed formats, one element for DENSE
 _PER_WORD = {FMT_DENSE: 1, FMT_FP4: 8, FMT_INT2: 16}
-_WORDS_PER_GROUP = 4  # INT2: 64 values / 16 per word; FP4: 32 values / 8 per word
 SUPPORTED_FORMATS = tuple(_FORMAT_CODE)
-
-# Activations are staged pre-multiplied by 2^prescale_exponent(j) so that decoded value j
-# times its activation is (weight * x) * 2^-49 exactly; the group scale carries the 2^49.
+# Activations are staged pre-multiplied by a power of two 2^e(j) (_staging_factor) so that
+# decoded value j times its activation is (weight * x) * 2^-49 exactly: INT2 decodes value j
+# as q * 4^jj * 2^-149 (jj = j for j <= 10, else j - 11), so e = 149 - 49 - 2 jj; FP4 decodes
+# e2m1 * 2^-126, e = 126 - 49. The group scale carries the 2^49 back.
 UNIT_EXPONENT = 49
-
-
-def prescale_exponent(fmt: int, j: int) -> int:
-    """Power of two that value j's activation is staged with (see the header)."""
-    if fmt == FMT_INT2:  # decoded value j is q * 4^jj * 2^-149, jj = j (j <= 10) or j - 11
-        jj = j if j <= 10 else j - 11
-        return 149 - 2 * jj - UNIT_EXPONENT
-    if fmt == FMT_FP4:  # decoded value is e2m1 * 2^-126
-        return 126 - UNIT_EXPONENT
-    return 0
-
 
 CONFIG_ENV = {"gate_up": "DSML_ROUTED_GATE_UP_CONFIG", "down": "DSML_ROUTED_DOWN_CONFIG"}
 
@@ -109,9 +99,8 @@ class ExpertStack:
     zero2: torch.Tensor | None
 
     def __post_init__(self) -> None:
-        # built here (at load), not per call: a lazily made tensor inside a CUDA graph
-        # capture would live in the graph's private pool
-        self.staging = staging_factors(_FORMAT_CODE.get(self.format, FMT_DENSE), self.w13.device)
+        # made here (at load), not per call: a tensor first made inside a CUDA graph capture
+        # would live in the graph's private pool
         _counters(self.w13.device, COUNTER_TOKENS * -(-self.hidden // MIN_DOWN_BLOCK_N))
 
     @property
@@ -143,25 +132,13 @@ def _counters(device: torch.device, size: int) -> torch.Tensor:
     return have
 
 
-def staging_factors(fmt: int, device: torch.device) -> torch.Tensor:
-    """fp32 [PW]: 2^prescale_exponent(fmt, j), made on `device` from integer bits (exact)."""
-    j = torch.arange(_PER_WORD[fmt], device=device, dtype=torch.int32)
-    if fmt == FMT_INT2:
-        e = 149 - UNIT_EXPONENT - 2 * torch.where(j <= 10, j, j - 11)
-    elif fmt == FMT_FP4:
-        e = torch.full_like(j, 126 - UNIT_EXPONENT)
-    else:
-        e = torch.zeros_like(j)
-    return ((e + 127) << 23).view(torch.float32)
-
-
 # -- kernels -------------------------------------------------------------------------------
 
 if triton is not None:
 
     @triton.jit
     def _decode(words, hi, j: tl.constexpr, FORMAT: tl.constexpr):
-        """Value j of every word as fp32, exact, times a power of two (prescale_exponent).
+        """Value j of every word as fp32, exact, times a power of two (see UNIT_EXPONENT).
 
         INT2 and FP4 place the value's bits so that read as fp32 they are the value times
         2^-149 (INT2, a subnormal) or 2^-126 (FP4, subnormal for e2m1 codes below 1): one AND
@@ -185,7 +162,7 @@ if triton is not None:
 
     @triton.jit
     def _staging_factor(j, FORMAT: tl.constexpr):
-        """2^prescale_exponent(FORMAT, j) for an int32 tensor j, built from its bits (exact)."""
+        """2^e(j) (see UNIT_EXPONENT) for an int32 tensor j, built from its bits (exact)."""
         if FORMAT == 2:
             jj = tl.where(j <= 10, j, j - 11)
             e = 149 - 49 - 2 * jj
@@ -194,6 +171,27 @@ if triton is not None:
         else:
             e = j * 0
         return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _stage_kernel(
+        x_ptr,        # [N, H] activations
+        xt_ptr,       # [N, PW, H/PW] fp32 out: xt[t, j, w] = x[t, w * PW + j] * 2^e(j)
+        xs_ptr,       # [N, H/16] fp32 out: each word's sum of x (INT2 only)
+        n_words, stride_x_t,
+        FORMAT: tl.constexpr, PW: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):
+        """The gate/up kernel's activation layout, in one launch (grid N, words / BLOCK_W)."""
+        token = tl.program_id(0).to(tl.int64)
+        offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        offs_j = tl.arange(0, PW)
+        w_mask = (offs_w < n_words)[:, None]
+        x = tl.load(x_ptr + token * stride_x_t + offs_w[:, None] * PW + offs_j[None, :],
+                    mask=w_mask, other=0.0).to(tl.float32)  # [BLOCK_W, PW]
+        factor = _staging_factor(offs_j, FORMAT)
+        tl.store(xt_ptr + token * PW * n_words + offs_j[None, :] * n_words + offs_w[:, None],
+                 x * factor[None, :], mask=w_mask)
+        if FORMAT == 2:
+            tl.store(xs_ptr + token * n_words + offs_w, tl.sum(x, axis=1), mask=offs_w < n_words)
 
     @triton.jit
     def _rows_dot(w_ptr, s_ptr, z_ptr, xt_ptr, xs_ptr, rows, row_mask, n_words,
@@ -507,15 +505,18 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     P = N * K
     ids = experts.reshape(P).contiguous()
     w = weights.reshape(P).to(torch.float32).contiguous()
-    # staged activations: xt[t, j, w] = x[t, w * PW + j] * 2^prescale_exponent(j)
-    xv = x.reshape(N, H // PW, PW)
+    # staged activations: xt[t, j, w] = x[t, w * PW + j] * 2^e(j)
+    if x.stride(1) != 1:
+        x = x.contiguous()
     xt = torch.empty(N, PW, H // PW, dtype=torch.float32, device=x.device)
-    torch.mul(xv.transpose(1, 2), stack.staging.view(PW, 1), out=xt)
     if fmt == FMT_INT2:
-        xs = torch.sum(xv, dim=-1, dtype=torch.float32)  # [N, H/16]
+        xs = torch.empty(N, H // PW, dtype=torch.float32, device=x.device)
         hs = torch.empty(P, inter // PW, dtype=torch.float32, device=x.device)
     else:
         xs, hs = xt, xt  # unused
+    stage_words = 64 if fmt != FMT_DENSE else 1024
+    _stage_kernel[(N, triton.cdiv(H // PW, stage_words))](
+        x, xt, xs, H // PW, x.stride(0), FORMAT=fmt, PW=PW, BLOCK_W=stage_words, num_warps=4)
     h = torch.empty(P, PW, inter // PW, dtype=torch.float32, device=x.device)
     y = torch.empty(N, H, dtype=torch.float32, device=x.device) if out is None else out
     out_dtype = getattr(tl, _TL_DTYPE[x.dtype])

@@ -17,8 +17,6 @@ BF16_TOL allows eight; a wrong scale, zero, clamp or expert is off by far more.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -29,10 +27,8 @@ from engine.kernels import mode
 from engine.kernels.routed_experts import (
     ExpertStack,
     dequantize_rows,
-    prescale_exponent,
     routed_experts,
     routed_experts_reference,
-    staging_factors,
 )
 from engine.moe import MoE
 from engine.random_weights import random_fp4, random_int2
@@ -213,13 +209,6 @@ def test_swiglu_clamp_is_exercised(fmt):
     assert (unclamped - got).abs().max() > 0.1 * unclamped.abs().max()
     assert_close(run_kernel(x, experts, weights, stack, limit=None), unclamped, FP32_TOL,
                  f"{fmt} no limit")
-
-
-def test_staging_factors_are_the_documented_powers_of_two():
-    for fmt, code in ((WeightFormat.INT2, 2), (WeightFormat.FP4, 1), (WeightFormat.DENSE, 0)):
-        f = staging_factors(code, torch.device("cpu"))
-        want = torch.tensor([math.ldexp(1.0, prescale_exponent(code, j)) for j in range(len(f))])
-        assert torch.equal(f, want), fmt
 
 
 def test_launcher_rejects_mismatched_inputs():
