@@ -71,7 +71,7 @@ if triton is not None:
         ids_ptr,      # [N] int64 token ids (hash routing)
         experts_ptr,  # [N, K] int64 out
         weights_ptr,  # [N, K] fp32 out
-        E, K, scaling,
+        E, K, V, scaling,
         HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
@@ -81,7 +81,9 @@ if triton is not None:
         scores = tl.load(scores_ptr + token * E + offs_e, mask=offs_e < E, other=0.0)
         if HASH:
             tid = tl.load(ids_ptr + token)
-            chosen = tl.load(table_ptr + tid * K + offs_k, mask=k_mask, other=0)
+            # a token id outside the table picks no expert (id -1: a no-op downstream)
+            tid_ok = offs_k < tl.where((tid >= 0) & (tid < V), K, 0)
+            chosen = tl.load(table_ptr + tid * K + offs_k, mask=tid_ok, other=-1)
         else:
             biased = tl.load(bias_ptr + offs_e, mask=offs_e < E, other=0.0) + scores
             biased = tl.where(offs_e < E, biased, -float("inf"))
@@ -93,8 +95,9 @@ if triton is not None:
         # gather the chosen experts' unbiased scores from the row in registers
         picked = tl.sum(tl.where(offs_e[None, :] == chosen[:, None], scores[None, :], 0.0), axis=1)
         picked = tl.where(k_mask, picked, 0.0)
-        if NORM:
-            picked = picked / tl.sum(picked, axis=0)
+        if NORM:  # (a row with no expert keeps weights 0, not 0 / 0)
+            total = tl.sum(picked, axis=0)
+            picked = picked / tl.where(total > 0, total, 1.0)
         tl.store(experts_ptr + token * K + offs_k, chosen, mask=k_mask)
         tl.store(weights_ptr + token * K + offs_k, picked * scaling, mask=k_mask)
 
@@ -117,7 +120,7 @@ def route_topk(scores: torch.Tensor, k: int, scaling: float, norm: bool,
         scores, dummy if bias is None else bias.float().contiguous(),
         dummy if table is None else table.contiguous(),
         dummy if ids is None else ids.contiguous(), experts, weights,
-        E, k, float(scaling),
+        E, k, 0 if table is None else table.shape[0], float(scaling),
         HASH=table is not None, NORM=norm, BLOCK_E=triton.next_power_of_2(E),
         BLOCK_K=triton.next_power_of_2(k), num_warps=4,
     )

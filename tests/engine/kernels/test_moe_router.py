@@ -78,3 +78,19 @@ def test_route_topk_matches_gate_pick(hash_routing, N):
                                      else {"bias": gate.bias}))
     assert torch.equal(got_e, want_e), (got_e, want_e)
     assert torch.allclose(got_w, want_w, rtol=1e-6, atol=0), (got_w - want_w).abs().max()
+
+
+def test_route_topk_out_of_table_token_picks_no_expert():
+    """A token id past tid2eid gives expert -1 (a no-op in the routed kernels) and weight 0,
+    not an out-of-bounds read or 0 / 0."""
+    from engine.kernels.moe_router import route_topk
+
+    table = torch.randint(0, 8, (50, 3), device=DEVICE)
+    scores = torch.rand(2, 8, device=DEVICE) + 0.1
+    ids = torch.tensor([50, 7], device=DEVICE)
+    with mode("triton"):
+        weights, experts = route_topk(scores, 3, 1.5, True, table=table, ids=ids)
+    assert experts[0].tolist() == [-1, -1, -1] and weights[0].tolist() == [0.0, 0.0, 0.0]
+    assert torch.equal(experts[1], table[7])
+    want = scores[1, table[7]] / scores[1, table[7]].sum() * 1.5
+    assert torch.allclose(weights[1], want, rtol=1e-6, atol=0)
