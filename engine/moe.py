@@ -16,11 +16,13 @@ Shapes: N tokens (B*T flattened), H hidden, I moe_intermediate_size, E routed ex
 K experts per token.
 
 Fast path (`engine.kernels.use_triton(x)`, decode and small batches of at most
-`FAST_MAX_TOKENS` tokens): routing stays on the device (Gate.route has no host sync), the
-routed experts run as two Triton kernels over the experts' weights stacked once per layer
-(`MoE.stack_experts`, each expert's Linear then holds views of the stack), and the shared
-expert goes through its Linears. Nothing on that path reads a device value on the host, so
-it can be captured in a CUDA graph. The per-expert loop below stays as the reference.
+`FAST_MAX_TOKENS` tokens): routing in two Triton kernels (engine/kernels/moe_router.py:
+scores, then top-k as Gate.pick), the routed experts in three (engine/kernels/
+routed_experts.py) over the experts' weights stacked once per layer (`MoE.stack_experts`,
+each expert's Linear then holds views of the stack), the shared expert through its Linears,
+its output added by the last routed kernel. Nothing on that path reads a device value on
+the host, so it can be captured in a CUDA graph. Experts stored as FP8 have no kernel and
+take the reference loop below, which stays as the oracle.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class MoE(nn.Module):
         # attribute, not a buffer: the Linears' parameters are views of it and state_dict()
         # must hold each tensor once.
         self.routed_stack: ExpertStack | None = None
+        self._no_kernel = False  # the experts' format has none: stack_experts() said so
 
     # -- stacked experts (fast path) --------------------------------------------------------
 
@@ -143,6 +146,7 @@ class MoE(nn.Module):
         fmt = experts[0].w1.format
         linears = [lin for e in experts for lin in (e.w1, e.w2, e.w3)]
         if fmt not in SUPPORTED_FORMATS or any(lin.format != fmt for lin in linears):
+            self._no_kernel = True
             return False
         if any(lin.weight.is_meta for lin in linears):
             raise RuntimeError("stack_experts: the experts have no weights yet (meta tensors)")
@@ -182,6 +186,8 @@ class MoE(nn.Module):
     def _stack_ready(self, x: torch.Tensor) -> bool:
         """Whether the fast path can run: stacked (stacking now if not, outside a capture)
         and still the Linears' storage."""
+        if self._no_kernel:
+            return False
         if self.routed_stack is None:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("MoE.stack_experts() must run before CUDA graph capture")

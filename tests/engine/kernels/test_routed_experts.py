@@ -433,3 +433,21 @@ def test_add_and_activation_dtype_out(fmt):
     assert got.data_ptr() == out.data_ptr() and got.dtype == torch.bfloat16
     assert not got.isnan().any()
     assert_close(got.float(), want.float(), BF16_TOL, f"{fmt} add + bf16 out")
+
+
+def test_fp8_experts_keep_the_reference_path():
+    """FP8 experts (configs with expert_dtype fp8) have no kernel: stack_experts declines and
+    the fast mode runs the reference loop, with the same result."""
+    fmt = WeightFormat.DENSE
+    moe = load_random_moe(fmt, layer_id=3, dtype=torch.float32, seed=61)
+    for expert in moe.experts:
+        for lin in (expert.w1, expert.w2, expert.w3):
+            lin.load_fp8(*fm.quantize_fp8(lin.weight.float()))
+    x = torch.randn(1, 2, moe_config(fmt).hidden_size, device=DEVICE)
+    ids = torch.zeros(1, 2, dtype=torch.int64, device=DEVICE)
+    with mode("reference"):
+        want = moe(x, ids)
+    with mode("triton"):
+        got = moe(x, ids)
+    assert moe.routed_stack is None and not moe.stack_experts()
+    assert torch.equal(got, want)
