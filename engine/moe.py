@@ -233,7 +233,7 @@ class MoE(nn.Module):
         shared_y = None if shared is None else shared.w2(shared.hidden(flat))  # [N, H] x.dtype
         # the routed sum + the shared output, rounded to x.dtype once, by the down kernel
         return routed_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit,
-                              out=torch.empty_like(flat), add=shared_y)
+                              out=flat.new_empty(flat.shape), add=shared_y)
 
 
 def stack_all_experts(model: nn.Module) -> int:
