@@ -554,15 +554,22 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
 # -- reference -----------------------------------------------------------------------------
 
 
+def _take(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """t[ids] along the expert axis; uint32 / float8_e8m0fnu index through a same-size view
+    (not every device has indexing kernels for those dtypes)."""
+    raw = {torch.uint32: torch.int32, torch.float8_e8m0fnu: torch.uint8}.get(t.dtype)
+    return t[ids] if raw is None else t.view(raw)[ids].view(t.dtype)
+
+
 def dequantize_rows(stack: ExpertStack, which: str, ids: torch.Tensor) -> torch.Tensor:
     """Experts `ids` [P] of w13 or w2 as dense fp32 [P, R, C] (exact: no bf16 rounding)."""
-    w = getattr(stack, which)[ids]
+    w = _take(getattr(stack, which), ids)
     scale = getattr(stack, "scale" + which[1:])
     zero = getattr(stack, "zero" + which[1:])
     if stack.format == WeightFormat.INT2:
-        return fm.dequantize_int2(w, scale[ids], zero[ids], torch.float32)
+        return fm.dequantize_int2(w, _take(scale, ids), _take(zero, ids), torch.float32)
     if stack.format == WeightFormat.FP4:
-        return fm.dequantize_fp4(w, scale[ids], torch.float32)
+        return fm.dequantize_fp4(w, _take(scale, ids), torch.float32)
     return w.float()
 
 

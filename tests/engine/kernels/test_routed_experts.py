@@ -159,9 +159,9 @@ def test_all_tokens_on_one_expert_and_unused_experts_never_read(fmt):
         poisoned.scale2 = clean.scale2.clone()
         poisoned.scale2[~used] = float("nan")
     else:  # E8M0 byte 255 decodes to inf, and inf * 0 codes = NaN
-        poisoned.scale13 = clean.scale13.clone()
+        poisoned.scale13 = copy(clean.scale13)
         poisoned.scale13.view(torch.uint8)[~used] = 255
-        poisoned.scale2 = clean.scale2.clone()
+        poisoned.scale2 = copy(clean.scale2)
         poisoned.scale2.view(torch.uint8)[~used] = 255
     x = torch.randn(N, H, generator=g, device=DEVICE)
     weights = torch.rand(N, K, generator=g, device=DEVICE) + 0.25
@@ -237,6 +237,12 @@ def moe_config(fmt: WeightFormat) -> ModelConfig:
                                       num_hash_layers=1, qat=False)
 
 
+def copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy with its own storage; uint32 / E8M0 bytes copied through a same-size view."""
+    raw = {torch.uint32: torch.int32, torch.float8_e8m0fnu: torch.uint8}.get(t.dtype)
+    return t.clone() if raw is None else t.view(raw).clone().view(t.dtype)
+
+
 def load_random_moe(fmt: WeightFormat, layer_id: int, dtype: torch.dtype, seed: int) -> MoE:
     """A MoE block whose routed experts are loaded one Linear at a time, in `fmt`, as the
     checkpoint loaders do; learned routing biases spread over a clear margin."""
@@ -261,13 +267,13 @@ def load_random_moe(fmt: WeightFormat, layer_id: int, dtype: torch.dtype, seed: 
     for e, expert in enumerate(moe.experts):
         for lin, rows, which in ((expert.w1, slice(0, inter), "13"), (expert.w3, slice(inter, 2 * inter), "13"),
                                  (expert.w2, slice(None), "2")):
-            w = getattr(stack, "w" + which)[e, rows].clone()
+            w = copy(getattr(stack, "w" + which)[e, rows])
             s = getattr(stack, "scale" + which)
             z = getattr(stack, "zero" + which)
             if fmt == WeightFormat.INT2:
-                lin.load_int2(w, s[e, rows].clone(), z[e, rows].clone())
+                lin.load_int2(w, copy(s[e, rows]), copy(z[e, rows]))
             elif fmt == WeightFormat.FP4:
-                lin.load_fp4(w, s[e, rows].clone())
+                lin.load_fp4(w, copy(s[e, rows]))
             else:
                 lin.load_dense(w.to(dtype))
     return moe
@@ -276,7 +282,7 @@ def load_random_moe(fmt: WeightFormat, layer_id: int, dtype: torch.dtype, seed: 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_stack_experts_makes_views_and_keeps_the_state(fmt):
     moe = load_random_moe(fmt, layer_id=3, dtype=torch.float32, seed=21)
-    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    before = {k: copy(v) for k, v in moe.state_dict().items()}
     h = torch.randn(2, moe_config(fmt).moe_intermediate_size, device=DEVICE)
     y_before = moe.experts[5].w2(h)
     assert moe.stack_experts()
