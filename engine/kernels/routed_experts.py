@@ -120,6 +120,7 @@ class ExpertStack:
 COUNTER_TOKENS = 64
 MIN_DOWN_BLOCK_N = 4
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # kept alive: a captured graph may still point at them
 
 
 def _counters(device: torch.device, size: int) -> torch.Tensor:
@@ -128,6 +129,8 @@ def _counters(device: torch.device, size: int) -> torch.Tensor:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"routed experts: {size} completion counters needed, "
                                f"{0 if have is None else have.numel()} made before capture")
+        if have is not None:
+            _OUTGROWN.append(have)
         _COUNTERS[device] = have = torch.zeros(size, dtype=torch.int32, device=device)
     return have
 
