@@ -14,16 +14,38 @@ section 7), and we follow DeepSeek.
 
 Shapes: N tokens (B*T flattened), H hidden, I moe_intermediate_size, E routed experts,
 K experts per token.
+
+Fast path (`engine.kernels.use_triton(x)`, decode and small batches of at most
+`FAST_MAX_TOKENS` tokens): routing in two Triton kernels (engine/kernels/moe_router.py:
+scores, then top-k as Gate.pick), the routed experts in three (engine/kernels/
+routed_experts.py) over the experts' weights stacked once per layer (`MoE.stack_experts`,
+each expert's Linear then holds views of the stack), the shared expert through its Linears,
+its output added by the last routed kernel. Nothing on that path reads a device value on
+the host, so it can be captured in a CUDA graph. Experts stored as FP8 have no kernel and
+take the reference loop below, which stays as the oracle.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.formats import WeightFormat
+from engine.kernels import use_triton
 from engine.linear import Linear
+
+if TYPE_CHECKING:
+    from engine.kernels.routed_experts import ExpertStack
+# engine.kernels.routed_experts is imported where used: its Triton kernels are defined at
+# import, and TRITON_INTERPRET (the CPU tests) must be set before that
+
+# Above this many tokens (prefill) the per-pair GEMV kernels would read each expert's weights
+# once per token that uses it; the reference's one-GEMM-per-expert loop reads them once.
+FAST_MAX_TOKENS = 64
 
 
 class Gate(Linear):
@@ -47,7 +69,11 @@ class Gate(Linear):
     def route(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], ids [N] -> (weights [N, K] fp32, experts [N, K] int64)."""
         logits = F.linear(x.float(), self.dense_weight(torch.float32))  # [N, E]
-        scores = F.softplus(logits).sqrt()
+        return self.pick(F.softplus(logits).sqrt(), ids)
+
+    def pick(self, scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """scores [N, E] fp32 (sqrt(softplus(logits))), ids [N] -> (weights, experts) [N, K];
+        all on the device (a stable sort, a gather), no host sync."""
         if self.hash:
             experts = self.tid2eid[ids]
         else:
@@ -70,6 +96,10 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, H], weight [n] fp32 or None -> [n, H] fp32."""
+        return self.w2(self.hidden(x, weight)).float()
+
+    def hidden(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """W2's input: (weight *) silu(g) * u, rounded to x.dtype -> [n, I]."""
         g = self.w1(x).float()  # [n, I]
         u = self.w3(x).float()
         if self.limit is not None:
@@ -78,7 +108,7 @@ class Expert(nn.Module):
         h = F.silu(g) * u
         if weight is not None:
             h = weight.unsqueeze(-1) * h
-        return self.w2(h.to(x.dtype)).float()
+        return h.to(x.dtype)
 
 
 class MoE(nn.Module):
@@ -96,11 +126,85 @@ class MoE(nn.Module):
             if c.n_shared_experts
             else None
         )
+        # One layer's routed experts stacked over E, built by stack_experts(). A plain
+        # attribute, not a buffer: the Linears' parameters are views of it and state_dict()
+        # must hold each tensor once.
+        self.routed_stack: ExpertStack | None = None
+        self._no_kernel = False  # the experts' format has none: stack_experts() said so
+
+    # -- stacked experts (fast path) --------------------------------------------------------
+
+    def stack_experts(self) -> bool:
+        """Stack the routed experts' stored tensors ([E, 2I, .] for W1 then W3, [E, H, .] for
+        W2) and make every expert's Linear parameters views of the stack, so memory is not
+        doubled. Call once after loading, on the final device, before any CUDA graph
+        capture. Returns False (nothing changed) when the experts' format has no kernel
+        (FP8) or they are mixed. Moving the module afterwards breaks the views: call again."""
+        from engine.kernels.routed_experts import SUPPORTED_FORMATS, ExpertStack
+
+        experts = list(self.experts)
+        fmt = experts[0].w1.format
+        linears = [lin for e in experts for lin in (e.w1, e.w2, e.w3)]
+        if fmt not in SUPPORTED_FORMATS or any(lin.format != fmt for lin in linears):
+            self._no_kernel = True
+            return False
+        if any(lin.weight.is_meta for lin in linears):
+            raise RuntimeError("stack_experts: the experts have no weights yet (meta tensors)")
+        inter, H = experts[0].w1.out_features, experts[0].w1.in_features
+
+        def stacked(field: str, projs: tuple[str, ...]) -> torch.Tensor | None:
+            parts = [getattr(getattr(e, p), field) for p in projs for e in experts]
+            if parts[0] is None:
+                return None
+            dtype = parts[0].dtype
+            # torch.cat has no uint32 / float8_e8m0fnu kernels: copy the bytes as int32 / uint8
+            raw = {torch.uint32: torch.int32, torch.float8_e8m0fnu: torch.uint8}.get(dtype, dtype)
+            n, rows = len(experts), parts[0].shape[0]
+            out = torch.empty((n, len(projs) * rows, *parts[0].shape[1:]), dtype=raw,
+                              device=parts[0].device)
+            for i, t in enumerate(parts):  # [E, 2I, .]: expert e's W1 rows, then its W3 rows
+                out[i % n, (i // n) * rows : (i // n + 1) * rows].copy_(t.view(raw))
+            return out.view(dtype)
+
+        stack = ExpertStack(fmt, H, inter,
+                            stacked("weight", ("w1", "w3")), stacked("scale", ("w1", "w3")),
+                            stacked("zero", ("w1", "w3")),
+                            stacked("weight", ("w2",)), stacked("scale", ("w2",)),
+                            stacked("zero", ("w2",)))
+
+        def part(t: torch.Tensor | None, e: int, rows: slice) -> torch.Tensor | None:
+            return None if t is None else t[e, rows]
+
+        for e, expert in enumerate(experts):
+            for lin, t, s, z, rows in ((expert.w1, stack.w13, stack.scale13, stack.zero13, slice(0, inter)),
+                                       (expert.w3, stack.w13, stack.scale13, stack.zero13, slice(inter, 2 * inter)),
+                                       (expert.w2, stack.w2, stack.scale2, stack.zero2, slice(None))):
+                lin._set(fmt, part(t, e, rows), part(s, e, rows), part(z, e, rows))
+        self.routed_stack = stack
+        return True
+
+    def _stack_ready(self, x: torch.Tensor) -> bool:
+        """Whether the fast path can run: stacked (stacking now if not, outside a capture)
+        and still the Linears' storage."""
+        if self._no_kernel:
+            return False
+        if self.routed_stack is None:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("MoE.stack_experts() must run before CUDA graph capture")
+            if not self.stack_experts():
+                return False
+        stack = self.routed_stack
+        if self.experts[0].w1.weight.data_ptr() != stack.w13.data_ptr() or stack.w13.device != x.device:
+            raise RuntimeError("the routed experts were moved or reloaded after stack_experts(); "
+                               "call it again")
+        return True
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [B, T, H] (ffn_norm'ed), ids [B, T] -> [B, T, H]; fp32 accumulation."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
+        if use_triton(flat) and flat.shape[0] <= FAST_MAX_TOKENS and self._stack_ready(flat):
+            return self._forward_fast(flat, ids.reshape(-1)).view(shape)
         weights, experts = self.gate.route(flat, ids.reshape(-1))  # [N, K]
         y = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
         # plain reference loop: one gather per expert that received tokens (a token lists an
@@ -111,3 +215,27 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y += self.shared_experts(flat)
         return y.to(x.dtype).view(shape)
+
+    def _forward_fast(self, flat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """flat [N, H], ids [N] -> [N, H]: the forward above with no host sync."""
+        from engine.kernels.moe_router import route_topk, router_scores
+        from engine.kernels.routed_experts import routed_experts
+
+        gate, c = self.gate, self.gate.config
+        if gate.format == WeightFormat.DENSE:  # the release's router is BF16
+            scores = router_scores(flat, gate.weight)  # [N, E]
+        else:
+            scores = F.softplus(F.linear(flat.float(), gate.dense_weight(torch.float32))).sqrt()
+        weights, experts = route_topk(  # [N, K], as Gate.pick
+            scores, gate.topk, c.routed_scaling_factor, c.norm_topk_prob,
+            **({"table": gate.tid2eid, "ids": ids} if gate.hash else {"bias": gate.bias}))
+        shared = self.shared_experts
+        shared_y = None if shared is None else shared.w2(shared.hidden(flat))  # [N, H] x.dtype
+        # the routed sum + the shared output, rounded to x.dtype once, by the down kernel
+        return routed_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit,
+                              out=flat.new_empty(flat.shape), add=shared_y)
+
+
+def stack_all_experts(model: nn.Module) -> int:
+    """MoE.stack_experts() on every MoE block of `model`; returns how many were stacked."""
+    return sum(m.stack_experts() for m in model.modules() if isinstance(m, MoE))

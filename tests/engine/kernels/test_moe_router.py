@@ -1,0 +1,96 @@
+"""MoE router scores kernel (engine/kernels/moe_router.py) against its PyTorch reference.
+
+Tolerance: the kernel and F.linear add the same exact fp32 products (bf16 x bf16 fits fp32)
+in different orders, a few fp32 ulps of sum |w x| (~1e-6 of the logit scale here); softplus
+and sqrt keep relative errors, so 1e-5 relative to each score plus 1e-6 absolute (scores of
+very negative logits are ~sqrt(exp(z))) holds with a wide margin and catches any wrong term.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import mode
+from engine.kernels.moe_router import router_scores, router_scores_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+E, H = (256, 4096) if CUDA else (13, 300)  # odd sizes leave partial blocks on the CPU
+
+
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_router_scores_match_reference(N, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(N)
+    x = torch.randn(N, H, generator=g, device=DEVICE).to(dtype)
+    # logits over roughly [-60, 60]: both softplus branches (z > 20, and exp(z) below 1e-4)
+    w = (torch.randn(E, H, generator=g, device=DEVICE) * 25 * H ** -0.5).to(dtype)
+    want = router_scores_reference(x, w)
+    z = F.linear(x.float(), w.float())
+    assert (z > 20).any() and (z < -10).any()
+    with mode("triton"):
+        got = router_scores(x, w)
+    assert got.dtype == torch.float32 and got.shape == (N, E)
+    err = (got - want).abs()
+    bound = 1e-5 * want.abs() + 1e-6
+    assert (err <= bound).all(), f"worst {torch.nonzero(err > bound)[:8].tolist()}, max {err.max()}"
+
+
+def test_router_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\[N, H\]"):
+        router_scores(torch.randn(2, H), torch.randn(E, H + 1))
+
+
+@pytest.mark.parametrize("hash_routing", [False, True])
+@pytest.mark.parametrize("N", [1, 4])
+def test_route_topk_matches_gate_pick(hash_routing, N):
+    """The kernel's experts equal Gate.pick's exactly, ties included (scores drawn from a few
+    values, and row 0 tied everywhere), and its weights to fp32
+    rounding (the normalising sum adds K values in another order: 1e-6 relative)."""
+    from engine.config import ModelConfig
+    from engine.kernels.moe_router import route_topk
+    from engine.moe import Gate
+
+    c = ModelConfig.tiny().replace(hidden_size=32, n_routed_experts=E if CUDA else 13,
+                                   num_experts_per_tok=6 if CUDA else 3, num_hash_layers=1)
+    with torch.device(DEVICE):
+        gate = Gate(0 if hash_routing else 1, c, torch.bfloat16)
+    g = torch.Generator(device=DEVICE).manual_seed(N + 10 * hash_routing)
+    n_exp, k = c.n_routed_experts, c.num_experts_per_tok
+    if hash_routing:
+        ranks = torch.rand(c.vocab_size, n_exp, generator=g, device=DEVICE)
+        gate.tid2eid.copy_(ranks.argsort(dim=-1)[:, :k])
+    else:
+        gate.bias.data = torch.randint(0, 3, (n_exp,), generator=g, device=DEVICE).float() / 4
+    scores = torch.randint(1, 5, (N, n_exp), generator=g, device=DEVICE).float() / 4
+    if not hash_routing:
+        scores[0] = 1 - gate.bias  # row 0: every biased score equal, a tie at every rank
+    ids = torch.randint(0, c.vocab_size, (N,), generator=g, device=DEVICE)
+    want_w, want_e = gate.pick(scores, ids)
+    if not hash_routing:  # the draw must contain ties at the top-k boundary
+        biased = (scores + gate.bias).sort(dim=-1, descending=True).values
+        assert (biased[:, k - 1] == biased[:, k]).any()
+    with mode("triton"):
+        got_w, got_e = route_topk(scores, k, c.routed_scaling_factor, c.norm_topk_prob,
+                                  **({"table": gate.tid2eid, "ids": ids} if hash_routing
+                                     else {"bias": gate.bias}))
+    assert torch.equal(got_e, want_e), (got_e, want_e)
+    assert torch.allclose(got_w, want_w, rtol=1e-6, atol=0), (got_w - want_w).abs().max()
+
+
+def test_route_topk_out_of_table_token_picks_no_expert():
+    """A token id past tid2eid gives expert -1 (a no-op in the routed kernels) and weight 0,
+    not an out-of-bounds read or 0 / 0."""
+    from engine.kernels.moe_router import route_topk
+
+    table = torch.randint(0, 8, (50, 3), device=DEVICE)
+    scores = torch.rand(2, 8, device=DEVICE) + 0.1
+    ids = torch.tensor([50, 7], device=DEVICE)
+    with mode("triton"):
+        weights, experts = route_topk(scores, 3, 1.5, True, table=table, ids=ids)
+    assert experts[0].tolist() == [-1, -1, -1] and weights[0].tolist() == [0.0, 0.0, 0.0]
+    assert torch.equal(experts[1], table[7])
+    want = scores[1, table[7]] / scores[1, table[7]].sum() * 1.5
+    assert torch.allclose(weights[1], want, rtol=1e-6, atol=0)
