@@ -35,6 +35,7 @@ from torch import nn
 from engine import formats as fm
 from engine.formats import WeightFormat
 from engine.kernels.fp8_linear import act_quant_enabled, fp8_linear
+from engine.kernels.gguf_gemv import ggml_linear
 
 
 def _check(name: str, shape: tuple[int, ...], dtype: torch.dtype, want_shape: tuple[int, ...],
@@ -141,6 +142,10 @@ class Linear(nn.Module):
             # the Triton GEMV on the fast path; exactly the line below on the reference path
             # (unless act_quant was switched on, which quantises x as DeepSeek does)
             return fp8_linear(x, self.weight, self.scale, act_quant=act_quant_enabled())
+        if self.format in fm.GGML_BLOCKS:
+            # the Triton GEMV decoding blocks in registers on the fast path; exactly the line
+            # below (blocks decoded for this call only) on the reference path
+            return ggml_linear(x, self.weight, self.format)
         return F.linear(x, self.dense_weight(x.dtype))
 
     def extra_repr(self) -> str:
