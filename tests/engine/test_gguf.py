@@ -136,10 +136,12 @@ def model(gguf_dir):
                            mtp_path=gguf_dir / GGUF_MTP_FILE)
 
 
-def test_config_comes_from_the_metadata(model, gguf_dir):
+def test_config_comes_from_the_metadata(model, gguf_dir, capsys):
     assert model.config == gguf_config()
-    without_mtp = load_gguf_model(gguf_dir / GGUF_FILE, device="cpu", dtype=torch.float32)
+    without_mtp = load_gguf_model(gguf_dir / GGUF_FILE, device="cpu", dtype=torch.float32,
+                                  progress=True)
     assert without_mtp.config.num_nextn_predict_layers == 0 and len(without_mtp.mtp) == 0
+    assert "loading GGUF" in capsys.readouterr().err  # the progress bar
 
 
 def test_weights_keep_ds4_s_types_and_experts_are_views(model, gguf_dir):
