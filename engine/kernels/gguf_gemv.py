@@ -25,7 +25,8 @@ One format switch (FMT, a constexpr) picks the decoder; the rest is shared.
 
 Split-K: an expert's w1 (2048 rows of 4096) gives 64 row tiles of 32, too few for 132 SMs,
 so K is also split over SPLIT_K programs whose fp32 partials [SPLIT_K, M, N] are summed in a
-fixed order (deterministic: the greedy-equality tests rely on the same bits run to run).
+fixed order (deterministic: the greedy-equality tests rely on the same bits run to run);
+unsplit, the kernel writes x.dtype directly.
 
 Prefill (M > 16) and the reference mode take `F.linear(x, dequantize_ggml(W))`.
 """
@@ -125,7 +126,7 @@ def _ggml_linear_kernel(
     w_ptr,      # [N, row_bytes] uint8 GGML blocks
     grid_ptr,   # [256 * 8] f32 (IQ2_XXS only)
     signs_ptr,  # [128] uint8 (IQ2_XXS only)
-    out_ptr,    # [SPLIT_K, M, N] fp32 partials
+    out_ptr,    # [SPLIT_K, M, N] fp32 partials ([1, M, N] x.dtype when unsplit)
     # sizes
     M, N, chunks_per_split, num_chunks,
     # strides
@@ -223,7 +224,9 @@ def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, fmt: WeightFormat) -> tor
     per_split = -(-num_chunks // split)
     split = -(-num_chunks // per_split)  # no empty slice
     grid_t, signs_t = fm._iq2_tables(str(x.device))
-    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    # unsplit, the kernel stores x.dtype itself (tl.store rounds); split, fp32 partials
+    partial = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32,
+                          device=x.device)
     use_dot = m > 1
     _ggml_linear_kernel[(triton.cdiv(n, block_n), split)](
         x2, blocks, grid_t, signs_t, partial,
@@ -232,5 +235,5 @@ def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, fmt: WeightFormat) -> tor
         BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, USE_DOT=use_dot,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMT=FMT_IDS[fmt],
     )
-    out = partial[0] if split == 1 else partial.sum(0)  # fixed order over the splits
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+    out = partial[0] if split == 1 else partial.sum(0).to(x.dtype)  # fixed order over splits
+    return out.view(*x.shape[:-1], n)
