@@ -404,6 +404,10 @@ def load_gguf_model(path: str | os.PathLike, device: str | torch.device | None =
 
     `config_overrides` go to ModelConfig (e.g. `qat=False`)."""
     files = _Files(Path(path), Path(mtp_path) if mtp_path else None)
+    main_names = [t.name for t in files.tensors.values() if t.file == Path(path)]
+    if main_names and all(n.startswith("mtp.") for n in main_names):
+        raise GGUFError(f"{path} holds only the MTP block (mtp.* tensors): give the main GGUF "
+                        f"as the model and this file as its mtp_path")
     config = config_from_gguf(files.fields, Path(path), num_mtp=1 if mtp_path else 0,
                               **config_overrides)
     with torch.device("meta"):

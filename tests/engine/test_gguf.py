@@ -282,12 +282,14 @@ def test_refuses_an_unsupported_type_and_a_wrong_shape(tmp_path, tensors):
     assert "blk.0.attn_q_a.weight: expected shape [128, 272], found [127, 272]" in str(e.value)
 
 
-def test_refuses_other_files(tmp_path, tensors):
+def test_refuses_other_files(tmp_path, gguf_dir):
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(GGUFError, match="not a GGUF file"):
         load_gguf_model(not_gguf, device="cpu")
     assert not is_gguf_file(not_gguf)
+    with pytest.raises(GGUFError, match="holds only the MTP block"):
+        load_gguf_model(gguf_dir / GGUF_MTP_FILE, device="cpu")
     path = write_gguf_file(tmp_path / "a.gguf", [], None)  # no deepseek4 metadata
     with pytest.raises(GGUFError, match=r"metadata key deepseek4.block_count is missing"):
         load_gguf_model(path, device="cpu")
