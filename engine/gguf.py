@@ -350,7 +350,8 @@ def _plan(modules: dict[str, nn.Module], files: _Files, num_experts: int) -> dic
             if t is not None:
                 try:
                     fmt = _linear_format(t)
-                    shape, dtype = _stored_shape(t, fmt), torch.uint8 if fmt in fm.GGML_BLOCKS else plain[t.ggml_type]
+                    shape = _stored_shape(t, fmt)
+                    dtype = torch.uint8 if fmt in fm.GGML_BLOCKS else plain[t.ggml_type]
                     if expert is not None:
                         if len(shape) != 3 or shape[0] != num_experts:
                             raise GGUFError(f"{t.name}: expected {num_experts} stacked experts "
@@ -374,6 +375,7 @@ def _plan(modules: dict[str, nn.Module], files: _Files, num_experts: int) -> dic
                 plan[prefix + leaf] = t
     problems += [f"{n}: unexpected tensor (no model parameter has this ds4 name)"
                  for n in sorted(set(files.tensors) - used)]
+    problems = list(dict.fromkeys(problems))  # a bad stack is every one of its experts' problem
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

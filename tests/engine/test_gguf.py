@@ -275,11 +275,15 @@ def test_refuses_an_unsupported_type_and_a_wrong_shape(tmp_path, tensors):
             data = np.zeros((16, 256, 256 // values * size), np.uint8)  # zero blocks
         elif t.name == "blk.0.attn_q_a.weight":
             data = data[:-1]  # one row short
+        elif t.name == "blk.2.ffn_down_exps.weight":
+            data = data[:15]  # an expert short
         entries.append((t.name, data, kind))
     with pytest.raises(GGUFError) as e:
         load_gguf_model(_write_raw(tmp_path / "v.gguf", entries), device="cpu")
     assert "blk.1.ffn_up_exps.weight: GGML type Q4_K is not read by this engine" in str(e.value)
     assert "blk.0.attn_q_a.weight: expected shape [128, 272], found [127, 272]" in str(e.value)
+    stack = "blk.2.ffn_down_exps.weight: expected 16 stacked experts [E, out, in], found shape"
+    assert str(e.value).count(stack) == 1  # once, not once per expert
 
 
 def test_refuses_other_files(tmp_path, gguf_dir):
