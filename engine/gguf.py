@@ -207,7 +207,6 @@ CONFIG_KEYS = {  # ModelConfig field -> key after `deepseek4.`
     "num_hidden_layers": "block_count",
     "hidden_size": "embedding_length",
     "vocab_size": "vocab_size",
-    "max_position_embeddings": "context_length",
     "num_attention_heads": "attention.head_count",
     "num_key_value_heads": "attention.head_count_kv",
     "head_dim": "attention.key_length",
@@ -240,8 +239,11 @@ CONFIG_KEYS = {  # ModelConfig field -> key after `deepseek4.`
 VALUE_LENGTH_KEY = "attention.value_length"  # must equal key_length: V = K in V4
 RATIOS_KEY = "attention.compress_ratios"
 SWIGLU_KEY = "swiglu_clamp_exp"  # one per layer, all equal in V4
-TOKEN_KEYS = {"bos_token_id": "tokenizer.ggml.bos_token_id",
-              "eos_token_id": "tokenizer.ggml.eos_token_id"}
+OPTIONAL_KEYS = {  # read when present (ds4 prints context_length, never requires it)
+    "max_position_embeddings": f"{ARCH}.context_length",
+    "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "eos_token_id": "tokenizer.ggml.eos_token_id",
+}
 
 
 def _field(fields: dict[str, Any], key: str, path: Path, required: bool = True) -> Any:
@@ -281,7 +283,7 @@ def config_from_gguf(fields: dict[str, Any], path: Path, num_mtp: int,
     if len(clamps) != 1:
         raise GGUFError(f"{path}: {ARCH}.{SWIGLU_KEY} differs between layers ({sorted(clamps)});"
                         f" this engine has one swiglu_limit")
-    for k, key in TOKEN_KEYS.items():
+    for k, key in OPTIONAL_KEYS.items():
         if (v := _field(fields, key, path, required=False)) is not None:
             kw[k] = int(v)
     kw.update(compress_ratios=tuple(ratios), swiglu_limit=float(str(np.float32(clamps.pop()))),

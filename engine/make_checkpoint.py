@@ -325,7 +325,7 @@ def _gguf_metadata(writer, c: ModelConfig) -> None:
     a = "deepseek4"
     for key, value in (
         ("block_count", c.num_hidden_layers), ("embedding_length", c.hidden_size),
-        ("vocab_size", c.vocab_size), ("context_length", c.max_position_embeddings),
+        ("vocab_size", c.vocab_size),
         ("attention.head_count", c.num_attention_heads),
         ("attention.head_count_kv", c.num_key_value_heads),
         ("attention.key_length", c.head_dim), ("attention.value_length", c.head_dim),
@@ -344,6 +344,7 @@ def _gguf_metadata(writer, c: ModelConfig) -> None:
         ("hyper_connection.sinkhorn_iterations", c.hc_sinkhorn_iters),
     ):
         writer.add_uint32(f"{a}.{key}", value)
+    writer.add_uint64(f"{a}.context_length", c.max_position_embeddings)  # ds4 reads both as u64
     writer.add_uint64(f"{a}.rope.scaling.original_context_length",
                       c.rope_original_max_position_embeddings)
     for key, value in (

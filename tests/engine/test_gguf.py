@@ -19,7 +19,14 @@ from safetensors.torch import save_file
 
 from dsml.tokenizer import load_tokenizer
 from engine.formats import WeightFormat
-from engine.gguf import GGUFError, StoredEmbedding, ds4_name, is_gguf_file, load_gguf_model
+from engine.gguf import (
+    GGUFError,
+    StoredEmbedding,
+    config_from_gguf,
+    ds4_name,
+    is_gguf_file,
+    load_gguf_model,
+)
 from engine.make_checkpoint import (
     GGUF_FILE,
     GGUF_MTP_FILE,
@@ -142,6 +149,18 @@ def test_config_comes_from_the_metadata(model, gguf_dir, capsys):
                                   progress=True)
     assert without_mtp.config.num_nextn_predict_layers == 0 and len(without_mtp.mtp) == 0
     assert "loading GGUF" in capsys.readouterr().err  # the progress bar
+
+
+def test_metadata_keys_ds4_requires_and_those_it_does_not(gguf_dir):
+    path = gguf_dir / GGUF_FILE
+    fields = dict(GGUFReader(path).fields)
+    assert config_from_gguf(fields, path, num_mtp=1) == gguf_config()
+    assert fields["deepseek4.context_length"].contents() == gguf_config().max_position_embeddings
+    optional = {k: v for k, v in fields.items() if k != "deepseek4.context_length"}
+    assert config_from_gguf(optional, path, num_mtp=0).num_nextn_predict_layers == 0
+    without = {k: v for k, v in fields.items() if k != "deepseek4.attention.q_lora_rank"}
+    with pytest.raises(GGUFError, match=r"deepseek4\.attention\.q_lora_rank is missing"):
+        config_from_gguf(without, path, num_mtp=0)
 
 
 def test_weights_keep_ds4_s_types_and_experts_are_views(model, gguf_dir):
