@@ -237,3 +237,17 @@ def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, fmt: WeightFormat) -> tor
     )
     out = partial[0] if split == 1 else partial.sum(0).to(x.dtype)  # fixed order over splits
     return out.view(*x.shape[:-1], n)
+
+
+def ggml_linear_grouped(x: torch.Tensor, blocks: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """x [M, G, K], blocks [G*N, K / B * S] -> [M, G, N]: group g multiplies rows g*N..(g+1)*N
+    (attention's `wo_a`, fp8_linear_grouped's contract). One GEMV per group on row slices of
+    the blocks (views: each group's rows are contiguous)."""
+    if x.dim() != 3:
+        raise ValueError(f"grouped x must be [M, G, K], got {list(x.shape)}")
+    groups = x.shape[1]
+    if blocks.shape[0] % groups:
+        raise ValueError(f"{blocks.shape[0]} weight rows do not split into {groups} groups")
+    n = blocks.shape[0] // groups
+    return torch.stack([ggml_linear(x[:, g], blocks[g * n : (g + 1) * n], fmt)
+                        for g in range(groups)], dim=1)

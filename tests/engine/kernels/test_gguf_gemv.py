@@ -105,3 +105,16 @@ def test_real_shapes_on_the_gpu(fmt, triton_mode, poisoned_empty):
     for i, (n, k) in enumerate(REAL):
         for m in (1, 8):
             _check(fmt, n, k, m, torch.bfloat16, seed=100 + i * 10 + m)
+
+
+def test_grouped_matches_the_grouped_reference(triton_mode, poisoned_empty):
+    """attention's wo_a: group g of x meets rows g*N..(g+1)*N (the einsum of Attention)."""
+    g = torch.Generator().manual_seed(11)
+    groups, n, k = 3, 5, 256
+    blocks = _weights(WeightFormat.Q8_0, groups * n, k, g)
+    x = torch.randn(2, groups, k, generator=g).to(DEVICE)
+    got = gg.ggml_linear_grouped(x, blocks, WeightFormat.Q8_0)
+    dense = fm.dequantize_ggml(WeightFormat.Q8_0, blocks, x.dtype).view(groups, n, k)
+    want = torch.einsum("mgk,gnk->mgn", x, dense)
+    tol = torch.einsum("mgk,gnk->mgn", x.abs(), dense.abs()) * 4e-4 + 1e-6
+    assert_close_verbose(got, want, tol, "grouped")
