@@ -293,9 +293,14 @@ class GgufTensor:
     official: tuple[str, ...]
 
 
-def _ds4_stored(name: str, value: torch.Tensor) -> tuple[WeightFormat | None, np.ndarray]:
+def ds4_format(name: str) -> WeightFormat | None:
+    """ds4's GGML block format for its tensor `name`; None for its F16 / F32 / I32 ones."""
     leaf = name.split(".", 2)[-1] if name.startswith(("blk.", "mtp.")) else name
-    fmt = _DS4_EXPERTS.get(leaf, WeightFormat.Q8_0 if leaf in _DS4_Q8_0 else None)
+    return _DS4_EXPERTS.get(leaf, WeightFormat.Q8_0 if leaf in _DS4_Q8_0 else None)
+
+
+def _ds4_stored(name: str, value: torch.Tensor) -> tuple[WeightFormat | None, np.ndarray]:
+    fmt = ds4_format(name)
     if fmt is not None:
         return fmt, fm.quantize_ggml(fmt, value).numpy()
     if not value.is_floating_point():
