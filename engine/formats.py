@@ -18,6 +18,18 @@ Three formats besides plain BF16 (engine.md section 4):
   INT2 experts with the release's FP4 ones and, when the default does not fit, names the
   alternative that does (`Int2Convention`, at the end of this module).
 
+- GGML block formats (antirez's ds4 GGUF of V4-Flash; `engine.gguf` loads it): each row
+  is a run of raw blocks, exactly as the file stores them, `weight [out, in / B * S]` uint8
+  (B values in S bytes). Q8_0 (B 32, S 34): f16 `d`, 32 int8 `q`, `w = d * q`. Q2_K (B 256,
+  S 84): 16 bytes of 4-bit scale (low) / min (high) per 16 values, 64 bytes of 2-bit codes,
+  f16 `d` and `dmin`, `w = d * scale * q - dmin * min`. IQ2_XXS (B 256, S 66): f16 `d`,
+  then per 32 values two little-endian words: 4 byte indices into a 256 x 8 grid of
+  magnitudes, and 4 x 7 sign bits (the 8th sign is the parity) with a 4-bit scale on top,
+  `w = d * (0.5 + scale) / 4 * grid * sign`. Its grid and sign tables are read from the
+  `gguf` package at run time (`_iq2_tables`), not copied here. Each `dequantize_*` repeats
+  the `gguf` package's own numpy decoding operation for operation in float32, so the two
+  agree bit for bit (tests/engine/test_gguf_formats.py).
+
 Dequantisation is exact: e4m3 and e2m1 values times a power of two fit bf16 and fp32
 without rounding (3 and 1 mantissa bits against bf16's 7), so a round trip through the
 packers returns the quantised values bit for bit.
@@ -28,6 +40,7 @@ round-to-nearest, not the release's own quantisation recipe.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 from itertools import pairwise
@@ -42,6 +55,9 @@ class WeightFormat(StrEnum):
     FP8 = "fp8"      # float8_e4m3fn [out, in] + E8M0 [ceil(out/128), ceil(in/128)]
     FP4 = "fp4"      # int8 [out, in/2] + E8M0 [out, in/32]
     INT2 = "int2"    # uint32 [out, in/16] + fp16 [out, in/64] + int8 [out, in/128]
+    Q8_0 = "q8_0"    # uint8 [out, in/32 * 34]: GGML blocks (ds4's GGUF)
+    Q2_K = "q2_k"    # uint8 [out, in/256 * 84]
+    IQ2_XXS = "iq2_xxs"  # uint8 [out, in/256 * 66]
 
 
 FP8_BLOCK = 128        # FP8 scales cover 128 x 128 weight blocks
@@ -293,3 +309,195 @@ def relative_error(approx: torch.Tensor, reference: torch.Tensor) -> float:
     """||approx - reference|| / ||reference|| (inf for a zero reference)."""
     norm = reference.float().norm()
     return float((approx.float() - reference.float()).norm() / norm) if norm > 0 else float("inf")
+
+
+# -- GGML block formats (ds4's GGUF), see the module docstring --------------------------------
+
+# format -> (values per block, bytes per block); the GGUF format's own numbers
+# (gguf.GGML_QUANT_SIZES, checked in the tests).
+GGML_BLOCKS = {
+    WeightFormat.Q8_0: (32, 34),
+    WeightFormat.Q2_K: (256, 84),
+    WeightFormat.IQ2_XXS: (256, 66),
+}
+Q2_K_SUB = 16      # Q2_K: one 4-bit scale and min per 16 values
+IQ2_SUB = 32       # IQ2_XXS: one 4-bit scale per 32 values (4 groups of 8)
+IQ2_GRID_MAX = 43  # largest magnitude in the IQ2_XXS grid (its values are 8, 25, 43)
+
+
+def ggml_row_bytes(fmt: WeightFormat, in_features: int) -> int:
+    """Bytes of one row of `in_features` values in block format `fmt`."""
+    values, size = GGML_BLOCKS[fmt]
+    if in_features % values:
+        raise ValueError(f"{fmt.value} needs in_features divisible by {values}, got {in_features}")
+    return in_features // values * size
+
+
+def _blocks(packed: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """uint8 [..., n * S] -> [..., n, S]."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{fmt.value} blocks must be uint8, got {packed.dtype}")
+    size = GGML_BLOCKS[fmt][1]
+    if packed.shape[-1] % size:
+        raise ValueError(f"{fmt.value} rows must be whole {size}-byte blocks, got {packed.shape[-1]} bytes")
+    return packed.unflatten(-1, (-1, size))
+
+
+def _f16(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Little-endian f16 from its two bytes (any strides) -> float32."""
+    bits = lo.to(torch.int32) | (hi.to(torch.int32) << 8)
+    bits = torch.where(bits >= 2**15, bits - 2**16, bits)  # the same 16 bits as int16
+    return bits.to(torch.int16).view(torch.float16).float()
+
+
+def _u32(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian 32-bit words from [..., 4] bytes -> int64 [...]."""
+    b = b.to(torch.int64)
+    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32 [...] already rounded to f16 -> uint8 [..., 2] little endian."""
+    return x.to(torch.float16).contiguous().view(torch.int16).unsqueeze(-1).view(torch.uint8)
+
+
+def dequantize_q8_0(packed: torch.Tensor) -> torch.Tensor:
+    """Q8_0 uint8 [..., in/32 * 34] -> float32 [..., in]: w = d * q."""
+    b = _blocks(packed, WeightFormat.Q8_0)
+    d = _f16(b[..., 0], b[..., 1])  # [..., n]
+    q = b[..., 2:].view(torch.int8).float()  # [..., n, 32]
+    return (q * d.unsqueeze(-1)).flatten(-2)
+
+
+def dequantize_q2_k(packed: torch.Tensor) -> torch.Tensor:
+    """Q2_K uint8 [..., in/256 * 84] -> float32 [..., in]: w = d*scale*q - dmin*min.
+
+    Code order: byte j of the 32-byte half h holds values h*128 + 32*s + j at bits 2s..2s+1.
+    """
+    b = _blocks(packed, WeightFormat.Q2_K)
+    scales, qs = b[..., :16], b[..., 16:80]
+    d, dmin = _f16(b[..., 80], b[..., 81]), _f16(b[..., 82], b[..., 83])  # [..., n]
+    dl = d.unsqueeze(-1) * (scales & 0xF).float()  # [..., n, 16]
+    ml = dmin.unsqueeze(-1) * (scales >> 4).float()
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(4, 1)
+    q = (qs.unflatten(-1, (2, 1, 32)) >> shifts) & 3  # [..., n, 2, 4, 32]
+    q = q.flatten(-3).unflatten(-1, (16, Q2_K_SUB)).float()  # [..., n, 16, 16]
+    return (dl.unsqueeze(-1) * q - ml.unsqueeze(-1)).flatten(-3)
+
+
+@functools.cache
+def _iq2_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ2_XXS grid float32 [256, 8] and sign bytes uint8 [128], from the gguf package."""
+    import numpy as np
+    from gguf.quants import IQ2_XXS
+
+    IQ2_XXS.init_grid()
+    grid = torch.from_numpy(np.array(IQ2_XXS.grid, dtype=np.float32).reshape(256, 8))
+    signs = torch.from_numpy(np.frombuffer(IQ2_XXS.ksigns, dtype=np.uint8).copy())
+    return grid.to(device), signs.to(device)
+
+
+def dequantize_iq2_xxs(packed: torch.Tensor) -> torch.Tensor:
+    """IQ2_XXS uint8 [..., in/256 * 66] -> float32 [..., in]."""
+    b = _blocks(packed, WeightFormat.IQ2_XXS)
+    grid, ksigns = _iq2_tables(str(packed.device))
+    d = _f16(b[..., 0], b[..., 1])  # [..., n]
+    qs = b[..., 2:].unflatten(-1, (8, 8))  # [..., n, 8 sub-blocks, 8 bytes]
+    aux1 = _u32(qs[..., 4:])  # [..., n, 8]: 4 x 7 sign bits, scale in bits 28..31
+    db = d.unsqueeze(-1) * (0.5 + (aux1 >> 28).float()) * 0.25  # [..., n, 8]
+    k = torch.arange(4, device=packed.device)
+    sign_idx = (aux1.unsqueeze(-1) >> (7 * k)) & 0x7F  # [..., n, 8, 4]
+    bits = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    neg = (ksigns[sign_idx].unsqueeze(-1) >> bits) & 1  # [..., n, 8, 4, 8]
+    signs = torch.where(neg == 0, 1.0, -1.0)
+    g = grid[qs[..., :4].long()]  # [..., n, 8, 4, 8]
+    return (db[..., None, None] * g * signs).flatten(-4)
+
+
+_GGML_DEQUANT = {WeightFormat.Q8_0: dequantize_q8_0, WeightFormat.Q2_K: dequantize_q2_k,
+                 WeightFormat.IQ2_XXS: dequantize_iq2_xxs}
+
+
+def dequantize_ggml(fmt: WeightFormat, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """GGML blocks uint8 [..., in/B * S] -> dense [..., in] of `dtype` (through float32)."""
+    return _GGML_DEQUANT[fmt](packed).to(dtype)
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """float [..., in] -> Q8_0 uint8 [..., in/32 * 34] by the gguf package's quantiser
+    (ggml's reference rounding, bit for bit)."""
+    from gguf import GGMLQuantizationType, quants
+
+    ggml_row_bytes(WeightFormat.Q8_0, w.shape[-1])
+    out = quants.quantize(w.detach().float().cpu().numpy(), GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(out).to(w.device)
+
+
+def quantize_q2_k(w: torch.Tensor) -> torch.Tensor:
+    """float [..., in] -> Q2_K uint8 [..., in/256 * 84], min/max per 16 values (the gguf
+    package has no Q2_K quantiser; this writes the blocks from the format's definition).
+
+    Each 16-value group gets w ~ dl * q - ml with q in 0..3, its range widened to hold 0 so
+    ml >= 0; dl and ml are then 4-bit multiples of the block's f16 `d` and `dmin`.
+    """
+    ggml_row_bytes(WeightFormat.Q2_K, w.shape[-1])
+    x = w.float().unflatten(-1, (-1, 16, Q2_K_SUB))  # [..., n, 16, 16]
+    lo = x.amin(-1).clamp(max=0)
+    hi = x.amax(-1).clamp(min=0)
+    want_dl, want_ml = (hi - lo) / 3, -lo  # [..., n, 16]
+    d = (want_dl.amax(-1) / 15).to(torch.float16).float()  # [..., n]
+    dmin = (want_ml.amax(-1) / 15).to(torch.float16).float()
+    sc = torch.round(want_dl / d.clamp(min=2**-24).unsqueeze(-1)).clamp(0, 15)
+    mn = torch.round(want_ml / dmin.clamp(min=2**-24).unsqueeze(-1)).clamp(0, 15)
+    dl = (d.unsqueeze(-1) * sc).unsqueeze(-1)
+    ml = (dmin.unsqueeze(-1) * mn).unsqueeze(-1)
+    q = torch.round((x + ml) / dl.clamp(min=2**-30)).clamp(0, 3).to(torch.uint8)  # [..., n, 16, 16]
+    q = q.flatten(-2).unflatten(-1, (2, 4, 32))  # value h*128 + 32*s + j
+    qs = q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)
+    scales = sc.to(torch.uint8) | (mn.to(torch.uint8) << 4)
+    block = torch.cat([scales, qs.flatten(-2), _f16_bytes(d), _f16_bytes(dmin)], dim=-1)
+    return block.flatten(-2)
+
+
+def quantize_iq2_xxs(w: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """float [..., in] -> IQ2_XXS uint8 [..., in/256 * 66], nearest grid row per 8 values
+    (the gguf package has no IQ2_XXS quantiser; blocks are written from the definition).
+
+    Signs are the values' own, except that an odd number of negatives in a group of 8 (the
+    format stores 7 signs and the parity) flips the sign of the group's smallest value.
+    """
+    ggml_row_bytes(WeightFormat.IQ2_XXS, w.shape[-1])
+    grid, _ = _iq2_tables(str(w.device))
+    x = w.float().unflatten(-1, (-1, 8, IQ2_SUB))  # [..., n, 8, 32]
+    target = x.abs().amax(-1) / IQ2_GRID_MAX  # the step that maps a sub-block's max to 43
+    d = (target.amax(-1) / (15.5 * 0.25)).to(torch.float16).float()  # [..., n]
+    sc = torch.round(target / (d.clamp(min=2**-24).unsqueeze(-1) * 0.25) - 0.5).clamp(0, 15)
+    step = d.unsqueeze(-1) * (0.5 + sc) * 0.25  # [..., n, 8]
+    groups = x.unflatten(-1, (4, 8))  # [..., n, 8, 4, 8]
+    mag = (groups.abs() / step.clamp(min=2**-30)[..., None, None]).reshape(-1, 8)
+    idx = torch.empty(mag.shape[0], dtype=torch.int64, device=w.device)
+    norms = grid.square().sum(-1)
+    for lo in range(0, mag.shape[0], chunk):  # bounded [chunk, 256] distance matrix
+        m = mag[lo : lo + chunk]
+        idx[lo : lo + chunk] = (norms - 2 * m @ grid.T).argmin(-1)
+    idx = idx.view(groups.shape[:-1])
+    neg = groups < 0
+    odd = neg.sum(-1) % 2 == 1
+    smallest = torch.nn.functional.one_hot(groups.abs().argmin(-1), 8).bool()
+    neg = neg ^ (smallest & odd.unsqueeze(-1))
+    weights7 = 2 ** torch.arange(7, device=w.device)
+    sign_idx = (neg[..., :7].long() * weights7).sum(-1)  # [..., n, 8, 4]
+    aux1 = (sign_idx << (7 * torch.arange(4, device=w.device))).sum(-1) | (sc.long() << 28)
+    shifts = torch.arange(0, 32, 8, device=w.device)
+    aux1_bytes = ((aux1.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8)  # [..., n, 8, 4]
+    sub = torch.cat([idx.to(torch.uint8), aux1_bytes], dim=-1).flatten(-2)  # [..., n, 64]
+    return torch.cat([_f16_bytes(d), sub], dim=-1).flatten(-2)
+
+
+_GGML_QUANT = {WeightFormat.Q8_0: quantize_q8_0, WeightFormat.Q2_K: quantize_q2_k,
+               WeightFormat.IQ2_XXS: quantize_iq2_xxs}
+
+
+def quantize_ggml(fmt: WeightFormat, w: torch.Tensor) -> torch.Tensor:
+    """float [..., in] -> GGML blocks uint8 [..., in/B * S] of `fmt`."""
+    return _GGML_QUANT[fmt](w)

@@ -14,6 +14,7 @@ Stored formats (engine/formats.py has the bit layouts):
 | FP8    | float8_e4m3fn [out, in]    | E8M0 [ceil(out/128), ceil(in/128)] | -              |
 | FP4    | int8 [out, in/2]           | E8M0 [out, in/32]              | -                  |
 | INT2   | uint32 [out, in/16]        | fp16 [out, in/64]              | int8 [out, in/128] |
+| Q8_0, Q2_K, IQ2_XXS | uint8 [out, in/B * S] GGML blocks (ds4's GGUF) | -  | -                  |
 
 `weight` and `scale` carry the release's tensor names (`...wq_a.weight`, `...wq_a.scale`).
 
@@ -34,6 +35,7 @@ from torch import nn
 from engine import formats as fm
 from engine.formats import WeightFormat
 from engine.kernels.fp8_linear import act_quant_enabled, fp8_linear
+from engine.kernels.gguf_gemv import ggml_linear
 
 
 def _check(name: str, shape: tuple[int, ...], dtype: torch.dtype, want_shape: tuple[int, ...],
@@ -77,6 +79,8 @@ class Linear(nn.Module):
                 raise ValueError(f"FP4 needs in_features divisible by {fm.FP4_GROUP}, this Linear has {in_f}")
             return {"weight": ((out_f, in_f // 2), (torch.int8, torch.uint8)),
                     "scale": ((out_f, in_f // fm.FP4_GROUP), fm.E8M0_DTYPES)}
+        if fmt in fm.GGML_BLOCKS:  # scales live inside the blocks
+            return {"weight": ((out_f, fm.ggml_row_bytes(fmt, in_f)), (torch.uint8,))}
         packed, scale, zero = fm.int2_shapes(out_f, in_f)
         return {"weight": (packed, (torch.uint32, torch.int32)), "scale": (scale, (torch.float16,)),
                 "zero": (zero, (torch.int8, torch.uint8))}
@@ -101,6 +105,12 @@ class Linear(nn.Module):
         self._load(WeightFormat.INT2, {"weight": w_packed, "scale": w_scale, "zero": w_zero_packed},
                    name)
 
+    def load_ggml(self, fmt: WeightFormat, blocks: torch.Tensor, name: str = "weight") -> None:
+        """GGML blocks (Q8_0 / Q2_K / IQ2_XXS) as the GGUF stores them, kept as they are."""
+        if fmt not in fm.GGML_BLOCKS:
+            raise ValueError(f"{name}: {fmt} is no GGML block format")
+        self._load(fmt, {"weight": blocks}, name)
+
     def _load(self, fmt: WeightFormat, tensors: dict[str, torch.Tensor], name: str) -> None:
         names = tensor_names(name, fmt)
         self.check_stored(fmt, names, {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()})
@@ -123,6 +133,8 @@ class Linear(nn.Module):
             return fm.dequantize_fp8(self.weight, self.scale, dtype)
         if self.format == WeightFormat.FP4:
             return fm.dequantize_fp4(self.weight, self.scale, dtype)
+        if self.format in fm.GGML_BLOCKS:  # dequantised per call, never kept
+            return fm.dequantize_ggml(self.format, self.weight, dtype)
         return fm.dequantize_int2(self.weight, self.scale, self.zero, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +142,10 @@ class Linear(nn.Module):
             # the Triton GEMV on the fast path; exactly the line below on the reference path
             # (unless act_quant was switched on, which quantises x as DeepSeek does)
             return fp8_linear(x, self.weight, self.scale, act_quant=act_quant_enabled())
+        if self.format in fm.GGML_BLOCKS:
+            # the Triton GEMV decoding blocks in registers on the fast path; exactly the line
+            # below (blocks decoded for this call only) on the reference path
+            return ggml_linear(x, self.weight, self.format)
         return F.linear(x, self.dense_weight(x.dtype))
 
     def extra_repr(self) -> str:
@@ -141,7 +157,7 @@ def tensor_names(name: str, fmt: WeightFormat) -> dict[str, str]:
     if fmt == WeightFormat.INT2:
         return {"weight": f"{name} w_packed", "scale": f"{name} w_scale",
                 "zero": f"{name} w_zero_packed"}
-    if fmt == WeightFormat.DENSE:
+    if fmt == WeightFormat.DENSE or fmt in fm.GGML_BLOCKS:
         return {"weight": name}
     base = name.removesuffix(".weight") if name.endswith(".weight") else None
     return {"weight": name, "scale": f"{base}.scale" if base is not None else f"{name} scale"}

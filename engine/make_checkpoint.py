@@ -1,6 +1,7 @@
 """Write a small random checkpoint in DeepSeek-V4-Flash's official on-disk layout.
 
     python -m engine.make_checkpoint --config tiny --out DIR [--seed N] [--int2]
+    python -m engine.make_checkpoint --config tiny --format gguf --out DIR [--seed N]
 
 The directory holds what a downloaded release holds, so the loader, the server and the tests
 exercise the real formats: `config.json` (Hugging Face keys), safetensors shards named
@@ -19,6 +20,13 @@ release. One unconfirmed choice: the MTP block's `e_proj` / `h_proj` are written
 (DeepSeek's reference builds every `Linear` in the checkpoint dtype); the loader accepts
 whichever stored format it finds.
 
+With `--format gguf` it writes the same kind of random model as antirez's ds4 GGUF instead
+(`model.gguf`, and the MTP block in `mtp.gguf` as ds4 ships it): ds4's tensor names, GGML
+types (routed gate/up IQ2_XXS, down Q2_K, attention / shared expert / head Q8_0, embedding /
+router / indexer / compressors / hc maps F16, norms / sinks / bias F32, `tid2eid` I32) and
+`deepseek4.*` metadata, read by `engine.gguf`. Its config is `gguf_config()`: tiny with an
+expert width of 256, since Q2_K and IQ2_XXS blocks hold 256 values (tiny's 128 fits none).
+
 Weights are random, scaled so activations stay O(1): projections ~ N(0, 1/fan_in), norms 1.
 """
 
@@ -28,10 +36,11 @@ import argparse
 import json
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -252,13 +261,165 @@ def int2_expert_files(c: ModelConfig, seed: int) -> Iterator[tuple[int, dict[str
             tensors = {}
 
 
+# -- ds4's GGUF ----------------------------------------------------------------------------
+
+GGUF_FILE = "model.gguf"
+GGUF_MTP_FILE = "mtp.gguf"
+GGUF_EXPERT_WIDTH = 256  # one Q2_K / IQ2_XXS block: the down projection's input needs it
+# ds4's types (its `weights_validate_layout`), by ds4 name after `blk.L.` / `mtp.K.` / top.
+_DS4_Q8_0 = frozenset({
+    "attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_a.weight",
+    "attn_output_b.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
+    "ffn_down_shexp.weight", "e_proj.weight", "h_proj.weight", "output.weight"})
+_DS4_EXPERTS = {"ffn_gate_exps.weight": WeightFormat.IQ2_XXS,
+                "ffn_up_exps.weight": WeightFormat.IQ2_XXS,
+                "ffn_down_exps.weight": WeightFormat.Q2_K}
+
+
+def gguf_config() -> ModelConfig:
+    """The tiny configuration as a ds4-layout GGUF holds it (see the module docstring)."""
+    return ModelConfig.tiny().replace(moe_intermediate_size=GGUF_EXPERT_WIDTH, expert_dtype=None,
+                                      quantization_config=None)
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor of the GGUF: ds4 name, stored type, data (GGML blocks as uint8 rows, or the
+    plain values), and the official tensor(s) it holds (a routed stack: one per expert)."""
+
+    name: str
+    fmt: WeightFormat | None  # None: plain, stored as `data.dtype`
+    data: np.ndarray
+    official: tuple[str, ...]
+
+
+def ds4_format(name: str) -> WeightFormat | None:
+    """ds4's GGML block format for its tensor `name`; None for its F16 / F32 / I32 ones."""
+    leaf = name.split(".", 2)[-1] if name.startswith(("blk.", "mtp.")) else name
+    return _DS4_EXPERTS.get(leaf, WeightFormat.Q8_0 if leaf in _DS4_Q8_0 else None)
+
+
+def _ds4_stored(name: str, value: torch.Tensor) -> tuple[WeightFormat | None, np.ndarray]:
+    fmt = ds4_format(name)
+    if fmt is not None:
+        return fmt, fm.quantize_ggml(fmt, value).numpy()
+    if not value.is_floating_point():
+        return None, value.to(torch.int32).numpy()
+    return None, value.to(torch.float16 if value.dim() >= 2 else torch.float32).numpy()
+
+
+def gguf_tensors(c: ModelConfig, seed: int) -> Iterator[GgufTensor]:
+    """The GGUF's tensors for config `c`: `random_tensors(c, seed)` in ds4's names and types,
+    each layer's routed experts stacked per projection [E, out, in] (expert order)."""
+    from engine.gguf import ds4_name
+
+    stacks: dict[str, list[tuple[int, str, torch.Tensor]]] = {}
+    for spec, value in random_tensors(c, seed):
+        name, expert = ds4_name(spec.name)
+        if expert is None:
+            yield GgufTensor(name, *_ds4_stored(name, value), (spec.name,))
+            continue
+        stacks.setdefault(name, []).append((expert, spec.name, value))
+        if len(stacks[name]) == c.n_routed_experts:
+            entries = sorted(stacks.pop(name), key=lambda e: e[0])
+            stacked = torch.stack([v for _, _, v in entries])
+            yield GgufTensor(name, *_ds4_stored(name, stacked), tuple(n for _, n, _ in entries))
+
+
+def _gguf_metadata(writer, c: ModelConfig) -> None:
+    a = "deepseek4"
+    for key, value in (
+        ("block_count", c.num_hidden_layers), ("embedding_length", c.hidden_size),
+        ("vocab_size", c.vocab_size),
+        ("attention.head_count", c.num_attention_heads),
+        ("attention.head_count_kv", c.num_key_value_heads),
+        ("attention.key_length", c.head_dim), ("attention.value_length", c.head_dim),
+        ("rope.dimension_count", c.qk_rope_head_dim), ("attention.q_lora_rank", c.q_lora_rank),
+        ("attention.output_lora_rank", c.o_lora_rank),
+        ("attention.output_group_count", c.o_groups),
+        ("attention.sliding_window", c.sliding_window),
+        ("attention.indexer.head_count", c.index_n_heads),
+        ("attention.indexer.key_length", c.index_head_dim),
+        ("attention.indexer.top_k", c.index_topk), ("expert_count", c.n_routed_experts),
+        ("expert_used_count", c.num_experts_per_tok),
+        ("expert_feed_forward_length", c.moe_intermediate_size),
+        ("expert_shared_count", c.n_shared_experts), ("hash_layer_count", c.num_hash_layers),
+        ("expert_group_count", 0), ("expert_group_used_count", 0),
+        ("hyper_connection.count", c.hc_mult),
+        ("hyper_connection.sinkhorn_iterations", c.hc_sinkhorn_iters),
+    ):
+        writer.add_uint32(f"{a}.{key}", value)
+    writer.add_uint64(f"{a}.context_length", c.max_position_embeddings)  # ds4 reads both as u64
+    writer.add_uint64(f"{a}.rope.scaling.original_context_length",
+                      c.rope_original_max_position_embeddings)
+    for key, value in (
+        ("expert_weights_scale", c.routed_scaling_factor), ("hyper_connection.epsilon", c.hc_eps),
+        ("attention.layer_norm_rms_epsilon", c.rms_norm_eps), ("rope.freq_base", c.rope_theta),
+        ("attention.compress_rope_freq_base", c.compress_rope_theta),
+        ("rope.scaling.factor", c.rope_factor), ("rope.scaling.yarn_beta_fast", c.rope_beta_fast),
+        ("rope.scaling.yarn_beta_slow", c.rope_beta_slow),
+    ):
+        writer.add_float32(f"{a}.{key}", value)
+    writer.add_bool(f"{a}.expert_weights_norm", c.norm_topk_prob)
+    layers = c.num_hidden_layers + c.num_nextn_predict_layers
+    writer.add_array(f"{a}.attention.compress_ratios", list(c.compress_ratios[:layers]))
+    writer.add_array(f"{a}.swiglu_clamp_exp", [float(c.swiglu_limit)] * c.num_hidden_layers)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", c.bos_token_id)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", c.eos_token_id)
+
+
+def write_gguf_file(path: str | Path, tensors: Iterable[GgufTensor],
+                    config: ModelConfig | None = None) -> Path:
+    """One GGUF file of `tensors`, with `config`'s `deepseek4.*` metadata when given (the
+    main file; ds4's MTP file carries tensors only)."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    writer = GGUFWriter(path, "deepseek4")
+    if config is not None:
+        _gguf_metadata(writer, config)
+    for t in tensors:
+        if t.fmt is None:
+            writer.add_tensor(t.name, t.data)
+        else:
+            writer.add_tensor(t.name, t.data, raw_dtype=GGMLQuantizationType[t.fmt.name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+def write_gguf_checkpoint(out_dir: str | Path, config_name: str = "tiny", seed: int = 0,
+                          config: ModelConfig | None = None) -> tuple[Path, Path | None]:
+    """Write a random model as ds4's GGUF to `out_dir`: (model.gguf, mtp.gguf or None)."""
+    if config is None:
+        if config_name != "tiny":
+            raise ValueError(f"unknown config {config_name!r}: only 'tiny' is written")
+        config = gguf_config()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = list(gguf_tensors(config, seed))
+    main_path = write_gguf_file(out / GGUF_FILE, [t for t in tensors if not t.name.startswith("mtp.")],
+                                config)
+    mtp = [t for t in tensors if t.name.startswith("mtp.")]
+    return main_path, write_gguf_file(out / GGUF_MTP_FILE, mtp) if mtp else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.make_checkpoint", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="tiny", choices=["tiny"])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--int2", action="store_true", help="also write INT2-G64 expert files")
+    parser.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"],
+                        help="the official release layout, or antirez's ds4 GGUF")
     args = parser.parse_args(argv)
+    if args.format == "gguf":
+        if args.int2:
+            parser.error("--int2 belongs to the safetensors layout")
+        files = write_gguf_checkpoint(args.out, args.config, seed=args.seed)
+        print("wrote " + " and ".join(str(f) for f in files if f is not None))
+        return
     path = write_checkpoint(args.out, args.config, seed=args.seed, int2=args.int2)
     print(f"wrote {path}")
 

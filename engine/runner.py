@@ -36,6 +36,7 @@ from engine.cache import SequenceState
 from engine.decode import DecodeStep
 from engine.kv import SlotPool
 from engine.model import Transformer
+from engine.moe import stack_all_experts
 from engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class DecodeRunner:
                  seed: int = 0) -> None:
         self.model = model
         self.pool = pool
+        # the routed-expert kernels read the experts stacked (the Linears become views)
+        stack_all_experts(model)
         self.step_fn = DecodeStep(model, pool)
         self.device = model.embed.weight.device
         cuda = self.device.type == "cuda"

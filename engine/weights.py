@@ -231,8 +231,14 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     """Config from `path/config.json`, the model built on meta, then filled from `path`.
 
     `dtype` is the activation dtype (bf16 for real checkpoints); `config_overrides` go to
-    `ModelConfig.from_json` (e.g. `qat=False`).
+    `ModelConfig.from_json` (e.g. `qat=False`). A `path` that is a file starting with the
+    GGUF magic is antirez's ds4 GGUF instead, loaded by `engine.gguf` (its own config).
     """
+    from engine.gguf import is_gguf_file, load_gguf_model  # engine.gguf imports this module
+
+    if is_gguf_file(path):
+        return load_gguf_model(path, device=device, dtype=dtype, progress=progress,
+                               **config_overrides)
     config = ModelConfig.from_json(Path(path), **config_overrides)
     with torch.device("meta"):
         model = Transformer(config, dtype=dtype)
