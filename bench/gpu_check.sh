@@ -16,14 +16,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for stage in $STAGES; do
   case $stage in
     tests)
-      timeout 400 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+      timeout ${TESTS_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/engine/kernels tests/engine/test_decode.py tests/engine/test_runner.py 2>&1 \
         | tee "$OUT/tests.log" | tail -25 ;;
     kernels)
-      timeout 400 python3 -m bench.kernels --out "$OUT/kernels.json" 2>&1 \
+      timeout ${KERNELS_TIMEOUT:-400} python3 -m bench.kernels --out "$OUT/kernels.json" 2>&1 \
         | tee "$OUT/kernels.log" | tail -60 ;;
     engine)
-      timeout 500 python3 bench/engine.py --layers "${LAYERS:-8}" \
+      timeout ${ENGINE_TIMEOUT:-500} python3 bench/engine.py --layers "${LAYERS:-8}" \
         --contexts "${CONTEXTS:-4096,32768}" --out "$OUT/engine.json" ${ENGINE_ARGS:-} 2>&1 \
         | tee "$OUT/engine.log" | tail -70 ;;
   esac
