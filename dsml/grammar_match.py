@@ -1,8 +1,8 @@
 """Token-level matching of turn grammars with the real V4 tokenizer (llguidance).
 
-`matcher(spec)` returns a fresh `llguidance.LLMatcher` positioned at the start of the
-spec's phase. Compiling a grammar (Lark + the JSON schemas in it) is the cost; a compiled
-matcher is kept per spec and each request gets a `deep_copy()` of it.
+`matcher(spec)` / `compiled_matcher(grammar_text)` return a fresh `llguidance.LLMatcher`
+at the start of the grammar. Compiling a grammar (Lark + the JSON schemas in it) is the
+cost; a compiled matcher is kept per grammar text and each request gets a `deep_copy()`.
 """
 
 from __future__ import annotations
@@ -36,20 +36,27 @@ def validate(grammar: str) -> str:
     return llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("lark", grammar))
 
 
-MATCHER_CACHE_MAX_ENTRIES = 64
-_matchers: SizedLRU[tuple[TurnSpec, int], llguidance.LLMatcher] = SizedLRU(
-    MATCHER_CACHE_MAX_ENTRIES, MATCHER_CACHE_MAX_ENTRIES)
+MATCHER_CACHE_MAX_ENTRIES = 64  # compiled grammars kept (one per tools section and phase)
 
 
 def matcher(spec: TurnSpec, n_vocab: int = MODEL_VOCAB) -> llguidance.LLMatcher:
     """A fresh matcher at the start of `spec`'s grammar. Raises GrammarError."""
-    template = _matchers.get((spec, n_vocab))
+    return compiled_matcher(turn_lark(spec), n_vocab)
+
+
+_by_text: SizedLRU[tuple[str, int], llguidance.LLMatcher] = SizedLRU(
+    MATCHER_CACHE_MAX_ENTRIES, MATCHER_CACHE_MAX_ENTRIES)
+
+
+def compiled_matcher(grammar: str, n_vocab: int = MODEL_VOCAB) -> llguidance.LLMatcher:
+    """A fresh matcher of a grammar's text (a backend gets the text, not the spec)."""
+    template = _by_text.get((grammar, n_vocab))
     if template is None:
-        grammar = llguidance.grammar_from("lark", turn_lark(spec))
-        template = llguidance.LLMatcher(ll_tokenizer(n_vocab), grammar, log_level=0)
+        template = llguidance.LLMatcher(ll_tokenizer(n_vocab),
+                                        llguidance.grammar_from("lark", grammar), log_level=0)
         if template.is_error():
             raise GrammarError(template.get_error())
-        _matchers.put((spec, n_vocab), template, 1)
+        _by_text.put((grammar, n_vocab), template, 1)
     return template.deep_copy()
 
 

@@ -116,8 +116,12 @@ class Sampler:
 
         `token_ids` (prompt and generated so far) is only passed to a callable mask.
         """
-        logits = apply_mask(logits.float(), self.params.logits_mask, token_ids)
-        if self.params.logits_mask is not None and not torch.isfinite(logits).any():
+        mask = self.params.logits_mask
+        logits = apply_mask(logits.float(), mask, token_ids)
+        # A mask that says it never bans every token (a grammar mask falls back to EOS) is
+        # trusted: the check below is a host sync per step.
+        if mask is not None and not getattr(mask, "never_empty", False) \
+                and not torch.isfinite(logits).any():
             # One host sync, only when a mask is in use: an all-banned step is a grammar bug.
             raise ValueError("logits mask allows no token")
         return sample(logits, self.params, self.generator)

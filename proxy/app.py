@@ -65,6 +65,7 @@ def create_app(
         backend, tokenizer, metrics, reasoning_cache=cache,
         recover_empty_turns=settings.recover_empty_turns,
         strict_tool_calls=settings.strict_tool_calls, dialect=settings.dialect,
+        constrained_decoding=settings.constrained_decoding,
     )
     app.cleanup_ctx.append(_backend_lifecycle)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     recover_empty_turns: bool = True
     reasoning_cache_size: int = Field(4096, ge=0)  # tool-call ids remembered (LRU)
     strict_tool_calls: bool = False  # hold calls until validated (dsml.md section 6)
+    # Constrained decoding (README "Constrained decoding"): "all" turns, only "required"
+    # (forced tool choice) ones, or "off".
+    constrained_decoding: Literal["all", "required", "off"] = "all"
 
     # -- Anthropic messages and Responses ------------------------------------------------------
     # HMAC key of the signatures on reasoning sent to clients (thinking blocks, reasoning

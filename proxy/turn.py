@@ -52,6 +52,7 @@ from proxy.backends.base import (
     GenerateRequest,
     SamplingParams,
 )
+from proxy.backends.constraints import Mode, TurnConstraints
 from proxy.metrics import Metrics, TurnObserver
 from proxy.reasoning_cache import ReasoningCache
 from proxy.timing import RequestClock
@@ -141,6 +142,7 @@ class TurnRunner:
         recover_empty_turns: bool = True,
         strict_tool_calls: bool = False,
         dialect: Dialect | str = Dialect.V4,
+        constrained_decoding: Mode = "off",
     ) -> None:
         self.backend = backend
         self.dialect = Dialect(dialect)  # of turns started without one
@@ -149,6 +151,7 @@ class TurnRunner:
         self.reasoning_cache = reasoning_cache
         self.recover_empty_turns = recover_empty_turns
         self.strict_tool_calls = strict_tool_calls
+        self.constraints = TurnConstraints(constrained_decoding)
 
     def start(
         self,
@@ -248,6 +251,7 @@ class Turn:
         self.completion_tokens = 0
         self.reasoning_tokens = 0
         self.recovered_empty = False
+        self.constrained = False  # a generation of this turn ran under a grammar
 
     # -- the turn -----------------------------------------------------------------------------
 
@@ -327,11 +331,18 @@ class Turn:
                 ids_json = self._prompt_json
             elif self._prompt_ids:  # the prompt's array, extended
                 ids_json = self._prompt_json[:-1] + "," + ",".join(map(str, more)) + "]"
+        grammar = self._runner.constraints.grammar(
+            self.prompt, generated, forced=forced_opener(self.prompt, self.dialect),
+            dialect=self.dialect, parallel_tool_calls=self.parallel_tool_calls)
+        if grammar is not None:
+            self.constrained = True
+            self._observer.constrained = "true"
         req = GenerateRequest(
             prompt_ids=prompt_ids,
             prompt_text=self.prompt.text + generated,
             sampling=sampling,
             prompt_ids_json=ids_json,
+            grammar=grammar,
         )
         self._backend_finish = self._backend_stop = None
         async with aclosing(

@@ -31,6 +31,9 @@ class GenerateRequest:
     # it from cached pieces, dsml.tokenizer.encode_prompt_json): an HTTP backend sends it as
     # is instead of serializing ~1,000 ids per request. None: serialize `prompt_ids`.
     prompt_ids_json: str | None = None
+    # Constrained decoding (proxy.backends.constraints): the llguidance Lark grammar of
+    # what this generation may write, None for none.
+    grammar: str | None = None
 
 
 @dataclass(slots=True)

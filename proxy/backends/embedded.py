@@ -9,8 +9,10 @@ translates the proxy's sampling options and merges token steps into deltas.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,9 +37,11 @@ class EmbeddedBackend:
         """Load a checkpoint directory (blocking: seconds for the demo, minutes for the real model)."""
         return cls(Engine.from_checkpoint(path, device=device))
 
-    def sampling_for(self, sampling: SamplingParams, prompt_len: int) -> EngineSampling:
+    def sampling_for(self, sampling: SamplingParams, prompt_len: int,
+                     mask: Any = None) -> EngineSampling:
         """The engine's options for a request; unset ones take DeepSeek's defaults, and an
-        unset max_tokens the context left after the prompt."""
+        unset max_tokens the context left after the prompt; `mask`: the engine's logits mask
+        (a proxy.backends.grammar_mask.GrammarMask)."""
         context_left = self.engine.max_new_tokens(prompt_len)
         return EngineSampling(
             max_tokens=(context_left if sampling.max_tokens is None
@@ -47,6 +51,7 @@ class EmbeddedBackend:
             top_k=sampling.top_k or 0,
             seed=sampling.seed,
             stop=tuple(sampling.stop),
+            logits_mask=mask,
         )
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
@@ -60,8 +65,14 @@ class EmbeddedBackend:
         if self.engine.max_new_tokens(len(prompt_ids)) < 1:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the embedded engine's "
                            f"context is {self.engine.max_seq_len}", code="context_length_exceeded")
+        mask = None
+        if req.grammar is not None:
+            from proxy.backends.grammar_mask import GrammarMask
+
+            # Compiling a grammar the first time takes milliseconds: off the event loop.
+            mask = await asyncio.to_thread(GrammarMask, req.grammar, len(prompt_ids))
         try:
-            sampling = self.sampling_for(req.sampling, len(prompt_ids))
+            sampling = self.sampling_for(req.sampling, len(prompt_ids), mask)
         except ValueError as e:  # out-of-range options the request schema let through
             raise ApiError(400, str(e)) from None
         pending = 0  # tokens whose text is still held back (a split UTF-8 char, a stop prefix)

@@ -30,6 +30,7 @@ from typing import Any
 
 from dsml.markers import THINK_CLOSE
 from proxy.backends.base import BackendError, GenerateDelta, GenerateRequest
+from proxy.backends.constraints import upstream_fields
 from proxy.backends.http1 import Http1Client, HttpError, Response
 from proxy.settings import Settings, UpstreamKind
 
@@ -146,6 +147,7 @@ class UpstreamBackend:
             # rendered prompt already starts with it (text goes out for dialects whose
             # tokenizer the proxy lacks, proxy.turn.sends_ids, or with upstream_prompt=text).
             body["add_special_tokens"] = False
+        body.update(upstream_fields(self.kind, req.grammar))  # constrained decoding
         return body
 
     def encode_body(self, req: GenerateRequest) -> bytes:
