@@ -262,6 +262,19 @@ class _TurnGrammar:
         last = self.text_lexeme(suffix, forbidden) if suffix else f"{piece}?"
         return f"({piece}? <[{specials}]>)* {last}"
 
+    def string_value(self, schema: Any) -> str:
+        """A raw string value then the parameter closer. `minLength` / `maxLength` bound it
+        (in code points, as JSON Schema counts); a bounded value is text only."""
+        lo = schema.get("minLength") if isinstance(schema, Mapping) else None
+        hi = schema.get("maxLength") if isinstance(schema, Mapping) else None
+        lo = lo if isinstance(lo, int) and not isinstance(lo, bool) and lo >= 0 else None
+        hi = hi if isinstance(hi, int) and not isinstance(hi, bool) and hi >= 0 else None
+        if lo is None and hi is None:
+            return self.text(self.param_close, value=True)
+        words = "|".join(_regex_escape(w) for w in FORBIDDEN_IN_VALUE)
+        bounded = f"/(?s:.{{{lo or 0},{'' if hi is None else hi}}})/ & ~/(?s:.*({words}).*)/"
+        return self.b.lexeme(f"({bounded}) {_lark_str(self.param_close)}")
+
     # -- the block --
 
     def json_value(self, schema: Any, defs: Mapping[str, Any], strict: bool) -> str:
@@ -290,7 +303,7 @@ class _TurnGrammar:
                 choices = " | ".join(f"({_literal(v)})" for v in strings)
                 alts.append(f"{opener} ({choices}) {_lark_str(self.param_close)}")
             else:
-                alts.append(f"{opener} {self.text(self.param_close, value=True)}")
+                alts.append(f"{opener} {self.string_value(schema)}")
         if kinds in (False, None):
             opener = _lark_str(f'{_tag(markers.PARAMETER)} name="{key}" string="false">')
             value = self.json_value(schema, defs, strict)

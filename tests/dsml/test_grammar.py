@@ -372,3 +372,17 @@ def test_grammars_compile_and_are_cached() -> None:
     assert validate(turn_lark(spec)) == ""
     assert turn_lark(spec) is turn_lark(turn_spec(TOOLS, thinking=True))
     assert matcher(spec) is not matcher(spec)  # each request gets its own copy
+
+
+def test_string_lengths_bound_raw_values(tok: V4Tokenizer) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", "minLength": 2, "maxLength": 4}},
+        "required": ["s"]}}}
+    def call(value: str) -> str:
+        return block(markers.invoke_open("f") + "\n" + markers.parameter_open("s", True) + value
+                     + markers.PARAMETER_CLOSE + "\n" + markers.INVOKE_CLOSE) + markers.EOS
+    spec = turn_spec([tool])
+    assert rejected_at(tok, spec, call("北京ab"))[:2] == (None, True)  # 4 code points
+    assert rejected_at(tok, spec, call("ab"))[:2] == (None, True)
+    assert rejected_at(tok, spec, call("a"))[0] is not None
+    assert rejected_at(tok, spec, call("abcde"))[0] is not None
