@@ -207,6 +207,16 @@ def _is_string_only(schema: Mapping[str, Any]) -> bool | None:
     return None
 
 
+# JSON values are written the way the reference encoder writes them (json.dumps: ", " and
+# ": ", no other whitespace): the model was trained on that, and a constrained model cannot
+# pad a value with whitespace forever.
+JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _json_schema_text(schema: Mapping[str, Any]) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_FORMAT}, ensure_ascii=False)
+
+
 def _strictify(schema: Any) -> Any:
     """OpenAI strict semantics: no property beyond those listed, in every object."""
     if isinstance(schema, list):
@@ -286,7 +296,7 @@ class _TurnGrammar:
                 schema[key] = defs[key]
         if strict:
             schema = _strictify(schema)
-        return "%json " + json.dumps(schema, ensure_ascii=False)
+        return _json_schema_text(schema)
 
     def param(self, tool_index: int, index: int, key: str, schema: Any,
               defs: Mapping[str, Any], strict: bool) -> str:
@@ -394,6 +404,7 @@ class _TurnGrammar:
             else:
                 schema = {"type": "object"}
             if not forced:
+                # An answer may be pretty-printed: whitespace as JSON allows.
                 alts.append("%json " + json.dumps(schema, ensure_ascii=False))
             if calls_allowed:
                 alts.append(f"{_lark_str(opener)} {self.block_body()}")
