@@ -129,6 +129,37 @@ def bench_xgrammar(ids: list[int], repeat: int) -> dict:
     return {"setup_s": setup, "compiles": compiles, "masks": masks}
 
 
+def bench_batch(ids: list[int], batch: int) -> dict:
+    """One decode step's masks for `batch` sequences (each at its own place in the
+    completion), as the embedded engine computes them: one GrammarMask per row, in turn
+    (the reference sampler path); and with llguidance's thread-parallel executor."""
+    import llguidance
+    import llguidance.torch as llt
+
+    from dsml.grammar_match import ll_tokenizer
+    from proxy.backends.grammar_mask import GrammarMask
+
+    lark = turn_lark(turn_spec(TOOLS, thinking=True))
+    executor = llguidance.LLExecutor()
+    bitmask = llt.allocate_token_bitmask(batch, ll_tokenizer().vocab_size)
+    seq, par = [], []
+    for step in range(0, len(ids) - 1, max(1, len(ids) // 20)):  # 20 steps over the turn
+        # Row b sits at token (step + 7b) of the completion: rows spread over its phases.
+        prefixes = [ids[: (step + 7 * b) % (len(ids) - 1)] for b in range(batch)]
+        masks = [GrammarMask(lark, 0) for _ in range(batch)]
+        for m, prefix in zip(masks, prefixes, strict=True):
+            m._advance(prefix)  # untimed: the tokens of earlier steps
+        t = time.perf_counter()
+        for m, prefix in zip(masks, prefixes, strict=True):
+            m.bitmask(prefix)
+        seq.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        llt.fill_next_token_bitmask_par(executor, [(m.matcher, b) for b, m in enumerate(masks)],
+                                        bitmask)
+        par.append(time.perf_counter() - t)
+    return {"seq": seq, "par": par}
+
+
 def summary(name: str, r: dict, n_tokens: int) -> str:
     masks_us = sorted(x * 1e6 for x in r["masks"])
     pct = lambda q: masks_us[min(len(masks_us) - 1, int(q * len(masks_us)))]  # noqa: E731
@@ -142,11 +173,17 @@ def summary(name: str, r: dict, n_tokens: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--batch", type=int, nargs="*", default=[1, 32])
     args = ap.parse_args()
     ids = load_tokenizer().encode_generated(COMPLETION)
     print(f"tools: {len(TOOLS)}, completion: {len(ids)} tokens")
     print(summary("llguidance", bench_llguidance(ids, args.repeat), len(ids)))
     print(summary("xgrammar", bench_xgrammar(ids, args.repeat), len(ids)))
+    for batch in args.batch:
+        r = bench_batch(ids, batch)
+        print(f"embedded engine, batch {batch}: masks per decode step, one row after another "
+              f"median {statistics.median(r['seq']) * 1e3:.2f} ms; llguidance's parallel "
+              f"executor median {statistics.median(r['par']) * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":
