@@ -1,7 +1,7 @@
 """Constrained decoding cost: llguidance (dsml.grammar) vs xgrammar (its built-in
 `deepseek_v4` structural tag), on a coding agent's tools section, with the V4 tokenizer.
 
-    PYTHONPATH=. python bench/grammar_mask.py [--repeat 3]
+    python bench/grammar_mask.py [--repeat 3] [--batch 1 32]
 
 Measures, per library: the tokenizer setup (once per process), compiling the turn grammar
 (once per tools section: cached), and the time to compute one next-token mask, walking a
@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from dsml import markers
-from dsml.grammar import turn_lark, turn_spec
-from dsml.tokenizer import load_tokenizer, tokenizer_json_path
+# Run as a script, bench/ comes first on sys.path, and bench/proxy.py would shadow the
+# proxy package: the repository root instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from dsml import markers  # noqa: E402
+from dsml.grammar import turn_lark, turn_spec  # noqa: E402
+from dsml.tokenizer import load_tokenizer, tokenizer_json_path  # noqa: E402
 
 S = {"type": "string"}
 TOOLS = [
@@ -146,11 +152,13 @@ def bench_batch(ids: list[int], batch: int) -> dict:
     for step in range(0, len(ids) - 1, max(1, len(ids) // 20)):  # 20 steps over the turn
         # Row b sits at token (step + 7b) of the completion: rows spread over its phases.
         prefixes = [ids[: (step + 7 * b) % (len(ids) - 1)] for b in range(batch)]
-        masks = [GrammarMask(lark, 0) for _ in range(batch)]
-        for m, prefix in zip(masks, prefixes, strict=True):
+        # Two fresh sets (a matcher keeps the mask of its current state: timing both ways
+        # on one set would time a cache hit the second time).
+        masks, other = ([GrammarMask(lark, 0) for _ in range(batch)] for _ in range(2))
+        for m, prefix in zip(masks + other, prefixes + prefixes, strict=True):
             m._advance(prefix)  # untimed: the tokens of earlier steps
         t = time.perf_counter()
-        for m, prefix in zip(masks, prefixes, strict=True):
+        for m, prefix in zip(other, prefixes, strict=True):
             m.bitmask(prefix)
         seq.append(time.perf_counter() - t)
         t = time.perf_counter()

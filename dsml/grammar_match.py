@@ -24,11 +24,20 @@ class GrammarError(ValueError):
     """The grammar did not compile (a tool schema llguidance cannot take)."""
 
 
+# Token slices llguidance precomputes, so that a mask in free text need not walk the whole
+# vocabulary: its JSON-string slices, plus tokens that cannot begin or continue a forbidden
+# spelling (dsml.grammar.FORBIDDEN_IN_TEXT all start with "D", "<" or hold "｜"). Mean mask
+# time over bench/grammar_mask.py's turn: 256 -> 181 us.
+TEXT_SLICES = [r"[^D<｜\x00]+", r"[^D<｜\x00]{1,10}"]
+
+
 @cache
 def ll_tokenizer(n_vocab: int = MODEL_VOCAB) -> llguidance.LLTokenizer:
     """llguidance's view of the V4 tokenizer (about 3 s to build: once per process)."""
     with open(tokenizer_json_path(), encoding="utf-8") as f:
-        return llguidance.LLTokenizer(f.read(), n_vocab=n_vocab, eos_token=EOS_ID)
+        return llguidance.LLTokenizer(f.read(), n_vocab=n_vocab, eos_token=EOS_ID,
+                                      slices=llguidance.LLTokenizer.general_slices()
+                                      + TEXT_SLICES)
 
 
 def validate(grammar: str) -> str:
