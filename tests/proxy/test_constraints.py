@@ -144,3 +144,44 @@ async def test_proxy_sends_grammars_and_counts_constrained_turns(start_proxy, fa
     m = off.app[state.METRICS]
     assert m.constrained_turns.labels("false", "tool_calls")._value.get() == 1
     assert m.constrained_turns.labels("true", "tool_calls")._value.get() == 0
+
+
+def test_cli_flag() -> None:
+    from proxy.cli import settings_from_args
+
+    assert settings_from_args(["serve", "--constrained-decoding", "required"]
+                              ).constrained_decoding == "required"
+    with pytest.raises(SystemExit):
+        settings_from_args(["serve", "--constrained-decoding", "sometimes"])
+
+
+def test_grammar_mask_allows_what_the_grammar_allows() -> None:
+    import llguidance.torch as llt
+    import torch
+
+    from dsml.grammar_match import EOS_ID, MODEL_VOCAB
+    from proxy.backends.grammar_mask import GrammarMask, apply_bitmask
+
+    bits = torch.randint(-2**31, 2**31 - 1, (1, (MODEL_VOCAB + 31) // 32), dtype=torch.int32)
+    logits = torch.randn(MODEL_VOCAB)
+    theirs = logits.clone().reshape(1, -1)
+    llt.apply_token_bitmask_inplace(theirs, bits)
+    assert torch.equal(apply_bitmask(logits, bits), theirs[0])
+
+    tok = load_tokenizer()
+    grammar = grammar_for(tool_choice="required", generated=forced_opener(prompt("required")))
+    prompt_ids = [0, 5, 6]
+    mask = GrammarMask(grammar, len(prompt_ids))
+    assert mask.never_empty
+    rest = tok.encode_generated(BLOCK.removeprefix(forced_opener(prompt("required")))
+                                + markers.EOS)
+    ids = list(prompt_ids)
+    for token in rest:  # each of the call's tokens is allowed at its step
+        out = mask(ids, torch.zeros(MODEL_VOCAB))
+        assert torch.isfinite(out[token]), tok.decode([token])
+        assert not torch.isfinite(out).all()
+        ids.append(token)
+    # The grammar is done (EOS consumed): EOS alone, never an all-banned row.
+    out = mask(ids, torch.zeros(MODEL_VOCAB))
+    assert torch.isfinite(out).nonzero().flatten().tolist() == [EOS_ID]
+    assert mask.rejected == 0
