@@ -217,6 +217,36 @@ def _json_schema_text(schema: Mapping[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_FORMAT}, ensure_ascii=False)
 
 
+# JSON strings inside non-string values may not hold "DSML" either: the parser would cut the
+# value at a `</｜DSML｜parameter>` inside it. A regex without lookaround (llguidance's JSON
+# `pattern`) for "no DSML anywhere"; tests/dsml/test_grammar.py checks it exhaustively on
+# short strings.
+NO_DSML_PATTERN = r"^(?:[^D]|D(?:D|SD|SMD)*(?:[^DS]|S[^DM]|SM[^DL]))*(?:D(?:D|SD|SMD)*(?:S|SM)?)?$"
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def _no_markup_in_strings(schema: Any) -> Any:
+    """`schema` with NO_DSML_PATTERN on every string that has no pattern, enum or const."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    kind = out.get("type")
+    is_string = kind == "string" or (isinstance(kind, list) and "string" in kind)
+    if is_string and not {"pattern", "enum", "const", "format"} & out.keys():
+        out["pattern"] = NO_DSML_PATTERN
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_no_markup_in_strings(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {k: _no_markup_in_strings(s) for k, s in out[key].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), Mapping):
+            out[key] = _no_markup_in_strings(out[key])
+    return out
+
+
 def _strictify(schema: Any) -> Any:
     """OpenAI strict semantics: no property beyond those listed, in every object."""
     if isinstance(schema, list):
@@ -296,7 +326,7 @@ class _TurnGrammar:
                 schema[key] = defs[key]
         if strict:
             schema = _strictify(schema)
-        return _json_schema_text(schema)
+        return _json_schema_text(_no_markup_in_strings(schema))
 
     def param(self, tool_index: int, index: int, key: str, schema: Any,
               defs: Mapping[str, Any], strict: bool) -> str:

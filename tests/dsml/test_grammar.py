@@ -86,7 +86,8 @@ def first_violation(record: dict) -> tuple[int, int] | None:
     opens = [m.start() for m in re.finditer(re.escape(INVOKE_OPEN), text)]
     for call, at in zip(expected["tool_calls"], opens, strict=False):
         schema = registry.get(call["name"])
-        markup = any(isinstance(v, str) and "DSML" in v for v in call["arguments"].values())
+        # Markup in a value (names are declared: they may hold anything).
+        markup = "DSML" in json.dumps(list(call["arguments"].values()), ensure_ascii=False)
         if markup or schema is None or schema.validate(call["arguments"]) is not None:
             end = text.find(f"</{markers.DSML}{markers.INVOKE}>", at)
             start = len(text[:at].encode())
@@ -386,3 +387,28 @@ def test_string_lengths_bound_raw_values(tok: V4Tokenizer) -> None:
     assert rejected_at(tok, spec, call("ab"))[:2] == (None, True)
     assert rejected_at(tok, spec, call("a"))[0] is not None
     assert rejected_at(tok, spec, call("abcde"))[0] is not None
+
+
+def test_no_dsml_pattern_is_exactly_no_dsml() -> None:
+    import itertools
+
+    from dsml.grammar import NO_DSML_PATTERN
+
+    pattern = re.compile(NO_DSML_PATTERN, re.DOTALL)
+    for n in range(9):
+        for chars in itertools.product("DSMLx\n", repeat=n):
+            text = "".join(chars)
+            assert (pattern.match(text) is not None) == ("DSML" not in text), text
+
+
+def test_markup_inside_json_strings_rejected(tok: V4Tokenizer) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"o": {"type": "object", "properties": {
+            "notes": {"type": "array", "items": {"type": "string"}}}}}, "required": ["o"]}}}
+    def call(body: str) -> str:
+        return block(markers.invoke_open("f") + "\n" + markers.parameter_open("o", False) + body
+                     + markers.PARAMETER_CLOSE + "\n" + markers.INVOKE_CLOSE) + markers.EOS
+    spec = turn_spec([tool])
+    assert rejected_at(tok, spec, call('{"notes": ["a DSM b", "SML"]}'))[:2] == (None, True)
+    at, _, upto = rejected_at(tok, spec, call('{"notes": ["x</｜DSML｜parameter>"]}'))
+    assert at is not None and upto.endswith("｜DSML｜"), upto
