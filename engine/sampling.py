@@ -177,8 +177,12 @@ class Sampler:
         """
         params = self.params
         raw = logits.float()
-        logits = apply_mask(raw, params.logits_mask, token_ids)
-        if params.logits_mask is not None and not torch.isfinite(logits).any():
+        mask = params.logits_mask
+        logits = apply_mask(raw, mask, token_ids)
+        # A mask that says it never bans every token (a grammar mask falls back to EOS) is
+        # trusted: the check below is a host sync per step.
+        if mask is not None and not getattr(mask, "never_empty", False) \
+                and not torch.isfinite(logits).any():
             # One host sync, only when a mask is in use: an all-banned step is a grammar bug.
             raise ValueError("logits mask allows no token")
         if params.logit_bias:

@@ -104,6 +104,7 @@ def create_app(
         backend, tokenizer, metrics, reasoning_cache=cache,
         recover_empty_turns=settings.recover_empty_turns,
         strict_tool_calls=settings.strict_tool_calls, dialect=settings.dialect,
+        constrained_decoding=settings.constrained_decoding,
     )
     app[state.WORKERS] = ThreadPoolExecutor(settings.worker_threads,
                                             thread_name_prefix="dsml-proxy-worker")

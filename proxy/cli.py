@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "or DSML_PROXY_MODELS as a JSON list")
     serve.add_argument("--recover-empty-turns", action=argparse.BooleanOptionalAction,
                        help="continue a turn that ended inside reasoning once (default on)")
+    serve.add_argument("--constrained-decoding", choices=["all", "required", "off"],
+                       help="grammar-constrained DSML: every turn (all, the default), only "
+                            "turns that force a tool call (required), or none (off)")
     serve.add_argument("--max-concurrency", type=int, help="turns generating at once")
     serve.add_argument("--max-queue", type=int, help="turns waiting; beyond: 429")
     serve.add_argument("--response-store-size", type=int, metavar="N",

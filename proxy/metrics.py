@@ -118,6 +118,14 @@ class Metrics:
         self.tool_calls = Counter(p + "tool_calls",
                                   "Tool calls by endpoint and validation outcome",
                                   ["endpoint", "outcome"], registry=r)
+        # Constrained decoding (issue 16): the same outcomes, apart for turns that ran under a
+        # grammar ("true") and those that did not ("false").
+        self.constrained_turns = Counter(
+            p + "constrained_tool_turns", "Turns that offered tools, by whether a grammar "
+            "constrained them and outcome", ["constrained", "outcome"], registry=r)
+        self.constrained_calls = Counter(
+            p + "constrained_tool_calls", "Tool calls by whether a grammar constrained their "
+            "turn and validation outcome", ["constrained", "outcome"], registry=r)
         self.repairs = Counter(p + "dsml_repairs", "DSML tolerances applied, by kind",
                                ["kind"], registry=r)
         self.build_info = Gauge(p + "build_info", "Build and configuration",
@@ -144,6 +152,11 @@ class Metrics:
                 self.tool_calls.labels(endpoint, outcome.value)
         for kind in RepairKind:
             self.repairs.labels(kind.value)
+        for constrained in ("true", "false"):
+            for outcome in TurnOutcome:
+                self.constrained_turns.labels(constrained, outcome.value)
+            for outcome in CallOutcome:
+                self.constrained_calls.labels(constrained, outcome.value)
         # The same children, looked up once (Children): what the request path uses.
         self.requests_of = Children(self.requests)
         self.inflight_of = Children(self.inflight)
@@ -152,6 +165,8 @@ class Metrics:
         self.overhead_of = Children(self.overhead)
         self.tokens_of = Children(self.tokens)
         self.tool_turns_of = Children(self.tool_turns)
+        self.constrained_turns_of = Children(self.constrained_turns)
+        self.constrained_calls_of = Children(self.constrained_calls)
         self.tool_calls_of = Children(self.tool_calls)
         self.repairs_of = Children(self.repairs)
 
@@ -183,15 +198,17 @@ class _WithoutCreated:
 class TurnObserver:
     """Feeds one turn's parser events into the metrics (no per-event allocation)."""
 
-    __slots__ = ("_endpoint", "_metrics")
+    __slots__ = ("_endpoint", "_metrics", "constrained")
 
     def __init__(self, metrics: Metrics, endpoint: str) -> None:
         self._metrics = metrics
         self._endpoint = endpoint
+        self.constrained = "false"  # "true" once a generation of the turn ran under a grammar
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, ToolCallEnd):
             self._metrics.tool_calls_of[self._endpoint, event.outcome.value].inc()
+            self._metrics.constrained_calls_of[self.constrained, event.outcome.value].inc()
         elif isinstance(event, Notice):
             self._metrics.repairs_of[event.kind.value].inc()
 
@@ -203,3 +220,4 @@ class TurnObserver:
         m.tokens_of["reasoning"].inc(reasoning_tokens)
         if result.turn_outcome is not None:
             m.tool_turns_of[self._endpoint, result.turn_outcome.value].inc()
+            m.constrained_turns_of[self.constrained, result.turn_outcome.value].inc()

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     recover_empty_turns: bool = True
     reasoning_cache_size: int = Field(4096, ge=0)  # tool-call ids remembered (LRU)
     strict_tool_calls: bool = False  # hold calls until validated (dsml.md section 6)
+    # Constrained decoding (README "Constrained decoding"): "all" turns, only "required"
+    # (forced tool choice) ones, or "off".
+    constrained_decoding: Literal["all", "required", "off"] = "all"
 
     # -- Anthropic messages and Responses ------------------------------------------------------
     # HMAC key of the signatures on reasoning sent to clients (thinking blocks, reasoning

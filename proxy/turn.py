@@ -62,6 +62,7 @@ from proxy.backends.base import (
     SamplingParams,
     TokenLogprob,
 )
+from proxy.backends.constraints import Mode, TurnConstraints
 from proxy.errors import ApiError
 from proxy.logprobs import LogprobAligner
 from proxy.metrics import Metrics, TurnObserver
@@ -163,6 +164,7 @@ class TurnRunner:
         recover_empty_turns: bool = True,
         strict_tool_calls: bool = False,
         dialect: Dialect | str = Dialect.V4,
+        constrained_decoding: Mode = "off",
     ) -> None:
         self.backend = backend
         self.dialect = Dialect(dialect)  # of turns started without one
@@ -171,6 +173,7 @@ class TurnRunner:
         self.reasoning_cache = reasoning_cache
         self.recover_empty_turns = recover_empty_turns
         self.strict_tool_calls = strict_tool_calls
+        self.constraints = TurnConstraints(constrained_decoding)
 
     def start(
         self,
@@ -296,6 +299,7 @@ class Turn:
         assert self.result is not None
         calls = self.result.tool_calls
         return calls if self.cut_call is None else [*calls, self.cut_call]
+        self.constrained = False  # a generation of this turn ran under a grammar
 
     # -- the turn -----------------------------------------------------------------------------
 
@@ -392,12 +396,19 @@ class Turn:
         continuable = self._send_ids and self._phases == 0 and self.prompt.thinking
         ask_ids = continuable and bool(forced_opener(self.prompt, self.dialect))
         self._phases += 1
+        grammar = self._runner.constraints.grammar(
+            self.prompt, generated, forced=forced_opener(self.prompt, self.dialect),
+            dialect=self.dialect, parallel_tool_calls=self.parallel_tool_calls)
+        if grammar is not None:
+            self.constrained = True
+            self._observer.constrained = "true"
         req = GenerateRequest(
             prompt_ids=prompt_ids,
             prompt_text=self.prompt.text + generated,
             sampling=sampling,
             prompt_ids_json=ids_json,
             return_token_ids=ask_ids,
+            grammar=grammar,
         )
         phase_texts: list[str] = []
         phase_ids: list[int] | None = [] if continuable else None

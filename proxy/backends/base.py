@@ -70,6 +70,9 @@ class GenerateRequest:
     # the backend can return them: a turn that may be continued (forced tool choice in
     # thinking mode, empty-turn recovery) continues from the model's own ids (proxy.turn).
     return_token_ids: bool = False
+    # Constrained decoding (proxy.backends.constraints): the llguidance Lark grammar of
+    # what this generation may write, None for none.
+    grammar: str | None = None
 
 
 @dataclass(slots=True)

@@ -11,8 +11,10 @@ sampler, logprobs from its logits.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,9 +48,11 @@ class EmbeddedBackend:
         """Load a checkpoint directory (blocking: seconds for the demo, minutes for the real model)."""
         return cls(Engine.from_checkpoint(path, device=device, engine_path=engine_path))
 
-    def sampling_for(self, sampling: SamplingParams, prompt_len: int) -> EngineSampling:
+    def sampling_for(self, sampling: SamplingParams, prompt_len: int,
+                     mask: Any = None) -> EngineSampling:
         """The engine's options for a request; unset ones take DeepSeek's defaults, and an
-        unset max_tokens the context left after the prompt."""
+        unset max_tokens the context left after the prompt; `mask`: the engine's logits mask
+        (a proxy.backends.grammar_mask.GrammarMask)."""
         context_left = self.engine.max_new_tokens(prompt_len)
         return EngineSampling(
             max_tokens=(context_left if sampling.max_tokens is None
@@ -65,6 +69,7 @@ class EmbeddedBackend:
             min_p=sampling.min_p or 0.0,
             logit_bias=self._checked_bias(sampling.logit_bias),
             logprobs=sampling.logprobs,
+            logits_mask=mask,
         )
 
     def _checked_bias(self, bias: dict[int, float] | None) -> dict[int, float]:
@@ -91,8 +96,14 @@ class EmbeddedBackend:
         if self.engine.max_new_tokens(len(prompt_ids)) < 1:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the embedded engine's "
                            f"context is {self.engine.max_seq_len}", code="context_length_exceeded")
+        mask = None
+        if req.grammar is not None:
+            from proxy.backends.grammar_mask import GrammarMask
+
+            # Compiling a grammar the first time takes milliseconds: off the event loop.
+            mask = await asyncio.to_thread(GrammarMask, req.grammar, len(prompt_ids))
         try:
-            sampling = self.sampling_for(req.sampling, len(prompt_ids))
+            sampling = self.sampling_for(req.sampling, len(prompt_ids), mask)
         except ValueError as e:  # out-of-range options the request schema let through
             raise ApiError(400, str(e)) from None
         pending: list[int] = []  # tokens whose text is held back (a split UTF-8 char, a stop prefix)

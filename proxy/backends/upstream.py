@@ -55,6 +55,7 @@ from proxy.backends.base import (
     TokenLogprob,
     check_sampling,
 )
+from proxy.backends.constraints import upstream_fields
 from proxy.backends.http1 import Http1Client, HttpError, Response
 from proxy.settings import Settings, UpstreamKind
 
@@ -228,6 +229,7 @@ class UpstreamBackend:
             # rendered prompt already starts with it (text goes out for dialects whose
             # tokenizer the proxy lacks, proxy.turn.sends_ids, or with upstream_prompt=text).
             body["add_special_tokens"] = False
+        body.update(upstream_fields(self.kind, req.grammar))  # constrained decoding
         return body
 
     def encode_body(self, req: GenerateRequest) -> bytes:

@@ -1,0 +1,187 @@
+"""Constrained decoding through the proxy: which grammar each generation gets, each
+engine's spelling of it, and that every grammar sent compiles with the llguidance entry
+point that engine calls (vLLM's guidance backend: `grammar_from("grammar")`, SGLang's:
+`grammar_from("ebnf")`, llama.cpp's: text starting with `%llguidance`, compiled as Lark)."""
+
+from __future__ import annotations
+
+import llguidance
+import pytest
+
+from dsml import markers
+from dsml.grammar_match import compiled_matcher
+from dsml.prompt import Prompt, Segment
+from dsml.tokenizer import load_tokenizer
+from proxy import state
+from proxy.backends.base import GenerateRequest
+from proxy.backends.constraints import TurnConstraints, upstream_fields
+from proxy.backends.upstream import UpstreamBackend
+from proxy.settings import Settings, UpstreamKind
+from proxy.turn import forced_opener
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city"]}}}
+CALL = (markers.invoke_open("get_weather") + "\n" + markers.parameter_open("city", True)
+        + "Taipei" + markers.PARAMETER_CLOSE + "\n" + markers.INVOKE_CLOSE)
+BLOCK = f"\n\n{markers.TOOL_CALLS_OPEN}\n{CALL}\n{markers.TOOL_CALLS_CLOSE}"
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def prompt(tool_choice="auto", thinking=False, tools=(TOOL,), text="x", prefix="") -> Prompt:
+    return Prompt([Segment(text)], thinking=thinking, tools=list(tools), tool_choice=tool_choice,
+                  prefix=prefix)
+
+
+def accepts(grammar: str, text: str) -> bool:
+    m = compiled_matcher(grammar)
+    return all(m.consume_token(t) for t in load_tokenizer().encode_generated(text)) \
+        and m.is_stopped()
+
+
+def grammar_for(mode="all", generated="", dialect="v4", parallel=True, **kw) -> str | None:
+    p = prompt(**kw)
+    return TurnConstraints(mode).grammar(p, generated, forced=forced_opener(p, dialect),
+                                         dialect=dialect, parallel_tool_calls=parallel)
+
+
+@pytest.mark.parametrize(("kind", "fields"), [
+    (UpstreamKind.VLLM, lambda g: {"structured_outputs": {"grammar": g}}),
+    (UpstreamKind.SGLANG, lambda g: {"ebnf": g}),
+    (UpstreamKind.LLAMACPP, lambda g: {"grammar": g}),
+    (UpstreamKind.DS4, lambda g: {}),
+])
+def test_each_engine_gets_its_spelling(kind: UpstreamKind, fields) -> None:
+    grammar = grammar_for(thinking=True)
+    assert grammar is not None
+    assert upstream_fields(kind, grammar) == fields(grammar)
+    assert upstream_fields(kind, None) == {}
+    body = UpstreamBackend("http://127.0.0.1:9", kind=kind).build_body(
+        GenerateRequest(prompt_ids=[0, 1], prompt_text="x", grammar=grammar))
+    for key, value in fields(grammar).items():
+        assert body[key] == value
+    assert "grammar" not in body or kind is UpstreamKind.LLAMACPP
+    plain = UpstreamBackend("http://127.0.0.1:9", kind=kind).build_body(
+        GenerateRequest(prompt_ids=[0, 1], prompt_text="x"))
+    assert not {"structured_outputs", "ebnf", "grammar"} & plain.keys()
+
+
+SHAPES = [
+    {}, {"thinking": True}, {"tool_choice": "required"}, {"tool_choice": NAMED},
+    {"tool_choice": "required", "thinking": True}, {"tool_choice": "none"}, {"tools": ()},
+    {"parallel": False},
+    {"generated": markers.THINK_CLOSE + forced_opener(prompt("required")),
+     "tool_choice": "required", "thinking": True},
+    {"generated": forced_opener(prompt(NAMED)), "tool_choice": NAMED},
+    {"generated": "y" + markers.THINK_CLOSE, "thinking": True},
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=range(len(SHAPES)))
+def test_every_grammar_sent_compiles_where_it_goes(shape: dict) -> None:
+    grammar = grammar_for(**shape)
+    assert grammar is not None and grammar.startswith("%llguidance")
+    for kind in ("grammar", "ebnf", "lark"):  # vLLM, SGLang, llama.cpp
+        assert llguidance.LLMatcher.validate_grammar(llguidance.grammar_from(kind, grammar)) == ""
+    assert compiled_matcher(grammar).is_error() is False
+
+
+def test_modes_and_where_no_grammar_applies() -> None:
+    assert grammar_for("off") is None
+    assert grammar_for("required") is None  # auto: the model may answer
+    assert grammar_for("required", tool_choice="required") is not None
+    assert grammar_for("all") is not None
+    assert grammar_for(dialect="v4.1") is None  # other tags and think ids: not compiled
+    assert grammar_for(prefix="Sure") is None  # a continuation of client text
+    assert grammar_for(generated="half <") is None  # no phase starts there
+    with pytest.raises(ValueError, match="constrained_decoding"):
+        TurnConstraints("sometimes")  # type: ignore[arg-type]
+    assert Settings().constrained_decoding == "all"
+    with pytest.raises(ValueError):
+        Settings(constrained_decoding="sometimes")
+
+
+def test_phases_follow_the_turn_runner() -> None:
+    # Thinking + required: reasoning up to `</think>` first, then the block after the opener.
+    first = grammar_for(tool_choice="required", thinking=True)
+    assert accepts(first, "Let me see." + markers.THINK_CLOSE)
+    assert not accepts(first, "Let me see." + BLOCK + markers.EOS)
+    opener = forced_opener(prompt("required"))
+    second = grammar_for(tool_choice="required", thinking=True,
+                         generated=markers.THINK_CLOSE + opener)
+    assert accepts(second, BLOCK.removeprefix(opener) + markers.EOS)
+    # Chat + required where the renderer ended the prompt with the opener.
+    in_prompt = grammar_for(tool_choice="required", text="x" + opener)
+    assert accepts(in_prompt, BLOCK.removeprefix(opener) + markers.EOS)
+    # The whole turn in auto mode: an answer or a block, never DSML in the answer.
+    whole = grammar_for(thinking=True)
+    assert accepts(whole, "Hmm." + markers.THINK_CLOSE + "Sunny." + markers.EOS)
+    assert accepts(whole, "Hmm." + markers.THINK_CLOSE + BLOCK + markers.EOS)
+    assert not accepts(whole, "Hmm." + BLOCK + markers.THINK_CLOSE + markers.EOS)
+
+
+async def test_proxy_sends_grammars_and_counts_constrained_turns(start_proxy, fake) -> None:
+    proxy = await start_proxy(constrained_decoding="all")
+    fake.push("Hmm." + markers.THINK_CLOSE + BLOCK + markers.EOS)
+    client = proxy.client()
+    reply = await client.chat.completions.create(
+        model="deepseek-reasoner", messages=[{"role": "user", "content": "weather?"}],
+        tools=[TOOL])
+    assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
+    sent = fake.requests[-1]["structured_outputs"]["grammar"]
+    assert accepts(sent, "Hmm." + markers.THINK_CLOSE + BLOCK + markers.EOS)
+
+    m = proxy.app[state.METRICS]
+    assert m.constrained_turns.labels("true", "tool_calls")._value.get() == 1
+    assert m.constrained_calls.labels("true", "valid")._value.get() == 1
+    assert m.constrained_turns.labels("false", "tool_calls")._value.get() == 0
+
+    off = await start_proxy(constrained_decoding="off")
+    fake.push(BLOCK + markers.EOS)
+    await off.client().chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "weather?"}], tools=[TOOL])
+    assert "structured_outputs" not in fake.requests[-1]
+    m = off.app[state.METRICS]
+    assert m.constrained_turns.labels("false", "tool_calls")._value.get() == 1
+    assert m.constrained_turns.labels("true", "tool_calls")._value.get() == 0
+
+
+def test_cli_flag() -> None:
+    from proxy.cli import settings_from_args
+
+    assert settings_from_args(["serve", "--constrained-decoding", "required"]
+                              ).constrained_decoding == "required"
+    with pytest.raises(SystemExit):
+        settings_from_args(["serve", "--constrained-decoding", "sometimes"])
+
+
+def test_grammar_mask_allows_what_the_grammar_allows() -> None:
+    import llguidance.torch as llt
+    import torch
+
+    from dsml.grammar_match import EOS_ID, MODEL_VOCAB
+    from proxy.backends.grammar_mask import GrammarMask, apply_bitmask
+
+    bits = torch.randint(-2**31, 2**31 - 1, (1, (MODEL_VOCAB + 31) // 32), dtype=torch.int32)
+    logits = torch.randn(MODEL_VOCAB)
+    theirs = logits.clone().reshape(1, -1)
+    llt.apply_token_bitmask_inplace(theirs, bits)
+    assert torch.equal(apply_bitmask(logits, bits), theirs[0])
+
+    tok = load_tokenizer()
+    grammar = grammar_for(tool_choice="required", generated=forced_opener(prompt("required")))
+    prompt_ids = [0, 5, 6]
+    mask = GrammarMask(grammar, len(prompt_ids))
+    assert mask.never_empty
+    rest = tok.encode_generated(BLOCK.removeprefix(forced_opener(prompt("required")))
+                                + markers.EOS)
+    ids = list(prompt_ids)
+    for token in rest:  # each of the call's tokens is allowed at its step
+        out = mask(ids, torch.zeros(MODEL_VOCAB))
+        assert torch.isfinite(out[token]), tok.decode([token])
+        assert not torch.isfinite(out).all()
+        ids.append(token)
+    # The grammar is done (EOS consumed): EOS alone, never an all-banned row.
+    out = mask(ids, torch.zeros(MODEL_VOCAB))
+    assert torch.isfinite(out).nonzero().flatten().tolist() == [EOS_ID]
+    assert mask.rejected == 0
