@@ -199,8 +199,12 @@ class _Writer:
                 raise _Unsupported
 
     def _type(self, arg: Any, v: str, prefix: str, indent: int) -> None:
-        types = frozenset([arg] if isinstance(arg, str) else arg if isinstance(arg, list) else ())
-        if not types or not types <= _PY_TYPES.keys():
+        names = [arg] if isinstance(arg, str) else arg if isinstance(arg, list) else []
+        # a malformed `type` (a list holding a schema, a number) is left to jsonschema
+        if not names or not all(isinstance(n, str) for n in names):
+            raise _Unsupported
+        types = frozenset(names)
+        if not types <= _PY_TYPES.keys():
             raise _Unsupported
         exact = tuple(t for name in types for t in _PY_TYPES[name])
         # `type(v) is str` decides the usual case; type_allows the rest (2.0 is an integer).

@@ -276,3 +276,11 @@ def test_fuzzed_schemas_render_or_refuse_and_validate_without_exceptions(
     verdict = tools.get("f").validate(arguments)  # type: ignore[union-attr]
     assert verdict is None or isinstance(verdict, str)
     assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("schema", [{"type": [{"type": "string"}]}, {"type": [1]},
+                                    {"type": ["string", None]}])
+def test_a_malformed_type_list_renders_or_refuses_without_a_crash(schema: dict) -> None:
+    # found by the fuzz test above: a `type` list holding a schema crashed the compiled check
+    test_fuzzed_schemas_render_or_refuse_and_validate_without_exceptions.hypothesis.inner_test(
+        schema, {"a": 1})
