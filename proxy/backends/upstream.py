@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ from proxy.backends.base import (
 from proxy.backends.constraints import upstream_fields
 from proxy.backends.http1 import Http1Client, HttpError, Response
 from proxy.settings import Settings, UpstreamKind
+
+log = logging.getLogger("dsml_proxy.backend")
 
 _IDS_BY_DEFAULT = {UpstreamKind.VLLM, UpstreamKind.SGLANG}
 _SPECIAL_TOKEN_FIELDS = {"skip_special_tokens": False, "spaces_between_special_tokens": False}
@@ -114,6 +117,9 @@ class UpstreamBackend:
         self._client = Http1Client(self.base_url, connect_timeout_s=connect_timeout_s,
                                    read_timeout_s=read_timeout_s)
         self._model_checked = model is not None
+        # Set once the engine refused a grammar and took the same request without it: it
+        # is not running llguidance (proxy.backends.constraints), so none is sent again.
+        self._grammar_refused = False
         self._model_configured = model is not None
         # The engine's own model ids, as its /v1/models last listed them: served under these
         # names too (proxy.models), so clients that talked to the engine keep their `model`.
@@ -229,7 +235,8 @@ class UpstreamBackend:
             # rendered prompt already starts with it (text goes out for dialects whose
             # tokenizer the proxy lacks, proxy.turn.sends_ids, or with upstream_prompt=text).
             body["add_special_tokens"] = False
-        body.update(upstream_fields(self.kind, req.grammar))  # constrained decoding
+        grammar = None if self._grammar_refused else req.grammar
+        body.update(upstream_fields(self.kind, grammar))  # constrained decoding
         return body
 
     def encode_body(self, req: GenerateRequest) -> bytes:
@@ -248,27 +255,26 @@ class UpstreamBackend:
             # The engine was not listing models at start (still loading): ask on first use.
             # No answer: asked again next time, and generate reports the failure.
             await self.refresh_models()
-        body = self.encode_body(req)
-        try:
-            resp = await self._client.request("POST", "/v1/completions", body,
-                                              content_type="application/json")
-        except TimeoutError as exc:
-            raise BackendError("timeout", "no response within the timeout") from exc
-        except OSError as exc:  # refused, unreachable, a TLS failure
-            raise BackendError("connect", "cannot connect to the engine",
-                               detail=f"{type(exc).__name__}: {exc}") from exc
-        except HttpError as exc:
-            raise BackendError("stream", "the engine sent a bad HTTP response",
-                               detail=str(exc)) from exc
+        resp = await self._post(req)
+        if resp.status == 400 and req.grammar is not None and not self._grammar_refused:
+            # An engine not set up for llguidance grammars refuses them: the turn goes on
+            # unconstrained (a drop-in proxy must not break a working engine), and if the
+            # engine takes the request without the grammar, none is sent to it again.
+            refusal = await self._error_text(resp)
+            resp.close()
+            self._grammar_refused = True
+            resp = await self._post(req)
+            if resp.status == 200:
+                log.warning("the engine refused the constrained-decoding grammar, so turns go "
+                            "to it unconstrained (start it with llguidance, see the README, or "
+                            "set constrained_decoding = off): %s", refusal)
+            else:
+                self._grammar_refused = False  # the refusal was about something else
         finished = False
         try:
             if resp.status != 200:
-                try:
-                    text = (await resp.read(4096)).decode("utf-8", "replace")[:500]
-                except (TimeoutError, HttpError):
-                    text = ""
                 raise BackendError("status", f"the engine answered HTTP {resp.status}",
-                                   status=resp.status, detail=text)
+                                   status=resp.status, detail=await self._error_text(resp))
             async for delta in self._read_stream(resp, req.sampling.logprobs):
                 yield delta
             finished = True
@@ -281,6 +287,27 @@ class UpstreamBackend:
                 # On cancellation, an error or an early aclose() this drops the socket at
                 # once, so the engine sees the disconnect and aborts.
                 resp.close()
+
+    async def _post(self, req: GenerateRequest) -> Response:
+        try:
+            return await self._client.request("POST", "/v1/completions", self.encode_body(req),
+                                              content_type="application/json")
+        except TimeoutError as exc:
+            raise BackendError("timeout", "no response within the timeout") from exc
+        except OSError as exc:  # refused, unreachable, a TLS failure
+            raise BackendError("connect", "cannot connect to the engine",
+                               detail=f"{type(exc).__name__}: {exc}") from exc
+        except HttpError as exc:
+            raise BackendError("stream", "the engine sent a bad HTTP response",
+                               detail=str(exc)) from exc
+
+    @staticmethod
+    async def _error_text(resp: Response) -> str:
+        """The start of an error answer's body, for the log (never shown to clients)."""
+        try:
+            return (await resp.read(4096)).decode("utf-8", "replace")[:500]
+        except (TimeoutError, HttpError):
+            return ""
 
     def _release_when_done(self, resp: Response) -> None:
         """The stream ended with `data: [DONE]`, and the end of the body (the last chunk of

@@ -6,6 +6,7 @@ point that engine calls (vLLM's guidance backend: `grammar_from("grammar")`, SGL
 from __future__ import annotations
 
 import llguidance
+import openai
 import pytest
 
 from dsml import markers
@@ -18,6 +19,7 @@ from proxy.backends.constraints import TurnConstraints, upstream_fields
 from proxy.backends.upstream import UpstreamBackend
 from proxy.settings import Settings, UpstreamKind
 from proxy.turn import forced_opener
+from tests.fakes.upstream import Reply
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -185,3 +187,38 @@ def test_grammar_mask_allows_what_the_grammar_allows() -> None:
     out = mask(ids, torch.zeros(MODEL_VOCAB))
     assert torch.isfinite(out).nonzero().flatten().tolist() == [EOS_ID]
     assert mask.rejected == 0
+
+
+async def test_an_engine_without_llguidance_gets_the_turn_unconstrained(start_proxy, fake,
+                                                                        caplog) -> None:
+    # vLLM without the guidance backend answers 400 to a grammar: a drop-in proxy must not
+    # break a working engine, so the turn is sent again without it, and so are later turns.
+    proxy = await start_proxy(constrained_decoding="all")
+    fake.push(Reply(status=400, text="grammar backend xgrammar cannot compile this grammar"),
+              "Hmm." + markers.THINK_CLOSE + BLOCK + markers.EOS,
+              "Hmm." + markers.THINK_CLOSE + BLOCK + markers.EOS)
+    client = proxy.client()
+    for _ in range(2):
+        reply = await client.chat.completions.create(
+            model="deepseek-reasoner", messages=[{"role": "user", "content": "weather?"}],
+            tools=[TOOL])
+        assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert "structured_outputs" in fake.requests[0]
+    assert [("structured_outputs" in r) for r in fake.requests[1:]] == [False, False]
+    assert "refused the constrained-decoding grammar" in caplog.text
+
+
+async def test_a_400_for_another_reason_is_the_clients_and_keeps_grammars(start_proxy,
+                                                                          fake) -> None:
+    proxy = await start_proxy(constrained_decoding="all")
+    fake.push(Reply(status=400, text="too long"), Reply(status=400, text="too long"),
+              "Hmm." + markers.THINK_CLOSE + BLOCK + markers.EOS)
+    client = proxy.client()
+    with pytest.raises(openai.APIStatusError):
+        await client.chat.completions.create(
+            model="deepseek-reasoner", messages=[{"role": "user", "content": "weather?"}],
+            tools=[TOOL])
+    await client.chat.completions.create(
+        model="deepseek-reasoner", messages=[{"role": "user", "content": "weather?"}],
+        tools=[TOOL])
+    assert "structured_outputs" in fake.requests[-1]
