@@ -106,7 +106,9 @@ class Tag:
         self.repairs = repairs
         # The two attributes the parser reads, looked up once per distinct tag text
         # (the tag is cached) instead of once per tag read.
-        self.name = attrs.get("name")
+        # An empty or blank name is no name: such an opener is not a call (dsml.md 6.1 rule 6).
+        name = attrs.get("name")
+        self.name = name if name and not name.isspace() else None
         self.string = attrs.get("string")
 
     def __repr__(self) -> str:
@@ -189,8 +191,12 @@ for _cache in _MARKERS.values():
     _cache[THINK_CLOSE] = (THINK, THINK_CLOSE, None)
     _cache[EOS] = (END, EOS, None)
 _NUM_FIXED = len(_MARKERS[Dialect.V4])
-# Markers that end a value (the lexer reads nothing else as markup in value mode).
-VALUE_MARKERS = frozenset((PARAM_CLOSE, END))
+# Markers inside a value: EOS and every DSML tag (dsml.md 6.1 rule 1) but an invoke
+# opener, which DeepSeek's reference parser reads as value text (the golden parse vectors
+# quote one inside a string value; there is no escape). `</think>` is value text too.
+VALUE_MARKERS = frozenset((PARAM_CLOSE, END, PARAM_OPEN, INVOKE_CLOSE, CALLS_OPEN, CALLS_CLOSE))
+_BROKEN = (RepairKind.BROKEN_CLOSER,)
+_NO_ATTRS: Mapping[str, str] = MappingProxyType({})
 
 
 # Whether a buffer starts with a DSML tag head (`<｜DSML｜invoke`, `</|DSML|parameter`, ...).
@@ -284,8 +290,7 @@ class IncrementalLexer:
         return self._buf[self._pos :]
 
     def next(self, value_mode: bool, final: bool) -> tuple[int, str, Tag | None] | None:
-        """The next token as (kind, raw text, tag). In value mode only a parameter closer
-        and EOS are markers; everything else is value text."""
+        """The next token as (kind, raw text, tag). In value mode `</think>` is value text."""
         buf = self._buf
         pos = self._pos
         n = len(buf)
@@ -298,33 +303,38 @@ class IncrementalLexer:
             self._pos = end
             return TEXT, buf[pos:end], None
         m = _HEAD.match(buf, pos)  # DSML tags first: most `<` in a tool block start one
-        if m is not None:
-            kind, head_repairs = self._head_info[m.group()]
-            if not value_mode or kind == PARAM_CLOSE:
-                hend = m.end()
-                if buf[hend] == ">":  # closers: no attributes, one shared token per spelling
-                    self._pos = hend + 1
-                    return self._bare_tokens[m.group()]
-                tail = _TAG_END.match(buf, hend)
-                if tail is not None:
-                    end = tail.end()
-                    raw = buf[pos:end]
-                    attr_text = buf[hend : tail.start(1)]
-                    self._pos = end
-                    attrs = dict(_ATTR_ITEM.findall(attr_text))
-                    repairs = head_repairs
-                    if _CANONICAL_ATTRS.fullmatch(attr_text) is None:
-                        repairs = _attr_repairs(head_repairs, attr_text)
-                    tok = kind, raw, Tag(kind, raw, attrs, tail.group(1) == "/", repairs)
-                    cache = self.markers
-                    if len(cache) + 2 > _MAX_CACHED:  # keep the fixed markers, drop the rest
-                        for key in list(cache)[_NUM_FIXED:]:
-                            cache.pop(key, None)
-                    cache[raw] = cache[raw + "\n"] = tok
-                    return tok
-                if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):
-                    self.tag_wait = True
-                    return None
+        info = self._head_info[m.group()] if m is not None else None
+        if info is not None and not (value_mode and info[0] == INVOKE_OPEN):
+            assert m is not None
+            kind, head_repairs = info
+            hend = m.end()
+            if buf[hend] == ">":  # closers: no attributes, one shared token per spelling
+                self._pos = hend + 1
+                return self._bare_tokens[m.group()]
+            tail = _TAG_END.match(buf, hend)
+            if tail is not None:
+                end = tail.end()
+                raw = buf[pos:end]
+                attr_text = buf[hend : tail.start(1)]
+                self._pos = end
+                attrs = dict(_ATTR_ITEM.findall(attr_text))
+                repairs = head_repairs
+                if _CANONICAL_ATTRS.fullmatch(attr_text) is None:
+                    repairs = _attr_repairs(head_repairs, attr_text)
+                tok = kind, raw, Tag(kind, raw, attrs, tail.group(1) == "/", repairs)
+                cache = self.markers
+                if len(cache) + 2 > _MAX_CACHED:  # keep the fixed markers, drop the rest
+                    for key in list(cache)[_NUM_FIXED:]:
+                        cache.pop(key, None)
+                cache[raw] = cache[raw + "\n"] = tok
+                return tok
+            if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):
+                self.tag_wait = True
+                return None
+            if m.group(1) and buf[hend] in "\n<":  # a closer without `>` (dsml.md 6.1 rule 1)
+                self._pos = hend
+                raw = buf[pos:hend]
+                return kind, raw, Tag(kind, raw, _NO_ATTRS, False, head_repairs + _BROKEN)
         elif buf.startswith(EOS, pos):
             self._pos = pos + len(EOS)
             return END, EOS, None

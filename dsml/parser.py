@@ -63,7 +63,7 @@ from collections.abc import Callable
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
-from dsml.block import BlockStates
+from dsml.block import BlockLedger, BlockStates
 from dsml.calls import NEEDS_ESCAPE, Call, default_id, escape
 from dsml.dialects import Dialect
 from dsml.events import (
@@ -133,9 +133,9 @@ class StreamParser(RegionStates, BlockStates):
     __slots__ = (
         "_after_ws", "_block_start", "_call", "_calls", "_cindex", "_content", "_eos",
         "_fast", "_has_tools", "_hold", "_id_factory", "_in_junk", "_jparts", "_junk",
-        "_junk_spans", "_kind", "_lex", "_malformed", "_mark", "_markers",
+        "_junk_spans", "_kind", "_ledger", "_lex", "_malformed", "_mark", "_markers",
         "_next_index", "_nl", "_notices", "_out", "_pending", "_raw", "_reasoning",
-        "_recovered", "_result", "_seen", "_span", "_state", "_strict", "_summed", "_tools",
+        "_recovered", "_rest", "_result", "_seen", "_span", "_state", "_strict", "_summed", "_tools",
         "_unterminated", "_vparts", "_ws", "dialect", "rejected", "spans",
     )  # fmt: skip
 
@@ -176,6 +176,7 @@ class StreamParser(RegionStates, BlockStates):
         self._next_index = 0
         self._seen: set[RepairKind] = set()  # repairs already noticed in this block
         self._junk: list[str] = []  # block text the state machine could not read
+        self._ledger = BlockLedger((0, 0), 0, 0)  # the current block's (dsml.block)
         # Where a streaming block's unfinished part starts (its separator, then the end of
         # its last complete invoke), as a _here() mark: text to return if it never closes.
         self._block_start: tuple[int, int] | None = None
@@ -185,6 +186,7 @@ class StreamParser(RegionStates, BlockStates):
         self._malformed = False
         self._recovered = False
         self._pending = ""  # a marker still arriving, held by the fast path (not the lexer)
+        self._rest: str | None = None  # text _decide() left to feed (None: not in its loop)
         self._markers = self._lex.markers
         self._kind = TEXT  # kind of the token being handled
         self._summed = (0, 0)  # (pieces of _raw summed, their total length)
@@ -340,9 +342,18 @@ class StreamParser(RegionStates, BlockStates):
             self._raw.append(rest)
             self._ws = (self._ws + rest)[:3]
             return out
-        more = self.feed(rest)
-        if more:
-            out.extend(more)
+        if self._rest is not None:  # inside the loop below: it feeds `rest` next
+            self._rest = rest
+            return out
+        # Feed the rest of the delta in a loop, not by recursion: a delta of many markers
+        # (`</think>` x 500) would otherwise nest one feed() per marker.
+        self._rest = ""
+        while rest:
+            more = self.feed(rest)
+            if more:
+                out.extend(more)
+            rest, self._rest = self._rest, ""
+        self._rest = None
         return out
 
     def _no_gt(self, text: str, held: str, buf: str) -> list[Event]:
@@ -398,10 +409,9 @@ class StreamParser(RegionStates, BlockStates):
         """A tag whose attributes are still arriving holds `buf` (its `<`, `>` or newline
         are inside a quoted value: `name="p_<b>_1`): the lexer would only wait again
         (`IncrementalLexer.next` sets tag_wait), which costs ~10 us a delta through
-        _feed_slow(). Not in VALUE, where only a closer is a tag."""
+        _feed_slow()."""
         return (
             self._fast == FAST_TAG
-            and self._state != VALUE
             and len(buf) <= MAX_TAG
             and starts_tag(buf)
         )

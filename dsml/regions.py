@@ -13,6 +13,7 @@ A mixin of `dsml.parser.StreamParser`, like `dsml.block.BlockStates`.
 
 from __future__ import annotations
 
+from dsml.block import BlockLedger
 from dsml.calls import Call
 from dsml.events import (
     CallOutcome,
@@ -104,6 +105,10 @@ class RegionStates:
         self._seen = set()
         self._junk = []
         self._junk_spans = []
+        self._ledger = BlockLedger(
+            self._here(len(raw) + len(sep)), len(self.spans) if self.spans is not None else 0,
+            len(self._calls) + len(self.rejected),
+        )  # fmt: skip
         if region == REASONING:
             self._hold = Hold(REASONING, [sep, raw], bare=False)
         else:
@@ -255,7 +260,7 @@ class RegionStates:
         """An unterminated block: a started call ends TRUNCATED; unread text becomes content."""
         call = self._call
         self._call = None
-        if call is not None and call.streaming:
+        if call is not None and call.streaming and call.index >= 0:
             if call.streams and self._state == VALUE:
                 assert call.plan is not None
                 call.args[call.plan.key] = "".join(call.vparts)
@@ -270,6 +275,17 @@ class RegionStates:
             )  # fmt: skip
         if self._block_start is None:
             return
+        ledger = self._ledger
+        self._junk = []  # (after the last complete invoke: in the text returned below)
+        self._junk_spans = []
+        if len(self._calls) + len(self.rejected) == ledger.calls_at_open:
+            if ledger.leftovers:  # no call: the whole block comes back (dsml.md 6.1 rule 6)
+                self._block_start = ledger.open_mark
+                self._mark = ledger.open_span
+                ledger.leftovers = []
+        elif ledger.leftovers:
+            del ledger.leftovers[ledger.upto :]  # the rest is in the text returned below
+            self._settle_block(end)
         start = self._resolve(self._block_start)
         text = "".join(self._raw)[start:end]
         if self.spans is not None:

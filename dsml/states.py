@@ -11,6 +11,8 @@ value). A row's default handler takes every kind not named in it.
     INVOKE --parameter open--> VALUE --parameter close--> INVOKE
     INVOKE --text--> BODY (a JSON object body) --invoke close--> BLOCK
     INVOKE --invoke close--> BLOCK --calls close--> AFTER --text--> CONTENT
+    VALUE --any other DSML tag--> INVOKE (the tag read again there; dsml.md 6.1 rule 1)
+    INVOKE|BODY --invoke open or calls close--> BLOCK (read again there; rules 2, 3)
     any --EOS--> DONE
 """
 
@@ -72,16 +74,24 @@ def transition_table(P: Any) -> list[list[Handler]]:
         INVOKE_OPEN=P._on_bare_invoke, CALLS_CLOSE=P._on_orphan, INVOKE_CLOSE=P._on_orphan,
         PARAM_CLOSE=P._on_orphan,
     )  # fmt: skip
+    # Damaged blocks (dsml.md 6.1): a tag that cannot come where it is ends what is open
+    # (_on_value_cut: rule 1, _on_invoke_cut: rules 2-3); a second opener is markup (rule 4).
     table[BLOCK] = _row(
         P._on_junk, TEXT=P._on_block_text, END=P._on_eos, INVOKE_OPEN=P._on_invoke_open,
-        CALLS_CLOSE=P._on_block_close,
+        CALLS_CLOSE=P._on_block_close, CALLS_OPEN=P._on_stray_opener,
     )  # fmt: skip
     table[INVOKE] = _row(
         P._on_junk, TEXT=P._on_invoke_text, END=P._on_eos, PARAM_OPEN=P._on_param_open,
-        INVOKE_CLOSE=P._on_invoke_close,
+        INVOKE_CLOSE=P._on_invoke_close, INVOKE_OPEN=P._on_invoke_cut,
+        CALLS_CLOSE=P._on_invoke_cut, CALLS_OPEN=P._on_stray_opener,
     )  # fmt: skip
-    table[BODY] = _row(P._on_body_any, END=P._on_eos, INVOKE_CLOSE=P._on_invoke_close)
-    table[VALUE] = _row(P._on_value_text, END=P._on_eos, PARAM_CLOSE=P._on_param_close)
+    table[BODY] = _row(
+        P._on_body_any, END=P._on_eos, INVOKE_CLOSE=P._on_invoke_close,
+        INVOKE_OPEN=P._on_invoke_cut, CALLS_CLOSE=P._on_invoke_cut,
+    )  # fmt: skip
+    table[VALUE] = _row(
+        P._on_value_cut, TEXT=P._on_value_text, END=P._on_eos, PARAM_CLOSE=P._on_param_close,
+    )  # fmt: skip
     table[AFTER] = _row(
         P._on_after_tag, TEXT=P._on_after_text, THINK=P._on_after_think, END=P._on_eos,
         CALLS_OPEN=P._on_block_open, INVOKE_OPEN=P._on_bare_invoke,

@@ -536,9 +536,8 @@ def test_lxml_repairs_a_stray_invoke_between_invokes() -> None:
 def test_unreadable_junk_in_block_is_returned_as_content() -> None:
     block = "Hm.\n\n<｜DSML｜tool_calls>\nwhat is this\n</｜DSML｜tool_calls>"
     r, _ = _weather(block)
-    assert (
-        r.tool_calls == [] and r.content == "Hm.what is this\n"
-    )  # the newline before it is markup
+    # A block without any call comes back whole, as written (dsml.md 6.1 rule 6).
+    assert r.tool_calls == [] and r.content == block
     assert r.turn_outcome == TurnOutcome.MALFORMED
 
 
