@@ -31,7 +31,7 @@ from types import MappingProxyType
 
 from dsml.dialects import Dialect, texts
 from dsml.events import RepairKind
-from dsml.markers import EOS, THINK_CLOSE
+from dsml.markers import EOS, THINK_CLOSE, THINK_OPEN
 
 # Token kinds (ints: they index the parser's transition table).
 TEXT, THINK, END, CALLS_OPEN, CALLS_CLOSE, INVOKE_OPEN, INVOKE_CLOSE, PARAM_OPEN, PARAM_CLOSE = (
@@ -87,7 +87,7 @@ MAX_TAG = 2048  # a tag with attributes; longer than any tool or parameter name 
 # DSML heads up to their full name (the next character must show where the name ends).
 MARKER_PREFIXES = frozenset(
     [h[:i] for h in _DSML_HEADS for i in range(1, len(h) + 1)]
-    + [m[:i] for m in (THINK_CLOSE, EOS) for i in range(1, len(m))]
+    + [m[:i] for m in (THINK_CLOSE, THINK_OPEN, EOS) for i in range(1, len(m))]
 )
 
 
@@ -189,6 +189,7 @@ _MARKERS: dict[Dialect, dict[str, tuple[int, str, Tag | None]]] = {
 }
 for _cache in _MARKERS.values():
     _cache[THINK_CLOSE] = (THINK, THINK_CLOSE, None)
+    _cache[THINK_OPEN] = (THINK, THINK_OPEN, None)  # `<think>`: markup only where rule 10 says
     _cache[EOS] = (END, EOS, None)
 _NUM_FIXED = len(_MARKERS[Dialect.V4])
 # Markers inside a value: EOS and every DSML tag (dsml.md 6.1 rule 1) but an invoke
@@ -196,6 +197,7 @@ _NUM_FIXED = len(_MARKERS[Dialect.V4])
 # quote one inside a string value; there is no escape). `</think>` is value text too.
 VALUE_MARKERS = frozenset((PARAM_CLOSE, END, PARAM_OPEN, INVOKE_CLOSE, CALLS_OPEN, CALLS_CLOSE))
 _BROKEN = (RepairKind.BROKEN_CLOSER,)
+_DAMAGED = (RepairKind.DAMAGED_OPENER,)
 _NO_ATTRS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -331,16 +333,20 @@ class IncrementalLexer:
             if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):
                 self.tag_wait = True
                 return None
-            if m.group(1) and buf[hend] in "\n<":  # a closer without `>` (dsml.md 6.1 rule 1)
+            if buf[hend] in "\n<":  # a tag without `>` (dsml.md 6.1 rules 1 and 4)
                 self._pos = hend
                 raw = buf[pos:hend]
-                return kind, raw, Tag(kind, raw, _NO_ATTRS, False, head_repairs + _BROKEN)
+                broken = _BROKEN if m.group(1) else _DAMAGED
+                return kind, raw, Tag(kind, raw, _NO_ATTRS, False, head_repairs + broken)
         elif buf.startswith(EOS, pos):
             self._pos = pos + len(EOS)
             return END, EOS, None
         elif not value_mode and buf.startswith(THINK_CLOSE, pos):
             self._pos = pos + len(THINK_CLOSE)
             return THINK, THINK_CLOSE, None
+        elif not value_mode and buf.startswith(THINK_OPEN, pos):
+            self._pos = pos + len(THINK_OPEN)
+            return THINK, THINK_OPEN, None
         elif not final and n - pos <= MAX_HEAD and buf[pos:] in MARKER_PREFIXES:
             self.prefix_wait = True
             return None

@@ -24,8 +24,13 @@ from dsml.events import (
     TurnOutcome,
     args_delta,
 )
-from dsml.lexer import Tag
+from dsml.lexer import CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN, Tag
+from dsml.markers import THINK_CLOSE, THINK_OPEN
 from dsml.states import AFTER, BLOCK, BODY, CONTENT, DONE, INVOKE, REASONING, VALUE
+
+
+_OPENER_KINDS = (CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN)  # a closer's kind is its opener's + 1
+_OPENERS_AND_CLOSERS = frozenset((*_OPENER_KINDS, *(k + 1 for k in _OPENER_KINDS)))
 
 
 class Hold:
@@ -73,9 +78,27 @@ class RegionStates:
         self._text(CONTENT, raw)
 
     def _on_think(self, raw: str, tag: Tag | None) -> None:
+        if raw == THINK_OPEN:  # a doubled `<think>` is markup, a later one text (rule 10)
+            if self._reasoning or self._nl:
+                self._text(REASONING, raw)
+            else:
+                self._extra_think(raw)
+            return
         self._flush_nl()
         self._span("markup", raw)
         self._state = CONTENT
+
+    def _on_content_think(self, raw: str, tag: Tag | None) -> None:
+        """`</think>` after reasoning ended is markup (dsml.md 6.1 rule 10); `<think>` text."""
+        if raw == THINK_OPEN:
+            self._text(CONTENT, raw)
+        else:
+            self._flush_nl()
+            self._extra_think(raw)
+
+    def _extra_think(self, raw: str) -> None:
+        self._span("markup", raw)
+        self._notice(RepairKind.EXTRA_THINK_TAG, raw, dedupe=False)
 
     def _on_eos(self, raw: str, tag: Tag | None) -> None:
         if self._hold is not None:
@@ -83,12 +106,23 @@ class RegionStates:
         self._end(eos=True, raw=raw)
 
     def _on_orphan(self, raw: str, tag: Tag | None) -> None:
-        if not self._has_tools:
+        """A closer in content: text when its opener went to the text (dsml.md 6.1 rule 7),
+        else an orphan, dropped with the whitespace before it."""
+        opened = self._opened
+        kind = self._kind
+        if not self._has_tools or opened[kind - 1]:
+            if opened[kind - 1]:
+                opened[kind - 1] -= 1
             self._text(CONTENT, raw)
             return
-        self._flush_nl()
-        self._span("markup", raw)
+        nl, self._nl = self._nl, ""
+        self._span("markup", nl + raw)
         self._notice(RepairKind.ORPHAN_CLOSER, raw, dedupe=False)
+
+    def _on_text_opener(self, raw: str, tag: Tag | None) -> None:
+        """A parameter opener outside a block is text; its closer will be too (rule 7)."""
+        self._opened[PARAM_OPEN] += 1
+        self._text(CONTENT, raw)
 
     def _on_block_open(self, raw: str, tag: Tag | None) -> None:
         region = REASONING if self._state == REASONING else CONTENT
@@ -134,6 +168,7 @@ class RegionStates:
             self._reject(raw, tag)
             return
         if tool is None:
+            self._opened[INVOKE_OPEN] += 1
             if self._state == AFTER:
                 self._on_after_text(raw, tag)
             else:
@@ -176,9 +211,13 @@ class RegionStates:
 
     def _on_after_think(self, raw: str, tag: Tag | None) -> None:
         hold = self._hold
-        if hold is not None and hold.region == REASONING and hold.think_at < 0:
+        if hold is not None and hold.region == REASONING and hold.think_at < 0 and raw == THINK_CLOSE:
             hold.think_at = len(hold.raw) - 1  # the `</think>` just appended
             self._span("markup", raw)
+            return
+        if hold is None and raw == THINK_CLOSE:
+            self._flush_after_ws()
+            self._extra_think(raw)
             return
         self._on_after_text(raw, tag)
 
@@ -189,7 +228,11 @@ class RegionStates:
         self._on_after_text(raw, tag)
 
     def _on_after_orphan(self, raw: str, tag: Tag | None) -> None:
-        if self._hold is not None:
+        hold = self._hold
+        if hold is not None:
+            if hold.bare and hold.region == REASONING:  # closers after it: still a call (rule 8)
+                self._span("markup", raw)
+                return
             self._reject(raw, tag)
             return
         self._flush_after_ws()
@@ -212,6 +255,8 @@ class RegionStates:
         for call in hold.calls:
             self._deliver(call, call.outcome, call.error)
         if hold.region == REASONING and hold.calls:
+            if hold.bare:
+                self._notice(RepairKind.THINKING_ORPHAN, hold.calls[0].name, dedupe=False)
             self._recovered = True
             self._notice(RepairKind.RECOVERED_FROM_THINKING, str(len(hold.calls)), dedupe=False)
 
@@ -224,6 +269,15 @@ class RegionStates:
         self._call = None
         if raw is not None:
             hold.raw.pop()
+        markers = self._markers
+        for piece in hold.raw:  # openers released as text keep their closers (rule 7)
+            tok = markers.get(piece) if piece[:1] == "<" else None
+            if tok is not None and tok[0] in _OPENERS_AND_CLOSERS:
+                kind = tok[0]
+                if kind in _OPENER_KINDS:
+                    self._opened[kind] += 1
+                elif self._opened[kind - 1]:
+                    self._opened[kind - 1] -= 1
         region = hold.region
         self._state = region
         if hold.think_at >= 0:

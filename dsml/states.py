@@ -70,9 +70,9 @@ def transition_table(P: Any) -> list[list[Handler]]:
         INVOKE_OPEN=P._on_bare_invoke,
     )  # fmt: skip
     table[CONTENT] = _row(
-        P._on_content_text, END=P._on_eos, CALLS_OPEN=P._on_block_open,
+        P._on_content_text, THINK=P._on_content_think, END=P._on_eos, CALLS_OPEN=P._on_block_open,
         INVOKE_OPEN=P._on_bare_invoke, CALLS_CLOSE=P._on_orphan, INVOKE_CLOSE=P._on_orphan,
-        PARAM_CLOSE=P._on_orphan,
+        PARAM_CLOSE=P._on_orphan, PARAM_OPEN=P._on_text_opener,
     )  # fmt: skip
     # Damaged blocks (dsml.md 6.1): a tag that cannot come where it is ends what is open
     # (_on_value_cut: rule 1, _on_invoke_cut: rules 2-3); a second opener is markup (rule 4).

@@ -493,11 +493,9 @@ def test_invoke_without_opener_and_required_args_stays_text() -> None:
 def test_invoke_without_opener_for_undeclared_tool_stays_text() -> None:
     text = 'See <｜DSML｜invoke name="other">\n</｜DSML｜invoke> there.'
     r, notices = _weather(text)
-    assert r.tool_calls == []
-    assert (
-        r.content == 'See <｜DSML｜invoke name="other">\n there.'
-    )  # the orphan closer is stripped
-    assert "orphan_closer" in notices
+    # Its closer is no orphan: the opener is in the text (dsml.md 6.1 rule 7).
+    assert r.tool_calls == [] and r.content == text
+    assert "orphan_closer" not in notices
 
 
 def test_text_after_a_block_is_content() -> None:
@@ -514,7 +512,8 @@ def test_two_blocks() -> None:
 
 def test_orphan_closers_are_stripped() -> None:
     r, notices = _weather("Done.</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>")
-    assert r.content == "Done.\n" and "orphan_closer" in notices
+    # Dropped with the whitespace before them (dsml.md 6.1 rule 7).
+    assert r.content == "Done." and "orphan_closer" in notices
     assert r.turn_outcome == TurnOutcome.ANSWER
 
 
