@@ -36,7 +36,7 @@ from dsml.events import (
     tool_call_end,
     tool_call_start,
 )
-from dsml.lexer import INVOKE_OPEN, Tag
+from dsml.lexer import INVOKE_OPEN, MARKER_PREFIXES, Tag
 from dsml.schema import loads_strict
 from dsml.states import AFTER, BLOCK, BODY, CONTENT, INVOKE, VALUE
 
@@ -82,13 +82,21 @@ class BlockStates:
         return tag.name
 
     def _on_block_text(self, raw: str, tag: Tag | None) -> None:
-        if self._in_junk:
+        if raw in MARKER_PREFIXES:
+            self._partial_tag(raw)
+        elif self._in_junk:
             self._on_junk(raw, tag)
         elif raw.isspace():
             self._ws = (self._ws + raw)[:3]
             self._span("markup", raw)
         else:
             self._start_junk(raw, tag)
+
+    def _partial_tag(self, raw: str) -> None:
+        """A cut tag (`</`, `</｜DSML｜inv`) right before the next tag is markup (dsml.md
+        6.1 rule 2): the lexer gives it as text only when a `<` follows it."""
+        self._span("markup", raw)
+        self._notice(RepairKind.PARTIAL_TAG, raw, dedupe=False)
 
     def _leading_ws(self, raw: str) -> str:
         """Whitespace before text inside a block is markup however the deltas split it."""
@@ -148,7 +156,9 @@ class BlockStates:
     def _on_invoke_text(self, raw: str, tag: Tag | None) -> None:
         call = self._call
         assert call is not None
-        if self._in_junk:
+        if raw in MARKER_PREFIXES:
+            self._partial_tag(raw)
+        elif self._in_junk:
             self._on_junk(raw, tag)
         elif raw.isspace():
             self._ws = (self._ws + raw)[:3]
@@ -364,8 +374,8 @@ class BlockStates:
             self._write_object(call, obj)
             return
         params = repair.read_parameters(text)
-        if params is None:  # prose: no call (dsml.md 6.1 rule 6)
-            call.broken = call.opener + raw_body
+        if params is None or not repair.keeps_text(text, [v for _, _, v in params]):
+            call.broken = call.opener + raw_body  # prose: no call (dsml.md 6.1 rule 6)
             return
         call.repairs.append(RepairKind.LXML_REPAIR)
         self._notice(RepairKind.LXML_REPAIR, call.name)
@@ -515,7 +525,11 @@ class BlockStates:
                 pieces.append((start, end, "leftover" if text.strip() else "markup"))
                 continue
             found = [inv for inv in repair.read_invokes(text) if inv.name and not inv.name.isspace()]
-            call = self._repaired_call(found[0]) if found else None
+            call = None
+            if len(found) == 1 and repair.keeps_text(
+                text, [v for _, _, v in found[0].params] + [found[0].body]
+            ):
+                call = self._repaired_call(found[0])
             if call is None:
                 self._ledger.leftovers.append((True, text))
             pieces.append((start, end, "markup"))

@@ -57,6 +57,8 @@ _TAG_END = re.compile(rf"(?:{_ATTR})*\s*(/?)>")
 _TAG_PARTIAL = re.compile(
     rf"(?:{_ATTR})*(?:\s+(?:[\w-]+(?:\s*(?:=\s*(?:[{_Q}][^{_Q}]*)?)?)?)?|\s*/?)?"
 )
+# A tag cut before its `>`: its attributes (if any), then a newline or the next tag.
+_TAG_CUT = re.compile(rf"(?:{_ATTR})*(?=\s*<|\n)")
 _ATTR_ITEM = re.compile(rf"([\w-]+)\s*=\s*[{_Q}]([^{_Q}]*)[{_Q}]")
 _CANONICAL_ATTRS = re.compile(r'(?: [\w-]+="[^"“”]*")*')
 
@@ -333,11 +335,13 @@ class IncrementalLexer:
             if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):
                 self.tag_wait = True
                 return None
-            if buf[hend] in "\n<":  # a tag without `>` (dsml.md 6.1 rules 1 and 4)
-                self._pos = hend
-                raw = buf[pos:hend]
+            cut = _TAG_CUT.match(buf, hend)
+            if cut is not None:  # a tag without `>` (dsml.md 6.1 rules 1 and 4)
+                self._pos = end = cut.end()
+                raw = buf[pos:end]
+                attrs = dict(_ATTR_ITEM.findall(buf, hend, end))
                 broken = _BROKEN if m.group(1) else _DAMAGED
-                return kind, raw, Tag(kind, raw, _NO_ATTRS, False, head_repairs + broken)
+                return kind, raw, Tag(kind, raw, attrs, False, head_repairs + broken)
         elif buf.startswith(EOS, pos):
             self._pos = pos + len(EOS)
             return END, EOS, None

@@ -28,7 +28,6 @@ from dsml.lexer import CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN, Tag
 from dsml.markers import THINK_CLOSE, THINK_OPEN
 from dsml.states import AFTER, BLOCK, BODY, CONTENT, DONE, INVOKE, REASONING, VALUE
 
-
 _OPENER_KINDS = (CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN)  # a closer's kind is its opener's + 1
 _OPENERS_AND_CLOSERS = frozenset((*_OPENER_KINDS, *(k + 1 for k in _OPENER_KINDS)))
 

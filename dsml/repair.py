@@ -57,6 +57,19 @@ _INVOKE_TAG = re.compile(
 )
 
 
+_WHOLE_TAG = re.compile(r"<[^<>]*>")
+
+
+def keeps_text(text: str, values: list[str]) -> bool:
+    """lxml's reading of `text` kept every character outside whole tags (whitespace
+    aside) in `values`: a repair never drops text (dsml.md 6.1; a broken tag swallows the
+    text after it in lxml)."""
+    import html
+
+    outside = "".join(html.unescape(_WHOLE_TAG.sub("", normalise(text))).split())
+    return outside == "".join("".join(values).split())
+
+
 def has_markup(text: str) -> bool:
     """`text` holds a DSML tag (any spelling)."""
     return _TAG.search(text) is not None

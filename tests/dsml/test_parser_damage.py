@@ -1,0 +1,219 @@
+"""Damaged blocks from real engines (dsml.md section 6.1, issue 13): one case per class of
+damage, written from the rules, each checked whole and fed one character at a time."""
+
+from __future__ import annotations
+
+import json
+
+from dsml import markers
+from dsml.events import (
+    CallOutcome,
+    Notice,
+    RepairKind,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    TurnOutcome,
+)
+from dsml.parser import StreamParser
+from tests.dsml.conftest import merge, parse_chunks, split
+
+D = "｜DSML｜"
+EOS = markers.EOS
+
+
+def _tool(name: str, props: dict[str, str], required: tuple[str, ...] = ()) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {k: {"type": v} for k, v in props.items()},
+        "required": list(required)}}}  # fmt: skip
+
+
+TOOLS = [
+    _tool("get_weather", {"city": "string", "days": "integer"}, ("city",)),
+    _tool("bash", {"command": "string"}, ("command",)),
+    _tool("read_file", {"path": "string"}, ("path",)),
+]
+
+
+def par(key: str, value: str, string: str = "true") -> str:
+    return f'<{D}parameter name="{key}" string="{string}">{value}</{D}parameter>'
+
+
+def inv(name: str, body: str) -> str:
+    return f'<{D}invoke name="{name}">\n{body}\n</{D}invoke>'
+
+
+def block(*invokes: str) -> str:
+    return f"\n\n<{D}tool_calls>\n" + "\n".join(invokes) + f"\n</{D}tool_calls>"
+
+
+def run(text: str, thinking: bool = False):
+    """Parse whole and char by char: both must agree (chunking never matters)."""
+    parser, events = parse_chunks([text], TOOLS, thinking)
+    _, by_char = parse_chunks(split(text, 1), TOOLS, thinking)
+    assert merge(by_char) == merge(events)
+    frags: dict[int, str] = {}
+    for ev in events:
+        if isinstance(ev, ToolCallArgsDelta):
+            frags[ev.index] = frags.get(ev.index, "") + ev.fragment
+        elif isinstance(ev, ToolCallEnd):
+            assert json.loads(frags[ev.index]) == ev.arguments  # streamed == final
+    return parser.result, events
+
+
+def calls(r) -> list[tuple[str, dict]]:
+    return [(c.name, c.arguments) for c in r.tool_calls]
+
+
+def kinds(r) -> set[str]:
+    return {n.kind.value for n in r.notices}
+
+
+# 1. A missing or broken parameter closer: the next parameter opener ends the value.
+def test_missing_parameter_closer_does_not_swallow_the_next_parameter() -> None:
+    text = "Hi" + block(inv("get_weather", f'<{D}parameter name="city" string="true">Paris'
+                                           + par("days", "3", "false"))) + EOS  # fmt: skip
+    r, _ = run(text)
+    assert calls(r) == [("get_weather", {"city": "Paris", "days": 3})]
+    assert r.tool_calls[0].outcome == CallOutcome.REPAIRED
+    assert RepairKind.PARAM_CLOSER_MISSING in kinds(r)
+
+
+def test_closer_without_its_gt_counts_as_the_closer() -> None:
+    text = "Hi" + block(inv("get_weather", f'<{D}parameter name="city" string="true">Paris</{D}parameter\n'
+                                           + par("days", "3", "false"))) + EOS  # fmt: skip
+    r, _ = run(text)
+    assert calls(r) == [("get_weather", {"city": "Paris", "days": 3})]
+    assert RepairKind.BROKEN_CLOSER in kinds(r)
+
+
+# 2. A missing invoke closer: the next invoke opener closes it; nothing moves, order kept.
+def test_missing_invoke_closer_keeps_each_parameter_in_its_call() -> None:
+    text = "Hi" + block(f'<{D}invoke name="get_weather">\n' + par("city", "Paris"),
+                        inv("bash", par("command", "ls"))) + EOS  # fmt: skip
+    r, events = run(text)
+    assert calls(r) == [("get_weather", {"city": "Paris"}), ("bash", {"command": "ls"})]
+    order = [(type(e).__name__, e.index) for e in events if isinstance(e, ToolCallStart | ToolCallEnd)]
+    assert order == [("ToolCallStart", 0), ("ToolCallEnd", 0), ("ToolCallStart", 1), ("ToolCallEnd", 1)]
+    assert RepairKind.INVOKE_CLOSER_MISSING in kinds(r)
+
+
+def test_a_stray_partial_closer_before_the_next_invoke_is_markup() -> None:
+    text = "Hi" + block(f'<{D}invoke name="get_weather">\n' + par("city", "Oslo") + "\n</",
+                        inv("bash", par("command", "ls"))).replace("\n</\n", "\n</") + EOS  # fmt: skip
+    r, _ = run(text)
+    assert calls(r) == [("get_weather", {"city": "Oslo"}), ("bash", {"command": "ls"})]
+    assert r.content == "Hi" and RepairKind.PARTIAL_TAG in kinds(r)
+
+
+# 3. An invoke left open at the block closer is complete.
+def test_block_closer_completes_the_open_invoke() -> None:
+    text = "Hi" + f"\n\n<{D}tool_calls>\n<{D}invoke name=\"get_weather\">\n" + par("city", "Paris") + f"\n</{D}tool_calls>" + EOS
+    r, _ = run(text)
+    assert calls(r) == [("get_weather", {"city": "Paris"})] and r.content == "Hi"
+    assert r.turn_outcome == TurnOutcome.TOOL_CALLS
+    assert RepairKind.INVOKE_CLOSED_BY_BLOCK in kinds(r)
+
+
+def test_a_second_block_opener_inside_a_block_is_markup() -> None:
+    text = "Hi" + block(inv("bash", par("command", "ls"))).replace(
+        f"<{D}tool_calls>\n", f"<{D}tool_calls>\n<{D}tool_calls>\n", 1) + EOS
+    r, _ = run(text)
+    assert calls(r) == [("bash", {"command": "ls"})] and r.content == "Hi"
+    assert RepairKind.STRAY_OPENER in kinds(r)
+
+
+def test_a_damaged_opener_line_before_the_real_block_is_markup() -> None:
+    text = f"Hi\n\n<{D}tool_calls\n<{D}tool_calls>\n" + inv("bash", par("command", "ls")) + f"\n</{D}tool_calls>" + EOS
+    r, _ = run(text)
+    assert calls(r) == [("bash", {"command": "ls"})] and r.content == "Hi"
+    assert RepairKind.DAMAGED_OPENER in kinds(r)
+
+
+# 5/6. Nameless invokes, prose bodies.
+def test_an_invoke_with_an_empty_name_is_no_call_and_the_block_comes_back() -> None:
+    blk = block(f'<{D}invoke name="">\n' + par("command", "ls") + f"\n</{D}invoke>")
+    r, _ = run("Hi" + blk + EOS)
+    assert r.tool_calls == [] and r.content == "Hi" + blk
+    assert r.turn_outcome == TurnOutcome.MALFORMED
+
+
+def test_a_nameless_invoke_beside_a_real_call_goes_to_a_notice() -> None:
+    broken = f"<{D}invoke>\n" + par("command", "rm -rf /") + f"\n</{D}invoke>"
+    r, _ = run("Hi" + block(broken, inv("bash", par("command", "ls"))) + EOS)
+    assert calls(r) == [("bash", {"command": "ls"})] and r.content == "Hi"
+    details = [n.detail for n in r.notices if n.kind == RepairKind.BROKEN_INVOKE]
+    assert details and "rm -rf /" in "".join(details)
+
+
+def test_an_invoke_whose_body_is_prose_is_no_call_and_its_text_is_kept() -> None:
+    blk = block(inv("get_weather", "Paris, for 3 days please"))
+    r, events = run("Hi" + blk + EOS)
+    assert r.tool_calls == [] and r.content == "Hi" + blk
+    assert not [e for e in events if isinstance(e, ToolCallStart)]
+
+
+def test_prose_beside_an_lxml_repaired_invoke_is_content() -> None:
+    body = 'I will check Oslo now: <invoke name="get_weather"><parameter name="city">Oslo</parameter></invoke> done'
+    r, _ = run("Hi" + block(body) + EOS)
+    assert calls(r) == [("get_weather", {"city": "Oslo"})]
+    assert "I will check Oslo now:" in r.content and "done" in r.content
+    assert "<invoke" not in r.content
+
+
+# 7. Orphans.
+def test_an_orphan_invoke_of_an_undeclared_tool_stays_content_with_its_closers() -> None:
+    text = "Hi\n" + inv("nope", par("x", "1")) + " ok"
+    r, _ = run(text + EOS)
+    assert r.tool_calls == [] and r.content == text
+
+
+def test_orphan_closers_go_with_the_blank_lines_before_them() -> None:
+    r, _ = run(f"Hi\n\n</{D}invoke>" + EOS)
+    assert r.content == "Hi" and RepairKind.ORPHAN_CLOSER in kinds(r)
+
+
+# 8. A qualifying orphan invoke at the end of reasoning, then a stray block closer.
+def test_orphan_invoke_in_reasoning_followed_by_closers_is_a_call() -> None:
+    text = "think\n" + inv("read_file", par("path", "a.txt")) + f"\n</{D}tool_calls></think>" + EOS
+    r, _ = run(text, thinking=True)
+    assert calls(r) == [("read_file", {"path": "a.txt"})] and r.reasoning_content == "think"
+    assert r.turn_outcome == TurnOutcome.RECOVERED_FROM_THINKING
+    assert RepairKind.THINKING_ORPHAN in kinds(r)
+
+
+# 10. Think tags.
+def test_a_second_think_closer_and_a_doubled_think_opener_are_markup() -> None:
+    r, _ = run("<think>plan</think>answer</think>" + EOS, thinking=True)
+    assert (r.reasoning_content, r.content) == ("plan", "answer")
+    assert RepairKind.EXTRA_THINK_TAG in kinds(r)
+
+
+# Fuzzing finds: duplicated parameters, exceptions.
+def test_a_duplicated_parameter_keeps_the_first_value_streamed_and_final() -> None:
+    r, events = run("Hi" + block(inv("get_weather", par("city", "Oslo") + "\n" + par("city", "Paris"))) + EOS)
+    assert calls(r) == [("get_weather", {"city": "Oslo"})]
+    assert json.loads(r.tool_calls[0].arguments_json) == {"city": "Oslo"}
+    assert [n.detail for n in r.notices if n.kind == RepairKind.DUPLICATE_PARAMETER] == ["city: Paris"]
+
+
+def test_a_lone_surrogate_inside_a_block_does_not_raise() -> None:
+    blk = block(inv("get_weather", "junk \ud800 <x"))
+    r, _ = run("Hi" + blk + EOS)
+    assert r.tool_calls == [] and r.content == "Hi" + blk
+
+
+def test_hundreds_of_markers_in_one_delta_do_not_recurse() -> None:
+    for marker in (f"</{D}parameter>", "</think>", f"<{D}tool_calls>", f'<{D}invoke name="bash">'):
+        for thinking in (False, True):
+            p = StreamParser(TOOLS, thinking)
+            p.feed("x")
+            p.feed(marker * 3000)
+            p.finish()
+            assert p.result.raw == "x" + marker * 3000
+
+
+def test_new_rules_count_as_repair_kinds_in_notices() -> None:
+    r, events = run("Hi" + block(f'<{D}invoke name="get_weather">\n' + par("city", "Paris"),
+                                 inv("bash", par("command", "ls"))) + EOS)  # fmt: skip
+    assert any(isinstance(e, Notice) and e.kind == RepairKind.INVOKE_CLOSER_MISSING for e in events)
