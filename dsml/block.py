@@ -36,9 +36,9 @@ from dsml.events import (
     tool_call_end,
     tool_call_start,
 )
-from dsml.lexer import INVOKE_OPEN, MARKER_PREFIXES, Tag
+from dsml.lexer import INVOKE_OPEN, MARKER_PREFIXES, TEXT, Tag
 from dsml.schema import loads_strict
-from dsml.states import AFTER, BLOCK, BODY, CONTENT, INVOKE, VALUE
+from dsml.states import AFTER, BLOCK, BODY, CONTENT, INVOKE, QUOTED, VALUE
 
 _CANONICAL_WS = frozenset(("\n", "\n\n", ""))  # between tags: not a WHITESPACE repair
 # Outcomes a strict parser delivers; a tuple of members bound once (`CallOutcome.VALID` is a
@@ -260,6 +260,53 @@ class BlockStates:
         self._end_value(call)
         self._table[INVOKE][self._kind](self, raw, tag)
 
+    def _on_value_invoke(self, raw: str, tag: Tag | None) -> None:
+        """An invoke opener inside a value: quoted text (DeepSeek's parse vectors quote one
+        in a string value) or the next invoke, the value's closer forgotten. The next tag
+        decides (QUOTED); until then what follows is held, not streamed."""
+        self._quoted = [(raw, tag)]
+        self._state = QUOTED
+
+    def _on_quoted_any(self, raw: str, tag: Tag | None) -> None:
+        self._quoted.append((raw, None))
+
+    def _on_quoted_text(self, raw: str, tag: Tag | None) -> None:
+        """The value's closer (or EOS) came: the held opener and text were value text."""
+        kind = self._kind
+        self._state = VALUE
+        self._kind = TEXT
+        for text, _ in self._quoted:
+            self._on_value_text(text, None)
+        self._quoted = []
+        self._kind = kind
+        self._table[VALUE][kind](self, raw, tag)
+
+    def _on_quoted_invoke(self, raw: str, tag: Tag | None) -> None:
+        """A parameter opener (or the block closer) came: the held opener began the next
+        invoke (dsml.md 6.1 rules 1 and 2); the held text is read again after it."""
+        if self._hold is not None:  # held text is decided whole: released as it was written
+            self._quoted = []
+            self._reject(raw, tag)
+            return
+        kind = self._kind
+        (opener, otag), *rest = self._quoted
+        self._quoted = []
+        call = self._call
+        assert call is not None and call.plan is not None
+        call.repairs.append(RepairKind.PARAM_CLOSER_MISSING)
+        self._notice(RepairKind.PARAM_CLOSER_MISSING, call.plan.key)
+        self._end_value(call)
+        self._kind = INVOKE_OPEN
+        self._on_invoke_cut(opener, otag)
+        if self._block_start is not None:  # the held text and this tag are unread there too
+            pieces, back = self._block_start
+            self._block_start = (pieces, back + sum(len(t) for t, _ in rest) + len(raw))
+        self._kind = TEXT
+        for text, _ in rest:  # (a tag held there is read as text: it was no decision)
+            self._table[self._state][TEXT](self, text, None)
+        self._kind = kind
+        self._table[self._state][kind](self, raw, tag)
+
     def _end_value(self, call: Call) -> None:
         text = "".join(call.vparts)
         call.vparts = []
@@ -330,6 +377,9 @@ class BlockStates:
         self._finish_invoke(call)
         if self._hold is not None:
             self._hold.raw.append(raw)
+        elif self._block_start is not None:  # the unfinished part starts before this tag
+            pieces, back = self._block_start
+            self._block_start = (pieces, back + len(raw))
         self._table[self._state][self._kind](self, raw, tag)
 
     def _on_stray_opener(self, raw: str, tag: Tag | None) -> None:

@@ -194,10 +194,11 @@ for _cache in _MARKERS.values():
     _cache[THINK_OPEN] = (THINK, THINK_OPEN, None)  # `<think>`: markup only where rule 10 says
     _cache[EOS] = (END, EOS, None)
 _NUM_FIXED = len(_MARKERS[Dialect.V4])
-# Markers inside a value: EOS and every DSML tag (dsml.md 6.1 rule 1) but an invoke
-# opener, which DeepSeek's reference parser reads as value text (the golden parse vectors
-# quote one inside a string value; there is no escape). `</think>` is value text too.
-VALUE_MARKERS = frozenset((PARAM_CLOSE, END, PARAM_OPEN, INVOKE_CLOSE, CALLS_OPEN, CALLS_CLOSE))
+# Markers inside a value: EOS and every DSML tag (dsml.md 6.1 rule 1; an invoke opener is
+# decided by the next tag, see dsml.block). `</think>` is value text there.
+VALUE_MARKERS = frozenset(
+    (PARAM_CLOSE, END, PARAM_OPEN, INVOKE_OPEN, INVOKE_CLOSE, CALLS_OPEN, CALLS_CLOSE)
+)
 _BROKEN = (RepairKind.BROKEN_CLOSER,)
 _DAMAGED = (RepairKind.DAMAGED_OPENER,)
 _NO_ATTRS: Mapping[str, str] = MappingProxyType({})
@@ -307,10 +308,8 @@ class IncrementalLexer:
             self._pos = end
             return TEXT, buf[pos:end], None
         m = _HEAD.match(buf, pos)  # DSML tags first: most `<` in a tool block start one
-        info = self._head_info[m.group()] if m is not None else None
-        if info is not None and not (value_mode and info[0] == INVOKE_OPEN):
-            assert m is not None
-            kind, head_repairs = info
+        if m is not None:
+            kind, head_repairs = self._head_info[m.group()]
             hend = m.end()
             if buf[hend] == ">":  # closers: no attributes, one shared token per spelling
                 self._pos = hend + 1

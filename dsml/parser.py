@@ -134,7 +134,7 @@ class StreamParser(RegionStates, BlockStates):
         "_after_ws", "_block_start", "_call", "_calls", "_cindex", "_content", "_eos",
         "_fast", "_has_tools", "_hold", "_id_factory", "_in_junk", "_jparts", "_junk",
         "_junk_spans", "_kind", "_ledger", "_lex", "_malformed", "_mark", "_markers",
-        "_next_index", "_nl", "_notices", "_opened", "_out", "_pending", "_raw", "_reasoning",
+        "_next_index", "_nl", "_notices", "_opened", "_quoted", "_out", "_pending", "_raw", "_reasoning",
         "_recovered", "_rest", "_result", "_seen", "_span", "_state", "_strict", "_summed", "_tools",
         "_unterminated", "_vparts", "_ws", "dialect", "rejected", "spans",
     )  # fmt: skip
@@ -176,6 +176,7 @@ class StreamParser(RegionStates, BlockStates):
         self._next_index = 0
         self._seen: set[RepairKind] = set()  # repairs already noticed in this block
         self._junk: list[str] = []  # block text the state machine could not read
+        self._quoted: list[tuple[str, Tag | None]] = []  # held in QUOTED (dsml.block)
         self._opened = [0] * 9  # by token kind: openers that went to the text (dsml.regions)
         self._ledger = BlockLedger((0, 0), 0, 0)  # the current block's (dsml.block)
         # Where a streaming block's unfinished part starts (its separator, then the end of

@@ -26,7 +26,7 @@ from dsml.events import (
 )
 from dsml.lexer import CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN, Tag
 from dsml.markers import THINK_CLOSE, THINK_OPEN
-from dsml.states import AFTER, BLOCK, BODY, CONTENT, DONE, INVOKE, REASONING, VALUE
+from dsml.states import AFTER, BLOCK, BODY, CONTENT, DONE, INVOKE, QUOTED, REASONING, VALUE
 
 _OPENER_KINDS = (CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN)  # a closer's kind is its opener's + 1
 _OPENERS_AND_CLOSERS = frozenset((*_OPENER_KINDS, *(k + 1 for k in _OPENER_KINDS)))
@@ -118,6 +118,12 @@ class RegionStates:
         self._span("markup", nl + raw)
         self._notice(RepairKind.ORPHAN_CLOSER, raw, dedupe=False)
 
+    def _on_reasoning_closer(self, raw: str, tag: Tag | None) -> None:
+        """A closer in reasoning is text; it ends a block released as text (rule 7)."""
+        if self._opened[self._kind - 1]:
+            self._opened[self._kind - 1] -= 1
+        self._text(REASONING, raw)
+
     def _on_text_opener(self, raw: str, tag: Tag | None) -> None:
         """A parameter opener outside a block is text; its closer will be too (rule 7)."""
         self._opened[PARAM_OPEN] += 1
@@ -163,10 +169,16 @@ class RegionStates:
         assert tag is not None
         name = tag.name
         tool = self._tools.get(name) if name is not None else None
-        if self._hold is not None:
+        hold = self._hold
+        if hold is not None and hold.bare and hold.closed and tool is not None:
+            hold.closed = False  # the next orphan invoke of a reasoning run (rule 8)
+            self._state = BLOCK
+            self._on_invoke_open(raw, tag)
+            return
+        if hold is not None:
             self._reject(raw, tag)
             return
-        if tool is None:
+        if tool is None or self._opened[CALLS_OPEN]:  # (inside a block released as text)
             self._opened[INVOKE_OPEN] += 1
             if self._state == AFTER:
                 self._on_after_text(raw, tag)
@@ -297,6 +309,8 @@ class RegionStates:
             if hold.closed:
                 self._accept()
             else:
+                # An orphan invoke the stream leaves open is cut like an open block.
+                self._unterminated = self._unterminated or hold.region == CONTENT
                 self._reject(None, None)
             st = self._state
         if st in (REASONING, CONTENT):
@@ -304,7 +318,7 @@ class RegionStates:
         elif st == AFTER:
             if self._after_ws or self.spans is not None:
                 self._flush_after_ws()
-        elif st in (BLOCK, INVOKE, BODY, VALUE):
+        elif st in (BLOCK, INVOKE, BODY, VALUE, QUOTED):
             self._truncate(self._offset() - len(raw))
         self._span("markup", raw)
         self._state = DONE
@@ -314,7 +328,7 @@ class RegionStates:
         call = self._call
         self._call = None
         if call is not None and call.streaming and call.index >= 0:
-            if call.streams and self._state == VALUE:
+            if call.streams and self._state in (VALUE, QUOTED):
                 assert call.plan is not None
                 call.args[call.plan.key] = "".join(call.vparts)
                 closing = '"}'

@@ -57,7 +57,7 @@ _INVOKE_TAG = re.compile(
 )
 
 
-_WHOLE_TAG = re.compile(r"<[^<>]*>")
+_WHOLE_TAG = re.compile(r'</?[\w-]+(?:\s+[\w-]+\s*=\s*"[^"]*")*\s*/?>')  # well-formed only
 
 
 def keeps_text(text: str, values: list[str]) -> bool:

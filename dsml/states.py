@@ -13,6 +13,8 @@ value). A row's default handler takes every kind not named in it.
     INVOKE --invoke close--> BLOCK --calls close--> AFTER --text--> CONTENT
     VALUE --any other DSML tag--> INVOKE (the tag read again there; dsml.md 6.1 rule 1)
     INVOKE|BODY --invoke open or calls close--> BLOCK (read again there; rules 2, 3)
+    VALUE --invoke open--> QUOTED (held) --parameter close or EOS--> VALUE (it was text)
+    QUOTED --parameter open or calls close--> BLOCK (it opened the next invoke; rule 2)
     any --EOS--> DONE
 """
 
@@ -35,8 +37,8 @@ from dsml.lexer import (
 )
 
 # Parser states.
-REASONING, CONTENT, BLOCK, INVOKE, BODY, VALUE, AFTER, DONE = range(8)
-NUM_STATES = 8
+REASONING, CONTENT, BLOCK, INVOKE, BODY, VALUE, AFTER, DONE, QUOTED = range(9)
+NUM_STATES = 9
 # Fast paths of feed(): plain text in these states needs one `in` test and one event;
 # FAST_PREFIX and FAST_TAG (the largest) hold a marker still arriving.
 FAST_NONE, FAST_CONTENT, FAST_REASONING, FAST_VALUE, FAST_HELD_VALUE, FAST_WS = range(6)
@@ -67,7 +69,8 @@ def transition_table(P: Any) -> list[list[Handler]]:
     table: list[list[Handler]] = [[]] * NUM_STATES
     table[REASONING] = _row(
         P._on_reasoning_text, THINK=P._on_think, END=P._on_eos, CALLS_OPEN=P._on_block_open,
-        INVOKE_OPEN=P._on_bare_invoke,
+        INVOKE_OPEN=P._on_bare_invoke, CALLS_CLOSE=P._on_reasoning_closer,
+        INVOKE_CLOSE=P._on_reasoning_closer, PARAM_CLOSE=P._on_reasoning_closer,
     )  # fmt: skip
     table[CONTENT] = _row(
         P._on_content_text, THINK=P._on_content_think, END=P._on_eos, CALLS_OPEN=P._on_block_open,
@@ -91,6 +94,11 @@ def transition_table(P: Any) -> list[list[Handler]]:
     )  # fmt: skip
     table[VALUE] = _row(
         P._on_value_cut, TEXT=P._on_value_text, END=P._on_eos, PARAM_CLOSE=P._on_param_close,
+        INVOKE_OPEN=P._on_value_invoke,
+    )  # fmt: skip
+    table[QUOTED] = _row(
+        P._on_quoted_any, END=P._on_quoted_text, PARAM_CLOSE=P._on_quoted_text,
+        PARAM_OPEN=P._on_quoted_invoke, CALLS_CLOSE=P._on_quoted_invoke,
     )  # fmt: skip
     table[AFTER] = _row(
         P._on_after_tag, TEXT=P._on_after_text, THINK=P._on_after_think, END=P._on_eos,

@@ -133,8 +133,11 @@ def check(text: str, thinking: bool, rnd: random.Random) -> str | None:
         for s in _strings(call.arguments):
             if DSML_TAG.search(_INVOKE_OPEN.sub("", s)):
                 return f"(a) markup in an argument value of {call.name}: {s!r}"
-    # (A block the stream leaves open comes back as content by design: dsml.md section 6.)
-    if r.tool_calls and r.turn_outcome not in (TurnOutcome.TRUNCATED, TurnOutcome.MALFORMED):
+    # Exceptions by design: a block the stream leaves open comes back as content (dsml.md
+    # section 6), and so does an orphan invoke that does not qualify as a call (6.1 rule 7),
+    # so the text is checked when the block's opener and closer are intact.
+    whole_block = text.count(f"<{D}tool_calls>") == 1 and f"</{D}tool_calls>" in text
+    if r.tool_calls and whole_block and r.turn_outcome not in (TurnOutcome.TRUNCATED, TurnOutcome.MALFORMED):
         for region, t in (("content", r.content), ("reasoning", r.reasoning_content)):
             if DSML_TAG.search(t):
                 return f"(a) markup in the {region} of a turn with calls: {t!r}"

@@ -191,7 +191,7 @@ def test_a_second_think_closer_and_a_doubled_think_opener_are_markup() -> None:
 
 # Fuzzing finds: duplicated parameters, exceptions.
 def test_a_duplicated_parameter_keeps_the_first_value_streamed_and_final() -> None:
-    r, events = run("Hi" + block(inv("get_weather", par("city", "Oslo") + "\n" + par("city", "Paris"))) + EOS)
+    r, _ = run("Hi" + block(inv("get_weather", par("city", "Oslo") + "\n" + par("city", "Paris"))) + EOS)
     assert calls(r) == [("get_weather", {"city": "Oslo"})]
     assert json.loads(r.tool_calls[0].arguments_json) == {"city": "Oslo"}
     assert [n.detail for n in r.notices if n.kind == RepairKind.DUPLICATE_PARAMETER] == ["city: Paris"]
@@ -214,6 +214,25 @@ def test_hundreds_of_markers_in_one_delta_do_not_recurse() -> None:
 
 
 def test_new_rules_count_as_repair_kinds_in_notices() -> None:
-    r, events = run("Hi" + block(f'<{D}invoke name="get_weather">\n' + par("city", "Paris"),
+    _, events = run("Hi" + block(f'<{D}invoke name="get_weather">\n' + par("city", "Paris"),
                                  inv("bash", par("command", "ls"))) + EOS)  # fmt: skip
     assert any(isinstance(e, Notice) and e.kind == RepairKind.INVOKE_CLOSER_MISSING for e in events)
+
+
+def test_an_invoke_opener_after_an_unclosed_value_starts_the_next_call() -> None:
+    # Fuzzing find: the value's closer in an unknown spelling, then the next invoke: its
+    # parameter must not join the first call (dsml.md 6.1 rules 1 and 2).
+    text = "Hi" + block(
+        f'<{D}invoke name="bash">\n<{D}parameter name="command" string="true">ls</ | DSML | parameter>\n'
+        + inv("read_file", par("path", "a.txt")),
+    ) + EOS  # fmt: skip
+    r, _ = run(text)
+    assert [c.name for c in r.tool_calls] == ["bash", "read_file"]
+    assert r.tool_calls[1].arguments == {"path": "a.txt"}
+    assert "path" not in r.tool_calls[0].arguments
+
+
+def test_an_invoke_opener_quoted_inside_a_value_stays_value_text() -> None:
+    value = f'echo "<{D}invoke name="x">" done'
+    r, _ = run("Hi" + block(inv("bash", par("command", value))) + EOS)
+    assert calls(r) == [("bash", {"command": value})]
