@@ -528,10 +528,11 @@ class BlockStates:
         self._state = AFTER
         self._after_ws = []
         self._block_start = None
-        self._settle_block(self._offset())
+        if self._junk or self._ledger.leftovers:
+            self._settle_block(None)
 
-    def _settle_block(self, end: int) -> None:
-        """The block ends at offset `end` (its closer, or where the stream left it): what
+    def _settle_block(self, end: int | None) -> None:
+        """The block ends at offset `end` (its closer when None, or where the stream left it): what
         is no call comes back. With a call in the block, prose is content and broken
         invokes are Notices; with none, the whole block is content as written (rule 6)."""
         if self._junk:
@@ -552,6 +553,8 @@ class BlockStates:
                         self.spans[i] = ("content" if text.strip() else "markup", text)
             return
         self._malformed = True
+        if end is None:
+            end = self._offset()
         text = "".join(self._raw)[self._resolve(ledger.open_mark) : end]
         if self.spans is not None:
             del self.spans[ledger.open_span :]
