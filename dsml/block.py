@@ -51,7 +51,10 @@ class BlockLedger:
     the text that is no call, to settle as content or Notices once it is known whether
     the block holds a call (dsml.md 6.1 rule 6)."""
 
-    __slots__ = ("calls_at_open", "leftovers", "open_mark", "open_span", "upto")
+    __slots__ = (
+        "calls_at_open", "leftovers", "open_mark", "open_span", "opener", "region", "sep", "tag",
+        "tail", "upto", "ws",
+    )  # fmt: skip
 
     def __init__(self, open_mark: tuple[int, int], open_span: int, calls_at_open: int) -> None:
         self.open_mark = open_mark  # a StreamParser._here() mark of the separator's start
@@ -59,6 +62,14 @@ class BlockLedger:
         self.calls_at_open = calls_at_open
         self.leftovers: list[tuple[bool, str]] = []  # (is broken markup, text) in order
         self.upto = 0  # leftovers before the end of the block's last complete invoke
+        # The opener, the separator before it, the region it interrupted, and whitespace
+        # after it: what comes back if the opener is text after all (dsml.regions).
+        self.opener = ""
+        self.sep = ""
+        self.tag: Tag | None = None
+        self.region = 0
+        self.ws: list[tuple[str, bool]] = []
+        self.tail = ""  # the last characters of that text (a plain invoke opener in them?)  # (text, is a second opener)
 
 
 class BlockStates:
@@ -550,7 +561,7 @@ class BlockStates:
             if self.spans is not None:
                 for i, (kind, text) in enumerate(self.spans):
                     if kind == "leftover":
-                        self.spans[i] = ("content" if text.strip() else "markup", text)
+                        self.spans[i] = ("content", text)
             return
         self._malformed = True
         if end is None:

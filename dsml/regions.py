@@ -13,6 +13,8 @@ A mixin of `dsml.parser.StreamParser`, like `dsml.block.BlockStates`.
 
 from __future__ import annotations
 
+import re
+
 from dsml.block import BlockLedger
 from dsml.calls import Call
 from dsml.events import (
@@ -24,10 +26,23 @@ from dsml.events import (
     TurnOutcome,
     args_delta,
 )
-from dsml.lexer import CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN, Tag
+from dsml.lexer import CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN, TEXT, Tag
 from dsml.markers import THINK_CLOSE, THINK_OPEN
-from dsml.states import AFTER, BLOCK, BODY, CONTENT, DONE, INVOKE, QUOTED, REASONING, VALUE
+from dsml.states import (
+    AFTER,
+    BLOCK,
+    BODY,
+    CONTENT,
+    DONE,
+    INVOKE,
+    OPENED,
+    QUOTED,
+    REASONING,
+    VALUE,
+)
 
+_PLAIN_INVOKE = re.compile(r"<invoke\s{1,8}name\s{0,8}=")
+_PLAIN_INVOKE_MAX = 31  # characters kept: one less than the longest match can be
 _OPENER_KINDS = (CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN)  # a closer's kind is its opener's + 1
 _OPENERS_AND_CLOSERS = frozenset((*_OPENER_KINDS, *(k + 1 for k in _OPENER_KINDS)))
 
@@ -155,13 +170,71 @@ class RegionStates:
             self._mark = len(self.spans) if self.spans is not None else 0
         if self.spans is not None:
             self._span("markup", sep + raw)
+        ledger = self._ledger
+        ledger.opener, ledger.sep, ledger.tag, ledger.region = raw, sep, tag, region
+        self._ws = ""
+        self._state = OPENED
+
+    # ----------------------------------------------------------------- after a block opener
+    # A block opener counts only when the next markup is an invoke opener or the block
+    # closer (dsml.md 6.1 rule 4); until then it is OPENED.
+
+    def _on_opened_text(self, raw: str, tag: Tag | None) -> None:
+        """Text is no markup: held until the next tag decides (a plain `<invoke name=…>`,
+        which the lexer reads as text, counts as an invoke opener)."""
+        ledger = self._ledger
+        ledger.ws.append((raw, False))  # spanned when decided
+        # Searched in the last characters and this text: found wherever deltas split it.
+        tail = ledger.tail + raw
+        ledger.tail = tail[-_PLAIN_INVOKE_MAX:]
+        if "<invoke" in tail and _PLAIN_INVOKE.search(tail):
+            self._on_opened_confirm(None, None)
+
+    def _on_opened_confirm(self, raw: str | None, tag: Tag | None) -> None:
+        ledger = self._ledger
+        if self._hold is not None and any(not o and not t.isspace() for t, o in ledger.ws):
+            self._reject(raw, tag)  # a held block must be well-formed: released as written
+            return
+        sep, opener = ledger.sep, ledger.tag
         if len(sep) < 2:
             self._notice(RepairKind.BLOCK_SEPARATOR, repr(sep))
-        assert tag is not None
-        if tag.repairs:
-            self._tag_repairs(tag, None)
+        assert opener is not None
+        if opener.repairs:
+            self._tag_repairs(opener, None)
         self._ws = ""
         self._state = BLOCK
+        held, ledger.ws = ledger.ws, []
+        if held:
+            kind, self._kind = self._kind, TEXT
+            for text, opener in held:
+                if opener:
+                    self._on_stray_opener(text, None)
+                else:
+                    self._table[BLOCK][TEXT](self, text, None)
+            self._kind = kind
+            self._in_junk = False  # (a tag follows)
+        if raw is not None:
+            self._table[BLOCK][self._kind](self, raw, tag)
+
+    def _on_opened_stray(self, raw: str, tag: Tag | None) -> None:
+        """A second opener right after the first: markup of the same block (rule 4)."""
+        self._ledger.ws.append((raw, True))  # (comes back with the first if that was text)
+
+    def _unopen(self, raw: str | None, tag: Tag | None) -> None:
+        """The opener was text after all (`Example: '<｜DSML｜toolcalls>'`): it comes back
+        as written, and the token `raw` is read again in the region."""
+        if self._hold is not None:
+            self._reject(raw, tag)
+            return
+        ledger = self._ledger
+        self._state = ledger.region
+        self._block_start = None
+        self._opened[CALLS_OPEN] += 1  # its closer is text too (rule 7)
+        if self.spans is not None:
+            del self.spans[ledger.open_span :]
+        self._text(ledger.region, ledger.sep + ledger.opener + "".join(t for t, _ in ledger.ws))
+        if raw is not None:
+            self._table[self._state][self._kind](self, raw, tag)
 
     def _on_bare_invoke(self, raw: str, tag: Tag | None) -> None:
         """An invoke without the block opener: held until it closes (dsml.md section 6)."""
@@ -312,6 +385,12 @@ class RegionStates:
                 # An orphan invoke the stream leaves open is cut like an open block.
                 self._unterminated = self._unterminated or hold.region == CONTENT
                 self._reject(None, None)
+            st = self._state
+        if st == OPENED:  # EOS decides: the opener was text; a cut stream leaves a block open
+            if eos:
+                self._unopen(None, None)
+            else:
+                self._on_opened_confirm(None, None)
             st = self._state
         if st in (REASONING, CONTENT):
             self._flush_nl()

@@ -7,7 +7,9 @@ decisions about held text) and `dsml.block` (inside a block: invoke, body, param
 value). A row's default handler takes every kind not named in it.
 
     REASONING --</think>--> CONTENT
-    REASONING|CONTENT|AFTER --calls open--> BLOCK --invoke open--> INVOKE
+    REASONING|CONTENT|AFTER --calls open--> OPENED --invoke open or calls close--> BLOCK
+    OPENED --anything else--> the region (the opener was text; dsml.md 6.1 rule 4)
+    BLOCK --invoke open--> INVOKE
     INVOKE --parameter open--> VALUE --parameter close--> INVOKE
     INVOKE --text--> BODY (a JSON object body) --invoke close--> BLOCK
     INVOKE --invoke close--> BLOCK --calls close--> AFTER --text--> CONTENT
@@ -37,8 +39,8 @@ from dsml.lexer import (
 )
 
 # Parser states.
-REASONING, CONTENT, BLOCK, INVOKE, BODY, VALUE, AFTER, DONE, QUOTED = range(9)
-NUM_STATES = 9
+REASONING, CONTENT, BLOCK, INVOKE, BODY, VALUE, AFTER, DONE, QUOTED, OPENED = range(10)
+NUM_STATES = 10
 # Fast paths of feed(): plain text in these states needs one `in` test and one event;
 # FAST_PREFIX and FAST_TAG (the largest) hold a marker still arriving.
 FAST_NONE, FAST_CONTENT, FAST_REASONING, FAST_VALUE, FAST_HELD_VALUE, FAST_WS = range(6)
@@ -105,6 +107,10 @@ def transition_table(P: Any) -> list[list[Handler]]:
         CALLS_OPEN=P._on_block_open, INVOKE_OPEN=P._on_bare_invoke,
         CALLS_CLOSE=P._on_after_orphan, INVOKE_CLOSE=P._on_after_orphan,
         PARAM_CLOSE=P._on_after_orphan,
+    )  # fmt: skip
+    table[OPENED] = _row(
+        P._unopen, TEXT=P._on_opened_text, INVOKE_OPEN=P._on_opened_confirm,
+        CALLS_CLOSE=P._on_opened_confirm, CALLS_OPEN=P._on_opened_stray,
     )  # fmt: skip
     table[DONE] = _row(_ignore)
     return table

@@ -236,3 +236,17 @@ def test_an_invoke_opener_quoted_inside_a_value_stays_value_text() -> None:
     value = f'echo "<{D}invoke name="x">" done'
     r, _ = run("Hi" + block(inv("bash", par("command", value))) + EOS)
     assert calls(r) == [("bash", {"command": value})]
+
+
+# 4. A misspelled opener that no invoke follows is text, exactly as written.
+def test_a_tolerated_misspelled_opener_in_quoted_text_stays_text() -> None:
+    text = f"Example: '<{D}toolcalls>' is the tag."
+    r, events = run(text + EOS)
+    assert r.content == text and r.tool_calls == []
+    assert r.turn_outcome == TurnOutcome.ANSWER
+    assert not [e for e in events if isinstance(e, Notice)]
+
+
+def test_a_block_opener_followed_by_prose_then_an_invoke_still_counts() -> None:
+    r, _ = run("Hi" + block("Sure: " + inv("bash", par("command", "ls"))) + EOS)
+    assert calls(r) == [("bash", {"command": "ls"})]
