@@ -152,6 +152,8 @@ class BlockStates:
         streaming = hold is None and not self._strict
         call = Call(name, tool, streaming)
         call.opener = raw
+        if hold is not None and hold.guarded and not hold.bare:
+            call.repairs.append(RepairKind.GUARDED_SPELLING)
         self._call = call
         if self.spans is not None:
             self._span("markup", raw)
@@ -220,6 +222,7 @@ class BlockStates:
             call.repairs.append(RepairKind.MISSING_STRING_ATTR)
             self._notice(RepairKind.MISSING_STRING_ATTR, raw)
         call.plan = plan
+        self._plain_value = tag.plain
         if plan.maybe_wrapper and call.emitted == 0 and not call.args:
             call.wrapper = True  # held until the invoke closes (it may wrap the arguments)
             call.streams = False
@@ -535,6 +538,11 @@ class BlockStates:
                 return
             hold.closed = True
             self._state = AFTER
+            if hold.region == CONTENT:  # a guarded spelling (rule 9): decided now
+                if hold.qualifies():
+                    self._accept()
+                else:
+                    self._reject(None, None)
             return
         self._state = AFTER
         self._after_ws = []

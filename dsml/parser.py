@@ -158,6 +158,7 @@ class StreamParser(RegionStates, BlockStates):
         "_opened",
         "_out",
         "_pending",
+        "_plain_value",
         "_quoted",
         "_raw",
         "_reasoning",
@@ -216,6 +217,7 @@ class StreamParser(RegionStates, BlockStates):
         self._seen: set[RepairKind] = set()  # repairs already noticed in this block
         self._junk: list[str] = []  # block text the state machine could not read
         self._quoted: list[tuple[str, Tag | None]] = []  # held in QUOTED (dsml.block)
+        self._plain_value = False  # the value's opener was plain: a plain closer ends it
         self._opened = [0] * 9  # by token kind: openers that went to the text (dsml.regions)
         self._ledger = BlockLedger((0, 0), 0, 0)  # the current block's (dsml.block)
         # Where a streaming block's unfinished part starts (its separator, then the end of
@@ -563,7 +565,7 @@ class StreamParser(RegionStates, BlockStates):
         lex = self._lex
         table = _TABLE
         while (state := self._state) != DONE:
-            tok = lex.next(state == VALUE, final)
+            tok = lex.next((2 if self._plain_value else 1) if state == VALUE else 0, final)
             if tok is None:
                 return
             kind, raw, tag = tok

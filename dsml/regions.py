@@ -41,6 +41,7 @@ from dsml.states import (
     VALUE,
 )
 
+_GUARDED = RepairKind.GUARDED_SPELLING
 _PLAIN_INVOKE = re.compile(r"<invoke\s{1,8}name\s{0,8}=")
 _PLAIN_INVOKE_MAX = 31  # characters kept: one less than the longest match can be
 _OPENER_KINDS = (CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN)  # a closer's kind is its opener's + 1
@@ -50,7 +51,9 @@ _OPENERS_AND_CLOSERS = frozenset((*_OPENER_KINDS, *(k + 1 for k in _OPENER_KINDS
 class Hold:
     """Text held back until decided: a block inside reasoning, or an invoke without opener."""
 
-    __slots__ = ("bare", "calls", "closed", "events", "raw", "region", "spans", "think_at")
+    __slots__ = (
+        "bare", "calls", "closed", "events", "guarded", "raw", "region", "spans", "think_at"
+    )  # fmt: skip
 
     def __init__(self, region: int, raw: list[str], bare: bool) -> None:
         self.region = region  # REASONING or CONTENT: where the raw text goes if rejected
@@ -61,6 +64,14 @@ class Hold:
         self.spans: list[tuple[str, str]] = []
         self.closed = False  # the block (or bare invoke) closed; waiting for EOS
         self.think_at = -1  # index in raw of a `</think>` seen after the block
+        self.guarded = bare  # calls only of declared tools with their required arguments
+
+    def qualifies(self) -> bool:
+        """Every call names a declared tool and carries its required arguments (the
+        guards of an invoke without opener, dsml.md section 6 and 6.1 rule 9)."""
+        return bool(self.calls) and all(
+            c.tool is not None and all(r in c.args for r in c.tool.required) for c in self.calls
+        )
 
 
 class RegionStates:
@@ -124,7 +135,7 @@ class RegionStates:
         else an orphan, dropped with the whitespace before it."""
         opened = self._opened
         kind = self._kind
-        if not self._has_tools or opened[kind - 1]:
+        if not self._has_tools or opened[kind - 1] or _GUARDED in tag.repairs:  # type: ignore[union-attr]
             if opened[kind - 1]:
                 opened[kind - 1] -= 1
             self._text(CONTENT, raw)
@@ -163,8 +174,11 @@ class RegionStates:
             self._here(len(raw) + len(sep)), len(self.spans) if self.spans is not None else 0,
             len(self._calls) + len(self.rejected),
         )  # fmt: skip
-        if region == REASONING:
-            self._hold = Hold(REASONING, [sep, raw], bare=False)
+        assert tag is not None
+        guarded = _GUARDED in tag.repairs  # (rule 9: held, like an invoke without opener)
+        if region == REASONING or guarded:
+            self._hold = Hold(region, [sep, raw], bare=False)
+            self._hold.guarded = guarded
         else:
             self._block_start = self._here(len(raw) + len(sep))
             self._mark = len(self.spans) if self.spans is not None else 0
@@ -379,8 +393,10 @@ class RegionStates:
         st = self._state
         hold = self._hold
         if hold is not None:
-            if hold.closed:
+            if hold.closed and (not hold.guarded or hold.qualifies()):
                 self._accept()
+            elif hold.closed:
+                self._reject(None, None)
             else:
                 # An orphan invoke the stream leaves open is cut like an open block.
                 self._unterminated = self._unterminated or hold.region == CONTENT

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _TAG = re.compile(
-    r"<(/?)(?:｜｜|｜|\|\||\||)DSML(?:｜｜|｜|\|\||\|) ?"
-    r"(tool_calls|toolcalls|tool-calls|function_calls|calls|invoke|parameter)\b"
+    r"<(/?)(?:｜｜|｜|\|\||\||‖| \| |)DSML(?:｜｜|｜|\|\||\||‖| \| ) ?"
+    r"(tool_calls|toolcalls|tool-calls|function_calls|calls|tool_use|tool_call|invoke|parameter)\b"
 )
 _CANON = {"invoke": "invoke", "parameter": "parameter"}
 
@@ -53,7 +53,7 @@ def _parse(text: str) -> Any:
 
 
 _INVOKE_TAG = re.compile(
-    r"<(/?)(?:(?:｜｜|｜|\|\||\||)DSML(?:｜｜|｜|\|\||\|) ?)?invoke\b[^<>]*>?"
+    r"<(/?)(?:(?:｜｜|｜|\|\||\||‖| \| |)DSML(?:｜｜|｜|\|\||\||‖| \| ) ?)?invoke\b[^<>]*>?"
 )
 
 

@@ -32,11 +32,12 @@ _KEYS = {"get_weather": ("city", "days"), "bash": ("command",), "read_file": ("p
 PROSE = ["Let me check.", "Paris, for 3 days please", "x < y", "a `code` span", "ok", "\n", " "]
 # A complete DSML tag in any spelling the lexer reads (no attributes checked).
 DSML_TAG = re.compile(
-    r"</?(?:｜｜|｜|\|\||\||)DSML(?:｜｜|｜|\|\||\|) ?"
-    r"(?:tool_calls|toolcalls|tool-calls|function_calls|calls|invoke|parameter)\b[^<>]*>"
+    r"</?(?:｜｜|｜|\|\||\||‖| \| |)DSML(?:｜｜|｜|\|\||\||‖| \| ) ?"
+    r"(?:tool_calls|toolcalls|tool-calls|function_calls|calls|tool_use|tool_call|invoke|parameter)"
+    r"(?:\s+[\w-]+\s*=\s*[\"“”][^\"“”]*[\"“”])*\s*/?>"  # attributes as the lexer reads them
 )
 # Invoke openers are value text inside a value (DeepSeek's parse vectors; dsml.lexer).
-_INVOKE_OPEN = re.compile(r"<(?:｜｜|｜|\|\||\||)DSML(?:｜｜|｜|\|\||\|) ?invoke\b[^<>]*>")
+_INVOKE_OPEN = re.compile(r"<(?:｜｜|｜|\|\||\||‖| \| |)DSML(?:｜｜|｜|\|\||\||‖| \| ) ?invoke\b[^<>]*>")
 # The value of generated parameter j of invoke i carries the tag `v{i}x{j}`.
 _VALUE_TAG = re.compile(r"v(\d+)x\d+")
 
@@ -176,7 +177,7 @@ def check(text: str, thinking: bool, rnd: random.Random) -> str | None:
 
 _MARKUP = re.compile(
     r"</?think>|<｜end▁of▁sentence｜>|\{.*\}"
-    r"|</?(?:(?:｜｜|｜|\|\||\||)DSML(?:｜｜|｜|\|\||\|) ?)?[\w-]*(?:\s+[\w-]+\s*=\s*[\"“”][^\"“”]*[\"“”])*\s*/?>?",
+    r"|</?(?:(?:｜｜|｜|\|\||\||‖| \| |)DSML(?:｜｜|｜|\|\||\||‖| \| ) ?)?[\w-]*(?:\s+[\w-]+\s*=\s*[\"“”][^\"“”]*[\"“”])*\s*/?>?",
     re.S,
 )
 

@@ -522,14 +522,15 @@ def test_lxml_repairs_what_the_state_machine_cannot_read() -> None:
     block = '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n<parameter name="city" string="true">Lima</parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>'
     r, notices = _weather(block)
     assert [c.arguments for c in r.tool_calls] == [{"city": "Lima"}]
-    assert "lxml_repair" in notices and r.tool_calls[0].outcome == CallOutcome.REPAIRED
+    # Plain tags are now read by the state machine itself (dsml.md 6.1 rule 9).
+    assert "guarded_spelling" in notices and r.tool_calls[0].outcome == CallOutcome.REPAIRED
 
 
 def test_lxml_repairs_a_stray_invoke_between_invokes() -> None:
     block = '<｜DSML｜tool_calls>\n<invoke name="get_weather"><parameter name="city" string="true">Kyiv</parameter></invoke>\n</｜DSML｜tool_calls>'
     r, notices = _weather(block)
     assert [c.arguments for c in r.tool_calls] == [{"city": "Kyiv"}]
-    assert "lxml_repair" in notices
+    assert "guarded_spelling" in notices  # (dsml.md 6.1 rule 9; lxml read it before)
 
 
 def test_unreadable_junk_in_block_is_returned_as_content() -> None:

@@ -250,3 +250,36 @@ def test_a_tolerated_misspelled_opener_in_quoted_text_stays_text() -> None:
 def test_a_block_opener_followed_by_prose_then_an_invoke_still_counts() -> None:
     r, _ = run("Hi" + block("Sure: " + inv("bash", par("command", "ls"))) + EOS)
     assert calls(r) == [("bash", {"command": "ls"})]
+
+
+# 9. More spellings, only under the guards of an invoke without opener.
+def test_spaced_and_double_line_bars_and_tool_use_are_read() -> None:
+    canon = block(inv("bash", par("command", "ls")))
+    for spelling in (" | DSML | ", "‖DSML‖"):
+        r, _ = run("Hi" + canon.replace(D, spelling) + EOS)
+        assert calls(r) == [("bash", {"command": "ls"})] and r.content == "Hi", spelling
+        assert RepairKind.GUARDED_SPELLING in kinds(r)
+    r, _ = run("Hi" + canon.replace("tool_calls", "tool_use") + EOS)
+    assert calls(r) == [("bash", {"command": "ls"})]
+
+
+def test_plain_tags_without_the_dsml_token_are_read() -> None:
+    r, _ = run("Hi" + block(inv("bash", par("command", "ls"))).replace(D, "") + EOS)
+    assert calls(r) == [("bash", {"command": "ls"})] and r.content == "Hi"
+    assert r.tool_calls[0].outcome == CallOutcome.REPAIRED
+
+
+def test_plain_tags_that_miss_the_guards_stay_text() -> None:
+    for text in (
+        block(inv("nope", par("x", "1"))).replace(D, ""),  # undeclared tool
+        block(inv("read_file", par("limit", "1", "false"))).replace(D, ""),  # required missing
+        "XML: <parameter>a</parameter> and </invoke> stay.",
+    ):
+        r, _ = run("Hi" + text + EOS)
+        assert r.tool_calls == [] and r.content == "Hi" + text
+
+
+def test_plain_tags_inside_a_value_are_value_text() -> None:
+    value = "cat <<EOF\n<parameter name=\"a\">1</parameter>\nEOF"
+    r, _ = run("Hi" + block(inv("bash", par("command", value))) + EOS)
+    assert calls(r) == [("bash", {"command": value})]
