@@ -496,7 +496,7 @@ class BlockStates:
             if any(r not in call.args for r in tool.required):
                 self._malformed = self._malformed or hold.region == CONTENT
                 self._reject(None, None)
-            elif hold.region == CONTENT:
+            elif hold.region == CONTENT and hold.fence is None:
                 self._accept()
                 self._state = CONTENT
             else:
@@ -538,7 +538,7 @@ class BlockStates:
                 return
             hold.closed = True
             self._state = AFTER
-            if hold.region == CONTENT:  # a guarded spelling (rule 9): decided now
+            if hold.region == CONTENT and hold.fence is None:  # guarded (rule 9): decided now
                 if hold.qualifies():
                     self._accept()
                 else:

@@ -90,6 +90,7 @@ from dsml.lexer import (
     match_head,
     starts_tag,
 )
+from dsml.quoting import MarkdownQuotes
 from dsml.regions import Hold, RegionStates
 from dsml.schema import ToolRegistry
 from dsml.states import (
@@ -160,6 +161,7 @@ class StreamParser(RegionStates, BlockStates):
         "_pending",
         "_plain_value",
         "_quoted",
+        "_quotes",
         "_raw",
         "_reasoning",
         "_recovered",
@@ -218,6 +220,7 @@ class StreamParser(RegionStates, BlockStates):
         self._junk: list[str] = []  # block text the state machine could not read
         self._quoted: list[tuple[str, Tag | None]] = []  # held in QUOTED (dsml.block)
         self._plain_value = False  # the value's opener was plain: a plain closer ends it
+        self._quotes = (MarkdownQuotes(), MarkdownQuotes())  # reasoning, content (dsml.quoting)
         self._opened = [0] * 9  # by token kind: openers that went to the text (dsml.regions)
         self._ledger = BlockLedger((0, 0), 0, 0)  # the current block's (dsml.block)
         # Where a streaming block's unfinished part starts (its separator, then the end of

@@ -28,6 +28,7 @@ from dsml.events import (
 )
 from dsml.lexer import CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN, TEXT, Tag
 from dsml.markers import THINK_CLOSE, THINK_OPEN
+from dsml.quoting import FENCED, INLINE
 from dsml.states import (
     AFTER,
     BLOCK,
@@ -42,6 +43,7 @@ from dsml.states import (
 )
 
 _GUARDED = RepairKind.GUARDED_SPELLING
+_FENCE_RUN = re.compile(r"\s*(?:`+|~+)\s*")
 _PLAIN_INVOKE = re.compile(r"<invoke\s{1,8}name\s{0,8}=")
 _PLAIN_INVOKE_MAX = 31  # characters kept: one less than the longest match can be
 _OPENER_KINDS = (CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN)  # a closer's kind is its opener's + 1
@@ -52,7 +54,8 @@ class Hold:
     """Text held back until decided: a block inside reasoning, or an invoke without opener."""
 
     __slots__ = (
-        "bare", "calls", "closed", "events", "guarded", "raw", "region", "spans", "think_at"
+        "bare", "calls", "closed", "events", "fence", "guarded", "raw", "region", "spans",
+        "think_at",
     )  # fmt: skip
 
     def __init__(self, region: int, raw: list[str], bare: bool) -> None:
@@ -65,6 +68,7 @@ class Hold:
         self.closed = False  # the block (or bare invoke) closed; waiting for EOS
         self.think_at = -1  # index in raw of a `</think>` seen after the block
         self.guarded = bare  # calls only of declared tools with their required arguments
+        self.fence: str | None = None  # in a code fence: what follows the block ("" so far)
 
     def qualifies(self) -> bool:
         """Every call names a declared tool and carries its required arguments (the
@@ -144,6 +148,12 @@ class RegionStates:
         self._span("markup", nl + raw)
         self._notice(RepairKind.ORPHAN_CLOSER, raw, dedupe=False)
 
+    def _quoting(self, region: int) -> int:
+        """Markdown quoting at the end of the region's text so far (dsml.quoting)."""
+        if region == REASONING:
+            return self._quotes[0].state(self._reasoning)
+        return self._quotes[1].state(self._content)
+
     def _on_reasoning_closer(self, raw: str, tag: Tag | None) -> None:
         """A closer in reasoning is text; it ends a block released as text (rule 7)."""
         if self._opened[self._kind - 1]:
@@ -163,6 +173,11 @@ class RegionStates:
         if self._hold is not None:
             self._reject(raw, tag)
             return
+        quoting = self._quoting(region)
+        if quoting == INLINE:  # quoted in a code span: text (dsml.md 6.1 rule 5)
+            self._opened[CALLS_OPEN] += 1
+            self._on_after_text(raw, tag) if self._state == AFTER else self._text(region, raw)
+            return
         if self._state == AFTER:
             sep, self._after_ws = "".join(self._after_ws), []
         else:
@@ -176,9 +191,11 @@ class RegionStates:
         )  # fmt: skip
         assert tag is not None
         guarded = _GUARDED in tag.repairs  # (rule 9: held, like an invoke without opener)
-        if region == REASONING or guarded:
+        if region == REASONING or guarded or quoting == FENCED:
             self._hold = Hold(region, [sep, raw], bare=False)
             self._hold.guarded = guarded
+            if quoting == FENCED:
+                self._hold.fence = ""
         else:
             self._block_start = self._here(len(raw) + len(sep))
             self._mark = len(self.spans) if self.spans is not None else 0
@@ -265,7 +282,8 @@ class RegionStates:
         if hold is not None:
             self._reject(raw, tag)
             return
-        if tool is None or self._opened[CALLS_OPEN]:  # (inside a block released as text)
+        quoting = self._quoting(region)
+        if tool is None or self._opened[CALLS_OPEN] or quoting == INLINE:  # text (rules 5, 7)
             self._opened[INVOKE_OPEN] += 1
             if self._state == AFTER:
                 self._on_after_text(raw, tag)
@@ -279,6 +297,8 @@ class RegionStates:
         self._junk = []
         self._junk_spans = []
         self._hold = Hold(region, [sep, raw], bare=True)
+        if quoting == FENCED:
+            self._hold.fence = ""
         self._span("markup", sep)
         self._notice(RepairKind.MISSING_OPENER, raw)
         self._ws = ""
@@ -300,6 +320,10 @@ class RegionStates:
                 self._after_ws.append(raw)
             return
         if hold is not None:
+            if hold.fence is not None and _FENCE_RUN.fullmatch(raw):  # the closing fence
+                hold.fence += raw.strip()
+                self._span("markup", raw)
+                return
             self._reject(raw, tag)
             return
         text = "".join(self._after_ws) + raw
@@ -350,6 +374,12 @@ class RegionStates:
             self._out.append(ev)
         if self.spans is not None:
             self.spans.extend(spans)
+        if hold.fence is not None:  # a fenced block that ends the output (rule 5)
+            self._notice(RepairKind.FENCED, hold.fence, dedupe=False)
+            for call in hold.calls:
+                call.repairs.append(RepairKind.FENCED)
+                if call.outcome == CallOutcome.VALID:
+                    call.outcome = CallOutcome.REPAIRED
         for call in hold.calls:
             self._deliver(call, call.outcome, call.error)
         if hold.region == REASONING and hold.calls:

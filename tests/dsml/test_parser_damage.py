@@ -283,3 +283,29 @@ def test_plain_tags_inside_a_value_are_value_text() -> None:
     value = "cat <<EOF\n<parameter name=\"a\">1</parameter>\nEOF"
     r, _ = run("Hi" + block(inv("bash", par("command", value))) + EOS)
     assert calls(r) == [("bash", {"command": value})]
+
+
+# 5. DSML quoted in markdown is text, unless the fenced block ends the output.
+def test_dsml_in_a_code_fence_is_quoted_text_and_never_runs() -> None:
+    text = "Example:\n```\n" + block(inv("bash", par("command", "rm -rf /"))) + "\n```\nThat's it."
+    r, events = run(text + EOS)
+    assert r.tool_calls == [] and r.content == text
+    assert not [e for e in events if isinstance(e, ToolCallStart)]
+
+
+def test_dsml_in_inline_code_is_quoted_text() -> None:
+    text = f'Use `<{D}invoke name="bash">` to run, or `<{D}tool_calls>`.'
+    r, _ = run(text + EOS)
+    assert r.tool_calls == [] and r.content == text
+
+
+def test_a_fenced_block_at_the_end_of_the_output_is_a_call() -> None:
+    r, _ = run("Running it:\n~~~" + block(inv("bash", par("command", "ls"))) + "\n~~~\n" + EOS)
+    assert calls(r) == [("bash", {"command": "ls"})]
+    assert RepairKind.FENCED in kinds(r) and r.tool_calls[0].outcome == CallOutcome.REPAIRED
+
+
+def test_a_block_after_a_quoted_one_is_parsed() -> None:
+    quoted = "See:\n```\n" + block(inv("bash", par("command", "rm -rf /"))) + "\n```\nNow for real."
+    r, _ = run(quoted + block(inv("bash", par("command", "ls"))) + EOS)
+    assert calls(r) == [("bash", {"command": "ls"})] and r.content == quoted
