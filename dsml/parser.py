@@ -20,7 +20,7 @@ Three layers: `dsml.lexer.IncrementalLexer` turns deltas into text and marker to
 table (`dsml.states`: `table[state][token kind]`) consumes them, and `dsml.events` are
 what comes out. The table's handlers are in `dsml.regions` (reasoning, content, held
 text) and `dsml.block` (inside a block); `dsml.calls` converts and validates values. This
-module owns the public API, the feed() fast paths and the output helpers.
+module owns the public API and the feed() fast paths; `dsml.output` the output helpers.
 
 Policies (dsml.md section 6) and the decisions the spec leaves open:
 
@@ -52,6 +52,12 @@ Policies (dsml.md section 6) and the decisions the spec leaves open:
   `<｜DSML｜ invoke …>`, v3.2's `function_calls`), so those calls come out `valid`.
 - Each kind of repair is noticed once per block (orphan closers and lxml repairs each
   time); a call with any tolerance applied validates as `repaired`.
+- Damaged blocks follow dsml.md section 6.1, each rule a named transition of the table
+  (`dsml.states`): a tag that cannot come where it is ends what is open (a value, an
+  invoke), a block opener counts only when an invoke or its closer is the next tag, an
+  invoke opener inside a value is decided by the next tag, text that is no call comes
+  back as content or in a Notice, never inside a call. Markdown-quoted DSML
+  (`dsml.quoting`) is text. Each rule's outcome is a `RepairKind`.
 - `trace=True` records `spans`: (kind, text) pieces in input order, kind one of reasoning,
   content, markup, value, ignored; their texts concatenate to everything fed. It turns
   the fast paths off (tests compare both).
@@ -90,6 +96,7 @@ from dsml.lexer import (
     match_head,
     starts_tag,
 )
+from dsml.output import Output
 from dsml.quoting import MarkdownQuotes
 from dsml.regions import Hold, RegionStates
 from dsml.schema import ToolRegistry
@@ -125,60 +132,19 @@ _set_index = ToolCallArgsDelta.index.__set__  # type: ignore[attr-defined]
 _set_fragment = ToolCallArgsDelta.fragment.__set__  # type: ignore[attr-defined]
 
 
-class StreamParser(RegionStates, BlockStates):
+class StreamParser(RegionStates, BlockStates, Output):
     """Feed text deltas, get events. See the module docstring for the format and policies."""
 
     # Slotted: CPython 3.11 keeps at most 30 attributes of an instance inline; past that
     # each parser's attributes went to a dict, slower to read and write on every path
     # (measured: ~5% of the parser's time on the tool-call corpus).
     __slots__ = (
-        "_after_ws",
-        "_block_start",
-        "_call",
-        "_calls",
-        "_cindex",
-        "_content",
-        "_eos",
-        "_fast",
-        "_has_tools",
-        "_hold",
-        "_id_factory",
-        "_in_junk",
-        "_jparts",
-        "_junk",
-        "_junk_spans",
-        "_kind",
-        "_ledger",
-        "_lex",
-        "_malformed",
-        "_mark",
-        "_markers",
-        "_next_index",
-        "_nl",
-        "_notices",
-        "_opened",
-        "_out",
-        "_pending",
-        "_plain_value",
-        "_quoted",
-        "_quotes",
-        "_raw",
-        "_reasoning",
-        "_recovered",
-        "_rest",
-        "_result",
-        "_seen",
-        "_span",
-        "_state",
-        "_strict",
-        "_summed",
-        "_tools",
-        "_unterminated",
-        "_vparts",
-        "_ws",
-        "dialect",
-        "rejected",
-        "spans",
+        "_after_ws", "_block_start", "_call", "_calls", "_cindex", "_content", "_eos", "_fast",
+        "_has_tools", "_hold", "_id_factory", "_in_junk", "_jparts", "_junk", "_junk_spans",
+        "_kind", "_ledger", "_lex", "_malformed", "_mark", "_markers", "_next_index", "_nl",
+        "_notices", "_opened", "_out", "_pending", "_plain_value", "_quoted", "_quotes", "_raw",
+        "_reasoning", "_recovered", "_rest", "_result", "_seen", "_span", "_state", "_strict",
+        "_summed", "_tools", "_unterminated", "_vparts", "_ws", "dialect", "rejected", "spans",
     )  # fmt: skip
 
     def __init__(
@@ -583,26 +549,6 @@ class StreamParser(RegionStates, BlockStates):
         self._span("ignored", lex.held)
         lex.clear()
 
-    def _offset(self) -> int:
-        """Absolute offset of the next unread character (what the lexer holds is in _raw,
-        _pending is not). Summed lazily: the fast path of feed() does not count characters."""
-        raw = self._raw
-        count, total = self._summed
-        if count < len(raw):
-            total += sum(map(len, raw[count:]))
-            self._summed = (len(raw), total)
-        return total - len(self._lex.held)
-
-    def _here(self, back: int) -> tuple[int, int]:
-        """A mark for the offset `back` characters before the next unread one, resolved
-        by _resolve() only if needed (a truncated block): summing the pieces fed at every
-        invoke closer cost ~1 us each."""
-        return len(self._raw), len(self._lex.held) + back
-
-    def _resolve(self, mark: tuple[int, int]) -> int:
-        num_pieces, back = mark
-        return sum(map(len, self._raw[:num_pieces])) - back
-
     def _update_fast(self) -> None:
         lex = self._lex
         # No fast paths in trace mode, nor while the lexer waits for a marker to complete
@@ -632,49 +578,6 @@ class StreamParser(RegionStates, BlockStates):
             return FAST_HELD_VALUE
         fast = _FAST_OF_STATE[st]
         return FAST_NONE if fast == FAST_WS and self._in_junk else fast
-
-    # ----------------------------------------------------------------- output helpers
-
-    def _trace_span(self, kind: str, text: str) -> None:
-        if text:
-            (self._hold.spans if self._hold is not None else self.spans).append((kind, text))  # type: ignore[union-attr]
-
-    @staticmethod
-    def _no_span(kind: str, text: str) -> None:
-        pass
-
-    def _emit_text(self, region: int, text: str, span: bool = True) -> None:
-        if not text:
-            return
-        if region == REASONING:
-            self._reasoning.append(text)
-            self._out.append(reasoning_delta(text))
-            if span:
-                self._span("reasoning", text)
-        else:
-            self._content.append(text)
-            self._out.append(content_delta(text))
-            if span:
-                self._span("content", text)
-
-    def _notice(self, kind: RepairKind, detail: str = "", dedupe: bool = True) -> None:
-        if dedupe:
-            if kind in self._seen:
-                return
-            self._seen.add(kind)
-        ev = Notice(kind, detail)
-        if self._hold is not None:
-            self._hold.events.append(ev)
-        else:
-            self._notices.append(ev)
-            self._out.append(ev)
-
-    def _tag_repairs(self, tag: Tag, call: Call | None) -> None:
-        for kind in tag.repairs:  # usually empty
-            self._notice(kind, tag.raw)
-            if call is not None:
-                call.repairs.append(kind)
-
 
 # The transition table: _table[state][token kind] -> handler(parser, raw, tag). Hot paths
 # read the module global: Python 3.11 does not specialize a class attribute read through
