@@ -30,7 +30,8 @@ class Output:
         """A mark for the offset `back` characters before the next unread one, resolved
         by _resolve() only if needed (a truncated block): summing the pieces fed at every
         invoke closer cost ~1 us each."""
-        return len(self._raw), len(self._lex.held) + back
+        lex = self._lex  # (lex.held would copy what it holds)
+        return len(self._raw), len(lex._buf) - lex._pos + back
 
     def _resolve(self, mark: tuple[int, int]) -> int:
         num_pieces, back = mark

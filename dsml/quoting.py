@@ -44,6 +44,14 @@ class MarkdownQuotes:
         return INLINE if self._code else NONE
 
     def _feed(self, text: str) -> None:
+        if not self._fence and not self._code and "`" not in text and "~" not in text:
+            # Plain text (most of it): only where its last line stands matters later.
+            if "\n" in text:
+                self._line_start = self._blank = True
+                text = text.rpartition("\n")[2]
+            if text:
+                self._other(text)
+            return
         pos = 0
         for m in _MARK.finditer(text):
             before = text[pos : m.start()]
