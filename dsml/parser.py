@@ -114,6 +114,7 @@ from dsml.states import (
     FAST_WS,
     INVOKE,
     NUM_STATES,
+    OPENED,
     REASONING,
     VALUE,
     transition_table,
@@ -353,6 +354,12 @@ class StreamParser(RegionStates, BlockStates, Output):
         if fast == FAST_WS and rest.isspace():  # the `\n` after a tag, as feed() would
             self._raw.append(rest)
             self._ws = (self._ws + rest)[:3]
+            return out
+        if self._state == OPENED and rest.isspace():  # after a block opener, as _plain() would
+            self._raw.append(rest)
+            self._ledger.ws.append((rest, False))
+            if self._hold is not None:  # (the opener may have just started one)
+                self._hold.raw.append(rest)
             return out
         if self._rest is not None:  # inside the loop below: it feeds `rest` next
             self._rest = rest

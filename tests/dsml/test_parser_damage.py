@@ -4,6 +4,7 @@ damage, written from the rules, each checked whole and fed one character at a ti
 from __future__ import annotations
 
 import json
+import re
 
 from dsml import markers
 from dsml.events import (
@@ -52,6 +53,10 @@ def run(text: str, thinking: bool = False):
     parser, events = parse_chunks([text], TOOLS, thinking)
     _, by_char = parse_chunks(split(text, 1), TOOLS, thinking)
     assert merge(by_char) == merge(events)
+    # As a tokenizer splits tags (`<｜DSML｜invoke`, ` name="x"`, `>\n`): the fast paths.
+    _, by_tag = parse_chunks([c for c in re.split(r"(?=<)|(?<=DSML｜)|(?<=\w)(?=>)", text) if c],
+                             TOOLS, thinking)  # fmt: skip
+    assert merge(by_tag) == merge(events)
     frags: dict[int, str] = {}
     for ev in events:
         if isinstance(ev, ToolCallArgsDelta):
@@ -309,3 +314,9 @@ def test_a_block_after_a_quoted_one_is_parsed() -> None:
     quoted = "See:\n```\n" + block(inv("bash", par("command", "rm -rf /"))) + "\n```\nNow for real."
     r, _ = run(quoted + block(inv("bash", par("command", "ls"))) + EOS)
     assert calls(r) == [("bash", {"command": "ls"})] and r.content == quoted
+
+
+def test_a_block_in_reasoning_that_is_no_call_comes_back_as_written() -> None:
+    text = f"think\n\n<{D}tool_calls>\nnot a call</think>done"
+    r, _ = run(text + EOS, thinking=True)
+    assert (r.reasoning_content, r.content, r.tool_calls) == (text.split("</think>")[0], "done", [])
