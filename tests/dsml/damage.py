@@ -85,9 +85,10 @@ def _damage(pieces: list[str], rnd: random.Random) -> None:
     elif op == 4 and p.startswith("<"):
         pieces.insert(i, "</")  # a stray partial closer
     elif op == 5 and D in p:
-        pieces[i] = p.replace(D, rnd.choice(["｜｜DSML｜｜", "|DSML|", "DSML｜", "", " | DSML | "]))
+        pieces[i] = p.replace(D, rnd.choice(["｜｜DSML｜｜", "|DSML|", "DSML｜", "", " | DSML | ", "‖DSML‖"]))
+        pieces[i] = pieces[i].replace("tool_calls", rnd.choice(["tool_calls", "tool_use", "toolcalls"]))
     elif op == 6:
-        pieces.insert(i, rnd.choice(["</think>", "<think>", "```\n", "\ud800"]))
+        pieces.insert(i, rnd.choice(["</think>", "<think>", "```\n", "\n~~~\n", "`", "\ud800"]))
     elif op == 7 and 'name="' in p:
         pieces[i] = re.sub(r'name="[^"]*"', rnd.choice(['name=""', "", 'name="nope"']), p)
     elif op == 8:

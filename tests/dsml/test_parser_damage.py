@@ -320,3 +320,10 @@ def test_a_block_in_reasoning_that_is_no_call_comes_back_as_written() -> None:
     text = f"think\n\n<{D}tool_calls>\nnot a call</think>done"
     r, _ = run(text + EOS, thinking=True)
     assert (r.reasoning_content, r.content, r.tool_calls) == (text.split("</think>")[0], "done", [])
+
+
+def test_plain_look_alikes_of_other_tag_names_are_text_and_do_not_raise() -> None:
+    # Fuzzing find: only tool_calls / invoke / parameter have a plain spelling.
+    for text in ("<toolcalls>", "</toolcalls>", "<calls>x", "<function_calls>", "<tool_use>"):
+        r, _ = run("Hi " + text + EOS)
+        assert r.content == "Hi " + text and r.tool_calls == []
