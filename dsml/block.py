@@ -572,9 +572,7 @@ class BlockStates:
                         self.spans[i] = ("content", text)
             return
         self._malformed = True
-        if end is None:
-            end = self._offset()
-        text = "".join(self._raw)[self._resolve(ledger.open_mark) : end]
+        text = self._text_since(ledger.open_mark, self._offset() if end is None else end)
         if self.spans is not None:
             del self.spans[ledger.open_span :]
         self._emit_text(CONTENT, text)

@@ -37,6 +37,22 @@ class Output:
         num_pieces, back = mark
         return sum(map(len, self._raw[:num_pieces])) - back
 
+    def _text_since(self, mark: tuple[int, int], end: int) -> str:
+        """The text fed from `mark` to the absolute offset `end`, reading only the pieces
+        since the mark (a block that comes back whole: once per block, not the stream)."""
+        raw = self._raw
+        num_pieces, back = mark
+        head: list[str] = []
+        need, i = back, num_pieces
+        while need > 0 and i > 0:
+            i -= 1
+            head.append(raw[i])
+            need -= len(raw[i])
+        before = "".join(reversed(head))
+        text = (before[len(before) - back :] if back else "") + "".join(raw[num_pieces:])
+        total = self._offset() + len(self._lex._buf) - self._lex._pos  # (all of _raw)
+        return text[: len(text) - (total - end)] if total > end else text
+
     def _trace_span(self, kind: str, text: str) -> None:
         if text:
             (self._hold.spans if self._hold is not None else self.spans).append((kind, text))  # type: ignore[union-attr]
