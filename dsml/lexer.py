@@ -58,7 +58,7 @@ _PLAIN_NAMES = ("tool_calls", "invoke", "parameter")
 _HEAD = re.compile(
     r"<(/?)(?:(｜｜|｜|\|\||\||‖| \| |)DSML(｜｜|｜|\|\||\||‖| \| )( ?)"
     r"(tool_calls|toolcalls|tool-calls|function_calls|calls|tool_use|tool_call|invoke|parameter)"
-    r"|(tool_calls|invoke|parameter))(?=[\s/>])"  # the last: plain, no DSML token
+    r"|(tool_calls|invoke|parameter))(?=[\s/><])"  # the last: plain, no DSML token
 )
 _Q = '"“”'  # straight and typographic quotes
 _ATTR = rf"\s+[\w-]+\s*=\s*[{_Q}][^{_Q}]*[{_Q}]"

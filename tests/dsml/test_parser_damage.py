@@ -129,10 +129,13 @@ def test_a_second_block_opener_inside_a_block_is_markup() -> None:
 
 
 def test_a_damaged_opener_line_before_the_real_block_is_markup() -> None:
-    text = f"Hi\n\n<{D}tool_calls\n<{D}tool_calls>\n" + inv("bash", par("command", "ls")) + f"\n</{D}tool_calls>" + EOS
-    r, _ = run(text)
-    assert calls(r) == [("bash", {"command": "ls"})] and r.content == "Hi"
-    assert RepairKind.DAMAGED_OPENER in kinds(r)
+    for damaged in (f"<{D}tool_calls\n", f"<{D}tool_calls<tool_calls>\n"):
+        text = f"Hi\n\n{damaged}<{D}tool_calls>\n" + inv("bash", par("command", "ls")) + f"\n</{D}tool_calls>" + EOS
+        if "<tool_calls>" in damaged:
+            text = text.replace(f"<{D}tool_calls>\n<{D}invoke", f"<{D}invoke", 1)
+        r, _ = run(text)
+        assert calls(r) == [("bash", {"command": "ls"})] and r.content == "Hi", damaged
+        assert RepairKind.DAMAGED_OPENER in kinds(r)
 
 
 # 5/6. Nameless invokes, prose bodies.
