@@ -57,7 +57,9 @@ _INVOKE_TAG = re.compile(
 )
 
 
-_WHOLE_TAG = re.compile(r'</?[\w-]+(?:\s+[\w-]+\s*=\s*"[^"]*")*\s*/?>')  # well-formed only
+_WHOLE_TAG = re.compile(  # well-formed tags only
+    r"""</?[\w-]+(?:\s+[\w-]+\s*=\s*(?:"[^"]*"|'[^']*'))*\s*/?>"""
+)
 
 
 def keeps_text(text: str, values: list[str]) -> bool:

@@ -330,3 +330,14 @@ def test_plain_look_alikes_of_other_tag_names_are_text_and_do_not_raise() -> Non
     for text in ("<toolcalls>", "</toolcalls>", "<calls>x", "<function_calls>", "<tool_use>"):
         r, _ = run("Hi " + text + EOS)
         assert r.content == "Hi " + text and r.tool_calls == []
+
+
+# 11. A call recovered (lxml) from text inside an open invoke comes after it: no interleaving.
+def test_a_recovered_call_is_delivered_after_the_open_one_ends() -> None:
+    inner = "<invoke name='get_weather'><parameter name='city'>Oslo</parameter></invoke>"
+    text = "Hi" + block(f'<{D}invoke name="bash">\n' + par("command", "ls") + f"\n{inner}\n</{D}invoke>") + EOS
+    r, events = run(text)
+    order = [(type(e).__name__, e.index) for e in events if isinstance(e, ToolCallStart | ToolCallEnd)]
+    assert order == [("ToolCallStart", 0), ("ToolCallEnd", 0), ("ToolCallStart", 1), ("ToolCallEnd", 1)]
+    assert calls(r) == [("bash", {"command": "ls"}), ("get_weather", {"city": "Oslo"})]
+    assert [c.name for c in r.tool_calls] == [c.name for c in sorted(r.tool_calls, key=lambda c: c.id)]
