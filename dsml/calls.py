@@ -122,9 +122,9 @@ class Call:
     these at every tag (~1% of the parser's time on the tool-call corpus)."""
 
     __slots__ = (
-        "args", "body", "emitted", "error", "errors", "id", "index", "jparts", "name",
-        "outcome", "pending", "plan", "plans", "repairs", "streaming", "streams", "tool",
-        "vparts", "wrapper",
+        "args", "body", "broken", "emitted", "error", "errors", "id", "index", "jparts", "name", "opener",
+        "outcome", "pending", "plan", "plans", "repairs", "skip", "streaming", "streams",
+        "tool", "vparts", "wrapper",
     )  # fmt: skip
 
     def __init__(self, name: str, tool: ToolSchema | None, streaming: bool) -> None:
@@ -132,7 +132,10 @@ class Call:
         self.tool = tool
         self.streaming = streaming
         self.id = ""
-        self.index = -1
+        self.index = -1  # set when the call starts (at its first parameter, or its end)
+        self.opener = ""  # the invoke opener's text (reported if the invoke is no call)
+        self.broken = ""  # raw text of an invoke that is no call (a prose body)
+        self.skip = False  # the value being read repeats a key: dropped (the first one wins)
         self.args: dict[str, Any] = {}
         self.jparts: list[str] = []  # argument JSON fragments (emitted or, if held, to emit)
         self.emitted = 0  # parameters written into jparts

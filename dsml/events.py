@@ -53,6 +53,20 @@ class RepairKind(StrEnum):
     RECOVERED_FROM_THINKING = "recovered_from_thinking"  # block inside reasoning became calls
     ORPHAN_CLOSER = "orphan_closer"
     LXML_REPAIR = "lxml_repair"  # last resort: lxml's recovering parser read the block
+    # Damaged blocks, dsml.md section 6.1 (the rule's number in brackets).
+    PARAM_CLOSER_MISSING = "param_closer_missing"  # a parameter opener ended the open value (1)
+    BROKEN_CLOSER = "broken_closer"  # a closer without its `>` (1)
+    INVOKE_CLOSER_MISSING = "invoke_closer_missing"  # an invoke opener closed the open invoke (2)
+    PARTIAL_TAG = "partial_tag"  # a stray `</` or cut tag between tags, dropped as markup (2)
+    INVOKE_CLOSED_BY_BLOCK = "invoke_closed_by_block"  # the block closer closed the invoke (3)
+    STRAY_OPENER = "stray_opener"  # a second block opener inside a block (4)
+    DAMAGED_OPENER = "damaged_opener"  # a broken opener line right before a real block (4)
+    FENCED = "fenced"  # a block in a code fence that ends the output (5)
+    BROKEN_INVOKE = "broken_invoke"  # a nameless or unreadable invoke beside real calls (6)
+    THINKING_ORPHAN = "thinking_orphan"  # an orphan invoke at the end of reasoning (8)
+    GUARDED_SPELLING = "guarded_spelling"  # spaced or U+2016 bars, tool_use, no DSML token (9)
+    EXTRA_THINK_TAG = "extra_think_tag"  # a second `</think>` or a doubled `<think>` (10)
+    DUPLICATE_PARAMETER = "duplicate_parameter"  # a key given twice: the first value stays
 
 
 @dataclass(frozen=True, slots=True)

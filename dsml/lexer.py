@@ -28,10 +28,11 @@ import re
 from collections.abc import Mapping
 from itertools import product
 from types import MappingProxyType
+from typing import Any
 
 from dsml.dialects import Dialect, texts
 from dsml.events import RepairKind
-from dsml.markers import EOS, THINK_CLOSE
+from dsml.markers import EOS, THINK_CLOSE, THINK_OPEN
 
 # Token kinds (ints: they index the parser's transition table).
 TEXT, THINK, END, CALLS_OPEN, CALLS_CLOSE, INVOKE_OPEN, INVOKE_CLOSE, PARAM_OPEN, PARAM_CLOSE = (
@@ -41,14 +42,23 @@ NUM_KINDS = 9
 
 # Tag names by kind. `tool_calls` is v4; `calls` is the v4.1 block tag (spaced, see below);
 # `function_calls` is v3.2; the rest are spellings seen in the wild.
-_CALLS_NAMES = ("tool_calls", "toolcalls", "tool-calls", "calls", "function_calls")
+_CALLS_NAMES = (
+    "tool_calls", "toolcalls", "tool-calls", "calls", "function_calls", "tool_use", "tool_call",
+)  # fmt: skip
 _NAMES = {**dict.fromkeys(_CALLS_NAMES, "calls"), "invoke": "invoke", "parameter": "parameter"}
-_BARS_BEFORE = ("｜", "｜｜", "|", "||", "")  # "" is the missing first bar
-_BARS_AFTER = ("｜", "｜｜", "|", "||")
+_BARS_BEFORE = ("｜", "｜｜", "|", "||", "", "‖", " | ")  # "" is the missing first bar
+_BARS_AFTER = ("｜", "｜｜", "|", "||", "‖", " | ")
+# Spellings accepted only under the guards of an invoke without opener (dsml.md 6.1 rule 9):
+# spaced or U+2016 bars, the tag names tool_use / tool_call, and the plain tags an engine's
+# skip_special_tokens leaves (`<invoke name=…>`: no DSML token at all).
+_GUARDED_BARS = ("‖", " | ")
+_GUARDED_NAMES = ("tool_use", "tool_call")
+_PLAIN_NAMES = ("tool_calls", "invoke", "parameter")
 
 _HEAD = re.compile(
-    r"<(/?)(｜｜|｜|\|\||\||)DSML(｜｜|｜|\|\||\|)( ?)"
-    r"(tool_calls|toolcalls|tool-calls|function_calls|calls|invoke|parameter)(?=[\s/>])"
+    r"<(/?)(?:(｜｜|｜|\|\||\||‖| \| |)DSML(｜｜|｜|\|\||\||‖| \| )( ?)"
+    r"(tool_calls|toolcalls|tool-calls|function_calls|calls|tool_use|tool_call|invoke|parameter)"
+    r"|(tool_calls|invoke|parameter))(?=[\s/><])"  # the last: plain, no DSML token
 )
 _Q = '"“”'  # straight and typographic quotes
 _ATTR = rf"\s+[\w-]+\s*=\s*[{_Q}][^{_Q}]*[{_Q}]"
@@ -57,6 +67,8 @@ _TAG_END = re.compile(rf"(?:{_ATTR})*\s*(/?)>")
 _TAG_PARTIAL = re.compile(
     rf"(?:{_ATTR})*(?:\s+(?:[\w-]+(?:\s*(?:=\s*(?:[{_Q}][^{_Q}]*)?)?)?)?|\s*/?)?"
 )
+# A tag cut before its `>`: its attributes (if any), then a newline or the next tag.
+_TAG_CUT = re.compile(rf"(?:{_ATTR})*(?=\s*<|\n)")
 _ATTR_ITEM = re.compile(rf"([\w-]+)\s*=\s*[{_Q}]([^{_Q}]*)[{_Q}]")
 _CANONICAL_ATTRS = re.compile(r'(?: [\w-]+="[^"“”]*")*')
 
@@ -71,23 +83,33 @@ _KIND = {
 }
 
 
-def _heads() -> list[str]:
-    out = []
-    for slash, before, after, space, name in product(
-        ("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES
-    ):
-        out.append(f"<{slash}{before}DSML{after}{space}{name}")
-    return out
+def _spellings() -> list[tuple[str, str, str, str, str]]:
+    """(slash, bars before, bars after, space, name) of every head the lexer reads; a
+    plain head (no DSML token) has None for both bars."""
+    out: list[tuple[Any, ...]] = list(
+        product(("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES)
+    )
+    out += [(slash, None, None, "", name) for slash in ("", "/") for name in _PLAIN_NAMES]
+    return out  # type: ignore[return-value]
 
 
-_DSML_HEADS = _heads()
+def _head_text(slash: str, before: str | None, after: str | None, space: str, name: str) -> str:
+    if before is None:
+        return f"<{slash}{name}"
+    return f"<{slash}{before}DSML{after}{space}{name}"
+
+
+_SPELLINGS = _spellings()
+_DSML_HEADS = [_head_text(*s) for s in _SPELLINGS]
+# Plain heads are value text inside a value (XML in a shell command or a file).
+PLAIN_HEADS = frozenset(f"<{slash}{name}" for slash in ("", "/") for name in _PLAIN_NAMES)
 MAX_HEAD = max(len(h) for h in [*_DSML_HEADS, THINK_CLOSE, EOS])
 MAX_TAG = 2048  # a tag with attributes; longer than any tool or parameter name we accept
 # `rest in MARKER_PREFIXES` means "wait for more": proper prefixes of `</think>` and EOS, and
 # DSML heads up to their full name (the next character must show where the name ends).
 MARKER_PREFIXES = frozenset(
     [h[:i] for h in _DSML_HEADS for i in range(1, len(h) + 1)]
-    + [m[:i] for m in (THINK_CLOSE, EOS) for i in range(1, len(m))]
+    + [m[:i] for m in (THINK_CLOSE, THINK_OPEN, EOS) for i in range(1, len(m))]
 )
 
 
@@ -95,7 +117,7 @@ class Tag:
     """One complete DSML tag. A plain slotted class, built once per distinct tag text and
     then shared through the marker cache: read-only for its users."""
 
-    __slots__ = ("attrs", "kind", "name", "raw", "repairs", "self_closing", "string")
+    __slots__ = ("attrs", "kind", "name", "plain", "raw", "repairs", "self_closing", "string")
 
     def __init__(self, kind: int, raw: str, attrs: Mapping[str, str], self_closing: bool,
                  repairs: tuple[RepairKind, ...]) -> None:  # fmt: skip
@@ -106,17 +128,25 @@ class Tag:
         self.repairs = repairs
         # The two attributes the parser reads, looked up once per distinct tag text
         # (the tag is cached) instead of once per tag read.
-        self.name = attrs.get("name")
+        # An empty or blank name is no name: such an opener is not a call (dsml.md 6.1 rule 6).
+        name = attrs.get("name")
+        self.name = name if name and not name.isspace() else None
         self.string = attrs.get("string")
+        self.plain = "DSML" not in raw  # no DSML token (dsml.md 6.1 rule 9)
 
     def __repr__(self) -> str:
         return f"Tag({self.raw!r})"
 
 
 def _head_repairs(
-    before: str, after: str, space: str, name: str, native: frozenset[str]
+    before: str | None, after: str | None, space: str, name: str, native: frozenset[str]
 ) -> tuple[RepairKind, ...]:
+    if before is None or after is None:
+        return (RepairKind.GUARDED_SPELLING,)
     out = []
+    if before in _GUARDED_BARS or after in _GUARDED_BARS or name in _GUARDED_NAMES:
+        out.append(RepairKind.GUARDED_SPELLING)
+        before, after = before.replace(" | ", "|"), after.replace(" | ", "|")
     if before == "":
         out.append(RepairKind.MISSING_BAR)
     if "|" in before or "|" in after:
@@ -148,13 +178,11 @@ def _head_info(dialect: Dialect) -> dict[str, tuple[int, tuple[RepairKind, ...]]
     """Every head spelling -> (token kind, repairs it implies in `dialect`)."""
     native = _native_names(dialect)
     return {
-        f"<{slash}{before}DSML{after}{space}{name}": (
+        _head_text(slash, before, after, space, name): (
             _KIND[_NAMES[name], slash == "/"],
             _head_repairs(before, after, space, name, native),
         )
-        for slash, before, after, space, name in product(
-            ("", "/"), _BARS_BEFORE, _BARS_AFTER, ("", " "), _NAMES
-        )
+        for slash, before, after, space, name in _SPELLINGS
     }
 
 
@@ -182,15 +210,27 @@ _BARE_TOKENS = {d: _bare_tokens(info) for d, info in _HEAD_INFO.items()}
 # text then decides them, without splitting off what follows the `>` first.
 _MAX_CACHED = 4096
 _MARKERS: dict[Dialect, dict[str, tuple[int, str, Tag | None]]] = {
-    d: {key: tok for tok in bare.values() for key in (tok[1], tok[1] + "\n")}
+    d: {
+        key: tok
+        for head, tok in bare.items()
+        if head not in PLAIN_HEADS  # (the fast path would read them in a value too)
+        for key in (tok[1], tok[1] + "\n")
+    }
     for d, bare in _BARE_TOKENS.items()
 }
 for _cache in _MARKERS.values():
     _cache[THINK_CLOSE] = (THINK, THINK_CLOSE, None)
+    _cache[THINK_OPEN] = (THINK, THINK_OPEN, None)  # `<think>`: markup only where rule 10 says
     _cache[EOS] = (END, EOS, None)
 _NUM_FIXED = len(_MARKERS[Dialect.V4])
-# Markers that end a value (the lexer reads nothing else as markup in value mode).
-VALUE_MARKERS = frozenset((PARAM_CLOSE, END))
+# Markers inside a value: EOS and every DSML tag (dsml.md 6.1 rule 1; an invoke opener is
+# decided by the next tag, see dsml.block). `</think>` is value text there.
+VALUE_MARKERS = frozenset(
+    (PARAM_CLOSE, END, PARAM_OPEN, INVOKE_OPEN, INVOKE_CLOSE, CALLS_OPEN, CALLS_CLOSE)
+)
+_BROKEN = (RepairKind.BROKEN_CLOSER,)
+_DAMAGED = (RepairKind.DAMAGED_OPENER,)
+_NO_ATTRS: Mapping[str, str] = MappingProxyType({})
 
 
 # Whether a buffer starts with a DSML tag head (`<｜DSML｜invoke`, `</|DSML|parameter`, ...).
@@ -283,9 +323,9 @@ class IncrementalLexer:
     def held(self) -> str:
         return self._buf[self._pos :]
 
-    def next(self, value_mode: bool, final: bool) -> tuple[int, str, Tag | None] | None:
-        """The next token as (kind, raw text, tag). In value mode only a parameter closer
-        and EOS are markers; everything else is value text."""
+    def next(self, value_mode: int, final: bool) -> tuple[int, str, Tag | None] | None:
+        """The next token as (kind, raw text, tag). In value mode (1, or 2 in a value whose
+        opener was plain) `</think>` is value text, and so are plain tags in mode 1."""
         buf = self._buf
         pos = self._pos
         n = len(buf)
@@ -298,39 +338,50 @@ class IncrementalLexer:
             self._pos = end
             return TEXT, buf[pos:end], None
         m = _HEAD.match(buf, pos)  # DSML tags first: most `<` in a tool block start one
-        if m is not None:
+        if m is not None and not (value_mode == 1 and m.group() in PLAIN_HEADS):
             kind, head_repairs = self._head_info[m.group()]
-            if not value_mode or kind == PARAM_CLOSE:
-                hend = m.end()
-                if buf[hend] == ">":  # closers: no attributes, one shared token per spelling
-                    self._pos = hend + 1
-                    return self._bare_tokens[m.group()]
-                tail = _TAG_END.match(buf, hend)
-                if tail is not None:
-                    end = tail.end()
-                    raw = buf[pos:end]
-                    attr_text = buf[hend : tail.start(1)]
-                    self._pos = end
-                    attrs = dict(_ATTR_ITEM.findall(attr_text))
-                    repairs = head_repairs
-                    if _CANONICAL_ATTRS.fullmatch(attr_text) is None:
-                        repairs = _attr_repairs(head_repairs, attr_text)
-                    tok = kind, raw, Tag(kind, raw, attrs, tail.group(1) == "/", repairs)
-                    cache = self.markers
-                    if len(cache) + 2 > _MAX_CACHED:  # keep the fixed markers, drop the rest
-                        for key in list(cache)[_NUM_FIXED:]:
-                            cache.pop(key, None)
-                    cache[raw] = cache[raw + "\n"] = tok
+            hend = m.end()
+            if buf[hend] == ">":  # closers: no attributes, one shared token per spelling
+                self._pos = hend + 1
+                return self._bare_tokens[m.group()]
+            tail = _TAG_END.match(buf, hend)
+            if tail is not None:
+                end = tail.end()
+                raw = buf[pos:end]
+                attr_text = buf[hend : tail.start(1)]
+                self._pos = end
+                attrs = dict(_ATTR_ITEM.findall(attr_text))
+                repairs = head_repairs
+                if _CANONICAL_ATTRS.fullmatch(attr_text) is None:
+                    repairs = _attr_repairs(head_repairs, attr_text)
+                tok = kind, raw, Tag(kind, raw, attrs, tail.group(1) == "/", repairs)
+                cache = self.markers
+                if m.group(2) is None:  # a plain tag: not for the fast path (see _MARKERS)
                     return tok
-                if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):
-                    self.tag_wait = True
-                    return None
+                if len(cache) + 2 > _MAX_CACHED:  # keep the fixed markers, drop the rest
+                    for key in list(cache)[_NUM_FIXED:]:
+                        cache.pop(key, None)
+                cache[raw] = cache[raw + "\n"] = tok
+                return tok
+            if not final and n - pos <= MAX_TAG and _TAG_PARTIAL.fullmatch(buf, hend):
+                self.tag_wait = True
+                return None
+            cut = _TAG_CUT.match(buf, hend)
+            if cut is not None:  # a tag without `>` (dsml.md 6.1 rules 1 and 4)
+                self._pos = end = cut.end()
+                raw = buf[pos:end]
+                attrs = dict(_ATTR_ITEM.findall(buf, hend, end))
+                broken = _BROKEN if m.group(1) else _DAMAGED
+                return kind, raw, Tag(kind, raw, attrs, False, head_repairs + broken)
         elif buf.startswith(EOS, pos):
             self._pos = pos + len(EOS)
             return END, EOS, None
         elif not value_mode and buf.startswith(THINK_CLOSE, pos):
             self._pos = pos + len(THINK_CLOSE)
             return THINK, THINK_CLOSE, None
+        elif not value_mode and buf.startswith(THINK_OPEN, pos):
+            self._pos = pos + len(THINK_OPEN)
+            return THINK, THINK_OPEN, None
         elif not final and n - pos <= MAX_HEAD and buf[pos:] in MARKER_PREFIXES:
             self.prefix_wait = True
             return None

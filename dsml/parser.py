@@ -20,7 +20,7 @@ Three layers: `dsml.lexer.IncrementalLexer` turns deltas into text and marker to
 table (`dsml.states`: `table[state][token kind]`) consumes them, and `dsml.events` are
 what comes out. The table's handlers are in `dsml.regions` (reasoning, content, held
 text) and `dsml.block` (inside a block); `dsml.calls` converts and validates values. This
-module owns the public API, the feed() fast paths and the output helpers.
+module owns the public API and the feed() fast paths; `dsml.output` the output helpers.
 
 Policies (dsml.md section 6) and the decisions the spec leaves open:
 
@@ -52,6 +52,12 @@ Policies (dsml.md section 6) and the decisions the spec leaves open:
   `<｜DSML｜ invoke …>`, v3.2's `function_calls`), so those calls come out `valid`.
 - Each kind of repair is noticed once per block (orphan closers and lxml repairs each
   time); a call with any tolerance applied validates as `repaired`.
+- Damaged blocks follow dsml.md section 6.1, each rule a named transition of the table
+  (`dsml.states`): a tag that cannot come where it is ends what is open (a value, an
+  invoke), a block opener counts only when an invoke or its closer is the next tag, an
+  invoke opener inside a value is decided by the next tag, text that is no call comes
+  back as content or in a Notice, never inside a call. Markdown-quoted DSML
+  (`dsml.quoting`) is text. Each rule's outcome is a `RepairKind`.
 - `trace=True` records `spans`: (kind, text) pieces in input order, kind one of reasoning,
   content, markup, value, ignored; their texts concatenate to everything fed. It turns
   the fast paths off (tests compare both).
@@ -63,7 +69,7 @@ from collections.abc import Callable
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
-from dsml.block import BlockStates
+from dsml.block import BlockLedger, BlockStates
 from dsml.calls import NEEDS_ESCAPE, Call, default_id, escape
 from dsml.dialects import Dialect
 from dsml.events import (
@@ -90,6 +96,8 @@ from dsml.lexer import (
     match_head,
     starts_tag,
 )
+from dsml.output import Output
+from dsml.quoting import MarkdownQuotes
 from dsml.regions import Hold, RegionStates
 from dsml.schema import ToolRegistry
 from dsml.states import (
@@ -106,6 +114,7 @@ from dsml.states import (
     FAST_WS,
     INVOKE,
     NUM_STATES,
+    OPENED,
     REASONING,
     VALUE,
     transition_table,
@@ -124,19 +133,19 @@ _set_index = ToolCallArgsDelta.index.__set__  # type: ignore[attr-defined]
 _set_fragment = ToolCallArgsDelta.fragment.__set__  # type: ignore[attr-defined]
 
 
-class StreamParser(RegionStates, BlockStates):
+class StreamParser(RegionStates, BlockStates, Output):
     """Feed text deltas, get events. See the module docstring for the format and policies."""
 
     # Slotted: CPython 3.11 keeps at most 30 attributes of an instance inline; past that
     # each parser's attributes went to a dict, slower to read and write on every path
     # (measured: ~5% of the parser's time on the tool-call corpus).
     __slots__ = (
-        "_after_ws", "_block_start", "_call", "_calls", "_cindex", "_content", "_eos",
-        "_fast", "_has_tools", "_hold", "_id_factory", "_in_junk", "_jparts", "_junk",
-        "_junk_spans", "_kind", "_lex", "_malformed", "_mark", "_markers",
-        "_next_index", "_nl", "_notices", "_out", "_pending", "_raw", "_reasoning",
-        "_recovered", "_result", "_seen", "_span", "_state", "_strict", "_summed", "_tools",
-        "_unterminated", "_vparts", "_ws", "dialect", "rejected", "spans",
+        "_after_ws", "_block_start", "_call", "_calls", "_cindex", "_content", "_eos", "_fast",
+        "_has_tools", "_hold", "_id_factory", "_in_junk", "_jparts", "_junk", "_junk_spans",
+        "_kind", "_ledger", "_lex", "_malformed", "_mark", "_markers", "_next_index", "_nl",
+        "_notices", "_opened", "_out", "_pending", "_plain_value", "_quoted", "_quotes", "_raw",
+        "_reasoning", "_recovered", "_rest", "_result", "_seen", "_span", "_state", "_strict",
+        "_summed", "_tools", "_unterminated", "_vparts", "_ws", "dialect", "rejected", "spans",
     )  # fmt: skip
 
     def __init__(
@@ -176,6 +185,11 @@ class StreamParser(RegionStates, BlockStates):
         self._next_index = 0
         self._seen: set[RepairKind] = set()  # repairs already noticed in this block
         self._junk: list[str] = []  # block text the state machine could not read
+        self._quoted: list[tuple[str, Tag | None]] = []  # held in QUOTED (dsml.block)
+        self._plain_value = False  # the value's opener was plain: a plain closer ends it
+        self._quotes = (MarkdownQuotes(), MarkdownQuotes())  # reasoning, content (dsml.quoting)
+        self._opened = [0] * 9  # by token kind: openers that went to the text (dsml.regions)
+        self._ledger = BlockLedger((0, 0), 0, 0)  # the current block's (dsml.block)
         # Where a streaming block's unfinished part starts (its separator, then the end of
         # its last complete invoke), as a _here() mark: text to return if it never closes.
         self._block_start: tuple[int, int] | None = None
@@ -185,6 +199,7 @@ class StreamParser(RegionStates, BlockStates):
         self._malformed = False
         self._recovered = False
         self._pending = ""  # a marker still arriving, held by the fast path (not the lexer)
+        self._rest: str | None = None  # text _decide() left to feed (None: not in its loop)
         self._markers = self._lex.markers
         self._kind = TEXT  # kind of the token being handled
         self._summed = (0, 0)  # (pieces of _raw summed, their total length)
@@ -340,9 +355,24 @@ class StreamParser(RegionStates, BlockStates):
             self._raw.append(rest)
             self._ws = (self._ws + rest)[:3]
             return out
-        more = self.feed(rest)
-        if more:
-            out.extend(more)
+        if self._state == OPENED and rest.isspace():  # after a block opener, as _plain() would
+            self._raw.append(rest)
+            self._ledger.ws.append((rest, False))
+            if self._hold is not None:  # (the opener may have just started one)
+                self._hold.raw.append(rest)
+            return out
+        if self._rest is not None:  # inside the loop below: it feeds `rest` next
+            self._rest = rest
+            return out
+        # Feed the rest of the delta in a loop, not by recursion: a delta of many markers
+        # (`</think>` x 500) would otherwise nest one feed() per marker.
+        self._rest = ""
+        while rest:
+            more = self.feed(rest)
+            if more:
+                out.extend(more)
+            rest, self._rest = self._rest, ""
+        self._rest = None
         return out
 
     def _no_gt(self, text: str, held: str, buf: str) -> list[Event]:
@@ -398,10 +428,9 @@ class StreamParser(RegionStates, BlockStates):
         """A tag whose attributes are still arriving holds `buf` (its `<`, `>` or newline
         are inside a quoted value: `name="p_<b>_1`): the lexer would only wait again
         (`IncrementalLexer.next` sets tag_wait), which costs ~10 us a delta through
-        _feed_slow(). Not in VALUE, where only a closer is a tag."""
+        _feed_slow()."""
         return (
             self._fast == FAST_TAG
-            and self._state != VALUE
             and len(buf) <= MAX_TAG
             and starts_tag(buf)
         )
@@ -512,7 +541,7 @@ class StreamParser(RegionStates, BlockStates):
         lex = self._lex
         table = _TABLE
         while (state := self._state) != DONE:
-            tok = lex.next(state == VALUE, final)
+            tok = lex.next((2 if self._plain_value else 1) if state == VALUE else 0, final)
             if tok is None:
                 return
             kind, raw, tag = tok
@@ -526,26 +555,6 @@ class StreamParser(RegionStates, BlockStates):
         # After EOS: what the lexer still holds is ignored text.
         self._span("ignored", lex.held)
         lex.clear()
-
-    def _offset(self) -> int:
-        """Absolute offset of the next unread character (what the lexer holds is in _raw,
-        _pending is not). Summed lazily: the fast path of feed() does not count characters."""
-        raw = self._raw
-        count, total = self._summed
-        if count < len(raw):
-            total += sum(map(len, raw[count:]))
-            self._summed = (len(raw), total)
-        return total - len(self._lex.held)
-
-    def _here(self, back: int) -> tuple[int, int]:
-        """A mark for the offset `back` characters before the next unread one, resolved
-        by _resolve() only if needed (a truncated block): summing the pieces fed at every
-        invoke closer cost ~1 us each."""
-        return len(self._raw), len(self._lex.held) + back
-
-    def _resolve(self, mark: tuple[int, int]) -> int:
-        num_pieces, back = mark
-        return sum(map(len, self._raw[:num_pieces])) - back
 
     def _update_fast(self) -> None:
         lex = self._lex
@@ -576,49 +585,6 @@ class StreamParser(RegionStates, BlockStates):
             return FAST_HELD_VALUE
         fast = _FAST_OF_STATE[st]
         return FAST_NONE if fast == FAST_WS and self._in_junk else fast
-
-    # ----------------------------------------------------------------- output helpers
-
-    def _trace_span(self, kind: str, text: str) -> None:
-        if text:
-            (self._hold.spans if self._hold is not None else self.spans).append((kind, text))  # type: ignore[union-attr]
-
-    @staticmethod
-    def _no_span(kind: str, text: str) -> None:
-        pass
-
-    def _emit_text(self, region: int, text: str, span: bool = True) -> None:
-        if not text:
-            return
-        if region == REASONING:
-            self._reasoning.append(text)
-            self._out.append(reasoning_delta(text))
-            if span:
-                self._span("reasoning", text)
-        else:
-            self._content.append(text)
-            self._out.append(content_delta(text))
-            if span:
-                self._span("content", text)
-
-    def _notice(self, kind: RepairKind, detail: str = "", dedupe: bool = True) -> None:
-        if dedupe:
-            if kind in self._seen:
-                return
-            self._seen.add(kind)
-        ev = Notice(kind, detail)
-        if self._hold is not None:
-            self._hold.events.append(ev)
-        else:
-            self._notices.append(ev)
-            self._out.append(ev)
-
-    def _tag_repairs(self, tag: Tag, call: Call | None) -> None:
-        for kind in tag.repairs:  # usually empty
-            self._notice(kind, tag.raw)
-            if call is not None:
-                call.repairs.append(kind)
-
 
 # The transition table: _table[state][token kind] -> handler(parser, raw, tag). Hot paths
 # read the module global: Python 3.11 does not specialize a class attribute read through

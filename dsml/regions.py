@@ -13,6 +13,9 @@ A mixin of `dsml.parser.StreamParser`, like `dsml.block.BlockStates`.
 
 from __future__ import annotations
 
+import re
+
+from dsml.block import BlockLedger
 from dsml.calls import Call
 from dsml.events import (
     CallOutcome,
@@ -22,14 +25,37 @@ from dsml.events import (
     ToolCallEnd,
     TurnOutcome,
 )
-from dsml.lexer import Tag
-from dsml.states import AFTER, BLOCK, BODY, CONTENT, DONE, INVOKE, REASONING, VALUE
+from dsml.lexer import CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN, TEXT, Tag
+from dsml.markers import THINK_CLOSE, THINK_OPEN
+from dsml.quoting import FENCED, INLINE
+from dsml.states import (
+    AFTER,
+    BLOCK,
+    BODY,
+    CONTENT,
+    DONE,
+    INVOKE,
+    OPENED,
+    QUOTED,
+    REASONING,
+    VALUE,
+)
+
+_GUARDED = RepairKind.GUARDED_SPELLING
+_FENCE_RUN = re.compile(r"\s*(?:`+|~+)\s*")
+_PLAIN_INVOKE = re.compile(r"<invoke\s{1,8}name\s{0,8}=")
+_PLAIN_INVOKE_MAX = 31  # characters kept: one less than the longest match can be
+_OPENER_KINDS = (CALLS_OPEN, INVOKE_OPEN, PARAM_OPEN)  # a closer's kind is its opener's + 1
+_OPENERS_AND_CLOSERS = frozenset((*_OPENER_KINDS, *(k + 1 for k in _OPENER_KINDS)))
 
 
 class Hold:
     """Text held back until decided: a block inside reasoning, or an invoke without opener."""
 
-    __slots__ = ("bare", "calls", "closed", "events", "raw", "region", "spans", "think_at")
+    __slots__ = (
+        "bare", "calls", "closed", "events", "fence", "guarded", "raw", "region", "spans",
+        "think_at",
+    )  # fmt: skip
 
     def __init__(self, region: int, raw: list[str], bare: bool) -> None:
         self.region = region  # REASONING or CONTENT: where the raw text goes if rejected
@@ -40,6 +66,15 @@ class Hold:
         self.spans: list[tuple[str, str]] = []
         self.closed = False  # the block (or bare invoke) closed; waiting for EOS
         self.think_at = -1  # index in raw of a `</think>` seen after the block
+        self.guarded = bare  # calls only of declared tools with their required arguments
+        self.fence: str | None = None  # in a code fence: what follows the block ("" so far)
+
+    def qualifies(self) -> bool:
+        """Every call names a declared tool and carries its required arguments (the
+        guards of an invoke without opener, dsml.md section 6 and 6.1 rule 9)."""
+        return bool(self.calls) and all(
+            c.tool is not None and all(r in c.args for r in c.tool.required) for c in self.calls
+        )
 
 
 class RegionStates:
@@ -71,9 +106,27 @@ class RegionStates:
         self._text(CONTENT, raw)
 
     def _on_think(self, raw: str, tag: Tag | None) -> None:
+        if raw == THINK_OPEN:  # a doubled `<think>` is markup, a later one text (rule 10)
+            if self._reasoning or self._nl:
+                self._text(REASONING, raw)
+            else:
+                self._extra_think(raw)
+            return
         self._flush_nl()
         self._span("markup", raw)
         self._state = CONTENT
+
+    def _on_content_think(self, raw: str, tag: Tag | None) -> None:
+        """`</think>` after reasoning ended is markup (dsml.md 6.1 rule 10); `<think>` text."""
+        if raw == THINK_OPEN:
+            self._text(CONTENT, raw)
+        else:
+            self._flush_nl()
+            self._extra_think(raw)
+
+    def _extra_think(self, raw: str) -> None:
+        self._span("markup", raw)
+        self._notice(RepairKind.EXTRA_THINK_TAG, raw, dedupe=False)
 
     def _on_eos(self, raw: str, tag: Tag | None) -> None:
         if self._hold is not None:
@@ -81,12 +134,35 @@ class RegionStates:
         self._end(eos=True, raw=raw)
 
     def _on_orphan(self, raw: str, tag: Tag | None) -> None:
-        if not self._has_tools:
+        """A closer in content: text when its opener went to the text (dsml.md 6.1 rule 7),
+        else an orphan, dropped with the whitespace before it."""
+        opened = self._opened
+        kind = self._kind
+        if not self._has_tools or opened[kind - 1] or _GUARDED in tag.repairs:  # type: ignore[union-attr]
+            if opened[kind - 1]:
+                opened[kind - 1] -= 1
             self._text(CONTENT, raw)
             return
-        self._flush_nl()
-        self._span("markup", raw)
+        nl, self._nl = self._nl, ""
+        self._span("markup", nl + raw)
         self._notice(RepairKind.ORPHAN_CLOSER, raw, dedupe=False)
+
+    def _quoting(self, region: int) -> int:
+        """Markdown quoting at the end of the region's text so far (dsml.quoting)."""
+        if region == REASONING:
+            return self._quotes[0].state(self._reasoning)
+        return self._quotes[1].state(self._content)
+
+    def _on_reasoning_closer(self, raw: str, tag: Tag | None) -> None:
+        """A closer in reasoning is text; it ends a block released as text (rule 7)."""
+        if self._opened[self._kind - 1]:
+            self._opened[self._kind - 1] -= 1
+        self._text(REASONING, raw)
+
+    def _on_text_opener(self, raw: str, tag: Tag | None) -> None:
+        """A parameter opener outside a block is text; its closer will be too (rule 7)."""
+        self._opened[PARAM_OPEN] += 1
+        self._text(CONTENT, raw)
 
     def _on_block_open(self, raw: str, tag: Tag | None) -> None:
         region = REASONING if self._state == REASONING else CONTENT
@@ -96,6 +172,11 @@ class RegionStates:
         if self._hold is not None:
             self._reject(raw, tag)
             return
+        quoting = self._quoting(region)
+        if quoting == INLINE:  # quoted in a code span: text (dsml.md 6.1 rule 5)
+            self._opened[CALLS_OPEN] += 1
+            self._on_after_text(raw, tag) if self._state == AFTER else self._text(region, raw)
+            return
         if self._state == AFTER:
             sep, self._after_ws = "".join(self._after_ws), []
         else:
@@ -103,20 +184,88 @@ class RegionStates:
         self._seen = set()
         self._junk = []
         self._junk_spans = []
-        if region == REASONING:
-            self._hold = Hold(REASONING, [sep, raw], bare=False)
+        mark = self._here(len(raw) + len(sep))
+        self._ledger = BlockLedger(
+            mark, len(self.spans) if self.spans is not None else 0,
+            len(self._calls) + len(self.rejected),
+        )  # fmt: skip
+        assert tag is not None
+        guarded = _GUARDED in tag.repairs  # (rule 9: held, like an invoke without opener)
+        if region == REASONING or guarded or quoting == FENCED:
+            self._hold = Hold(region, [sep, raw], bare=False)
+            self._hold.guarded = guarded
+            if quoting == FENCED:
+                self._hold.fence = ""
         else:
-            self._block_start = self._here(len(raw) + len(sep))
+            self._block_start = mark
             self._mark = len(self.spans) if self.spans is not None else 0
         if self.spans is not None:
             self._span("markup", sep + raw)
+        ledger = self._ledger
+        ledger.opener, ledger.sep, ledger.tag, ledger.region = raw, sep, tag, region
+        self._ws = ""
+        self._state = OPENED
+
+    # ----------------------------------------------------------------- after a block opener
+    # A block opener counts only when the next markup is an invoke opener or the block
+    # closer (dsml.md 6.1 rule 4); until then it is OPENED.
+
+    def _on_opened_text(self, raw: str, tag: Tag | None) -> None:
+        """Text is no markup: held until the next tag decides (a plain `<invoke name=…>`,
+        which the lexer reads as text, counts as an invoke opener)."""
+        ledger = self._ledger
+        ledger.ws.append((raw, False))  # spanned when decided
+        # Searched in the last characters and this text: found wherever deltas split it.
+        tail = ledger.tail + raw
+        ledger.tail = tail[-_PLAIN_INVOKE_MAX:]
+        if "<invoke" in tail and _PLAIN_INVOKE.search(tail):
+            self._on_opened_confirm(None, None)
+
+    def _on_opened_confirm(self, raw: str | None, tag: Tag | None) -> None:
+        ledger = self._ledger
+        if self._hold is not None and any(not o and not t.isspace() for t, o in ledger.ws):
+            self._reject(raw, tag)  # a held block must be well-formed: released as written
+            return
+        sep, opener = ledger.sep, ledger.tag
         if len(sep) < 2:
             self._notice(RepairKind.BLOCK_SEPARATOR, repr(sep))
-        assert tag is not None
-        if tag.repairs:
-            self._tag_repairs(tag, None)
+        assert opener is not None
+        if opener.repairs:
+            self._tag_repairs(opener, None)
         self._ws = ""
         self._state = BLOCK
+        held, ledger.ws = ledger.ws, []
+        if held:
+            kind, self._kind = self._kind, TEXT
+            for text, opener in held:
+                if opener:
+                    self._on_stray_opener(text, None)
+                else:
+                    self._table[BLOCK][TEXT](self, text, None)
+            self._kind = kind
+            self._in_junk = False  # (a tag follows)
+        if raw is not None:
+            self._table[BLOCK][self._kind](self, raw, tag)
+
+    def _on_opened_stray(self, raw: str, tag: Tag | None) -> None:
+        """A second opener right after the first: markup of the same block (rule 4)."""
+        self._ledger.ws.append((raw, True))  # (comes back with the first if that was text)
+
+    def _unopen(self, raw: str | None, tag: Tag | None) -> None:
+        """The opener was text after all (`Example: '<｜DSML｜toolcalls>'`): it comes back
+        as written, and the token `raw` is read again in the region."""
+        if self._hold is not None:
+            self._reject(raw, tag)
+            return
+        ledger = self._ledger
+        self._state = ledger.region
+        self._block_start = None
+        self._opened[CALLS_OPEN] += 1  # its closer is text too (rule 7)
+        if self.spans is not None:
+            del self.spans[ledger.open_span :]
+        self._text(ledger.region, ledger.sep + ledger.opener + "".join(t for t, _ in ledger.ws))
+        if raw is not None:
+            self._table[self._state][self._kind](self, raw, tag)
 
     def _on_bare_invoke(self, raw: str, tag: Tag | None) -> None:
         """An invoke without the block opener: held until it closes (dsml.md section 6)."""
@@ -124,10 +273,18 @@ class RegionStates:
         assert tag is not None
         name = tag.name
         tool = self._tools.get(name) if name is not None else None
-        if self._hold is not None:
+        hold = self._hold
+        if hold is not None and hold.bare and hold.closed and tool is not None:
+            hold.closed = False  # the next orphan invoke of a reasoning run (rule 8)
+            self._state = BLOCK
+            self._on_invoke_open(raw, tag)
+            return
+        if hold is not None:
             self._reject(raw, tag)
             return
-        if tool is None:
+        quoting = self._quoting(region)
+        if tool is None or self._opened[CALLS_OPEN] or quoting == INLINE:  # text (rules 5, 7)
+            self._opened[INVOKE_OPEN] += 1
             if self._state == AFTER:
                 self._on_after_text(raw, tag)
             else:
@@ -140,6 +297,8 @@ class RegionStates:
         self._junk = []
         self._junk_spans = []
         self._hold = Hold(region, [sep, raw], bare=True)
+        if quoting == FENCED:
+            self._hold.fence = ""
         self._span("markup", sep)
         self._notice(RepairKind.MISSING_OPENER, raw)
         self._ws = ""
@@ -161,6 +320,10 @@ class RegionStates:
                 self._after_ws.append(raw)
             return
         if hold is not None:
+            if hold.fence is not None and _FENCE_RUN.fullmatch(raw):  # the closing fence
+                hold.fence += raw.strip()
+                self._span("markup", raw)
+                return
             self._reject(raw, tag)
             return
         text = "".join(self._after_ws) + raw
@@ -170,9 +333,13 @@ class RegionStates:
 
     def _on_after_think(self, raw: str, tag: Tag | None) -> None:
         hold = self._hold
-        if hold is not None and hold.region == REASONING and hold.think_at < 0:
+        if hold is not None and hold.region == REASONING and hold.think_at < 0 and raw == THINK_CLOSE:
             hold.think_at = len(hold.raw) - 1  # the `</think>` just appended
             self._span("markup", raw)
+            return
+        if hold is None and raw == THINK_CLOSE:
+            self._flush_after_ws()
+            self._extra_think(raw)
             return
         self._on_after_text(raw, tag)
 
@@ -183,7 +350,11 @@ class RegionStates:
         self._on_after_text(raw, tag)
 
     def _on_after_orphan(self, raw: str, tag: Tag | None) -> None:
-        if self._hold is not None:
+        hold = self._hold
+        if hold is not None:
+            if hold.bare and hold.region == REASONING:  # closers after it: still a call (rule 8)
+                self._span("markup", raw)
+                return
             self._reject(raw, tag)
             return
         self._flush_after_ws()
@@ -203,9 +374,17 @@ class RegionStates:
             self._out.append(ev)
         if self.spans is not None:
             self.spans.extend(spans)
+        if hold.fence is not None:  # a fenced block that ends the output (rule 5)
+            self._notice(RepairKind.FENCED, hold.fence, dedupe=False)
+            for call in hold.calls:
+                call.repairs.append(RepairKind.FENCED)
+                if call.outcome == CallOutcome.VALID:
+                    call.outcome = CallOutcome.REPAIRED
         for call in hold.calls:
             self._deliver(call, call.outcome, call.error)
         if hold.region == REASONING and hold.calls:
+            if hold.bare:
+                self._notice(RepairKind.THINKING_ORPHAN, hold.calls[0].name, dedupe=False)
             self._recovered = True
             self._notice(RepairKind.RECOVERED_FROM_THINKING, str(len(hold.calls)), dedupe=False)
 
@@ -218,6 +397,15 @@ class RegionStates:
         self._call = None
         if raw is not None:
             hold.raw.pop()
+        markers = self._markers
+        for piece in hold.raw:  # openers released as text keep their closers (rule 7)
+            tok = markers.get(piece) if piece[:1] == "<" else None
+            if tok is not None and tok[0] in _OPENERS_AND_CLOSERS:
+                kind = tok[0]
+                if kind in _OPENER_KINDS:
+                    self._opened[kind] += 1
+                elif self._opened[kind - 1]:
+                    self._opened[kind - 1] -= 1
         region = hold.region
         self._state = region
         if hold.think_at >= 0:
@@ -235,17 +423,27 @@ class RegionStates:
         st = self._state
         hold = self._hold
         if hold is not None:
-            if hold.closed:
+            if hold.closed and (not hold.guarded or hold.qualifies()):
                 self._accept()
-            else:
+            elif hold.closed:
                 self._reject(None, None)
+            else:
+                # An orphan invoke the stream leaves open is cut like an open block.
+                self._unterminated = self._unterminated or hold.region == CONTENT
+                self._reject(None, None)
+            st = self._state
+        if st == OPENED:  # EOS decides: the opener was text; a cut stream leaves a block open
+            if eos:
+                self._unopen(None, None)
+            else:
+                self._on_opened_confirm(None, None)
             st = self._state
         if st in (REASONING, CONTENT):
             self._flush_nl()
         elif st == AFTER:
             if self._after_ws or self.spans is not None:
                 self._flush_after_ws()
-        elif st in (BLOCK, INVOKE, BODY, VALUE):
+        elif st in (BLOCK, INVOKE, BODY, VALUE, QUOTED):
             if eos and st == INVOKE and self._complete_at_eos():
                 st = self._state  # BLOCK: the rest of the block is whitespace or unread
             self._truncate(self._offset() - len(raw))
@@ -258,7 +456,8 @@ class RegionStates:
         spirit of dsml.md 6.1 rule 3). Closes it and returns True; False leaves it cut."""
         call = self._call
         if (call is None or self._hold is not None or self._in_junk or call.tool is None
-                or call.pending is not None or call.body is not None or not call.args
+                or call.index < 0 or call.broken or call.pending is not None
+                or call.body is not None or not call.args
                 or any(r not in call.args for r in call.tool.required)):
             return False
         self._close_call(call)
@@ -272,8 +471,8 @@ class RegionStates:
         consumer of the fragments can run it as if it were whole."""
         call = self._call
         self._call = None
-        if call is not None and call.streaming:
-            if call.streams and self._state == VALUE:
+        if call is not None and call.streaming and call.index >= 0:
+            if call.streams and self._state in (VALUE, QUOTED):
                 assert call.plan is not None
                 call.args[call.plan.key] = "".join(call.vparts)
             self._out.append(
@@ -282,6 +481,17 @@ class RegionStates:
             )  # fmt: skip
         if self._block_start is None:
             return
+        ledger = self._ledger
+        self._junk = []  # (after the last complete invoke: in the text returned below)
+        self._junk_spans = []
+        if len(self._calls) + len(self.rejected) == ledger.calls_at_open:
+            if ledger.leftovers:  # no call: the whole block comes back (dsml.md 6.1 rule 6)
+                self._block_start = ledger.open_mark
+                self._mark = ledger.open_span
+                ledger.leftovers = []
+        elif ledger.leftovers:
+            del ledger.leftovers[ledger.upto :]  # the rest is in the text returned below
+            self._settle_block(end)
         start = self._resolve(self._block_start)
         text = "".join(self._raw)[start:end]
         if self.spans is not None:

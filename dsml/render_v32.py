@@ -20,7 +20,7 @@ conversation with one tool call renders as:
     <think>
 
 Sections (tools, response format), tool-call history and assistant turns are shared with
-V4 through `dsml.render._Renderer`; this module only owns the message loop and tool results.
+V4 through `dsml.render_common._Renderer`; this module only owns the message loop and tool results.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 from dsml import markers as mk
 from dsml.errors import RenderError
-from dsml.render import (
+from dsml.render_common import (
     _as_text,
     _drop_thinking,
     _last_user_index,

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _TAG = re.compile(
-    r"<(/?)(?:｜｜|｜|\|\||\||)DSML(?:｜｜|｜|\|\||\|) ?"
-    r"(tool_calls|toolcalls|tool-calls|function_calls|calls|invoke|parameter)\b"
+    r"<(/?)(?:｜｜|｜|\|\||\||‖| \| |)DSML(?:｜｜|｜|\|\||\||‖| \| ) ?"
+    r"(tool_calls|toolcalls|tool-calls|function_calls|calls|tool_use|tool_call|invoke|parameter)\b"
 )
 _CANON = {"invoke": "invoke", "parameter": "parameter"}
 
@@ -43,9 +43,69 @@ def _parse(text: str) -> Any:
     # No entity expansion, no network: the input is model output.
     parser = etree.XMLParser(recover=True, resolve_entities=False, no_network=True, huge_tree=False)
     try:
-        return etree.fromstring(f"<root>{normalise(text)}</root>".encode(), parser)
-    except etree.XMLSyntaxError:
+        data = f"<root>{normalise(text)}</root>".encode()
+    except UnicodeEncodeError:  # a lone surrogate: nothing lxml could read back verbatim
         return None
+    try:
+        return etree.fromstring(data, parser)
+    except (etree.XMLSyntaxError, ValueError):
+        return None
+
+
+_INVOKE_TAG = re.compile(
+    r"<(/?)(?:(?:｜｜|｜|\|\||\||‖| \| |)DSML(?:｜｜|｜|\|\||\||‖| \| ) ?)?invoke\b[^<>]*>?"
+)
+
+
+_WHOLE_TAG = re.compile(  # well-formed tags only
+    r"""</?[\w-]+(?:\s+[\w-]+\s*=\s*(?:"[^"]*"|'[^']*'))*\s*/?>"""
+)
+
+
+def keeps_text(text: str, values: list[str]) -> bool:
+    """lxml's reading of `text` kept every character outside whole tags (whitespace
+    aside) in `values`: a repair never drops text (dsml.md 6.1; a broken tag swallows the
+    text after it in lxml)."""
+    import html
+
+    outside = "".join(html.unescape(_WHOLE_TAG.sub("", normalise(text))).split())
+    return outside == "".join("".join(values).split())
+
+
+def has_markup(text: str) -> bool:
+    """`text` holds a DSML tag (any spelling)."""
+    return _TAG.search(text) is not None
+
+
+def split_invokes(text: str) -> list[tuple[int, int, bool]]:
+    """`text` cut at whole invoke tags: (start, end, is an invoke) pieces covering it. An
+    invoke runs from its opener to its closer, or to the next opener or the end; what is
+    between invokes is kept as its own piece (prose beside a call is not lost)."""
+    out: list[tuple[int, int, bool]] = []
+    tags = list(_INVOKE_TAG.finditer(text))
+    pos = 0
+    i = 0
+    while i < len(tags):
+        m = tags[i]
+        i += 1
+        if m.group(1) or m.start() < pos:  # a closer outside an invoke stays in its piece
+            continue
+        if m.start() > pos:
+            out.append((pos, m.start(), False))
+        end = len(text)
+        while i < len(tags):
+            nxt = tags[i]
+            if not nxt.group(1):
+                end = nxt.start()
+                break
+            i += 1
+            end = nxt.end()
+            break
+        out.append((m.start(), end, True))
+        pos = end
+    if pos < len(text):
+        out.append((pos, len(text), False))
+    return out
 
 
 def read_invokes(text: str) -> list[RepairedInvoke]:
@@ -76,4 +136,4 @@ def read_parameters(text: str) -> list[tuple[str, str | None, str]] | None:
     return params or None  # type: ignore[return-value]
 
 
-__all__ = ["RepairedInvoke", "normalise", "read_invokes", "read_parameters"]
+__all__ = ["RepairedInvoke", "has_markup", "normalise", "read_invokes", "read_parameters", "split_invokes"]

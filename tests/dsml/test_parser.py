@@ -499,11 +499,9 @@ def test_invoke_without_opener_and_required_args_stays_text() -> None:
 def test_invoke_without_opener_for_undeclared_tool_stays_text() -> None:
     text = 'See <｜DSML｜invoke name="other">\n</｜DSML｜invoke> there.'
     r, notices = _weather(text)
-    assert r.tool_calls == []
-    assert (
-        r.content == 'See <｜DSML｜invoke name="other">\n there.'
-    )  # the orphan closer is stripped
-    assert "orphan_closer" in notices
+    # Its closer is no orphan: the opener is in the text (dsml.md 6.1 rule 7).
+    assert r.tool_calls == [] and r.content == text
+    assert "orphan_closer" not in notices
 
 
 def test_text_after_a_block_is_content() -> None:
@@ -520,7 +518,8 @@ def test_two_blocks() -> None:
 
 def test_orphan_closers_are_stripped() -> None:
     r, notices = _weather("Done.</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>")
-    assert r.content == "Done.\n" and "orphan_closer" in notices
+    # Dropped with the whitespace before them (dsml.md 6.1 rule 7).
+    assert r.content == "Done." and "orphan_closer" in notices
     assert r.turn_outcome == TurnOutcome.ANSWER
 
 
@@ -529,22 +528,22 @@ def test_lxml_repairs_what_the_state_machine_cannot_read() -> None:
     block = '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n<parameter name="city" string="true">Lima</parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>'
     r, notices = _weather(block)
     assert [c.arguments for c in r.tool_calls] == [{"city": "Lima"}]
-    assert "lxml_repair" in notices and r.tool_calls[0].outcome == CallOutcome.REPAIRED
+    # Plain tags are now read by the state machine itself (dsml.md 6.1 rule 9).
+    assert "guarded_spelling" in notices and r.tool_calls[0].outcome == CallOutcome.REPAIRED
 
 
 def test_lxml_repairs_a_stray_invoke_between_invokes() -> None:
     block = '<｜DSML｜tool_calls>\n<invoke name="get_weather"><parameter name="city" string="true">Kyiv</parameter></invoke>\n</｜DSML｜tool_calls>'
     r, notices = _weather(block)
     assert [c.arguments for c in r.tool_calls] == [{"city": "Kyiv"}]
-    assert "lxml_repair" in notices
+    assert "guarded_spelling" in notices  # (dsml.md 6.1 rule 9; lxml read it before)
 
 
 def test_unreadable_junk_in_block_is_returned_as_content() -> None:
     block = "Hm.\n\n<｜DSML｜tool_calls>\nwhat is this\n</｜DSML｜tool_calls>"
     r, _ = _weather(block)
-    assert (
-        r.tool_calls == [] and r.content == "Hm.what is this\n"
-    )  # the newline before it is markup
+    # A block without any call comes back whole, as written (dsml.md 6.1 rule 6).
+    assert r.tool_calls == [] and r.content == block
     assert r.turn_outcome == TurnOutcome.MALFORMED
 
 

@@ -98,10 +98,12 @@ def test_not_a_marker_is_released_at_once() -> None:
     ]
 
 
-def test_value_mode_only_sees_the_parameter_closer() -> None:
+def test_value_mode_sees_dsml_tags_but_not_think() -> None:
+    # Every DSML tag is a marker in a value (dsml.md 6.1 rule 1; the parser decides an
+    # invoke opener by the next tag); `</think>` is value text.
     text = '<｜DSML｜invoke name="x"></think></｜DSML｜parameter>'
     assert tokens(text, value_mode=True) == [
-        (TEXT, '<｜DSML｜invoke name="x">'),
+        (INVOKE_OPEN, '<｜DSML｜invoke name="x">'),
         (TEXT, "</think>"),
         (PARAM_CLOSE, "</｜DSML｜parameter>"),
     ]

@@ -1,5 +1,5 @@
 """The caches on the rendering path (dsml.request.TOOLS_CACHE: checked tools by request
-content; dsml.render.TOOLS_SECTIONS: rendered tools sections by content): a cached render is
+content; dsml.render_common.TOOLS_SECTIONS: rendered tools sections by content): a cached render is
 the uncached one, byte for byte and segment for segment; nothing a caller does to its dicts,
 before or after, reaches what is cached; both caches stay bounded."""
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import dsml.render as render_mod
+import dsml.render_common as render_mod
 import dsml.request as request_mod
 from dsml import Dialect, Prompt, render_chat, render_messages
 from dsml.lru import SizedLRU
