@@ -83,7 +83,6 @@ import torch
 from engine.cache import LayerState, SequenceState
 from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
 
-
 PREFIX_KEY_TOKENS = 16  # ids that key the lookup dict; shorter sequences are not cached
 
 

@@ -47,12 +47,12 @@ def test_a_prompt_reuses_a_cached_sequence_only_if_it_starts_with_all_of_it():
     pool.release(slot, consumed=base)
     assert pool.num_cached == 1 and pool.num_in_use == 0 and pool.num_free == 2
     assert pool.lookup(base) is None  # equal, not longer: nothing left to prefill
-    assert pool.lookup(base[:-1] + [base[-1] + 1, 5]) is None  # diverges inside
-    diverged_early = [base[0] + 1] + base[1:] + [7]
+    assert pool.lookup([*base[:-1], base[-1] + 1, 5]) is None  # diverges inside
+    diverged_early = [base[0] + 1, *base[1:], 7]
     assert pool.lookup(diverged_early) is None  # another key
-    assert pool.acquire_prefix(base + [3, 4]) == (slot, 20)
+    assert pool.acquire_prefix([*base, 3, 4]) == (slot, 20)
     assert pool.num_cached == 0 and pool.num_in_use == 1  # pinned: taken out of the LRU
-    assert pool.acquire_prefix(base + [3, 4])[1] == 0  # the running one is not shared
+    assert pool.acquire_prefix([*base, 3, 4])[1] == 0  # the running one is not shared
     s = pool.stats
     assert (s.hits, s.misses, s.tokens_saved, s.evictions) == (1, 1, 20, 0)
 
@@ -80,7 +80,7 @@ def test_eviction_is_lru_free_slots_first_and_pinned_slots_never():
     pool.release(sb, consumed=b)
     fresh = pool.acquire()  # none free: the least recently cached (a) goes
     assert fresh == sa and pool.stats.evictions == 1
-    assert pool.lookup(a + [1]) is None and pool.lookup(b + [1]) == (sb, 20)
+    assert pool.lookup([*a, 1]) is None and pool.lookup([*b, 1]) == (sb, 20)
     pinned = pool.acquire()  # evicts b
     assert pinned == sb
     with pytest.raises(ValueError, match="full"):
@@ -97,7 +97,7 @@ def test_the_cache_off_frees_and_never_hits():
     slot = pool.acquire()
     pool.release(slot, consumed=base)
     assert pool.num_cached == 0
-    assert pool.acquire_prefix(base + [1])[1] == 0 and pool.stats.misses == 0
+    assert pool.acquire_prefix([*base, 1])[1] == 0 and pool.stats.misses == 0
 
 
 # -- a continued slot computes what a fresh prefill does -------------------------------------
@@ -153,7 +153,7 @@ def _engine(path, engine_path: str = "fast", prefix_cache: bool = True,
 
 async def _tool_loop(engine: Engine, turns: int) -> tuple[list[list[int]], list[list[int]]]:
     """Each prompt = the previous prompt + what the model generated + a tool result."""
-    prompt = [0] + _ids(40, seed=8)
+    prompt = [0, *_ids(40, seed=8)]
     prompts, outputs = [], []
     for turn in range(turns):
         out = [t async for t in engine.generate(prompt, GREEDY)]
@@ -194,13 +194,13 @@ def test_a_five_turn_tool_loop_generates_the_same_tokens_with_the_cache_on_and_o
 def test_a_diverging_prompt_misses_and_slot_pressure_evicts(checkpoint):
     engine = _engine(checkpoint, max_batch_size=2)
     try:
-        a, b, c = ([0] + _ids(30, seed=s) for s in (30, 31, 32))
+        a, b, c = ([0, *_ids(30, seed=s)] for s in (30, 31, 32))
 
         async def run(prompt):
             return [t async for t in engine.generate(prompt, GREEDY)]
 
         out_a = asyncio.run(run(a))
-        diverged = a[:20] + [a[20] + 1] + a[21:] + out_a + [5, 6]
+        diverged = [*a[:20], a[20] + 1, *a[21:], *out_a, 5, 6]
         asyncio.run(run(diverged))
         s = engine.stats()
         assert (s["prefix_cache_hits"], s["prefix_cache_misses"]) == (0, 2)
@@ -222,7 +222,7 @@ def test_cancellation_and_failures_release_their_pins(checkpoint):
     engine = _engine(checkpoint, max_batch_size=2)
     pool = engine._pool
     try:
-        base = [0] + _ids(30, seed=40)
+        base = [0, *_ids(30, seed=40)]
 
         async def first_token_then_cancel(prompt):
             stream = engine.stream(prompt, SamplingParams(max_tokens=8, temperature=0,
@@ -250,7 +250,7 @@ def test_cancellation_and_failures_release_their_pins(checkpoint):
             with pytest.raises(RuntimeError, match="boom"):
                 [t async for t in engine.generate(prompt, GREEDY)]
 
-        asyncio.run(fails(list(consumed) + [3, 4]))
+        asyncio.run(fails([*list(consumed), 3, 4]))
         engine.model.forward = forward
         assert pool.num_in_use == 0 and pool.num_cached == 0 and pool.stats.hits == 1
 
@@ -296,11 +296,7 @@ def test_the_rendered_follow_up_of_a_tool_turn_starts_with_the_cached_ids():
         generated = tok.encode_generated(_assistant_text(reasoning, city))
         assert generated[-1] == 1  # EOS: sampled, never fed; the engine caches ids[:-1]
         cached = prompt_ids + generated[:-1]
-        messages = messages + [
-            {"role": "assistant", "content": "", "reasoning_content": reasoning,
-             "tool_calls": [{"id": f"c{turn}", "type": "function", "function": {
-                 "name": "get_weather", "arguments": json.dumps({"city": city})}}]},
-            {"role": "tool", "tool_call_id": f"c{turn}", "content": "sunny, 20C"}]
+        messages = [*messages, {"role": "assistant", "content": "", "reasoning_content": reasoning, "tool_calls": [{"id": f"c{turn}", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]}, {"role": "tool", "tool_call_id": f"c{turn}", "content": "sunny, 20C"}]
         follow = tok.encode_prompt(render_chat({"model": "x", "messages": messages,
                                                 "tools": TOOLS}))
         assert follow[: len(cached)] == cached and len(follow) > len(cached)
@@ -315,8 +311,6 @@ def test_without_tools_the_reasoning_is_dropped_so_the_follow_up_diverges():
     messages = [{"role": "user", "content": "hi"}]
     prompt_ids = tok.encode_prompt(render_chat({"model": "x", "messages": messages}))
     generated = tok.encode_generated("Greet back.</think>Hello!<｜end▁of▁sentence｜>")
-    follow = tok.encode_prompt(render_chat({"model": "x", "messages": messages + [
-        {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet back."},
-        {"role": "user", "content": "bye"}]}))
+    follow = tok.encode_prompt(render_chat({"model": "x", "messages": [*messages, {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet back."}, {"role": "user", "content": "bye"}]}))
     cached = prompt_ids + generated[:-1]
     assert follow[: len(cached)] != cached
