@@ -74,6 +74,7 @@ only through `slots`, never through a sequence's own tensors.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -178,6 +179,9 @@ class SlotPool:
         self._in_use: set[int] = set()  # pinned: a running sequence owns them
         self._cached: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # slot -> ids; LRU first
         self._index: dict[tuple[int, ...], set[int]] = {}  # first PREFIX_KEY_TOKENS ids -> slots
+        # The engine acquires on its worker thread and releases on the event loop (close()
+        # may release while a prefill looks up): the books change under one lock.
+        self._lock = threading.RLock()
 
     @property
     def num_free(self) -> int:
@@ -203,73 +207,77 @@ class SlotPool:
     def acquire(self) -> int:
         """A slot with a fresh sequence's compressor state: a free one, else the least
         recently cached one (evicted). ValueError when every slot is in use."""
-        if self._free:
-            slot = self._free.pop()
-        elif self._cached:
-            slot = next(iter(self._cached))  # the least recently cached
-            self._uncache(slot)
-            self.stats.evictions += 1
-        else:
-            raise ValueError(f"KV pool is full: all {self.max_seqs} slots are in use")
-        for layer in self.layers:
-            layer.reset_(slot)
-        self._in_use.add(slot)
-        return slot
+        with self._lock:
+            if self._free:
+                slot = self._free.pop()
+            elif self._cached:
+                slot = next(iter(self._cached))  # the least recently cached
+                self._uncache(slot)
+                self.stats.evictions += 1
+            else:
+                raise ValueError(f"KV pool is full: all {self.max_seqs} slots are in use")
+            for layer in self.layers:
+                layer.reset_(slot)
+            self._in_use.add(slot)
+            return slot
 
     def lookup(self, tokens: Sequence[int]) -> tuple[int, int] | None:
         """(slot, n) of the longest cached sequence whose n ids are a strict prefix of
         `tokens`, or None. No side effect."""
-        if not self._cached or len(tokens) <= PREFIX_KEY_TOKENS:
-            return None
-        candidates = self._index.get(tuple(tokens[:PREFIX_KEY_TOKENS]))
-        if not candidates:
-            return None
-        n_tokens = len(tokens)
-        best: tuple[int, int] | None = None
-        for slot in sorted(candidates, key=lambda s: -len(self._cached[s])):
-            cached = self._cached[slot]
-            n = len(cached)
-            # strict: the last prompt token must be prefilled to give the next token's logits
-            if n < n_tokens and tuple(tokens[:n]) == cached:
-                best = (slot, n)
-                break
-        return best
+        with self._lock:
+            if not self._cached or len(tokens) <= PREFIX_KEY_TOKENS:
+                return None
+            candidates = self._index.get(tuple(tokens[:PREFIX_KEY_TOKENS]))
+            if not candidates:
+                return None
+            n_tokens = len(tokens)
+            best: tuple[int, int] | None = None
+            for slot in sorted(candidates, key=lambda s: -len(self._cached[s])):
+                cached = self._cached[slot]
+                n = len(cached)
+                # strict: the last prompt token must be prefilled to give the next token's logits
+                if n < n_tokens and tuple(tokens[:n]) == cached:
+                    best = (slot, n)
+                    break
+            return best
 
     def acquire_prefix(self, tokens: Sequence[int]) -> tuple[int, int]:
         """(slot, n): a slot whose state already holds tokens[:n] (a prefix-cache hit; the
         caller prefills tokens[n:] at positions n..), or a fresh slot and n = 0."""
-        if self.prefix_cache:
-            hit = self.lookup(tokens)
-            if hit is not None:
-                slot, n = hit
-                self._uncache(slot)
-                self._in_use.add(slot)
-                self.stats.hits += 1
-                self.stats.tokens_saved += n
-                return slot, n
-            self.stats.misses += 1
-        return self.acquire(), 0
+        with self._lock:
+            if self.prefix_cache:
+                hit = self.lookup(tokens)
+                if hit is not None:
+                    slot, n = hit
+                    self._uncache(slot)
+                    self._in_use.add(slot)
+                    self.stats.hits += 1
+                    self.stats.tokens_saved += n
+                    return slot, n
+                self.stats.misses += 1
+            return self.acquire(), 0
 
     def release(self, slot: int, consumed: Sequence[int] | None = None) -> None:
         """Give a slot back. `consumed`: exactly the ids its state has consumed (positions
         0..len-1), which keeps it in the prefix cache; None (or the cache off) frees it."""
-        if slot not in self._in_use:
-            raise ValueError(f"slot {slot} is not in use")
-        self._in_use.discard(slot)
-        if self.prefix_cache and consumed is not None and len(consumed) > PREFIX_KEY_TOKENS:
-            if len(consumed) > self.max_len:
-                raise ValueError(f"{len(consumed)} consumed ids exceed the pool's max_len")
-            ids = tuple(int(t) for t in consumed)
-            self._cached[slot] = ids
-            self._index.setdefault(ids[:PREFIX_KEY_TOKENS], set()).add(slot)
-        else:
-            self._free.append(slot)
+        with self._lock:
+            if slot not in self._in_use:
+                raise ValueError(f"slot {slot} is not in use")
+            self._in_use.discard(slot)
+            if (self.prefix_cache and consumed is not None
+                    and PREFIX_KEY_TOKENS < len(consumed) <= self.max_len):
+                ids = tuple(int(t) for t in consumed)
+                self._cached[slot] = ids
+                self._index.setdefault(ids[:PREFIX_KEY_TOKENS], set()).add(slot)
+            else:
+                self._free.append(slot)
 
     def clear_cache(self) -> None:
         """Free every cached slot (e.g. when the weights change)."""
-        for slot in list(self._cached):
-            self._uncache(slot)
-            self._free.append(slot)
+        with self._lock:
+            for slot in list(self._cached):
+                self._uncache(slot)
+                self._free.append(slot)
 
     def _uncache(self, slot: int) -> None:
         ids = self._cached.pop(slot)
