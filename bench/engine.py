@@ -37,6 +37,26 @@ decode_b1_32k_tok_s (the graph figure when a graph was captured, else eager; `de
 says which), bound_b1_tok_s (at the first context), copy_gbps, peak_gib, kernels (rows),
 and the rest of what is printed. Imports only torch and the engine (no tokenizer, no proxy),
 so it runs on the bare device machine.
+
+`--agent-loop` (issue 17) instead runs a tool loop through `engine.runtime.Engine` (fast
+path; this mode also loads the package tokenizer, which the engine's detokenizer needs):
+`--agent-turns` turns whose prompt grows from `--agent-start` to `--agent-end` tokens, each
+prompt = the previous one + the `--agent-gen` greedy tokens generated + a random "tool
+result"; once with the prefix cache on, once off (a fresh engine each). It reports each
+turn's time to first token and writes into --out (merged with what is there):
+agent_loop_ttft_ratio (turns 2.. summed, cache on / off), agent_loop_tokens_identical, and
+agent_loop (per-turn rows).
+
+    python bench/engine.py --agent-loop --layers 20                 # GPU, real shapes (lead)
+    python bench/engine.py --agent-loop --config tiny --device cpu \
+        --agent-start 40 --agent-end 160 --agent-gen 3 --dtype fp32  # smoke test (CI)
+
+Identical tokens are exact only up to rounding: a cached continuation prefills the new
+tokens in other chunks than a full prefill and its cached positions were written by decode
+steps, which differ from the reference forward by summation order (engine/decode.py). In
+fp32 that is ~1e-6 and greedy tokens match; in bf16 it is ~1e-2 on the random tiny model,
+whose top-2 logit margins are of the same size, so a greedy token can flip (the mismatch
+turn is reported). A real checkpoint's margins are usually far larger.
 """
 
 from __future__ import annotations
@@ -383,6 +403,87 @@ def head_time(model: Transformer, clock: Clock, device: torch.device) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# agent loop: time to first token with the prefix cache on and off
+# ---------------------------------------------------------------------------------------------
+def agent_prompts(args, vocab: int) -> tuple[list[int], list[list[int]]]:
+    """The first prompt and each later turn's tool result, random ids below 1000 (plain
+    tokens: no EOS or special ids, which a real tool result would not hold either)."""
+    g = torch.Generator().manual_seed(args.seed)
+    turns = args.agent_turns
+    grow = max(0, (args.agent_end - args.agent_start) // max(1, turns - 1) - args.agent_gen)
+    ids = torch.randint(2, min(vocab, 1000), (args.agent_start + turns * grow,), generator=g)
+    first, rest = ids[: args.agent_start].tolist(), ids[args.agent_start :].tolist()
+    return first, [rest[i * grow : (i + 1) * grow] for i in range(turns - 1)]
+
+
+def run_agent_loop(engine, first: list[int], results: list[list[int]], gen: int,
+                   clock: Clock) -> tuple[list[float], list[list[int]]]:
+    import asyncio
+
+    params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
+
+    async def turn(prompt: list[int]) -> tuple[float, list[int]]:
+        clock.sync()
+        t = time.perf_counter()
+        ttft, out = None, []
+        async for token in engine.generate(prompt, params):
+            if ttft is None:
+                ttft = time.perf_counter() - t
+            out.append(token)
+        return ttft, out
+
+    async def loop() -> tuple[list[float], list[list[int]]]:
+        prompt, ttfts, outs = list(first), [], []
+        for i in range(len(results) + 1):
+            ttft, out = await turn(prompt)
+            ttfts.append(ttft)
+            outs.append(out)
+            if i < len(results):
+                prompt = prompt + out + results[i]
+        return ttfts, outs
+
+    return asyncio.run(loop())
+
+
+def agent_loop(model: Transformer, config: ModelConfig, args, clock: Clock,
+               device: torch.device) -> dict:
+    import gc
+
+    from dsml.tokenizer import load_tokenizer
+    from engine.runtime import Engine
+
+    first, results = agent_prompts(args, config.vocab_size)
+    max_len = args.agent_start + sum(len(r) + args.agent_gen for r in results) + args.agent_gen
+    runs = {}
+    for on in (True, False):
+        engine = Engine(model, load_tokenizer(), device, max_seq_len=max_len, max_batch_size=1,
+                        engine_path="fast", capture_graphs=clock.cuda, prefix_cache=on)
+        try:
+            ttfts, outs = run_agent_loop(engine, first, results, args.agent_gen, clock)
+            runs[on] = (ttfts, outs, engine.stats())
+        finally:
+            engine.close()
+            del engine
+            gc.collect()
+            if clock.cuda:
+                torch.cuda.empty_cache()
+    (on_t, on_out, on_stats), (off_t, off_out, _) = runs[True], runs[False]
+    prompt_len, rows = len(first), []
+    for i in range(len(on_t)):
+        rows.append({"turn": i + 1, "prompt_tokens": prompt_len, "ttft_on_s": on_t[i],
+                     "ttft_off_s": off_t[i], "same_tokens": on_out[i] == off_out[i]})
+        prompt_len += args.agent_gen + (len(results[i]) if i < len(results) else 0)
+    later_on, later_off = sum(on_t[1:]), sum(off_t[1:])
+    mismatch = next((r["turn"] for r in rows if not r["same_tokens"]), None)
+    return {"agent_loop_ttft_ratio": later_on / later_off if later_off else None,
+            "agent_loop_tokens_identical": mismatch is None,
+            "agent_loop_first_mismatch_turn": mismatch,
+            "agent_loop_prefix_cache": {k: v for k, v in on_stats.items()
+                                        if k.startswith("prefix_cache_")},
+            "agent_loop": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=["flash", "tiny"], default="flash")
@@ -400,6 +501,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--quiet", action="store_true", help="no per-layer build lines")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="activations and BF16-stored tensors (fp32: CPU checks of exactness)")
+    p.add_argument("--agent-loop", action="store_true",
+                   help="only the tool-loop TTFT with the prefix cache on vs off (issue 17)")
+    p.add_argument("--agent-turns", type=int, default=10)
+    p.add_argument("--agent-start", type=int, default=8192, help="first prompt's tokens")
+    p.add_argument("--agent-end", type=int, default=40960, help="last prompt's tokens (about)")
+    p.add_argument("--agent-gen", type=int, default=32, help="greedy tokens generated per turn")
     args = p.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",") if x]
     if args.threads:
@@ -411,7 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"config {args.config}: {L} layers, experts {args.experts}, device {device}", flush=True)
 
     with torch.device("meta"):
-        model = Transformer(config, dtype=torch.bfloat16)
+        model = Transformer(config, dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16)
 
     def progress(group: str, seconds: float) -> None:
         if not args.quiet:
@@ -425,6 +534,24 @@ def main(argv: list[str] | None = None) -> dict:
     build_s = time.perf_counter() - t
     weights_gib = sum(_nbytes(x) for x in stored_tensors(model).values()) / GIB
     print(f"built in {build_s:.1f} s: {weights_gib:.2f} GiB of stored weights", flush=True)
+
+    if args.agent_loop:
+        result = {"config": args.config, "layers": L, "experts": args.experts, "dtype": args.dtype,
+                  "device": torch.cuda.get_device_name(device) if clock.cuda else "cpu",
+                  **agent_loop(model, config, args, clock, device)}
+        print("\n| turn | prompt tokens | TTFT on (s) | TTFT off (s) | same tokens |")
+        print("|---|---|---|---|---|")
+        for r in result["agent_loop"]:
+            print(f"| {r['turn']} | {r['prompt_tokens']} | {r['ttft_on_s']:.3f} | "
+                  f"{r['ttft_off_s']:.3f} | {r['same_tokens']} |")
+        print(f"TTFT ratio (turns 2.., on / off): {result['agent_loop_ttft_ratio']:.3f}; "
+              f"tokens identical: {result['agent_loop_tokens_identical']}")
+        saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        saved.update(result)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(saved, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return result
 
     copy_bps = copy_bandwidth(device, clock)
     print(f"copy bandwidth (read + write): {copy_bps / 1e9:.0f} GB/s", flush=True)

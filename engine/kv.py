@@ -25,19 +25,76 @@ sequence has written them (both paths mask by position), so they keep the previo
 finite values; the pool starts zeroed so nothing uninitialised (NaN) is ever multiplied by
 a zero weight.
 
-Not here yet (a later issue): paged KV (fixed-size pages instead of one max_len row per
-slot) and the prefix cache. The slot indirection is what they will replace: decode addresses
-state only through `slots`, never through a sequence's own tensors.
+Prefix cache (issue 17, `prefix_cache=True`): a finished sequence's slot is not freed but
+kept, with the exact token ids its state has consumed, in an LRU of cached slots:
+
+    slot, cached = pool.acquire_prefix(prompt)  # reuse: pool[slot] already holds prompt[:cached]
+    ...                                         # prefill prompt[cached:] only
+    pool.release(slot, consumed=ids[:state.length])   # cache it (None: free it)
+
+A slot is in exactly one of three sets: free, in use (pinned: the running sequence owns it;
+never evicted, never shared) or cached (idle, evictable). `acquire()` takes a free slot
+first and evicts the least recently cached one only when none is free, so the cache costs
+no capacity: it lives in slots nobody is using.
+
+Reuse is from a cached sequence's END only: a prompt reuses a cached slot iff it starts
+with the slot's whole token list and is longer (at least one token must be prefilled to
+get the next token's logits). Why not any shared prefix: DeepSeek-V4's state is a function
+of the prefix, but not a per-token log. The window ring holds only the last 128 positions
+(slot p % 128, overwritten as positions advance) and the compressor rows only the
+unfinished block(s); the compressed entries and indexer keys below a position are
+append-only and would be reusable, but the ring and the rows at an earlier position are
+gone. Rolling back to position q < end would need (a) snapshots of ring + compressor rows
+at boundaries (each ~W x D per layer, i.e. a window's worth of KV per snapshot and layer,
+taken during prefill, which costs copies on the hot path for prompts that may never be
+revisited), or (b) recomputing the last <= 128 positions before q (the ring) through all
+layers, which needs their hidden inputs, i.e. a full forward of those tokens anyway plus
+entries exactly re-pooled. The agent tool loop, the case issue 17 is about, always
+continues from the end: with tools in the request every turn's reasoning is kept
+(dsml.md 3.12), so the follow-up prompt is the previous prompt + the generated tokens +
+the tool result (tests/engine/test_prefix_cache.py checks this with the real renderer).
+A prompt that diverges inside the cached tokens (an edited history, a dropped reasoning
+block when no tools are offered) misses and prefills from 0; that is exact by construction.
+
+The token list is exactly what the state consumed: the engine's last sampled token (EOS,
+usually) was never fed through the model, so it caches `ids[:state.length]` =
+prompt + generated[:-1]; the follow-up prompt then starts with that and continues with the
+EOS token, which the reuse prefills.
+
+Lookup: a dict from the first PREFIX_KEY_TOKENS ids to the cached slots that start with
+them, then an exact comparison of the candidates (longest first). Cost: O(key + the
+compared prefix), bounded by max_seqs candidates; it runs on the engine's worker thread.
+Sequences shorter than PREFIX_KEY_TOKENS are not cached (nothing worth saving).
+
+Not here yet: paged KV (fixed-size pages instead of one max_len row per slot), reuse of a
+cached prefix by several sequences at once (a page-level copy-on-write, or a row copy),
+and a disk tier. The slot indirection is what pages will replace: decode addresses state
+only through `slots`, never through a sequence's own tensors.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from engine.cache import LayerState, SequenceState
 from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
+
+PREFIX_KEY_TOKENS = 16  # ids that key the lookup dict; shorter sequences are not cached
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counters of the prefix cache (plain ints: the proxy's collector reads them)."""
+
+    hits: int = 0  # acquire_prefix found a cached slot to continue
+    misses: int = 0  # acquire_prefix found none (prefix cache on)
+    evictions: int = 0  # cached slots freed for a new sequence
+    tokens_saved: int = 0  # prompt tokens not prefilled thanks to hits
 
 
 @dataclass
@@ -92,7 +149,7 @@ def _rows(slots: int, ratio: int, dim: int, device) -> tuple[torch.Tensor, torch
 
 class SlotPool:
     def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device=None,
-                 dtype: torch.dtype = torch.bfloat16) -> None:
+                 dtype: torch.dtype = torch.bfloat16, prefix_cache: bool = False) -> None:
         if max_seqs < 1 or max_len < 1:
             raise ValueError(f"max_seqs and max_len must be positive, got {max_seqs}, {max_len}")
         self.config = config
@@ -100,6 +157,8 @@ class SlotPool:
         self.max_len = max_len
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        self.prefix_cache = prefix_cache
+        self.stats = PrefixCacheStats()
         self.scratch_slot = max_seqs  # padded decode rows write here
         s, d, di = max_seqs + 1, config.head_dim, config.index_head_dim
         n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
@@ -117,28 +176,116 @@ class SlotPool:
                 layer.index_kv, layer.index_score = _rows(s, r, di, self.device)
             self.layers.append(layer)
         self._free = list(range(max_seqs - 1, -1, -1))  # pop() hands out slot 0 first
+        self._in_use: set[int] = set()  # pinned: a running sequence owns them
+        self._cached: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # slot -> ids; LRU first
+        self._index: dict[tuple[int, ...], set[int]] = {}  # first PREFIX_KEY_TOKENS ids -> slots
+        # The engine acquires on its worker thread and releases on the event loop (close()
+        # may release while a prefill looks up): the books change under one lock.
+        self._lock = threading.RLock()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Slots a new sequence can get (free or cached: a cached one is evicted for it)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_in_use(self) -> int:
+        return len(self._in_use)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    def cached_tokens(self, slot: int) -> tuple[int, ...] | None:
+        """The ids a cached slot's state has consumed (None: not cached)."""
+        return self._cached.get(slot)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers
                    for t in vars(layer).values() if isinstance(t, torch.Tensor))
 
     def acquire(self) -> int:
-        """A free slot with a fresh sequence's compressor state."""
-        if not self._free:
-            raise ValueError(f"KV pool is full: all {self.max_seqs} slots are in use")
-        slot = self._free.pop()
-        for layer in self.layers:
-            layer.reset_(slot)
-        return slot
+        """A slot with a fresh sequence's compressor state: a free one, else the least
+        recently cached one (evicted). ValueError when every slot is in use."""
+        with self._lock:
+            if self._free:
+                slot = self._free.pop()
+            elif self._cached:
+                slot = next(iter(self._cached))  # the least recently cached
+                self._uncache(slot)
+                self.stats.evictions += 1
+            else:
+                raise ValueError(f"KV pool is full: all {self.max_seqs} slots are in use")
+            for layer in self.layers:
+                layer.reset_(slot)
+            self._in_use.add(slot)
+            return slot
 
-    def release(self, slot: int) -> None:
-        if not 0 <= slot < self.max_seqs or slot in self._free:
-            raise ValueError(f"slot {slot} is not in use")
-        self._free.append(slot)
+    def lookup(self, tokens: Sequence[int]) -> tuple[int, int] | None:
+        """(slot, n) of the longest cached sequence whose n ids are a strict prefix of
+        `tokens`, or None. No side effect."""
+        with self._lock:
+            if not self._cached or len(tokens) <= PREFIX_KEY_TOKENS:
+                return None
+            candidates = self._index.get(tuple(tokens[:PREFIX_KEY_TOKENS]))
+            if not candidates:
+                return None
+            n_tokens = len(tokens)
+            best: tuple[int, int] | None = None
+            for slot in sorted(candidates, key=lambda s: -len(self._cached[s])):
+                cached = self._cached[slot]
+                n = len(cached)
+                # strict: the last prompt token must be prefilled to give the next token's logits
+                if n < n_tokens and tuple(tokens[:n]) == cached:
+                    best = (slot, n)
+                    break
+            return best
+
+    def acquire_prefix(self, tokens: Sequence[int]) -> tuple[int, int]:
+        """(slot, n): a slot whose state already holds tokens[:n] (a prefix-cache hit; the
+        caller prefills tokens[n:] at positions n..), or a fresh slot and n = 0."""
+        with self._lock:
+            if self.prefix_cache:
+                hit = self.lookup(tokens)
+                if hit is not None:
+                    slot, n = hit
+                    self._uncache(slot)
+                    self._in_use.add(slot)
+                    self.stats.hits += 1
+                    self.stats.tokens_saved += n
+                    return slot, n
+                self.stats.misses += 1
+            return self.acquire(), 0
+
+    def release(self, slot: int, consumed: Sequence[int] | None = None) -> None:
+        """Give a slot back. `consumed`: exactly the ids its state has consumed (positions
+        0..len-1), which keeps it in the prefix cache; None (or the cache off) frees it."""
+        with self._lock:
+            if slot not in self._in_use:
+                raise ValueError(f"slot {slot} is not in use")
+            self._in_use.discard(slot)
+            if (self.prefix_cache and consumed is not None
+                    and PREFIX_KEY_TOKENS < len(consumed) <= self.max_len):
+                ids = tuple(int(t) for t in consumed)
+                self._cached[slot] = ids
+                self._index.setdefault(ids[:PREFIX_KEY_TOKENS], set()).add(slot)
+            else:
+                self._free.append(slot)
+
+    def clear_cache(self) -> None:
+        """Free every cached slot (e.g. when the weights change)."""
+        with self._lock:
+            for slot in list(self._cached):
+                self._uncache(slot)
+                self._free.append(slot)
+
+    def _uncache(self, slot: int) -> None:
+        ids = self._cached.pop(slot)
+        key = ids[:PREFIX_KEY_TOKENS]
+        slots = self._index[key]
+        slots.discard(slot)
+        if not slots:
+            del self._index[key]
 
     def sequence_state(self, slot: int, max_len: int | None = None) -> SequenceState:
         """A SequenceState of length 0 viewing pool[slot] (max_len <= the pool's)."""

@@ -26,6 +26,14 @@ slots of max_seq_len positions, allocated up front); prefill still runs through
 sampling the graph cannot do (`graph_can_sample`: a seed with temperature > 0, a logits
 mask, ...) are sampled from the graph's logits by their reference `Sampler`.
 
+Prefix cache (`prefix_cache`, on by default; the fast path only, the reference path stays
+the oracle): a sequence that ends leaves its slot cached with the ids its state consumed
+(`engine.kv` explains the rule); a new prompt that starts with a cached sequence's ids
+continues that slot and prefills only the rest. Only a state no forward is touching is
+cached (a normal end, or a cancelled sequence dropped between steps); a failed forward or
+a closed engine frees the slot instead. `stats()` returns the engine's counters as plain
+numbers (the proxy's /metrics reads them).
+
 A generation ends on EOS (id 1, unless `ignore_eos`), a stop token id, a stop string, or
 `max_tokens` ("length"). EOS and stop token ids keep their text (the DSML parser reads
 `<｜end▁of▁sentence｜>`); a stop string is cut from the text, and text that might be the
@@ -37,10 +45,11 @@ next step (a forward already running on the worker thread finishes first).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -115,6 +124,19 @@ class StopStrings:
         return out
 
 
+@dataclass
+class EngineCounters:
+    """Cumulative engine counters (plain numbers, read from any thread)."""
+
+    requests: int = 0  # sequences admitted to a prefill
+    prompt_tokens: int = 0  # prompt tokens of those sequences
+    prefill_tokens: int = 0  # prompt tokens actually run through the model
+    generated_tokens: int = 0  # tokens sampled (prefill's first token included)
+    decode_steps: int = 0
+    decode_seconds: float = 0.0  # wall time of the decode forwards
+    last_decode_tokens_per_second: float = 0.0  # rows of the last decode step / its time
+
+
 @dataclass(eq=False)
 class _Sequence:
     """One request's generation state, shared by its consumer and the scheduler."""
@@ -135,7 +157,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: V4Tokenizer, device: torch.device | str,
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, engine_path: str = "auto",
-                 capture_graphs: bool = True) -> None:
+                 capture_graphs: bool = True, prefix_cache: bool = True) -> None:
         if engine_path not in ENGINE_PATHS:
             raise ValueError(f"engine_path must be one of {', '.join(ENGINE_PATHS)}, got {engine_path!r}")
         self.model = model
@@ -149,6 +171,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._scheduler: asyncio.Task | None = None
+        self.counters = EngineCounters()
         self.engine_path = engine_path
         # the one kernel switch follows the path (process-wide): the oracle uses no kernel
         kernels.set_mode("reference" if engine_path == "reference" else "auto")
@@ -156,7 +179,7 @@ class Engine:
         self._runner: DecodeRunner | None = None
         if engine_path == "fast" or (engine_path == "auto" and self.device.type == "cuda"):
             self._pool = SlotPool(model.config, max_batch_size, self.max_seq_len, self.device,
-                                  model.dtype)
+                                  model.dtype, prefix_cache=prefix_cache)
             self._runner = DecodeRunner(model, self._pool)
             if capture_graphs:
                 self._runner.capture()
@@ -165,18 +188,40 @@ class Engine:
     def fast_path(self) -> bool:
         return self._runner is not None
 
+    @property
+    def prefix_cache(self) -> bool:
+        return self._pool is not None and self._pool.prefix_cache
+
+    def stats(self) -> dict[str, float]:
+        """The engine's gauges and counters as plain numbers (names without a prefix)."""
+        pool = self._pool
+        out: dict[str, float] = {
+            "queue_depth": len(self._waiting),
+            "running_sequences": len(self._running),
+            "slots_total": pool.max_seqs if pool else self.max_batch_size,
+            "slots_used": pool.num_in_use if pool else len(self._running),
+            "slots_cached": pool.num_cached if pool else 0,
+            **asdict(self.counters),
+        }
+        cache = asdict(pool.stats) if pool else {"hits": 0, "misses": 0, "evictions": 0,
+                                                 "tokens_saved": 0}
+        out.update({f"prefix_cache_{k}": v for k, v in cache.items()})
+        return out
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.bfloat16, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                        progress: bool | None = None, engine_path: str = "auto") -> Engine:
+                        progress: bool | None = None, engine_path: str = "auto",
+                        prefix_cache: bool = True) -> Engine:
         """Load `path` (official layout, see engine.weights) and its `tokenizer.json` if it has
         one (the package's V4 tokenizer otherwise). Blocking: seconds for a tiny checkpoint."""
         device = torch.device(device) if device is not None else default_device()
         model = load_model(path, device=device, dtype=dtype, progress=progress)
         tok_file = Path(path) / "tokenizer.json"
         tokenizer = V4Tokenizer(str(tok_file)) if tok_file.is_file() else load_tokenizer()
-        return cls(model, tokenizer, device, max_seq_len, max_batch_size, engine_path)
+        return cls(model, tokenizer, device, max_seq_len, max_batch_size, engine_path,
+                   prefix_cache=prefix_cache)
 
     def close(self) -> None:
         """Stop the worker thread (a running forward finishes); later generations fail."""
@@ -264,13 +309,15 @@ class Engine:
                     continue
                 self._accept(seq, token)
                 if seq.done:  # finished at once, or cancelled during its prefill
-                    self._drop_state(seq)
+                    self._drop_state(seq, keep=True)
                 else:
                     self._running.append(seq)
             batch = [s for s in self._running if not s.done]
             if batch:
                 try:
+                    started = time.perf_counter()
                     tokens = await loop.run_in_executor(self._executor, self._decode, batch)
+                    self._count_decode(len(batch), time.perf_counter() - started)
                 except Exception as e:  # the forward itself failed: every row of it fails
                     tokens = [e] * len(batch)
                 for seq, token in zip(batch, tokens, strict=True):
@@ -279,8 +326,8 @@ class Engine:
                     elif not seq.done:
                         self._accept(seq, token)
             for seq in self._running:
-                if seq.done:
-                    self._drop_state(seq)  # no forward is running now: the KV state can go
+                if seq.done:  # no forward is running now: the state is whole, it may be cached
+                    self._drop_state(seq, keep=True)
             self._running = [s for s in self._running if not s.done]
 
     def _fail(self, seq: _Sequence, error: Exception) -> None:
@@ -288,16 +335,26 @@ class Engine:
         seq.done = True
         self._drop_state(seq)
 
-    def _drop_state(self, seq: _Sequence) -> None:
-        """Forget a sequence's KV state (and give its pool slot back)."""
+    def _count_decode(self, rows: int, seconds: float) -> None:
+        c = self.counters
+        c.decode_steps += 1
+        c.decode_seconds += seconds
+        c.last_decode_tokens_per_second = rows / seconds if seconds > 0 else 0.0
+
+    def _drop_state(self, seq: _Sequence, keep: bool = False) -> None:
+        """Forget a sequence's KV state and give its pool slot back. `keep` (only where no
+        forward can be running on it): the slot stays in the prefix cache with exactly the
+        ids its state consumed; the last sampled token was never fed, hence `[:length]`."""
         state, seq.state = seq.state, None
         if state is not None and state.slot is not None and self._pool is not None:
-            self._pool.release(state.slot)
+            consumed = seq.ids[: state.length] if keep and state.length <= len(seq.ids) else None
+            self._pool.release(state.slot, consumed)
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Record a sampled token and hand its Step to the consumer; end the sequence if due."""
         params = seq.params
         seq.ids.append(token)
+        self.counters.generated_tokens += 1
         n = len(seq.ids) - len(seq.prompt)
         ends = (token == self.eos_id and not params.ignore_eos) or token in params.stop_token_ids
         last = ends or n == params.max_tokens
@@ -313,19 +370,26 @@ class Engine:
         seq.out.put_nowait(step)
         if step.finish_reason is not None:
             seq.done = True
-            self._drop_state(seq)
+            self._drop_state(seq, keep=True)  # called between forwards: the state is whole
 
     # -- worker thread -----------------------------------------------------------------------
 
     def _prefill(self, seq: _Sequence) -> int:
         with torch.inference_mode():
             max_len = len(seq.prompt) + seq.params.max_tokens
+            cached = 0
             if self._pool is not None:  # the fast path: the prefill writes the pool
-                seq.state = self._pool.sequence_state(self._pool.acquire(), max_len)
+                slot, cached = self._pool.acquire_prefix(seq.prompt)
+                seq.state = self._pool.sequence_state(slot, max_len)
+                seq.state.length = cached  # a hit: pool[slot] already holds prompt[:cached]
                 state = BatchState([seq.state])
             else:
                 state = self.model.new_state(1, max_len, self.device)
-            for start in range(0, len(seq.prompt), PREFILL_CHUNK):
+            c = self.counters
+            c.requests += 1
+            c.prompt_tokens += len(seq.prompt)
+            c.prefill_tokens += len(seq.prompt) - cached
+            for start in range(cached, len(seq.prompt), PREFILL_CHUNK):
                 chunk = torch.tensor([seq.prompt[start : start + PREFILL_CHUNK]], device=self.device)
                 logits = self.model(chunk, state, last_only=True)  # [1, V]
             seq.state = state.seqs[0]

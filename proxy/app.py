@@ -80,6 +80,9 @@ def create_app(
     registry = ModelRegistry(settings.model_name, settings.default_thinking, settings.dialect,
                              settings.models, engine=backend)
     metrics = Metrics(version=__version__, dialect=registry.dialects, backend=backend.name)
+    engine_stats = getattr(backend, "engine_stats", None)  # the embedded backend's engine
+    if engine_stats is not None:
+        metrics.watch_engine(engine_stats)
     cache = ReasoningCache(settings.reasoning_cache_size)
 
     # The body limit is checked by read_json (413 in our error shape); aiohttp's own limit

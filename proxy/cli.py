@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-path", choices=["auto", "fast", "reference"],
                        help="embedded engine decode: auto (fast on CUDA, reference elsewhere; "
                             "default), fast, or reference (the plain PyTorch oracle)")
+    serve.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction,
+                       help="embedded engine: keep finished sequences' KV for prompts that "
+                            "extend them (default on; --no-prefix-cache turns it off)")
     serve.add_argument("--host", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
@@ -120,7 +123,8 @@ def make_backend(settings: Settings) -> Backend:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if settings.model is not None:
         return EmbeddedBackend.from_checkpoint(settings.model, device=device,
-                                               engine_path=settings.engine_path)
+                                               engine_path=settings.engine_path,
+                                               prefix_cache=settings.prefix_cache)
     from engine.make_checkpoint import write_checkpoint
 
     path = settings.demo_dir
@@ -130,7 +134,8 @@ def make_backend(settings: Settings) -> Backend:
         "DEMO MODE: serving a tiny RANDOM model from %s. Its output is nonsense: this shows "
         "that the server, the wire and the metrics work, nothing more. Use --upstream URL or "
         "--model DIR for a real model.", path)
-    return EmbeddedBackend.from_checkpoint(path, device=device, engine_path=settings.engine_path)
+    return EmbeddedBackend.from_checkpoint(path, device=device, engine_path=settings.engine_path,
+                                           prefix_cache=settings.prefix_cache)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,16 +19,21 @@ settings) exposes one `build_info` series per dialect it serves, the default dia
 included, each at 1: "which replicas can render v3.2" is then
 `dsml_proxy_build_info{dialect="v3.2"}`, and a server with one dialect keeps exactly one
 series.
+
+Engine metrics (`dsml_proxy_engine_*`, issue 17) exist only with the embedded backend: its
+engine keeps plain-number counters (engine/ does not import prometheus) and `watch_engine`
+registers a collector that reads them at each scrape. The names are a fixed table
+(ENGINE_GAUGES, ENGINE_COUNTERS), all exported from the first scrape, no labels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dsml.events import (
     CallOutcome,
@@ -68,6 +73,53 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
                 60.0, 120.0, 300.0, 600.0)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5,
                1.0, 2.5, 5.0)
+
+
+# engine.runtime.Engine.stats() key -> (metric name after dsml_proxy_engine_, help)
+ENGINE_GAUGES = {
+    "queue_depth": ("queue_depth", "Sequences waiting for a slot or their prefill"),
+    "running_sequences": ("running_sequences", "Sequences being decoded"),
+    "slots_total": ("slots_total", "KV slots of the engine's pool"),
+    "slots_used": ("slots_used", "KV slots pinned by a running sequence"),
+    "slots_cached": ("slots_cached", "KV slots holding a finished sequence for reuse"),
+    "last_decode_tokens_per_second": ("decode_tokens_per_second",
+                                      "Tokens per second of the last decode step (all rows)"),
+}
+ENGINE_COUNTERS = {
+    "requests": ("requests", "Sequences admitted to a prefill"),
+    "prompt_tokens": ("prompt_tokens", "Prompt tokens of admitted sequences"),
+    "prefill_tokens": ("prefill_tokens", "Prompt tokens run through the model (cache misses)"),
+    "generated_tokens": ("generated_tokens", "Tokens sampled"),
+    "decode_steps": ("decode_steps", "Batched decode steps"),
+    "decode_seconds": ("decode_seconds", "Wall time of the decode steps"),
+    "prefix_cache_hits": ("prefix_cache_hits", "Prompts that continued a cached sequence"),
+    "prefix_cache_misses": ("prefix_cache_misses", "Prompts that found no cached prefix"),
+    "prefix_cache_evictions": ("prefix_cache_evictions",
+                               "Cached sequences evicted for a new one"),
+    "prefix_cache_tokens_saved": ("prefix_cache_saved_tokens",
+                                  "Prompt tokens not prefilled thanks to the prefix cache"),
+}
+
+
+class EngineCollector:
+    """Reads the embedded engine's plain-number stats at each scrape (a custom collector)."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, float]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        values = self._stats()  # a handful of attribute reads: cheap on the event loop
+        p = "dsml_proxy_engine_"
+        for key, (name, doc) in ENGINE_GAUGES.items():
+            yield GaugeMetricFamily(p + name, doc, value=float(values.get(key, 0)))
+        for key, (name, doc) in ENGINE_COUNTERS.items():
+            yield CounterMetricFamily(p + name, doc, value=float(values.get(key, 0)))
+
+    def describe(self) -> Iterator[Metric]:  # names only: registering does not call stats()
+        for name, doc in ENGINE_GAUGES.values():
+            yield GaugeMetricFamily("dsml_proxy_engine_" + name, doc)
+        for name, doc in ENGINE_COUNTERS.values():
+            yield CounterMetricFamily("dsml_proxy_engine_" + name, doc)
 
 
 class Children(dict):  # type: ignore[type-arg]
@@ -169,6 +221,10 @@ class Metrics:
         self.constrained_calls_of = Children(self.constrained_calls)
         self.tool_calls_of = Children(self.tool_calls)
         self.repairs_of = Children(self.repairs)
+
+    def watch_engine(self, stats: Callable[[], Mapping[str, float]]) -> None:
+        """Export an embedded engine's stats (engine.runtime.Engine.stats) as dsml_proxy_engine_*."""
+        self.registry.register(EngineCollector(stats))
 
     def scrape(self) -> bytes:
         return generate_latest(_WithoutCreated(self.registry))

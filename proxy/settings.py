@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # embedded engine decode: "auto" = fast path (CUDA graphs, Triton kernels) on CUDA and the
     # reference elsewhere; "fast" everywhere; "reference" = the plain PyTorch oracle
     engine_path: Literal["auto", "fast", "reference"] = "auto"
+    # keep finished sequences' KV slots and continue them when a prompt extends one (issue
+    # 17: an agent's tool loop does not prefill its conversation again); fast path only
+    prefix_cache: bool = True
 
     # -- turn policy -------------------------------------------------------------------------
     recover_empty_turns: bool = True

@@ -44,9 +44,10 @@ class EmbeddedBackend:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
-                        engine_path: str = "auto") -> EmbeddedBackend:
+                        engine_path: str = "auto", prefix_cache: bool = True) -> EmbeddedBackend:
         """Load a checkpoint directory (blocking: seconds for the demo, minutes for the real model)."""
-        return cls(Engine.from_checkpoint(path, device=device, engine_path=engine_path))
+        return cls(Engine.from_checkpoint(path, device=device, engine_path=engine_path,
+                                          prefix_cache=prefix_cache))
 
     def sampling_for(self, sampling: SamplingParams, prompt_len: int,
                      mask: Any = None) -> EngineSampling:
@@ -118,6 +119,10 @@ class EmbeddedBackend:
                                     logprobs=entries, token_ids=pending)
                 pending = []
                 entries = None if entries is None else []
+
+    def engine_stats(self) -> dict[str, float]:
+        """The engine's counters for /metrics (dsml_proxy_engine_*)."""
+        return self.engine.stats()
 
     async def ready(self) -> bool:
         return True  # the weights are loaded before the backend exists

@@ -45,3 +45,29 @@ def test_engine_bench_tiny_on_cpu(tmp_path: Path) -> None:
     assert head["bytes_per_step"] == saved["weight_bytes_per_token"]["head"]  # one head read
     check = saved["prefill_check"]
     assert check["same_greedy_token"] and check["fast_vs_reference_max_rel"] < 0.05  # bf16
+
+
+def test_engine_bench_agent_loop_tiny_on_cpu(tmp_path: Path) -> None:
+    """Issue 17's --agent-loop: the tool loop through the engine with the prefix cache on and
+    off; fp32 so the two runs' greedy tokens must agree exactly (bf16 rounding may flip a
+    near-tied token of the random model, see bench/engine.py). Merges into --out."""
+    out = tmp_path / "engine.json"
+    out.write_text(json.dumps({"decode_b1_4k_tok_s": 1.5}))
+    turns, start, gen = 4, 40, 2
+    result = _bench().main(["--agent-loop", "--config", "tiny", "--device", "cpu", "--quiet",
+                            "--dtype", "fp32", "--agent-turns", str(turns), "--agent-start",
+                            str(start), "--agent-end", "100", "--agent-gen", str(gen),
+                            "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["decode_b1_4k_tok_s"] == 1.5  # what was there stays
+    assert saved["agent_loop_tokens_identical"] is True and result["agent_loop_first_mismatch_turn"] is None
+    rows = saved["agent_loop"]
+    assert [r["turn"] for r in rows] == list(range(1, turns + 1)) and all(r["same_tokens"] for r in rows)
+    assert rows[0]["prompt_tokens"] == start and rows[-1]["prompt_tokens"] <= 100
+    assert all(r["ttft_on_s"] > 0 and r["ttft_off_s"] > 0 for r in rows)
+    ratio = sum(r["ttft_on_s"] for r in rows[1:]) / sum(r["ttft_off_s"] for r in rows[1:])
+    assert abs(saved["agent_loop_ttft_ratio"] - ratio) < 1e-9
+    cache = saved["agent_loop_prefix_cache"]
+    # every later turn continues the previous one: its prompt + generated tokens but the last
+    assert cache["prefix_cache_hits"] == turns - 1 and cache["prefix_cache_misses"] == 1
+    assert cache["prefix_cache_tokens_saved"] == sum(r["prompt_tokens"] + gen - 1 for r in rows[:-1])
