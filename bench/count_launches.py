@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python -m bench.count_launches [--fp32] [--no-qat] [--reference]
 
-Runs one `engine.decode.DecodeStep` of the tiny configuration (6 layers: window, ratio-4 with
-the indexer, ratio-128) at batch 1 after a short prefill, under mode("triton") with Triton's
+Runs one `engine.decode.DecodeStep` of the tiny configuration (widened to 8 layers: window,
+ratio-4 with the indexer, ratio-128) at batch 1 after a short prefill, under mode("triton") with Triton's
 CPU interpreter, and counts:
 
 - every Triton launch as one kernel (the aten ops the interpreter runs inside it are not
@@ -15,7 +15,9 @@ Each kernel is attributed to the innermost labelled region: attention / compress
 indexer (the indexer's own compressor included) / moe / hc / norm (attn_norm, ffn_norm and
 anything else of the layer outside those) per layer, and head (embedding, hc_head, final norm,
 vocabulary projection) outside the layers. The real model's 43 layers are projected from the
-tiny model's kinds (window, ratio 4, ratio 128): the per-layer count does not depend on sizes.
+tiny model's: its layers plus, for each kind (window, ratio 4, ratio 128), the real model's
+extra layers at the count of a tiny layer of that kind that is neither the first (which
+makes the rows the step shares) nor the last. The count does not depend on sizes.
 The bf16 model is the default (the real weights' dtype: `.float()` round trips are kernels
 there and no-ops in fp32). `store_dtype` is patched to the GPU's choice so the interpreter's
 fp32 outputs do not add CPU-only casts.
@@ -159,7 +161,10 @@ def count(qat: bool = True, dtype: torch.dtype = torch.bfloat16, kernel_mode: st
     from engine.model import Transformer
     from engine.moe import stack_all_experts
 
-    cfg = ModelConfig.tiny().replace(qat=qat, sliding_window=8)
+    # the tiny configuration with two more layers, so every attention kind has a layer that
+    # is neither its first (which makes the step's shared rows) nor the last (plain hc_post)
+    cfg = ModelConfig.tiny().replace(qat=qat, sliding_window=8, num_hidden_layers=8,
+                                     compress_ratios=(0, 0, 4, 128, 4, 128, 4, 0, 0))
     model = Transformer(cfg, dtype=dtype).init_random_(0)
     stack_all_experts(model)
     pool = SlotPool(cfg, max_seqs=batch + 1, max_len=256, device="cpu", dtype=dtype)
@@ -185,25 +190,31 @@ def report(state: _State, cfg, verbose: bool = False) -> dict:
     kinds = ["attention", "compressor", "indexer", "moe", "hc", "norm"]
     nl = cfg.num_hidden_layers
     print(f"{'layer':>5} {'ratio':>5} " + " ".join(f"{k:>10}" for k in kinds) + f" {'total':>6}")
-    by_ratio: dict[int, int] = {}
+    steady: dict[int, int] = {}  # a layer of that kind that is neither its first nor the last
+    seen: set[int] = set()
+    layer_total = 0
     for i in range(nl):
         row = [state.counts[(i, k)] for k in kinds]
         r = cfg.compress_ratio(i)
-        by_ratio.setdefault(r, sum(row))
+        if r in seen and i < nl - 1:
+            steady[r] = sum(row)
+        seen.add(r)
+        layer_total += sum(row)
         print(f"{i:>5} {r:>5} " + " ".join(f"{n:>10}" for n in row) + f" {sum(row):>6}")
     head = state.counts[(None, "head")]
     print(f"head (embed, hc_head, norm, vocab projection): {head}")
     real = _real_config()
-    per_real = [by_ratio[real.compress_ratio(i)] for i in range(real.num_hidden_layers)]
-    total = sum(per_real) + head
-    print(f"per layer by ratio: {by_ratio}; real model ({real.num_hidden_layers} layers): "
-          f"{total} kernels a step, {total / real.num_hidden_layers:.1f} a layer")
+    n_real = collections.Counter(real.compress_ratio(i) for i in range(real.num_hidden_layers))
+    n_tiny = collections.Counter(cfg.compress_ratio(i) for i in range(nl))
+    total = head + layer_total + sum((n_real[r] - n_tiny[r]) * steady[r] for r in n_real)
+    print(f"steady per layer by ratio: {steady}; real model ({real.num_hidden_layers} layers: "
+          f"{dict(n_real)}): {total} kernels a step, {total / real.num_hidden_layers:.1f} a layer")
     if verbose:
         for (layer, kind, op), n in sorted(state.ops.items(), key=lambda t: (
                 -1 if t[0][0] is None else t[0][0], t[0][1], t[0][2])):
-            if layer in (None, 2, 3):
+            if layer in (None, 1, 5, 6):
                 print(f"  L{layer} {kind:>10} {op:<40} {n}")
-    return {"by_ratio": by_ratio, "head": head, "real_total": total}
+    return {"steady": steady, "head": head, "real_total": total}
 
 
 def _real_config():
@@ -218,7 +229,7 @@ def main() -> None:
     p.add_argument("--no-qat", action="store_true")
     p.add_argument("--reference", action="store_true",
                    help="count the reference ops behind every launcher instead of Triton")
-    p.add_argument("-v", "--verbose", action="store_true", help="ops of layers 2, 3 and head")
+    p.add_argument("-v", "--verbose", action="store_true", help="ops of layers 1, 5, 6 and the head")
     a = p.parse_args()
     state, cfg = count(qat=not a.no_qat, dtype=torch.float32 if a.fp32 else torch.bfloat16,
                        kernel_mode="reference" if a.reference else "triton")

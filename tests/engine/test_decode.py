@@ -19,6 +19,7 @@ slot pool. Greedy tokens must be equal at every step, logits within:
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -243,3 +244,38 @@ def test_linear_f32_without_an_fp32_weight_copy_matches_the_reference():
     assert out.dtype == torch.float32
     # fp32 accumulation of exact products: only the summation order differs
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (out - ref).abs().max()
+
+
+def test_the_triton_kernels_step_equals_the_reference_step():
+    """The step's kernels (hc_post_pre, rmsnorm / rmsnorm_rope / rope, the fused compressor
+    projection, attention, indexer, MoE) under mode("triton") (Triton's interpreter on the
+    CPU) against the same step under mode("reference"), from identical pools, over
+    positions 126..128: ratio 4 and ratio 128 complete an entry at 127. fp32 with QAT: the
+    kernels reorder sums (~1e-6), which an FP8/FP4 rounding boundary can turn into one e4m3
+    step of a channel (the 3e-3 of TOL); the pools' entries are compared the same way."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton's first import
+    from engine.kernels import mode
+    from engine.moe import stack_all_experts
+
+    model = _model(True)
+    stack_all_experts(model)
+    pools = [SlotPool(model.config, max_seqs=1, max_len=MAX_LEN, device=DEVICE,
+                      dtype=torch.float32) for _ in range(2)]
+    prompt = random_tokens(1, 126, seed=5)
+    (seq_r, logits), (seq_t, _) = (_fast_prefill(model, p, prompt) for p in pools)
+    steps = [DecodeStep(model, p) for p in pools]
+    for _ in range(3):
+        ids = logits.argmax(-1)
+        with mode("reference"):
+            logits = _step(steps[0], [seq_r], ids)
+        with mode("triton"):
+            fast = _step(steps[1], [seq_t], ids)
+        assert torch.equal(fast.argmax(-1), logits.argmax(-1))
+        assert _rel(fast, logits) < TOL[True], _rel(fast, logits)
+    n = model.config.num_hidden_layers  # (the MTP block's layer is not the step's)
+    for i, (a, b) in enumerate(zip(pools[0].layers[:n], pools[1].layers[:n], strict=True)):
+        for name in ("window", "entries", "index_keys"):
+            x, y = getattr(a, name, None), getattr(b, name, None)
+            if x is not None and x.numel():
+                assert _rel(y, x) < TOL[True], (i, name, _rel(y, x))
