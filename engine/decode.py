@@ -54,12 +54,12 @@ from engine.attention import (
     Compressor,
     Indexer,
     _pow2_scale,
-    fp8_roundtrip,
     hadamard,
 )
 from engine.config import QAT_INDEXER_FP4_BLOCK, RATIO_SPARSE, RATIO_WINDOW
 from engine.formats import GGML_BLOCKS, WeightFormat
 from engine.kernels.decode_attention import decode_attention
+from engine.kernels.fp8_roundtrip import fp8_roundtrip_prefix
 from engine.kernels.gguf_gemv import ggml_linear_grouped
 from engine.kernels.hc import hc_head, hc_post, hc_post_pre, hc_pre
 from engine.kernels.indexer_scores import indexer_scores
@@ -285,13 +285,6 @@ def _wo_a_grouped(attn: Attention, out: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bgi,gri->bgr", out.reshape(B, G, -1), w)
 
 
-def _qat_kv(kv: torch.Tensor, nope: int) -> torch.Tensor:
-    """QAT's FP8 round trip of the first `nope` channels (the RoPE channels stay), in place
-    of a copy: no torch.cat of the two parts."""
-    kv[..., :nope] = fp8_roundtrip(kv[..., :nope])
-    return kv
-
-
 def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor,
                      rows: _StepRows) -> torch.Tensor:
     """x [B, H] (attn_norm'ed) -> [B, H]; reads and updates pool layer `pl` at rows.slots."""
@@ -306,14 +299,14 @@ def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor,
                      c.rms_norm_eps)
     kv = rmsnorm_rope(attn.wkv(x), attn.kv_norm.weight, cos, sin, attn.kv_norm.eps)  # [B, D]
     if c.qat:
-        kv = _qat_kv(kv, c.nope_head_dim)
+        kv = fp8_roundtrip_prefix(kv, c.nope_head_dim)  # QAT: one kernel
     pl.window[slots, rows.ring(pl.window.shape[1])] = kv.to(pl.window.dtype)
 
     entries = entry_idx = None
     if attn.ratio != RATIO_WINDOW and pl.entries.shape[1] > 0:
         new = _compress_step(attn.compressor, pl.comp_kv, pl.comp_score, x, rows)
         if c.qat:
-            new = _qat_kv(new, c.nope_head_dim)
+            new = fp8_roundtrip_prefix(new, c.nope_head_dim)
         _masked_write(pl.entries, rows, attn.ratio, new)
         entries = pl.entries
         if attn.ratio == RATIO_SPARSE:
