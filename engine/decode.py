@@ -58,7 +58,9 @@ from engine.attention import (
 )
 from engine.config import QAT_INDEXER_FP4_BLOCK, RATIO_SPARSE, RATIO_WINDOW
 from engine.formats import GGML_BLOCKS, WeightFormat
+from engine.kernels import use_triton
 from engine.kernels.decode_attention import decode_attention
+from engine.kernels.fp4_roundtrip import fp4_roundtrip as fp4_roundtrip_kernel
 from engine.kernels.fp8_roundtrip import fp8_roundtrip_prefix
 from engine.kernels.gguf_gemv import ggml_linear_grouped
 from engine.kernels.hc import hc_head, hc_post, hc_post_pre, hc_pre
@@ -112,7 +114,10 @@ def _fp4_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
 def fp4_roundtrip(x: torch.Tensor, block: int = QAT_INDEXER_FP4_BLOCK) -> torch.Tensor:
     """engine.attention.fp4_roundtrip with its e2m1 grid made once per device: the
     reference builds it with torch.tensor on every call, a host-to-device copy that a CUDA
-    graph cannot capture (the warm-up before a capture fills this cache)."""
+    graph cannot capture (the warm-up before a capture fills this cache). Under the Triton
+    switch: engine/kernels/fp4_roundtrip.py, one kernel."""
+    if use_triton(x):
+        return fp4_roundtrip_kernel(x, block)
     xb = x.float().unflatten(-1, (-1, block))
     scale = _pow2_scale(xb, FP4_E2M1_MAX)
     y = (xb / scale).clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX)
