@@ -279,3 +279,31 @@ def test_the_triton_kernels_step_equals_the_reference_step():
             x, y = getattr(a, name, None), getattr(b, name, None)
             if x is not None and x.numel():
                 assert _rel(y, x) < TOL[True], (i, name, _rel(y, x))
+
+
+@pytest.mark.parametrize("kernel_mode", ["reference", "triton"])
+def test_a_gguf_wo_a_takes_the_grouped_gemv_on_its_blocks(monkeypatch, kernel_mode):
+    """A Q8_0 wo_a (ds4's GGUF) goes through ggml_linear_grouped on the stored blocks and
+    equals the dense einsum over its dequantised weight; dequantising it per call (the
+    dense path, ~34 MB of traffic a layer on the real model) is not taken."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from engine import decode, formats
+    from engine.attention import Attention
+    from engine.formats import WeightFormat
+    from engine.kernels import mode
+
+    c = _model(False).config
+    attn = Attention(0, c, torch.float32).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    k = attn.wo_a.in_features
+    w = torch.randn(attn.wo_a.out_features, k, generator=g) * k**-0.5
+    attn.wo_a.load_ggml(WeightFormat.Q8_0, formats.quantize_ggml(WeightFormat.Q8_0, w).to(DEVICE))
+    out = torch.randn(3, c.num_attention_heads, c.head_dim, generator=g).to(DEVICE)
+    dense = attn.wo_a.dense_weight(torch.float32).view(c.o_groups, c.o_lora_rank, -1)
+    want = torch.einsum("bgi,gri->bgr", out.reshape(3, c.o_groups, -1), dense)
+    monkeypatch.setattr(type(attn.wo_a), "dense_weight", lambda *a, **k: pytest.fail("dequantised"))
+    with mode(kernel_mode):
+        got = decode._wo_a_grouped(attn, out)
+    assert got.shape == want.shape
+    assert _rel(got, want) < 1e-5, _rel(got, want)  # fp32 sums in another order
