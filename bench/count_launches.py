@@ -8,6 +8,8 @@ CPU interpreter, and counts:
 
 - every Triton launch as one kernel (the aten ops the interpreter runs inside it are not
   counted);
+- `engine.decode.linear_f32` (head, compressor projections) as one GEMM, as on CUDA
+  (mm with out_dtype=fp32; the CPU branch upcasts x and the weight first);
 - every other aten op that would be a CUDA kernel: everything a TorchDispatchMode sees except
   views, metadata and allocations (list below; a GEMM counts one even where cuBLAS splits it).
 
@@ -112,6 +114,19 @@ def _patched(state: _State, model):
         if hasattr(decode, name):
             patch(decode, name, labelled(getattr(decode, name), kind, unless))
     patch(MoE, "forward", labelled(MoE.forward, "moe"))
+
+    def one_gemm(fn):  # linear_f32 is one mm(out_dtype=fp32) on CUDA; the CPU branch upcasts
+        def wrapper(*a, **k):
+            if not state.in_triton:
+                state.add("mm(out_dtype)")
+            state.in_triton += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                state.in_triton -= 1
+        return wrapper
+
+    patch(decode, "linear_f32", one_gemm(decode.linear_f32))
 
     from triton.runtime.interpreter import InterpretedFunction
 
