@@ -194,26 +194,55 @@ def _indexer_queries(ix: Indexer, x: torch.Tensor, qr: torch.Tensor, cos: torch.
     return q, w
 
 
-def _fused_projection(comp: Compressor) -> Linear | None:
-    """One Linear whose rows are wkv's then wgate's (both read the same x: one GEMV instead
-    of two, each output row the same dot product), made once; the two modules' weights
-    become views of it, so memory is not doubled and the reference path reads the same
-    values. None where the formats do not allow it (then two GEMVs)."""
-    fused = comp.__dict__.get("_decode_wkv_gate")
-    wkv, wgate = comp.wkv.weight, comp.wgate.weight
-    if (fused is not None and wkv.data_ptr() == fused.weight.data_ptr()
-            and wgate.data_ptr() == fused.weight[wkv.shape[0]:].data_ptr()):
-        return fused
-    if (comp.wkv.format != WeightFormat.DENSE or comp.wgate.format != WeightFormat.DENSE
-            or wkv.dtype != wgate.dtype or wkv.shape[1] != wgate.shape[1]):
+_FP8_ROWS = 128  # rows of an E8M0 scale block
+
+
+def _fused_rows(owner: torch.nn.Module, key: str, parts: tuple[Linear, ...]) -> Linear | None:
+    """One Linear whose rows are `parts`' rows in order, for projections that read the same x
+    (one GEMV instead of several: each output row is the same dot product, and one bigger
+    read streams better than small ones). Made once and kept on `owner` (outside its
+    submodules: no new state_dict keys); the parts' weights (and FP8 scales) become views of
+    it, so memory is not doubled and every other path reads the same values. None where the
+    formats do not allow it: not all DENSE or all FP8 of one dtype and width, or an FP8 part
+    (but the last) whose rows do not fill whole 128-row scale blocks."""
+    fused = owner.__dict__.get(key)
+    if fused is not None:
+        offset, ok = 0, True
+        for lin in parts:
+            ok &= lin.weight.data_ptr() == fused.weight[offset:].data_ptr()
+            offset += lin.weight.shape[0]
+        if ok:
+            return fused
+    fmt = parts[0].format
+    if (fmt not in (WeightFormat.DENSE, WeightFormat.FP8)
+            or any(lin.format != fmt or lin.weight.dtype != parts[0].weight.dtype
+                   or lin.weight.shape[1] != parts[0].weight.shape[1] for lin in parts)
+            or (fmt == WeightFormat.FP8
+                and any(lin.weight.shape[0] % _FP8_ROWS for lin in parts[:-1]))):
         return None
-    cat = torch.cat([wkv.data, wgate.data])
-    fused = Linear(wkv.shape[1], cat.shape[0], dtype=cat.dtype)
-    fused.weight.data = cat
-    comp.wkv.weight.data = cat[: wkv.shape[0]]
-    comp.wgate.weight.data = cat[wkv.shape[0] :]
-    comp.__dict__["_decode_wkv_gate"] = fused  # not a submodule: no new state_dict keys
+    weight = torch.cat([lin.weight.data for lin in parts])
+    scale = torch.cat([lin.scale.data for lin in parts]) if fmt == WeightFormat.FP8 else None
+    fused = Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype)
+    fused._set(fmt, weight, scale, None)
+    row = 0
+    for lin in parts:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[row : row + n]
+        if scale is not None:
+            lin.scale.data = scale[row // _FP8_ROWS : -(-(row + n) // _FP8_ROWS)]
+        row += n
+    owner.__dict__[key] = fused
     return fused
+
+
+def _fused_projection(comp: Compressor) -> Linear | None:
+    """The compressor's wkv and wgate rows as one GEMV (_fused_rows)."""
+    return _fused_rows(comp, "_decode_wkv_gate", (comp.wkv, comp.wgate))
+
+
+def _fused_q_kv(attn: Attention) -> Linear | None:
+    """The attention's wq_a and wkv rows as one GEMV (_fused_rows)."""
+    return _fused_rows(attn, "_decode_wq_a_wkv", (attn.wq_a, attn.wkv))
 
 
 def _compress_step(
@@ -298,11 +327,16 @@ def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor,
     slots, positions = rows.slots, rows.positions
     cos, sin = rows.rope(attn.ratio)  # [B, R/2]
 
-    qr = rmsnorm(attn.wq_a(x), attn.q_norm.weight, attn.q_norm.eps)  # [B, Q]; the indexer's too
+    fused = _fused_q_kv(attn)
+    if fused is not None:  # wq_a and wkv read the same x: one GEMV
+        qr, kv = fused(x).split(attn.wq_a.weight.shape[0], dim=-1)
+    else:
+        qr, kv = attn.wq_a(x), attn.wkv(x)
+    qr = rmsnorm(qr, attn.q_norm.weight, attn.q_norm.eps)  # [B, Q]; the indexer's too
     # per-head RMSNorm without weight, rounded to x's dtype, then RoPE: one kernel
     q = rmsnorm_rope(attn.wq_b(qr).view(B, attn.num_heads, attn.head_dim), None, cos, sin,
                      c.rms_norm_eps)
-    kv = rmsnorm_rope(attn.wkv(x), attn.kv_norm.weight, cos, sin, attn.kv_norm.eps)  # [B, D]
+    kv = rmsnorm_rope(kv, attn.kv_norm.weight, cos, sin, attn.kv_norm.eps)  # [B, D]
     if c.qat:
         kv = fp8_roundtrip_prefix(kv, c.nope_head_dim)  # QAT: one kernel
     pl.window[slots, rows.ring(pl.window.shape[1])] = kv.to(pl.window.dtype)
@@ -346,7 +380,8 @@ class DecodeStep:
         # one frequency table per ratio (layers of a ratio share it, and its cos / sin a step)
         self.inv_freq = {r: rope_inv_freq(c, r, device)
                          for r in {c.compress_ratio(i) for i in range(c.num_hidden_layers)}}
-        for layer in model.layers:  # before any capture: the fused compressor projections
+        for layer in model.layers:  # before any capture: the fused projections
+            _fused_q_kv(layer.attn)
             comp = getattr(layer.attn, "compressor", None)
             if comp is not None:
                 _fused_projection(comp)
