@@ -18,7 +18,8 @@ Attention) op for op, with masks where the reference slices:
 - compressor: the token's row goes to its ring slot; the entry that WOULD complete at p
   (entry p // r, pooled from the ring exactly as Compressor.compress_row pools it, incl. the
   overlapping ratio-4 case and entry 0's empty previous block) is computed every step and
-  written into entries[slot, p // r] only where (p + 1) % r == 0 (torch.where);
+  written into entries[slot, p // r] only where (p + 1) % r == 0 (other rows write that
+  entry of the scratch slot, which nobody reads: one scatter);
 - ratio 128: every entry j < (p+1)//128 of entries[slot, :N_max] is attended (index -1 masks
   the rest); ratio 4: the indexer scores index_keys[slot, :N_max], masks entries
   j >= (p+1)//4 with -inf and keeps the top min(index_topk, N_max) (engine/kernels/
@@ -32,7 +33,10 @@ What differs from the reference to fp rounding only: the attention's keys are su
 / score order instead of position order, the static N_max-long indexer and ratio-128 score
 rows carry masked (-inf) tails, and on CUDA the fp32 products of BF16 weights (head,
 compressors) multiply bf16 values with fp32 accumulation instead of upcasting the weight
-(`linear_f32`). The MoE is the block's own module (sync-free on the fast
+(`linear_f32`), and projections that read the same x run as one GEMV over their
+concatenated rows (`_fused_rows`: each row's dot product is the same, its summation order
+may not be). Per-step index / rotation tensors are made once and shared by the layers
+(`_StepRows`). The MoE is the block's own module (sync-free on the fast
 path); the hyper-connection maps are engine/kernels/hc.py's hc_pre / hc_post / hc_head.
 Every kernel takes its PyTorch reference when the switch (engine.kernels) says so. Not here: the MTP block (drafting), prefill (the
 reference Transformer.forward writes the pool through the pool's views).
