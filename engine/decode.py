@@ -18,7 +18,8 @@ Attention) op for op, with masks where the reference slices:
 - compressor: the token's row goes to its ring slot; the entry that WOULD complete at p
   (entry p // r, pooled from the ring exactly as Compressor.compress_row pools it, incl. the
   overlapping ratio-4 case and entry 0's empty previous block) is computed every step and
-  written into entries[slot, p // r] only where (p + 1) % r == 0 (torch.where);
+  written into entries[slot, p // r] only where (p + 1) % r == 0 (other rows write that
+  entry of the scratch slot, which nobody reads: one scatter);
 - ratio 128: every entry j < (p+1)//128 of entries[slot, :N_max] is attended (index -1 masks
   the rest); ratio 4: the indexer scores index_keys[slot, :N_max], masks entries
   j >= (p+1)//4 with -inf and keeps the top min(index_topk, N_max) (engine/kernels/
@@ -32,7 +33,10 @@ What differs from the reference to fp rounding only: the attention's keys are su
 / score order instead of position order, the static N_max-long indexer and ratio-128 score
 rows carry masked (-inf) tails, and on CUDA the fp32 products of BF16 weights (head,
 compressors) multiply bf16 values with fp32 accumulation instead of upcasting the weight
-(`linear_f32`). The MoE is the block's own module (sync-free on the fast
+(`linear_f32`), and projections that read the same x run as one GEMV over their
+concatenated rows (`_fused_rows`: each row's dot product is the same, its summation order
+may not be). Per-step index / rotation tensors are made once and shared by the layers
+(`_StepRows`). The MoE is the block's own module (sync-free on the fast
 path); the hyper-connection maps are engine/kernels/hc.py's hc_pre / hc_post / hc_head.
 Every kernel takes its PyTorch reference when the switch (engine.kernels) says so. Not here: the MTP block (drafting), prefill (the
 reference Transformer.forward writes the pool through the pool's views).
@@ -54,19 +58,23 @@ from engine.attention import (
     Compressor,
     Indexer,
     _pow2_scale,
-    fp8_roundtrip,
     hadamard,
 )
 from engine.config import QAT_INDEXER_FP4_BLOCK, RATIO_SPARSE, RATIO_WINDOW
-from engine.formats import WeightFormat
+from engine.formats import GGML_BLOCKS, WeightFormat
+from engine.kernels import use_triton
 from engine.kernels.decode_attention import decode_attention
-from engine.kernels.hc import hc_head, hc_post, hc_pre
+from engine.kernels.fp4_roundtrip import fp4_roundtrip as fp4_roundtrip_kernel
+from engine.kernels.fp8_roundtrip import fp8_roundtrip_prefix
+from engine.kernels.gguf_gemv import ggml_linear_grouped
+from engine.kernels.hc import hc_head, hc_post, hc_post_pre, hc_pre
 from engine.kernels.indexer_scores import indexer_scores
 from engine.kernels.indexer_topk import indexer_topk
+from engine.kernels.rmsnorm_rope import rmsnorm, rmsnorm_rope, rope
 from engine.kv import PoolLayer, SlotPool
 from engine.linear import Linear
 from engine.model import Transformer
-from engine.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from engine.rope import rope_cos_sin, rope_inv_freq
 
 try:  # the FP8 GEMV of issue 15 (k-fp8); until it is merged, wo_a runs dense as the reference
     from engine.kernels.fp8_linear import act_quant_enabled, fp8_linear_grouped
@@ -110,7 +118,10 @@ def _fp4_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
 def fp4_roundtrip(x: torch.Tensor, block: int = QAT_INDEXER_FP4_BLOCK) -> torch.Tensor:
     """engine.attention.fp4_roundtrip with its e2m1 grid made once per device: the
     reference builds it with torch.tensor on every call, a host-to-device copy that a CUDA
-    graph cannot capture (the warm-up before a capture fills this cache)."""
+    graph cannot capture (the warm-up before a capture fills this cache). Under the Triton
+    switch: engine/kernels/fp4_roundtrip.py, one kernel."""
+    if use_triton(x):
+        return fp4_roundtrip_kernel(x, block)
     xb = x.float().unflatten(-1, (-1, block))
     scale = _pow2_scale(xb, FP4_E2M1_MAX)
     y = (xb / scale).clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX)
@@ -119,78 +130,180 @@ def fp4_roundtrip(x: torch.Tensor, block: int = QAT_INDEXER_FP4_BLOCK) -> torch.
     return (q * scale).flatten(-2).to(x.dtype)
 
 
+class _StepRows:
+    """Index, mask and rotation tensors that depend only on the step's positions and slots,
+    made once a step and shared by every layer: each would otherwise cost its few launches
+    (arange, remainder, floor_divide, cos, sin, ...) in each of the 43 layers."""
+
+    def __init__(self, slots: torch.Tensor, positions: torch.Tensor, scratch_slot: int,
+                 inv_freq: dict[int, torch.Tensor]) -> None:
+        self.slots, self.positions, self.scratch_slot = slots, positions, scratch_slot
+        self.inv_freq = inv_freq
+        self._memo: dict[tuple, object] = {}
+
+    def _get(self, key: tuple, make):
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def rope(self, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, R/2] of the token's position (the layer's frequencies)."""
+        return self._get(("rope", ratio), lambda: rope_cos_sin(self.inv_freq[ratio], self.positions))
+
+    def entry(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(j = p // r [B], cos, sin of the entry's position j * r, complete now [B] bool)."""
+        def make():
+            j = self.positions // r
+            cos, sin = rope_cos_sin(self.inv_freq[r], j * r)
+            return j, cos, sin, (self.positions + 1) % r == 0
+        return self._get(("entry", r), make)
+
+    def ring(self, width: int) -> torch.Tensor:
+        return self._get(("ring", width), lambda: self.positions % width)
+
+    def entry_target(self, r: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot, entry) rows where the step writes its would-be entry of an [S, n] table:
+        (slots[b], j[b]) where the entry completes now (and j < n), else the scratch slot,
+        whose contents nobody reads (padded rows already write there)."""
+        def make():
+            j, _, _, complete = self.entry(r)
+            keep = complete & (j < n)
+            return torch.where(keep, self.slots, self.scratch_slot), j.clamp(max=n - 1)
+        return self._get(("target", r, n), make)
+
+    def overlap_rows(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ratio 4's pooling rows (Compressor.overlap): ring slot of position q is q % 2r, so
+        block j sits at offset (j % 2) * r and block j-1 at the other half; entry j pools
+        block j-1's channels [:D] (rows [B, :r]) and block j's [D:] (rows [B, r:]).
+        Returns (rows [B, 2r], low [1, 2r, 1]: which pooled rows take channels [:D],
+        empty [B, 2r, 1]: the previous block of entry 0, which does not exist)."""
+        def make():
+            j = self.entry(r)[0]
+            cur = (j % 2) * r
+            offs = torch.arange(2 * r, device=j.device)
+            low = offs < r
+            rows = torch.where(low, r - cur.unsqueeze(-1), cur.unsqueeze(-1)) + offs % r
+            empty = (j == 0).unsqueeze(-1) & low
+            return rows, low.view(1, -1, 1), empty.unsqueeze(-1)
+        return self._get(("overlap", r), make)
+
+
 def _indexer_queries(ix: Indexer, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indexer.queries for one token per row (x [B, H], qr [B, Q], cos/sin [B, R/2]):
     q [B, Hi, Di] roped (+ Hadamard and FP4 under QAT) fp32, w [B, Hi] fp32."""
-    q = ix.wq_b(qr).view(x.shape[0], ix.num_heads, ix.head_dim)
-    q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1)).float()
-    if ix.config.qat:
-        q = fp4_roundtrip(hadamard(q))
+    q = rope(ix.wq_b(qr).view(x.shape[0], ix.num_heads, ix.head_dim), cos, sin)
+    q = fp4_roundtrip(hadamard(q)) if ix.config.qat else q.float()  # hadamard is fp32
     w = ix.weights_proj(x).float() * (ix.head_dim**-0.5 * ix.num_heads**-0.5)
     return q, w
 
+
+_FP8_ROWS = 128  # rows of an E8M0 scale block
+
+
+def _fused_rows(owner: torch.nn.Module, key: str, parts: tuple[Linear, ...]) -> Linear | None:
+    """One Linear whose rows are `parts`' rows in order, for projections that read the same x
+    (one GEMV instead of several: each output row is the same dot product, and one bigger
+    read streams better than small ones). Made once and kept on `owner` (outside its
+    submodules: no new state_dict keys); the parts' weights (and FP8 scales) become views of
+    it, so memory is not doubled and every other path reads the same values. None where the
+    formats do not allow it: not all DENSE or all FP8 of one dtype and width, or an FP8 part
+    (but the last) whose rows do not fill whole 128-row scale blocks."""
+    fused = owner.__dict__.get(key)
+    if fused is not None:
+        offset, ok = 0, True
+        for lin in parts:
+            ok &= lin.weight.data_ptr() == fused.weight[offset:].data_ptr()
+            offset += lin.weight.shape[0]
+        if ok:
+            return fused
+    fmt = parts[0].format
+    if (fmt not in (WeightFormat.DENSE, WeightFormat.FP8)
+            or any(lin.format != fmt or lin.weight.dtype != parts[0].weight.dtype
+                   or lin.weight.shape[1] != parts[0].weight.shape[1] for lin in parts)
+            or (fmt == WeightFormat.FP8
+                and any(lin.weight.shape[0] % _FP8_ROWS for lin in parts[:-1]))):
+        return None
+    weight = torch.cat([lin.weight.data for lin in parts])
+    scale = torch.cat([lin.scale.data for lin in parts]) if fmt == WeightFormat.FP8 else None
+    fused = Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype)
+    fused._set(fmt, weight, scale, None)
+    row = 0
+    for lin in parts:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[row : row + n]
+        if scale is not None:
+            lin.scale.data = scale[row // _FP8_ROWS : -(-(row + n) // _FP8_ROWS)]
+        row += n
+    owner.__dict__[key] = fused
+    return fused
+
+
+def _fused_projection(comp: Compressor) -> Linear | None:
+    """The compressor's wkv and wgate rows as one GEMV (_fused_rows)."""
+    return _fused_rows(comp, "_decode_wkv_gate", (comp.wkv, comp.wgate))
+
+
+def _fused_q_kv(attn: Attention) -> Linear | None:
+    """The attention's wq_a and wkv rows as one GEMV (_fused_rows)."""
+    return _fused_rows(attn, "_decode_wq_a_wkv", (attn.wq_a, attn.wkv))
+
+
 def _compress_step(
     comp: Compressor, ring_kv: torch.Tensor, ring_score: torch.Tensor, x: torch.Tensor,
-    slots: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Write the token's row into its ring slot; return (entry [B, D] fp32 normed and roped,
-    before QAT: the entry p // r as it stands once this row is in, its index j = p // r [B],
-    and whether it completes now [B] bool)."""
+    rows: _StepRows,
+) -> torch.Tensor:
+    """Write the token's row into its ring slot; return the entry p // r [B, D] fp32 normed
+    and roped, before QAT, as it stands once this row is in (rows.entry(r): its index and
+    whether it completes now)."""
     r, d = comp.ratio, comp.head_dim
+    slots = rows.slots
     # Compressor.project, one token per row: kv [B, C] and score [B, C] fp32
-    kv = linear_f32(comp.wkv, x)
-    score = linear_f32(comp.wgate, x) + comp.ape[positions % r]
-    ring = positions % ring_kv.shape[1]
+    fused = _fused_projection(comp)
+    if fused is not None:
+        kv, score = linear_f32(fused, x).split(comp.wkv.weight.shape[0], dim=-1)
+    else:
+        kv, score = linear_f32(comp.wkv, x), linear_f32(comp.wgate, x)
+    score = score + comp.ape[rows.ring(r)]
+    ring = rows.ring(ring_kv.shape[1])
     ring_kv[slots, ring] = kv
     ring_score[slots, ring] = score
-    j = positions // r
     if comp.overlap:
-        # ring slot of position q is q % 2r: block j sits at offset (j % 2) * r, block j-1 at
-        # the other half; entry j pools block j-1's channels [:D] and block j's [D:]
-        cur = (j % 2) * r
-        offs = torch.arange(r, device=x.device)
-        s = slots.unsqueeze(-1)
-        cur_rows, prev_rows = cur.unsqueeze(-1) + offs, (r - cur).unsqueeze(-1) + offs
-        # entry 0: no previous block (zeros, -inf). A fresh slot's ring already holds those
+        # one gather of the 2r ring rows, then each pooled row's half of the channels; entry
+        # 0 has no previous block (zeros, -inf). A fresh slot's ring already holds those
         # (SlotPool.acquire); explicit so the step does not rest on the reset
-        first = (j == 0).view(-1, 1, 1)
-        kv_prev = torch.where(first, 0.0, ring_kv[s, prev_rows, :d])
-        sc_prev = torch.where(first, float("-inf"), ring_score[s, prev_rows, :d])
-        pool_kv = torch.cat([kv_prev, ring_kv[s, cur_rows, d:]], dim=1)  # [B, 2r, D]
-        pool_sc = torch.cat([sc_prev, ring_score[s, cur_rows, d:]], dim=1)
+        pool_rows, low, empty = rows.overlap_rows(r)
+        s = slots.unsqueeze(-1)
+        g_kv, g_sc = ring_kv[s, pool_rows], ring_score[s, pool_rows]  # [B, 2r, 2D]
+        pool_kv = torch.where(low, g_kv[..., :d], g_kv[..., d:]).masked_fill(empty, 0.0)
+        pool_sc = torch.where(low, g_sc[..., :d], g_sc[..., d:]).masked_fill(empty, float("-inf"))
     else:
         pool_kv, pool_sc = ring_kv[slots], ring_score[slots]  # slot i = position j*r + i
     entry = (pool_kv * pool_sc.softmax(dim=1)).sum(dim=1)  # [B, D]
-    entry = comp.norm(entry)
-    cos, sin = rope_cos_sin(inv_freq, j * r)
-    return apply_rope(entry, cos, sin), j, (positions + 1) % r == 0
+    _, cos, sin, _ = rows.entry(r)
+    return rmsnorm_rope(entry, comp.norm.weight, cos, sin, comp.norm.eps)
 
 
-def _masked_write(dst: torch.Tensor, slots: torch.Tensor, j: torch.Tensor,
-                  complete: torch.Tensor, value: torch.Tensor) -> None:
-    """dst[slots[b], j[b]] = value[b] where complete[b] (and j[b] < N); else unchanged."""
-    n = dst.shape[1]
-    jc = j.clamp(max=n - 1)
-    old = dst[slots, jc]
-    keep = (complete & (j < n)).unsqueeze(-1)
-    dst[slots, jc] = torch.where(keep, value.to(dst.dtype), old)
+def _masked_write(dst: torch.Tensor, rows: _StepRows, r: int, value: torch.Tensor) -> None:
+    """dst[slots[b], j[b]] = value[b] where entry j[b] = p // r completes now (and j[b] < N);
+    other rows write the scratch slot (rows.entry_target): one scatter, no gather + where."""
+    tslot, jc = rows.entry_target(r, dst.shape[1])
+    dst[tslot, jc] = value.to(dst.dtype)
 
 
 def _index_select(
     ix: Indexer, pl: PoolLayer, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
-    sin: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+    sin: torch.Tensor, rows: _StepRows,
 ) -> torch.Tensor:
     """Update the indexer keys; return the selected entry indices [B, min(topk, N_max)]
     (-1 where fewer entries are visible), in ascending order."""
     c = ix.config
     q, w = _indexer_queries(ix, x, qr, cos, sin)  # [B, Hi, Di] fp32, [B, Hi]
-    new, j, complete = _compress_step(ix.compressor, pl.index_kv, pl.index_score, x, slots,
-                                      positions, inv_freq)
+    new = _compress_step(ix.compressor, pl.index_kv, pl.index_score, x, rows)
     if c.qat:
         new = fp4_roundtrip(hadamard(new))
-    _masked_write(pl.index_keys, slots, j, complete, new)
-    scores = indexer_scores(q, pl.index_keys, slots, positions, w)  # [B, N_max], -inf unseen
+    _masked_write(pl.index_keys, rows, ix.compressor.ratio, new)
+    scores = indexer_scores(q, pl.index_keys, rows.slots, rows.positions, w)  # [B, N_max]
     # the top min(index_topk, N_max); an exact tie (ReLU zeros on every head are common)
     # goes to the earlier entry, the reference's stable-sort rule; -1 past the visible count
     return indexer_topk(scores, c.index_topk)
@@ -200,51 +313,61 @@ def _wo_a_grouped(attn: Attention, out: torch.Tensor) -> torch.Tensor:
     """out [B, Hh, D] -> [B, G, o_lora]: group g of heads through wo_a rows g*o_lora.. ."""
     c = attn.config
     G, B = c.o_groups, out.shape[0]
-    if fp8_linear_grouped is not None and attn.wo_a.format == WeightFormat.FP8:
+    fmt = attn.wo_a.format
+    if fp8_linear_grouped is not None and fmt == WeightFormat.FP8:
         return fp8_linear_grouped(out.reshape(B, G, -1), attn.wo_a.weight, attn.wo_a.scale,
                                   act_quant=act_quant_enabled())
+    if fmt in GGML_BLOCKS:  # the GGUF's blocks as stored, never dequantised per call
+        return ggml_linear_grouped(out.reshape(B, G, -1), attn.wo_a.weight, fmt)
     w = attn.wo_a.dense_weight(out.dtype).view(G, c.o_lora_rank, -1)  # [G, o_lora, Hh*D/G]
     return torch.einsum("bgi,gri->bgr", out.reshape(B, G, -1), w)
 
 
-def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor, slots: torch.Tensor,
-                     positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x [B, H] (attn_norm'ed) -> [B, H]; reads and updates pool layer `pl` at `slots`."""
+def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor,
+                     rows: _StepRows) -> torch.Tensor:
+    """x [B, H] (attn_norm'ed) -> [B, H]; reads and updates pool layer `pl` at rows.slots."""
     c = attn.config
     B = x.shape[0]
-    cos, sin = rope_cos_sin(inv_freq, positions)  # [B, R/2]
-    cos_h, sin_h = cos.unsqueeze(1), sin.unsqueeze(1)
+    slots, positions = rows.slots, rows.positions
+    cos, sin = rows.rope(attn.ratio)  # [B, R/2]
 
-    qr = attn.q_norm(attn.wq_a(x))  # [B, Q]; also the indexer's input
-    q = attn.wq_b(qr).view(B, attn.num_heads, attn.head_dim)
-    qf = q.float()
-    q = (qf * torch.rsqrt(qf.square().mean(-1, keepdim=True) + c.rms_norm_eps)).to(x.dtype)
-    q = apply_rope(q, cos_h, sin_h)
-    kv = apply_rope(attn.kv_norm(attn.wkv(x)), cos, sin)  # [B, D]
+    fused = _fused_q_kv(attn)
+    if fused is not None:  # wq_a and wkv read the same x: one GEMV
+        qr, kv = fused(x).split(attn.wq_a.weight.shape[0], dim=-1)
+    else:
+        qr, kv = attn.wq_a(x), attn.wkv(x)
+    qr = rmsnorm(qr, attn.q_norm.weight, attn.q_norm.eps)  # [B, Q]; the indexer's too
+    # per-head RMSNorm without weight, rounded to x's dtype, then RoPE: one kernel
+    q = rmsnorm_rope(attn.wq_b(qr).view(B, attn.num_heads, attn.head_dim), None, cos, sin,
+                     c.rms_norm_eps)
+    kv = rmsnorm_rope(kv, attn.kv_norm.weight, cos, sin, attn.kv_norm.eps)  # [B, D]
     if c.qat:
-        kv = torch.cat([fp8_roundtrip(kv[..., : c.nope_head_dim]), kv[..., c.nope_head_dim :]], -1)
-    pl.window[slots, positions % pl.window.shape[1]] = kv.to(pl.window.dtype)
+        kv = fp8_roundtrip_prefix(kv, c.nope_head_dim)  # QAT: one kernel
+    pl.window[slots, rows.ring(pl.window.shape[1])] = kv.to(pl.window.dtype)
 
     entries = entry_idx = None
     if attn.ratio != RATIO_WINDOW and pl.entries.shape[1] > 0:
-        new, j, complete = _compress_step(attn.compressor, pl.comp_kv, pl.comp_score, x, slots,
-                                          positions, inv_freq)
+        new = _compress_step(attn.compressor, pl.comp_kv, pl.comp_score, x, rows)
         if c.qat:
-            new = torch.cat([fp8_roundtrip(new[:, : c.nope_head_dim]), new[:, c.nope_head_dim :]], -1)
-        _masked_write(pl.entries, slots, j, complete, new)
+            new = fp8_roundtrip_prefix(new, c.nope_head_dim)
+        _masked_write(pl.entries, rows, attn.ratio, new)
         entries = pl.entries
         if attn.ratio == RATIO_SPARSE:
-            entry_idx = _index_select(attn.indexer, pl, x, qr, cos, sin, slots, positions,
-                                      inv_freq)
+            entry_idx = _index_select(attn.indexer, pl, x, qr, cos, sin, rows)
         else:
-            all_j = torch.arange(entries.shape[1], device=x.device)
-            done = all_j < ((positions + 1) // attn.ratio).unsqueeze(-1)
-            entry_idx = torch.where(done, all_j, -1)  # [B, N_max]
+            entry_idx = rows._get(("all_entries", attn.ratio, entries.shape[1]), lambda: (
+                _visible_entries(entries.shape[1], attn.ratio, positions)))
 
     out = decode_attention(q, pl.window, entries, slots, positions, entry_idx, attn.attn_sink,
                            attn.softmax_scale)
-    out = apply_rope(out, cos_h, sin_h, inverse=True)  # V = K carried the keys' rotation
+    out = rope(out, cos, sin, inverse=True)  # V = K carried the keys' rotation
     return attn.wo_b(_wo_a_grouped(attn, out).flatten(1))
+
+
+def _visible_entries(n: int, r: int, positions: torch.Tensor) -> torch.Tensor:
+    """[B, n]: entry j where it is complete (j < (p + 1) // r), else -1 (ratio 128)."""
+    all_j = torch.arange(n, device=positions.device)
+    return torch.where(all_j < ((positions + 1) // r).unsqueeze(-1), all_j, -1)
 
 
 class DecodeStep:
@@ -258,22 +381,44 @@ class DecodeStep:
         self.pool = pool
         self.config = c
         device = model.embed.weight.device
-        self.inv_freq = [rope_inv_freq(c, c.compress_ratio(i), device)
-                         for i in range(c.num_hidden_layers)]
+        # one frequency table per ratio (layers of a ratio share it, and its cos / sin a step)
+        self.inv_freq = {r: rope_inv_freq(c, r, device)
+                         for r in {c.compress_ratio(i) for i in range(c.num_hidden_layers)}}
+        for layer in model.layers:  # before any capture: the fused projections
+            _fused_q_kv(layer.attn)
+            comp = getattr(layer.attn, "compressor", None)
+            if comp is not None:
+                _fused_projection(comp)
+            ix = getattr(layer.attn, "indexer", None)
+            if ix is not None:
+                _fused_projection(ix.compressor)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, slots: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
         """ids, slots, positions [B] int64 -> logits [B, V] fp32. Writes the pool."""
         m, c = self.model, self.config
+        rows = _StepRows(slots, positions, self.pool.scratch_slot, self.inv_freq)
+        layers = m.layers
         h = m.embed(ids).unsqueeze(1).repeat(1, c.hc_mult, 1)  # [B, S, H]
-        for i, layer in enumerate(m.layers):
-            x, post, comb = hc_pre(h, layer.hc_attn_fn, layer.hc_attn_scale, layer.hc_attn_base, c)
-            x = attention_decode(layer.attn, self.pool.layers[i], layer.attn_norm(x), slots,
-                                 positions, self.inv_freq[i])
-            h = hc_post(x, h, post, comb)
-            x, post, comb = hc_pre(h, layer.hc_ffn_fn, layer.hc_ffn_scale, layer.hc_ffn_base, c)
-            x = layer.ffn(layer.ffn_norm(x).unsqueeze(1), ids.unsqueeze(1))[:, 0]
-            h = hc_post(x, h, post, comb)
-        y = m.norm(hc_head(h, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, c))
-        return linear_f32(m.head, y)
+        first = layers[0]
+        x, post, comb = hc_pre(h, first.hc_attn_fn, first.hc_attn_scale, first.hc_attn_base, c)
+        # a sub-layer's hc_post and the next one's hc_pre are one fused pair of kernels
+        # (hc_post_pre): between attention and MoE and between layers; the last layer's
+        # MoE output takes a plain hc_post before the head
+        for i, layer in enumerate(layers):
+            norm = layer.attn_norm
+            y = attention_decode(layer.attn, self.pool.layers[i], rmsnorm(x, norm.weight, norm.eps),
+                                 rows)
+            h, x, post, comb = hc_post_pre(y, h, post, comb, layer.hc_ffn_fn, layer.hc_ffn_scale,
+                                           layer.hc_ffn_base, c)
+            norm = layer.ffn_norm
+            y = layer.ffn(rmsnorm(x, norm.weight, norm.eps).unsqueeze(1), ids.unsqueeze(1))[:, 0]
+            if i + 1 < len(layers):
+                nxt = layers[i + 1]
+                h, x, post, comb = hc_post_pre(y, h, post, comb, nxt.hc_attn_fn,
+                                               nxt.hc_attn_scale, nxt.hc_attn_base, c)
+            else:
+                h = hc_post(y, h, post, comb)
+        y = hc_head(h, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, c)
+        return linear_f32(m.head, rmsnorm(y, m.norm.weight, m.norm.eps))

@@ -21,7 +21,14 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine.kernels import decode_attention as da
-from engine.kernels import hc, indexer_scores, indexer_topk, rmsnorm_rope
+from engine.kernels import (
+    fp4_roundtrip,
+    fp8_roundtrip,
+    hc,
+    indexer_scores,
+    indexer_topk,
+    rmsnorm_rope,
+)
 
 BF, F32, I64, I32, FP = "*bf16", "*fp32", "*i64", "i32", "fp32"
 
@@ -194,6 +201,11 @@ def kernels() -> list[tuple]:
          dict(BLOCK_H=rmsnorm_rope.BLOCK_H, BLOCK_D=512, BLOCK_R=32, **norm_c), 4),
         ("rmsnorm hidden", rmsnorm_rope._rmsnorm_rope_kernel, norm,
          dict(BLOCK_H=1, BLOCK_D=4096, BLOCK_R=1, **norm_c), 4),
+        ("fp8_roundtrip (QAT kv)", fp8_roundtrip._fp8_roundtrip_kernel,
+         dict(x_ptr=BF, out_ptr=BF, dim=I32, nope=I32, stride_x=I32, stride_o=I32),
+         dict(BLOCK=64), 4),
+        ("fp4_roundtrip (QAT indexer)", fp4_roundtrip._fp4_roundtrip_kernel,
+         dict(x_ptr=F32, out_ptr=F32), dict(BLOCK=32), 4),
     ]  # fmt: skip
 
 

@@ -19,6 +19,7 @@ slot pool. Greedy tokens must be equal at every step, logits within:
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -243,3 +244,105 @@ def test_linear_f32_without_an_fp32_weight_copy_matches_the_reference():
     assert out.dtype == torch.float32
     # fp32 accumulation of exact products: only the summation order differs
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (out - ref).abs().max()
+
+
+def test_the_triton_kernels_step_equals_the_reference_step():
+    """The step's kernels (hc_post_pre, rmsnorm / rmsnorm_rope / rope, the fused compressor
+    projection, attention, indexer, MoE) under mode("triton") (Triton's interpreter on the
+    CPU) against the same step under mode("reference"), from identical pools, over
+    positions 126..128: ratio 4 and ratio 128 complete an entry at 127. fp32 with QAT: the
+    kernels reorder sums (~1e-6), which an FP8/FP4 rounding boundary can turn into one e4m3
+    step of a channel (the 3e-3 of TOL); the pools' entries are compared the same way."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton's first import
+    from engine.kernels import mode
+    from engine.moe import stack_all_experts
+
+    model = _model(True)
+    stack_all_experts(model)
+    pools = [SlotPool(model.config, max_seqs=1, max_len=MAX_LEN, device=DEVICE,
+                      dtype=torch.float32) for _ in range(2)]
+    prompt = random_tokens(1, 126, seed=5)
+    (seq_r, logits), (seq_t, _) = (_fast_prefill(model, p, prompt) for p in pools)
+    steps = [DecodeStep(model, p) for p in pools]
+    for _ in range(3):
+        ids = logits.argmax(-1)
+        with mode("reference"):
+            logits = _step(steps[0], [seq_r], ids)
+        with mode("triton"):
+            fast = _step(steps[1], [seq_t], ids)
+        assert torch.equal(fast.argmax(-1), logits.argmax(-1))
+        assert _rel(fast, logits) < TOL[True], _rel(fast, logits)
+    n = model.config.num_hidden_layers  # (the MTP block's layer is not the step's)
+    for i, (a, b) in enumerate(zip(pools[0].layers[:n], pools[1].layers[:n], strict=True)):
+        for name in ("window", "entries", "index_keys"):
+            x, y = getattr(a, name, None), getattr(b, name, None)
+            if x is not None and x.numel():
+                assert _rel(y, x) < TOL[True], (i, name, _rel(y, x))
+
+
+@pytest.mark.parametrize("kernel_mode", ["reference", "triton"])
+def test_a_gguf_wo_a_takes_the_grouped_gemv_on_its_blocks(monkeypatch, kernel_mode):
+    """A Q8_0 wo_a (ds4's GGUF) goes through ggml_linear_grouped on the stored blocks and
+    equals the dense einsum over its dequantised weight; dequantising it per call (the
+    dense path, ~34 MB of traffic a layer on the real model) is not taken."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from engine import decode, formats
+    from engine.attention import Attention
+    from engine.formats import WeightFormat
+    from engine.kernels import mode
+
+    c = _model(False).config
+    attn = Attention(0, c, torch.float32).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    k = attn.wo_a.in_features
+    w = torch.randn(attn.wo_a.out_features, k, generator=g) * k**-0.5
+    attn.wo_a.load_ggml(WeightFormat.Q8_0, formats.quantize_ggml(WeightFormat.Q8_0, w).to(DEVICE))
+    out = torch.randn(3, c.num_attention_heads, c.head_dim, generator=g).to(DEVICE)
+    dense = attn.wo_a.dense_weight(torch.float32).view(c.o_groups, c.o_lora_rank, -1)
+    want = torch.einsum("bgi,gri->bgr", out.reshape(3, c.o_groups, -1), dense)
+    monkeypatch.setattr(type(attn.wo_a), "dense_weight", lambda *a, **k: pytest.fail("dequantised"))
+    with mode(kernel_mode):
+        got = decode._wo_a_grouped(attn, out)
+    assert got.shape == want.shape
+    assert _rel(got, want) < 1e-5, _rel(got, want)  # fp32 sums in another order
+
+
+@pytest.mark.parametrize("kernel_mode", ["reference", "triton"])
+def test_fp8_projections_reading_one_x_fuse_into_one_gemv(kernel_mode):
+    """_fused_rows on FP8 wq_a [256, K] + wkv [136, K] (a partial last scale block): one
+    Linear whose rows and E8M0 scales are the parts' (views of it afterwards, no copy kept),
+    equal to the parts' own outputs; a part that does not fill whole scale blocks (but the
+    last) refuses to fuse."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from engine import decode, formats
+    from engine.kernels import mode
+    from engine.linear import Linear
+
+    g = torch.Generator().manual_seed(0)
+    k = 256
+    parts = []
+    for n in (256, 136):
+        lin = Linear(k, n, dtype=torch.bfloat16)
+        lin.load_fp8(*formats.quantize_fp8(torch.randn(n, k, generator=g) * k**-0.5))
+        parts.append(lin.to(DEVICE))
+    x = torch.randn(3, k, generator=g).bfloat16().to(DEVICE)
+    with mode(kernel_mode):
+        want = [lin(x) for lin in parts]
+        owner = torch.nn.Module()
+        fused = decode._fused_rows(owner, "_f", tuple(parts))
+        got = fused(x).split(256, dim=-1)
+        again = [lin(x) for lin in parts]  # the parts now read views of the fused weight
+    assert fused.weight.shape == (392, k) and fused.scale.shape == (4, 2)
+    assert parts[1].weight.data_ptr() == fused.weight[256:].data_ptr()
+    assert parts[1].scale.data_ptr() == fused.scale[2:].data_ptr()
+    assert decode._fused_rows(owner, "_f", tuple(parts)) is fused
+    for a, b, c in zip(got, want, again, strict=True):
+        assert torch.equal(c, b)
+        assert _rel(a, b) < 2**-7, _rel(a, b)  # bf16 outputs; fp32 sums in another order
+    odd = [Linear(k, 136, dtype=torch.bfloat16), Linear(k, 64, dtype=torch.bfloat16)]
+    for lin in odd:
+        lin.load_fp8(*formats.quantize_fp8(torch.randn(lin.out_features, k, generator=g)))
+    assert decode._fused_rows(torch.nn.Module(), "_f", tuple(odd)) is None
