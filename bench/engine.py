@@ -237,6 +237,8 @@ def _label_linears(model: Transformer, reads: dict[str, list[int]]):
     original = decode.linear_f32
 
     def labelled(lin, x):
+        if id(lin) not in roles:  # a Linear made after the hooks: not labelled
+            return original(lin, x)
         role, nbytes = roles[id(lin)]
         handle = torch.ops.profiler._record_function_enter_new(f"linear:{role}", None)
         r = reads.setdefault(role, [0, 0])
@@ -251,7 +253,12 @@ def _label_linears(model: Transformer, reads: dict[str, list[int]]):
 
     decode.linear_f32 = labelled
     handles.append(_Unpatch(original))
-    for name, mod in model.named_modules():
+    # the decode step's fused projections (engine.decode._fused_rows) live beside the
+    # modules they fuse, as `_decode_*` attributes: labelled as `<owner>.<fusion>`
+    fused = [(f"{owner}.{key.removeprefix('_decode_')}", val)
+             for owner, m in model.named_modules()
+             for key, val in vars(m).items() if key.startswith("_decode_") and isinstance(val, Linear)]
+    for name, mod in [*model.named_modules(), *fused]:
         if not isinstance(mod, Linear) or name.startswith("mtp."):
             continue
         parts = name.split(".")

@@ -150,10 +150,14 @@ async def test_mid_stream_failure_is_an_sse_error_event(proxy: ProxyServer,
 
 
 async def test_engine_refusal_is_400_not_retried(proxy: ProxyServer, fake: FakeUpstream) -> None:
-    """An engine's 400 (e.g. prompt over its context) is the client's to fix: no 5xx."""
-    fake.push(Reply(status=400, text="This model's maximum context length is 8192 tokens"))
+    """An engine's 400 (e.g. prompt over its context) is the client's to fix: no 5xx. (A
+    constrained turn is sent once more without its grammar, in case the grammar was what the
+    engine refused: the same 400 again is then the client's.)"""
+    refusal = Reply(status=400, text="This model's maximum context length is 8192 tokens")
+    fake.push(refusal, refusal)
     with pytest.raises(openai.BadRequestError) as info:
         await proxy.client().chat.completions.create(model="deepseek-chat", messages=MESSAGES)
     error = assert_error_shape(info.value.response.json())
     assert error["code"] == "upstream_rejected" and "HTTP 400" in error["message"]
     assert "maximum context length" not in error["message"]  # logged, not echoed (issue 14)
+    assert len(fake.requests) == 2 and "structured_outputs" not in fake.requests[1]
