@@ -45,3 +45,34 @@ def store_dtype(dtype, device) -> object:
     if device.type != "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return dtype
+
+
+class LazyModule:
+    """For a kernel file whose kernels call other Triton functions (helpers must be
+    `triton.jit` module globals the kernels find by name): `jit = LazyModule(globals())`,
+    decorate every Triton function with `@jit.mark`, and call `jit.materialize()` before the
+    first launch; it imports Triton and jits them all in place, once, binding the module's
+    `triton` and `tl` globals."""
+
+    def __init__(self, module_globals: dict) -> None:
+        self._globals = module_globals
+        self._names: list[str] = []
+        self._done = False
+
+    def mark(self, fn):
+        self._names.append(fn.__name__)
+        return fn
+
+    def materialize(self) -> None:
+        if self._done:
+            return
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError as e:
+            raise RuntimeError("the Triton path needs `triton` (the test extra)") from e
+        g = self._globals
+        g["triton"], g["tl"] = triton, tl
+        for name in self._names:
+            g[name] = triton.jit(g[name])
+        self._done = True

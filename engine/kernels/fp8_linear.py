@@ -67,8 +67,9 @@ import torch.nn.functional as F
 
 from engine import formats as fm
 from engine.kernels import use_triton
+from engine.kernels._triton import LazyModule
 
-# Imported at the first launch (`_materialize`): the base install has no triton, and a CPU
+# Imported at the first launch (`_lazy.materialize`): the base install has no triton, and a CPU
 # test session must set TRITON_INTERPRET before triton is imported at all.
 triton = tl = None
 
@@ -78,45 +79,20 @@ FP8_MAX = fm.FP8_MAX
 ACT_AMAX_FLOOR = 1e-4  # DeepSeek's act_quant floor, so an all-zero block does not divide by 0
 
 
-_JIT_NAMES: list[str] = []
-
-
-def _jit(fn):
-    """Mark a Triton function; `_materialize` jits it at the first launch, not at import.
-
-    Triton decides compiled vs interpreted (TRITON_INTERPRET) when it is imported and when it
-    decorates, and this module is imported by engine.linear long before a CPU test session
-    can set the variable (tests/engine/kernels/conftest.py runs after tests/engine/conftest.py
-    has imported the model)."""
-    _JIT_NAMES.append(fn.__name__)
-    return fn
-
-
-@functools.cache
-def _materialize() -> None:
-    global triton, tl
-    try:
-        import triton as triton_module
-        import triton.language as tl_module
-    except ImportError as e:
-        raise RuntimeError("the Triton FP8 kernels need triton (pip install 'dsml-proxy[gpu]')") from e
-    triton, tl = triton_module, tl_module
-    module = globals()
-    for name in _JIT_NAMES:  # kernels find their helpers through these module globals
-        module[name] = triton.jit(module[name])
+_lazy = LazyModule(globals())  # Triton jitted at the first launch (engine/kernels/_triton.py)
 
 
 # -- kernels -----------------------------------------------------------------------------
 
 
-@_jit
+@_lazy.mark
 def _e8m0_to_f32(s):
     """E8M0 bytes (int32 0..254) -> exact fp32 2^(s-127); byte 0 is the subnormal 2^-127."""
     bits = tl.where(s == 0, 0x400000, s << 23)
     return bits.to(tl.float32, bitcast=True)
 
 
-@_jit
+@_lazy.mark
 def _quant_e4m3(x, inv_s):
     """x * inv_s clamped to +-448 and rounded to the nearest e4m3 value (ties to even).
 
@@ -131,7 +107,7 @@ def _quant_e4m3(x, inv_s):
     return (y + magic) - magic
 
 
-@_jit
+@_lazy.mark
 def _act_scale(amax):
     """DeepSeek-V4's ue8m0 activation scale: 2^ceil(log2(max(amax, 1e-4) / 448)), by bits."""
     t = tl.maximum(amax, 1e-4) * (1.0 / 448.0)
@@ -140,7 +116,7 @@ def _act_scale(amax):
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
-@_jit
+@_lazy.mark
 def _fp8_linear_kernel(
     # pointers
     x_ptr,      # [M, G, K] x.dtype
@@ -228,7 +204,7 @@ def _fp8_linear_kernel(
         tl.store(out_base + offs_n * stride_on, tl.sum(acc2, axis=1), mask=mask_n)
 
 
-@_jit
+@_lazy.mark
 def _split_k_reduce_kernel(
     part_ptr,   # [SPLIT_K, numel] fp32
     out_ptr,    # [numel] x.dtype
@@ -332,7 +308,7 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
     split = max(1, min(cfg.split_k, num_kb))
     kb_per_split = -(-num_kb // split)
     split = -(-num_kb // kb_per_split)  # no empty slices
-    _materialize()
+    _lazy.materialize()
     out = torch.empty(m, g, n, device=x3.device, dtype=x3.dtype)
     if m == 0:
         return out

@@ -41,39 +41,21 @@ import torch.nn.functional as F
 from engine import formats as fm
 from engine.formats import WeightFormat
 from engine.kernels import use_triton
+from engine.kernels._triton import LazyModule
 
-triton = tl = None  # imported at the first launch (see engine.kernels.fp8_linear._jit)
+triton = tl = None  # imported at the first launch (`_lazy.materialize`)
 
 CHUNK = 32             # values decoded per step (not tuned: the formats' scale granularity)
 MAX_DECODE_ROWS = 16   # M above this is prefill: decode the weight once, then matmul
 FMT_IDS = {WeightFormat.Q8_0: 0, WeightFormat.Q2_K: 1, WeightFormat.IQ2_XXS: 2}
 
-_JIT_NAMES: list[str] = []
-
-
-def _jit(fn):
-    _JIT_NAMES.append(fn.__name__)
-    return fn
-
-
-@functools.cache
-def _materialize() -> None:
-    global triton, tl
-    try:
-        import triton as triton_module
-        import triton.language as tl_module
-    except ImportError as e:
-        raise RuntimeError("the Triton GGUF kernels need triton (pip install 'dsml-proxy[gpu]')") from e
-    triton, tl = triton_module, tl_module
-    module = globals()
-    for name in _JIT_NAMES:
-        module[name] = triton.jit(module[name])
+_lazy = LazyModule(globals())  # Triton jitted at the first launch (engine/kernels/_triton.py)
 
 
 # -- kernels -----------------------------------------------------------------------------
 
 
-@_jit
+@_lazy.mark
 def _f16_at(ptr):
     """The little-endian f16 at byte pointers `ptr` (any alignment) -> fp32."""
     lo = tl.load(ptr).to(tl.int32)
@@ -81,7 +63,7 @@ def _f16_at(ptr):
     return (lo | (hi << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-@_jit
+@_lazy.mark
 def _decode_chunk(row_ptr, c, offs_j, grid_ptr, signs_ptr, FMT: tl.constexpr):
     """Values c*32 .. c*32+31 of the rows at byte pointers row_ptr [BLOCK_N] -> fp32 [BLOCK_N, 32]."""
     if FMT == 0:  # Q8_0: block c = f16 d, 32 int8
@@ -119,7 +101,7 @@ def _decode_chunk(row_ptr, c, offs_j, grid_ptr, signs_ptr, FMT: tl.constexpr):
     return w
 
 
-@_jit
+@_lazy.mark
 def _ggml_linear_kernel(
     # pointers
     x_ptr,      # [M, K] x.dtype
@@ -215,7 +197,7 @@ def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, fmt: WeightFormat) -> tor
     m = x2.shape[0]
     if not use_triton(x) or m > MAX_DECODE_ROWS or m == 0:
         return F.linear(x, fm.dequantize_ggml(fmt, blocks, x.dtype))
-    _materialize()
+    _lazy.materialize()
     if blocks.stride(1) != 1:
         raise ValueError("GGML blocks must be contiguous along each row")
     x2 = x2.contiguous()

@@ -75,7 +75,7 @@ def test_linear_takes_the_kernel_for_ggml_weights(triton_mode, monkeypatch):
     linear.load_ggml(WeightFormat.IQ2_XXS, _weights(WeightFormat.IQ2_XXS, 19, 256, g).cpu())
     linear.to(DEVICE)
     calls = []
-    gg._materialize()  # jit first: the recorder wraps the jitted kernel, not the raw function
+    gg._lazy.materialize()  # jit first: the recorder wraps the jitted kernel, not the raw function
     real = gg._ggml_linear_kernel
     monkeypatch.setattr(gg, "_ggml_linear_kernel", _Recorder(real, calls))
     x = torch.randn(1, 256, generator=g).to(DEVICE)
