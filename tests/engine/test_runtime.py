@@ -176,11 +176,16 @@ async def test_cancelling_the_consumer_stops_generation(engine):
             await asyncio.wait_for(task, timeout=30)
         calls_at_cancel = calls
         # The engine is free again at once (no lock left held), and no decode runs for the
-        # cancelled sequence beyond the one that was in flight.
+        # cancelled sequence beyond the one that was in flight. That one is counted when the
+        # worker thread starts it, which on a loaded machine can be just after the cancel:
+        # at most one call may come after calls_at_cancel, and none after it.
         steps = await asyncio.wait_for(
             _collect(engine, SamplingParams(max_tokens=1, temperature=0)), timeout=60)
         assert len(steps) == 1
-        assert calls == calls_at_cancel
+        assert calls - calls_at_cancel <= 1
+        settled = calls
+        await asyncio.sleep(0.5)
+        assert calls == settled
         assert len(seen) < 5
     finally:
         engine._decode = decode
