@@ -28,6 +28,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from bench.kernels._timing import copy_gbps  # noqa: E402 (after the path)
+
 RESULTS = REPO / "bench" / "results" / "kernels.json"
 
 
@@ -42,20 +45,6 @@ def load(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def copy_gbps(device: torch.device) -> float:
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * n * 20 / (start.elapsed_time(end) * 1e-3) / 1e9
 
 
 def main(argv: list[str] | None = None) -> dict:

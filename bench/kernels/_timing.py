@@ -62,3 +62,31 @@ def print_table(rows: list[dict]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths, strict=True)))
+
+
+def median_us(fn: Callable[[], object]) -> float:
+    """do_bench's median of fn() in microseconds, after one call outside the timing (compile,
+    autotune: do_bench sizes its loop on its first call)."""
+    import triton.testing
+
+    fn()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def copy_gbps(device: str | torch.device = "cuda", nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (GB/s): the ceiling
+    every kernel's GB/s is compared with."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (median_us(lambda: dst.copy_(src)) * 1e-6) / 1e9
+
+
+class Rotating:
+    """fn(x, *operands[i]) with i cycling over the copies: each call reads cold weights."""
+
+    def __init__(self, fn: Callable[..., object], x: torch.Tensor, operands: list) -> None:
+        self.fn, self.x, self.operands, self.i = fn, x, operands, 0
+
+    def __call__(self) -> object:
+        self.i = (self.i + 1) % len(self.operands)
+        return self.fn(self.x, *self.operands[self.i])

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from bench.kernels._timing import Rotating, copy_gbps, median_us
 from engine import formats as fm
 from engine.kernels import fp8_linear as fl
 
@@ -40,30 +41,6 @@ SHAPES = {
 }
 ROWS = (1, 8, 32)
 MIN_ROTATION_BYTES = 128 << 20
-
-
-def _do_bench(fn) -> float:
-    from triton.testing import do_bench
-
-    fn()  # compile / autotune outside the timing (do_bench sizes its loop on the first call)
-    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
-
-
-def copy_gbps(device: str = "cuda", nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (_do_bench(lambda: dst.copy_(src)) * 1e-6) / 1e9
-
-
-class _Rotating:
-    """Calls fn(x, *operands[i]) with i cycling over the copies: each call reads cold weights."""
-
-    def __init__(self, fn, x, operands):
-        self.fn, self.x, self.operands, self.i = fn, x, operands, 0
-
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.operands)
-        return self.fn(self.x, *self.operands[self.i])
 
 
 def _fp8_copies(rows: int, k: int, device: str, copies: int):
@@ -98,12 +75,12 @@ def _bench_shape(name: str, n: int, k: int, g: int, rows: tuple[int, ...], devic
         x = torch.randn(m, g, k, device=device, dtype=torch.bfloat16)
         nbytes = w_bytes + 2 * m * g * (k + n)
         shape = f"{name} M={m} N={n} K={k}" + (f" G={g}" if g > 1 else "")
-        cases = [("fp8_linear" + ("+act_quant" if act_quant else ""), _Rotating(kernel, x, fp8))]
+        cases = [("fp8_linear" + ("+act_quant" if act_quant else ""), Rotating(kernel, x, fp8))]
         if baselines:
-            cases += [("torch dequant+matmul", _Rotating(reference, x, fp8)),
-                      ("torch bf16 weight", _Rotating(bf16_weight, x, dense))]
+            cases += [("torch dequant+matmul", Rotating(reference, x, fp8)),
+                      ("torch bf16 weight", Rotating(bf16_weight, x, dense))]
         for kernel_name, fn in cases:
-            t = _do_bench(fn)
+            t = median_us(fn)
             row = {"kernel": kernel_name, "shape": shape, "time_us": round(t, 2),
                    "bytes": nbytes, "gbps": round(nbytes / (t * 1e-6) / 1e9, 1)}
             if kernel_name.startswith("fp8_linear"):

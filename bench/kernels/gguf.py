@@ -23,6 +23,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from bench.kernels._timing import Rotating, copy_gbps, median_us
 from engine import formats as fm
 from engine.config import ModelConfig
 from engine.formats import WeightFormat
@@ -92,44 +93,22 @@ def bytes_per_token(c: ModelConfig | None = None) -> dict[str, int]:
     return out
 
 
-def _do_bench(fn) -> float:
-    from triton.testing import do_bench
-
-    fn()
-    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
-
-
-def copy_gbps(device: str = "cuda", nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (_do_bench(lambda: dst.copy_(src)) * 1e-6) / 1e9
-
-
-class _Rotating:
-    def __init__(self, fn, x, weights):
-        self.fn, self.x, self.weights, self.i = fn, x, weights, 0
-
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.weights)
-        return self.fn(self.x, self.weights[self.i])
-
-
 def bench(device: str = "cuda", rows: tuple[int, ...] = ROWS, baselines: bool = True) -> list[dict]:
     out = []
     for name, (fmt, n, k) in SHAPES.items():
         w_bytes = n * fm.ggml_row_bytes(fmt, k)
         copies = max(4, -(-MIN_ROTATION_BYTES // w_bytes))
-        weights = [random_blocks(fmt, n, k, device) for _ in range(copies)]
+        weights = [(random_blocks(fmt, n, k, device),) for _ in range(copies)]  # Rotating's operands
         for m in rows:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             nbytes = w_bytes + 2 * m * (k + n)
             shape = f"{name} {fmt.value} M={m} N={n} K={k}"
-            cases = [("ggml_linear", _Rotating(lambda x, w, f=fmt: gg.ggml_linear(x, w, f), x, weights))]
+            cases = [("ggml_linear", Rotating(lambda x, w, f=fmt: gg.ggml_linear(x, w, f), x, weights))]
             if baselines:
-                cases.append(("torch decode+matmul", _Rotating(
+                cases.append(("torch decode+matmul", Rotating(
                     lambda x, w, f=fmt: F.linear(x, fm.dequantize_ggml(f, w, x.dtype)), x, weights[:4])))
             for kernel_name, fn in cases:
-                t = _do_bench(fn)  # kernel mode "auto": Triton on CUDA tensors
+                t = median_us(fn)  # kernel mode "auto": Triton on CUDA tensors
                 out.append({"kernel": kernel_name, "shape": shape, "time_us": round(t, 2),
                             "bytes": nbytes, "gbps": round(nbytes / (t * 1e-6) / 1e9, 1)})
         del weights

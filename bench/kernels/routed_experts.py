@@ -20,6 +20,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench.kernels._timing import copy_gbps
 from engine.formats import WeightFormat
 from engine.kernels import mode
 from engine.kernels.routed_experts import ExpertStack, routed_experts
@@ -39,16 +40,6 @@ def make_stack(fmt: WeightFormat, device: torch.device, seed: int = 0) -> Expert
     w13, s13 = random_fp4(E, 2 * INTER, H, H ** -0.5, g, device)
     w2, s2 = random_fp4(E, H, INTER, INTER ** -0.5, g, device)
     return ExpertStack(fmt, H, INTER, w13, s13, None, w2, s2, None)
-
-
-def copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, read + write bytes per second (GB/s)."""
-    from triton.testing import do_bench
-
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * nbytes / ms / 1e6
 
 
 def bench(device: str | torch.device = "cuda") -> list[dict]:
