@@ -98,17 +98,9 @@ class PrefixCacheStats:
 
 
 @dataclass
-class PoolLayer:
-    """One layer's tensors for all slots (None where the layer kind has no such state)."""
-
-    ratio: int
-    window: torch.Tensor
-    entries: torch.Tensor | None = None
-    comp_kv: torch.Tensor | None = None
-    comp_score: torch.Tensor | None = None
-    index_keys: torch.Tensor | None = None
-    index_kv: torch.Tensor | None = None
-    index_score: torch.Tensor | None = None
+class PoolLayer(LayerState):
+    """One layer's tensors for all slots: LayerState's fields with a leading slot dimension
+    (None where the layer kind has no such state)."""
 
     def view(self, slot: int, max_len: int) -> LayerState:
         """LayerState of `slot` whose tensors are views of this layer's rows."""

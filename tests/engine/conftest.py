@@ -13,6 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# Without CUDA the Triton kernels run under Triton's interpreter (every engine test that takes
+# mode("triton"), not only tests/engine/kernels): set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from engine.attention import Indexer
 from engine.config import ModelConfig
 from engine.model import Transformer
