@@ -7,6 +7,9 @@ surrogate, empty names, a cut stream). Every input is checked against the four
 invariants (`tests.dsml.damage.check`); the first failure is minimised and printed.
 
     PYTHONPATH=. python bench/fuzz_parser.py --inputs 10000000 --seed 1
+
+Input n depends only on the seed and n, so a long run can be split across cores or
+machines: `--first 5000001 --inputs 5000000` is the second half of the run above.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=10_000_000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--first", type=int, default=1, help="number of the first input (to split a run)")
     ap.add_argument("--seconds", type=float, default=0, help="stop after this long (0: no limit)")
     args = ap.parse_args()
     start = time.perf_counter()
-    n = 0
-    for n in range(1, args.inputs + 1):
+    n = done = 0
+    for n in range(args.first, args.first + args.inputs):
+        done += 1
         rnd = random.Random(args.seed * 1_000_003 + n)
         pieces, thinking = completion(rnd)
         text = "".join(pieces)
@@ -38,12 +43,15 @@ def main() -> int:
             print(f"minimised failure: {check(small, thinking, random.Random(n))}")
             return 1
         elapsed = time.perf_counter() - start
-        if n % 10_000 == 0:
-            print(f"{n} inputs, {n / elapsed:.0f}/s", file=sys.stderr, flush=True)
+        if done % 10_000 == 0:
+            print(f"{done} inputs (last {n}), {done / elapsed:.0f}/s", file=sys.stderr, flush=True)
         if args.seconds and elapsed > args.seconds:
             break
     elapsed = time.perf_counter() - start
-    print(f"OK: {n} inputs in {elapsed:.0f} s ({n / elapsed:.0f} inputs/s), no invariant failed")
+    print(
+        f"OK: inputs {args.first}..{n} (seed {args.seed}), {done} in {elapsed:.0f} s "
+        f"({done / elapsed:.0f} inputs/s), no invariant failed"
+    )
     return 0
 
 
