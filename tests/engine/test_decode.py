@@ -33,7 +33,11 @@ from tests.engine.conftest import DEVICE, random_tokens, tiny_model
 WINDOW = 8
 MAX_LEN = 192
 STEPS = 64
-TOL = {False: 2e-5, True: 3e-3}
+# Max relative logit error, fast step vs reference forward. fp32 without QAT: summation order
+# only. With QAT every FP8/FP4 round trip of an activation turns a 1-ulp difference at a
+# rounding boundary into a whole FP8 step (2^-3 relative) of that element: on the CPU that
+# measured up to ~2e-3, on an H100 (cuBLAS and Triton against the CPU-free reference) 5.3e-3.
+TOL = {False: 2e-5, True: 1e-2}
 
 
 @functools.cache
@@ -213,8 +217,8 @@ def test_the_step_never_reads_a_value_back_to_the_host(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
         monkeypatch.setattr(torch.Tensor, name, synced)
     ids = torch.cat([logits.argmax(-1), torch.zeros(1, dtype=torch.int64, device=DEVICE)])
-    out = step(ids, torch.tensor([seq.slot, pool.scratch_slot]),
-               torch.tensor([seq.length, 0]))
+    out = step(ids, torch.tensor([seq.slot, pool.scratch_slot], device=DEVICE),
+               torch.tensor([seq.length, 0], device=DEVICE))
     monkeypatch.undo()
     assert out.shape == (2, model.config.vocab_size) and torch.isfinite(out).all()
 
@@ -346,3 +350,14 @@ def test_fp8_projections_reading_one_x_fuse_into_one_gemv(kernel_mode):
     for lin in odd:
         lin.load_fp8(*formats.quantize_fp8(torch.randn(lin.out_features, k, generator=g)))
     assert decode._fused_rows(torch.nn.Module(), "_f", tuple(odd)) is None
+
+
+def test_the_step_refuses_indices_on_another_device():
+    """A host tensor of slots for a CUDA model would reach a Triton kernel as a CPU pointer;
+    the step says which arguments are wrong instead (meta stands in for the other device)."""
+    model = tiny_model(seed=0, sliding_window=WINDOW)
+    pool = SlotPool(model.config, max_seqs=1, max_len=16, device=DEVICE, dtype=torch.float32)
+    step = DecodeStep(model, pool)
+    ids = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="model's device"):
+        step(ids, torch.zeros(1, dtype=torch.int64, device="meta"), torch.zeros_like(ids))

@@ -33,8 +33,15 @@ def test_router_scores_match_reference(N, dtype):
     with mode("triton"):
         got = router_scores(x, w)
     assert got.dtype == torch.float32 and got.shape == (N, E)
-    err = (got - want).abs()
-    bound = 1e-5 * want.abs() + 1e-6
+    # Against an fp64 truth: the kernel sums the H products in another order than torch's
+    # GEMM, and sqrt(softplus(z)) amplifies an fp32 rounding of z where the score is small
+    # (d score / dz = sigmoid(z) / (2 score)). So the kernel may be as far from the truth as
+    # torch's own fp32 result is, a few times over, and never by more than fp32 rounding of
+    # the score itself beyond that.
+    truth = F.softplus(x.double() @ w.double().T).sqrt()
+    ref_err = (want.double() - truth).abs().max()
+    err = (got.double() - truth).abs()
+    bound = 4 * ref_err + 1e-6 * truth
     assert (err <= bound).all(), f"worst {torch.nonzero(err > bound)[:8].tolist()}, max {err.max()}"
 
 
