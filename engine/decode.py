@@ -19,7 +19,8 @@ Attention) op for op, with masks where the reference slices:
   (entry p // r, pooled from the ring exactly as Compressor.compress_row pools it, incl. the
   overlapping ratio-4 case and entry 0's empty previous block) is computed every step and
   written into entries[slot, p // r] only where (p + 1) % r == 0 (other rows write that
-  entry of the scratch slot, which nobody reads: one scatter);
+  entry of the scratch slot, which nobody reads: one scatter); the ring write and the
+  pooling are one kernel (engine/kernels/compress_pool.py);
 - ratio 128: every entry j < (p+1)//128 of entries[slot, :N_max] is attended (index -1 masks
   the rest); ratio 4: the indexer scores index_keys[slot, :N_max], masks entries
   j >= (p+1)//4 with -inf and keeps the top min(index_topk, N_max) (engine/kernels/
@@ -63,6 +64,7 @@ from engine.attention import (
 from engine.config import QAT_INDEXER_FP4_BLOCK, RATIO_SPARSE, RATIO_WINDOW
 from engine.formats import GGML_BLOCKS, WeightFormat
 from engine.kernels import use_triton
+from engine.kernels.compress_pool import compress_pool, overlap_rows
 from engine.kernels.decode_attention import decode_attention
 from engine.kernels.fp4_roundtrip import fp4_roundtrip as fp4_roundtrip_kernel
 from engine.kernels.fp8_roundtrip import fp8_roundtrip_prefix
@@ -172,20 +174,8 @@ class _StepRows:
         return self._get(("target", r, n), make)
 
     def overlap_rows(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ratio 4's pooling rows (Compressor.overlap): ring slot of position q is q % 2r, so
-        block j sits at offset (j % 2) * r and block j-1 at the other half; entry j pools
-        block j-1's channels [:D] (rows [B, :r]) and block j's [D:] (rows [B, r:]).
-        Returns (rows [B, 2r], low [1, 2r, 1]: which pooled rows take channels [:D],
-        empty [B, 2r, 1]: the previous block of entry 0, which does not exist)."""
-        def make():
-            j = self.entry(r)[0]
-            cur = (j % 2) * r
-            offs = torch.arange(2 * r, device=j.device)
-            low = offs < r
-            rows = torch.where(low, r - cur.unsqueeze(-1), cur.unsqueeze(-1)) + offs % r
-            empty = (j == 0).unsqueeze(-1) & low
-            return rows, low.view(1, -1, 1), empty.unsqueeze(-1)
-        return self._get(("overlap", r), make)
+        """Ratio 4's pooled ring rows (engine.kernels.compress_pool.overlap_rows)."""
+        return self._get(("overlap", r), lambda: overlap_rows(self.positions, r))
 
 
 def _indexer_queries(ix: Indexer, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
@@ -256,7 +246,7 @@ def _compress_step(
     """Write the token's row into its ring slot; return the entry p // r [B, D] fp32 normed
     and roped, before QAT, as it stands once this row is in (rows.entry(r): its index and
     whether it completes now)."""
-    r, d = comp.ratio, comp.head_dim
+    r = comp.ratio
     slots = rows.slots
     # Compressor.project, one token per row: kv [B, C] and score [B, C] fp32
     fused = _fused_projection(comp)
@@ -264,22 +254,9 @@ def _compress_step(
         kv, score = linear_f32(fused, x).split(comp.wkv.weight.shape[0], dim=-1)
     else:
         kv, score = linear_f32(comp.wkv, x), linear_f32(comp.wgate, x)
-    score = score + comp.ape[rows.ring(r)]
-    ring = rows.ring(ring_kv.shape[1])
-    ring_kv[slots, ring] = kv
-    ring_score[slots, ring] = score
-    if comp.overlap:
-        # one gather of the 2r ring rows, then each pooled row's half of the channels; entry
-        # 0 has no previous block (zeros, -inf). A fresh slot's ring already holds those
-        # (SlotPool.acquire); explicit so the step does not rest on the reset
-        pool_rows, low, empty = rows.overlap_rows(r)
-        s = slots.unsqueeze(-1)
-        g_kv, g_sc = ring_kv[s, pool_rows], ring_score[s, pool_rows]  # [B, 2r, 2D]
-        pool_kv = torch.where(low, g_kv[..., :d], g_kv[..., d:]).masked_fill(empty, 0.0)
-        pool_sc = torch.where(low, g_sc[..., :d], g_sc[..., d:]).masked_fill(empty, float("-inf"))
-    else:
-        pool_kv, pool_sc = ring_kv[slots], ring_score[slots]  # slot i = position j*r + i
-    entry = (pool_kv * pool_sc.softmax(dim=1)).sum(dim=1)  # [B, D]
+    pooled = rows.overlap_rows(r) if comp.overlap and not use_triton(kv) else None
+    entry = compress_pool(kv, score, comp.ape, ring_kv, ring_score, slots, rows.positions, r,
+                          comp.overlap, pooled)  # [B, d] fp32
     _, cos, sin, _ = rows.entry(r)
     return rmsnorm_rope(entry, comp.norm.weight, cos, sin, comp.norm.eps)
 

@@ -1,9 +1,10 @@
 """MoE router scores kernel (engine/kernels/moe_router.py) against its PyTorch reference.
 
 Tolerance: the kernel and F.linear add the same exact fp32 products (bf16 x bf16 fits fp32)
-in different orders, a few fp32 ulps of sum |w x| (~1e-6 of the logit scale here); softplus
-and sqrt keep relative errors, so 1e-5 relative to each score plus 1e-6 absolute (scores of
-very negative logits are ~sqrt(exp(z))) holds with a wide margin and catches any wrong term.
+in different orders, a few fp32 ulps of sum |w x|; sqrt(softplus(z)) amplifies that where the
+score is small. An absolute floor of 1e-6 did not hold on an H100 (2.4e-6 at H = 4096), so the
+kernel is held to 4x torch's own fp32 error against an fp64 truth (plus 1e-6 relative):
+still far below what any wrong term costs.
 """
 
 from __future__ import annotations
