@@ -73,6 +73,27 @@ def median_us(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
+def graph_median_us(fn: Callable[[], object]) -> float | None:
+    """Median us of fn() per call inside one CUDA graph of many calls (the decode step's
+    setting: no CPU launch latency), after fn() ran once outside (compile, autotune); None
+    where fn cannot be captured."""
+    import triton.testing
+
+    fn()
+    try:
+        return triton.testing.do_bench_cudagraph(fn, return_mode="median") * 1e3
+    except Exception:
+        return None
+
+
+def with_graph(r: dict, fn: Callable[[], object]) -> dict:
+    """Row r (time_us, bytes) plus the CUDA-graph time of fn and its GB/s."""
+    g = graph_median_us(fn)
+    r["graph_us"] = None if g is None else round(g, 2)
+    r["graph_gbps"] = None if g is None or not r.get("bytes") else round(r["bytes"] / g / 1e3, 1)
+    return r
+
+
 def copy_gbps(device: str | torch.device = "cuda", nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth, bytes read + written per second (GB/s): the ceiling
     every kernel's GB/s is compared with."""

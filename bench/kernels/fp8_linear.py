@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench.kernels._timing import Rotating, copy_gbps, median_us
+from bench.kernels._timing import Rotating, copy_gbps, median_us, with_graph
 from engine import formats as fm
 from engine.kernels import fp8_linear as fl
 
@@ -87,7 +87,7 @@ def _bench_shape(name: str, n: int, k: int, g: int, rows: tuple[int, ...], devic
                 key = (fl.m_bucket(m), g, n, k, torch.bfloat16, act_quant, str(x.device))
                 heuristic = fl._candidate_configs(key[0], g * n, k, fl._num_sms(x.device))[0]
                 row["config"] = str(fl._tuned.get(key, heuristic))
-            out.append(row)
+            out.append(with_graph(row, fn))
     return out
 
 

@@ -23,7 +23,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from bench.kernels._timing import Rotating, copy_gbps, median_us
+from bench.kernels._timing import Rotating, copy_gbps, median_us, with_graph
 from engine import formats as fm
 from engine.config import ModelConfig
 from engine.formats import WeightFormat
@@ -109,8 +109,9 @@ def bench(device: str = "cuda", rows: tuple[int, ...] = ROWS, baselines: bool = 
                     lambda x, w, f=fmt: F.linear(x, fm.dequantize_ggml(f, w, x.dtype)), x, weights[:4])))
             for kernel_name, fn in cases:
                 t = median_us(fn)  # kernel mode "auto": Triton on CUDA tensors
-                out.append({"kernel": kernel_name, "shape": shape, "time_us": round(t, 2),
-                            "bytes": nbytes, "gbps": round(nbytes / (t * 1e-6) / 1e9, 1)})
+                out.append(with_graph({"kernel": kernel_name, "shape": shape,
+                                       "time_us": round(t, 2), "bytes": nbytes,
+                                       "gbps": round(nbytes / (t * 1e-6) / 1e9, 1)}, fn))
         del weights
         torch.cuda.empty_cache()
     return out

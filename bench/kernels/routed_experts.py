@@ -20,7 +20,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.kernels._timing import copy_gbps
+from bench.kernels._timing import copy_gbps, with_graph
 from engine.formats import WeightFormat
 from engine.kernels import mode
 from engine.kernels.routed_experts import ExpertStack, routed_experts
@@ -80,6 +80,8 @@ def bench(device: str | torch.device = "cuda") -> list[dict]:
                 "pct_of_copy": round(100 * nbytes / us / 1e3 / copy, 1),
                 "distinct_experts": round(distinct, 1),
             })
+            with mode("triton"):
+                with_graph(rows[-1], call)
         del stack
         torch.cuda.empty_cache()
     return rows
