@@ -253,7 +253,7 @@ def _label_linears(model: Transformer, reads: dict[str, list[int]]):
 
     decode.linear_f32 = labelled
     handles.append(_Unpatch(original))
-    # the decode step's fused projections (engine.decode._fused_rows) live beside the
+    # the decode step's fused projections (engine.linear.fused_rows) live beside the
     # modules they fuse, as `_decode_*` attributes: labelled as `<owner>.<fusion>`
     fused = [(f"{owner}.{key.removeprefix('_decode_')}", val)
              for owner, m in model.named_modules()

@@ -35,7 +35,7 @@ What differs from the reference to fp rounding only: the attention's keys are su
 rows carry masked (-inf) tails, and on CUDA the fp32 products of BF16 weights (head,
 compressors) multiply bf16 values with fp32 accumulation instead of upcasting the weight
 (`linear_f32`), and projections that read the same x run as one GEMV over their
-concatenated rows (`_fused_rows`: each row's dot product is the same, its summation order
+concatenated rows (`engine.linear.fused_rows`: each row's dot product is the same, its summation order
 may not be). Per-step index / rotation tensors are made once and shared by the layers
 (`_StepRows`). The MoE is the block's own module (sync-free on the fast
 path); the hyper-connection maps are engine/kernels/hc.py's hc_pre / hc_post / hc_head.
@@ -74,8 +74,9 @@ from engine.kernels.indexer_scores import indexer_scores
 from engine.kernels.indexer_topk import indexer_topk
 from engine.kernels.rmsnorm_rope import rmsnorm, rmsnorm_rope, rope
 from engine.kv import PoolLayer, SlotPool
-from engine.linear import Linear
+from engine.linear import Linear, fused_rows
 from engine.model import Transformer
+from engine.moe import fuse_shared_expert
 from engine.rope import rope_cos_sin, rope_inv_freq
 
 try:  # the FP8 GEMV of issue 15 (k-fp8); until it is merged, wo_a runs dense as the reference
@@ -188,55 +189,14 @@ def _indexer_queries(ix: Indexer, x: torch.Tensor, qr: torch.Tensor, cos: torch.
     return q, w
 
 
-_FP8_ROWS = 128  # rows of an E8M0 scale block
-
-
-def _fused_rows(owner: torch.nn.Module, key: str, parts: tuple[Linear, ...]) -> Linear | None:
-    """One Linear whose rows are `parts`' rows in order, for projections that read the same x
-    (one GEMV instead of several: each output row is the same dot product, and one bigger
-    read streams better than small ones). Made once and kept on `owner` (outside its
-    submodules: no new state_dict keys); the parts' weights (and FP8 scales) become views of
-    it, so memory is not doubled and every other path reads the same values. None where the
-    formats do not allow it: not all DENSE or all FP8 of one dtype and width, or an FP8 part
-    (but the last) whose rows do not fill whole 128-row scale blocks."""
-    fused = owner.__dict__.get(key)
-    if fused is not None:
-        offset, ok = 0, True
-        for lin in parts:
-            ok &= lin.weight.data_ptr() == fused.weight[offset:].data_ptr()
-            offset += lin.weight.shape[0]
-        if ok:
-            return fused
-    fmt = parts[0].format
-    if (fmt not in (WeightFormat.DENSE, WeightFormat.FP8)
-            or any(lin.format != fmt or lin.weight.dtype != parts[0].weight.dtype
-                   or lin.weight.shape[1] != parts[0].weight.shape[1] for lin in parts)
-            or (fmt == WeightFormat.FP8
-                and any(lin.weight.shape[0] % _FP8_ROWS for lin in parts[:-1]))):
-        return None
-    weight = torch.cat([lin.weight.data for lin in parts])
-    scale = torch.cat([lin.scale.data for lin in parts]) if fmt == WeightFormat.FP8 else None
-    fused = Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype)
-    fused._set(fmt, weight, scale, None)
-    row = 0
-    for lin in parts:
-        n = lin.weight.shape[0]
-        lin.weight.data = weight[row : row + n]
-        if scale is not None:
-            lin.scale.data = scale[row // _FP8_ROWS : -(-(row + n) // _FP8_ROWS)]
-        row += n
-    owner.__dict__[key] = fused
-    return fused
-
-
 def _fused_projection(comp: Compressor) -> Linear | None:
-    """The compressor's wkv and wgate rows as one GEMV (_fused_rows)."""
-    return _fused_rows(comp, "_decode_wkv_gate", (comp.wkv, comp.wgate))
+    """The compressor's wkv and wgate rows as one GEMV (engine.linear.fused_rows)."""
+    return fused_rows(comp, "_decode_wkv_gate", (comp.wkv, comp.wgate))
 
 
 def _fused_q_kv(attn: Attention) -> Linear | None:
-    """The attention's wq_a and wkv rows as one GEMV (_fused_rows)."""
-    return _fused_rows(attn, "_decode_wq_a_wkv", (attn.wq_a, attn.wkv))
+    """The attention's wq_a and wkv rows as one GEMV (engine.linear.fused_rows)."""
+    return fused_rows(attn, "_decode_wq_a_wkv", (attn.wq_a, attn.wkv))
 
 
 def _compress_step(
@@ -369,6 +329,9 @@ class DecodeStep:
             ix = getattr(layer.attn, "indexer", None)
             if ix is not None:
                 _fused_projection(ix.compressor)
+            shared = getattr(layer.ffn, "shared_experts", None)
+            if shared is not None:
+                fuse_shared_expert(shared)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, slots: torch.Tensor,

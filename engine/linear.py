@@ -161,3 +161,44 @@ def tensor_names(name: str, fmt: WeightFormat) -> dict[str, str]:
         return {"weight": name}
     base = name.removesuffix(".weight") if name.endswith(".weight") else None
     return {"weight": name, "scale": f"{base}.scale" if base is not None else f"{name} scale"}
+
+
+_FP8_ROWS = 128  # rows of an E8M0 scale block
+
+
+def fused_rows(owner: torch.nn.Module, key: str, parts: tuple[Linear, ...]) -> Linear | None:
+    """One Linear whose rows are `parts`' rows in order, for projections that read the same x
+    (one GEMV instead of several: each output row is the same dot product, and one bigger
+    read streams better than small ones). Made once and kept on `owner` (outside its
+    submodules: no new state_dict keys); the parts' weights (and FP8 scales) become views of
+    it, so memory is not doubled and every other path reads the same values. None where the
+    formats do not allow it: not all DENSE or all FP8 of one dtype and width, or an FP8 part
+    (but the last) whose rows do not fill whole 128-row scale blocks."""
+    fused = owner.__dict__.get(key)
+    if fused is not None:
+        offset, ok = 0, True
+        for lin in parts:
+            ok &= lin.weight.data_ptr() == fused.weight[offset:].data_ptr()
+            offset += lin.weight.shape[0]
+        if ok:
+            return fused
+    fmt = parts[0].format
+    if (fmt not in (WeightFormat.DENSE, WeightFormat.FP8)
+            or any(lin.format != fmt or lin.weight.dtype != parts[0].weight.dtype
+                   or lin.weight.shape[1] != parts[0].weight.shape[1] for lin in parts)
+            or (fmt == WeightFormat.FP8
+                and any(lin.weight.shape[0] % _FP8_ROWS for lin in parts[:-1]))):
+        return None
+    weight = torch.cat([lin.weight.data for lin in parts])
+    scale = torch.cat([lin.scale.data for lin in parts]) if fmt == WeightFormat.FP8 else None
+    fused = Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype)
+    fused._set(fmt, weight, scale, None)
+    row = 0
+    for lin in parts:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[row : row + n]
+        if scale is not None:
+            lin.scale.data = scale[row // _FP8_ROWS : -(-(row + n) // _FP8_ROWS)]
+        row += n
+    owner.__dict__[key] = fused
+    return fused

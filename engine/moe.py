@@ -36,7 +36,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.formats import WeightFormat
 from engine.kernels import use_triton
-from engine.linear import Linear
+from engine.linear import Linear, fused_rows
 
 if TYPE_CHECKING:
     from engine.kernels.routed_experts import ExpertStack
@@ -230,10 +230,32 @@ class MoE(nn.Module):
             scores, gate.topk, c.routed_scaling_factor, c.norm_topk_prob,
             **({"table": gate.tid2eid, "ids": ids} if gate.hash else {"bias": gate.bias}))
         shared = self.shared_experts
-        shared_y = None if shared is None else shared.w2(shared.hidden(flat))  # [N, H] x.dtype
+        shared_y = None if shared is None else _shared_expert_fast(shared, flat)  # [N, H] x.dtype
         # the routed sum + the shared output, rounded to x.dtype once, by the down kernel
         return routed_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit,
                               out=flat.new_empty(flat.shape), add=shared_y)
+
+
+def fuse_shared_expert(expert: Expert) -> Linear | None:
+    """The shared expert's w1 and w3 rows as one Linear (engine.linear.fused_rows; None
+    where their formats do not allow it). Made before any CUDA graph capture."""
+    return fused_rows(expert, "_fast_w13", (expert.w1, expert.w3))
+
+
+def _shared_expert_fast(expert: Expert, x: torch.Tensor) -> torch.Tensor:
+    """Expert.forward's w2(hidden(x)) for the shared expert, x [N, H] -> [N, H] x.dtype: one
+    GEMV over w1|w3 and one SwiGLU kernel instead of two GEMVs and five elementwise ops."""
+    from engine.kernels.swiglu import swiglu
+
+    if expert.limit is not None:
+        return expert.w2(expert.hidden(x))
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        fused = expert.__dict__.get("_fast_w13")  # no new tensors inside a capture
+    else:
+        fused = fuse_shared_expert(expert)  # made once; checks it still views w1 and w3
+    if fused is None:
+        return expert.w2(expert.hidden(x))
+    return expert.w2(swiglu(fused(x)))
 
 
 def stack_all_experts(model: nn.Module) -> int:

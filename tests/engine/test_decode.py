@@ -315,13 +315,13 @@ def test_a_gguf_wo_a_takes_the_grouped_gemv_on_its_blocks(monkeypatch, kernel_mo
 
 @pytest.mark.parametrize("kernel_mode", ["reference", "triton"])
 def test_fp8_projections_reading_one_x_fuse_into_one_gemv(kernel_mode):
-    """_fused_rows on FP8 wq_a [256, K] + wkv [136, K] (a partial last scale block): one
+    """fused_rows on FP8 wq_a [256, K] + wkv [136, K] (a partial last scale block): one
     Linear whose rows and E8M0 scales are the parts' (views of it afterwards, no copy kept),
     equal to the parts' own outputs; a part that does not fill whole scale blocks (but the
     last) refuses to fuse."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from engine import decode, formats
+    from engine import formats, linear
     from engine.kernels import mode
     from engine.linear import Linear
 
@@ -336,20 +336,20 @@ def test_fp8_projections_reading_one_x_fuse_into_one_gemv(kernel_mode):
     with mode(kernel_mode):
         want = [lin(x) for lin in parts]
         owner = torch.nn.Module()
-        fused = decode._fused_rows(owner, "_f", tuple(parts))
+        fused = linear.fused_rows(owner, "_f", tuple(parts))
         got = fused(x).split(256, dim=-1)
         again = [lin(x) for lin in parts]  # the parts now read views of the fused weight
     assert fused.weight.shape == (392, k) and fused.scale.shape == (4, 2)
     assert parts[1].weight.data_ptr() == fused.weight[256:].data_ptr()
     assert parts[1].scale.data_ptr() == fused.scale[2:].data_ptr()
-    assert decode._fused_rows(owner, "_f", tuple(parts)) is fused
+    assert linear.fused_rows(owner, "_f", tuple(parts)) is fused
     for a, b, c in zip(got, want, again, strict=True):
         assert torch.equal(c, b)
         assert _rel(a, b) < 2**-7, _rel(a, b)  # bf16 outputs; fp32 sums in another order
     odd = [Linear(k, 136, dtype=torch.bfloat16), Linear(k, 64, dtype=torch.bfloat16)]
     for lin in odd:
         lin.load_fp8(*formats.quantize_fp8(torch.randn(lin.out_features, k, generator=g)))
-    assert decode._fused_rows(torch.nn.Module(), "_f", tuple(odd)) is None
+    assert linear.fused_rows(torch.nn.Module(), "_f", tuple(odd)) is None
 
 
 def test_the_step_refuses_indices_on_another_device():

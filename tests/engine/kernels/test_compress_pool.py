@@ -69,7 +69,7 @@ def test_an_entry_pools_its_rows_with_softmax_weights():
 
 
 def test_rejects_rings_of_another_ratio():
-    kv, score, ape, ring_kv, ring_score, slots, pos = _inputs(4, False, 8, [1], seed=0)
+    kv, score, _ape, ring_kv, ring_score, slots, pos = _inputs(4, False, 8, [1], seed=0)
     with mode("triton"), pytest.raises(ValueError, match="ratio 8"):
         compress_pool(kv, score, torch.zeros(8, 8, device=DEVICE), ring_kv, ring_score, slots,
                       pos, 8, False)
