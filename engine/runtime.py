@@ -45,6 +45,7 @@ next step (a forward already running on the worker thread finishes first).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -68,6 +69,8 @@ DEFAULT_MAX_SEQ_LEN = 65536  # per sequence; KV state is allocated for prompt + 
 PREFILL_CHUNK = 2048  # prompt tokens per forward: bounds activation memory, same logits
 DEFAULT_MAX_BATCH_SIZE = 16  # sequences decoded together
 ENGINE_PATHS = ("auto", "fast", "reference")
+
+log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
@@ -151,6 +154,24 @@ class _Sequence:
     state: SequenceState | None = None
     done: bool = False  # finished, failed or cancelled: the scheduler drops it
     logprobs: TokenLogprobs | None = None  # of the token the worker sampled last
+
+
+def prepare_masks(batch: Sequence[_Sequence]) -> None:
+    """Let a mask class compute its masks of a batch together: one `prepare_batch(pairs)`
+    call per class that has one, for two or more of its rows (a grammar mask fills them on
+    llguidance's thread pool). A failure leaves each mask to compute its own row."""
+    groups: dict[object, list[tuple[object, list[int]]]] = {}
+    for seq in batch:
+        mask = seq.params.logits_mask
+        prepare = getattr(type(mask), "prepare_batch", None)
+        if prepare is not None:
+            groups.setdefault(prepare, []).append((mask, seq.ids))
+    for prepare, pairs in groups.items():
+        if len(pairs) > 1:
+            try:
+                prepare(pairs)
+            except Exception:
+                log.exception("batched mask preparation failed; masks run one by one")
 
 
 class Engine:
@@ -409,6 +430,7 @@ class Engine:
                 tokens = torch.tensor([[s.ids[-1]] for s in batch], device=self.device)  # [B, 1]
                 state = BatchState([s.state for s in batch])
                 logits = self.model(tokens, state, last_only=True)  # [B, V]
+            prepare_masks(batch)  # while the GPU runs the step
             sampled: list[torch.Tensor | Exception] = []
             for b, seq in enumerate(batch):  # each row has its own params, seed and mask
                 if graph_tokens is not None and graph_can_sample(seq.params):

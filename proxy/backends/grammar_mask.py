@@ -6,6 +6,11 @@ and before the logits are read: the mask is computed on the CPU while the GPU ru
 step, then applied on the device with no host sync (`llguidance.torch`). The matcher never
 allows nothing: when the grammar is done or in error, EOS alone is allowed (the grammar
 ends every turn with EOS), so the sampler's all-banned check is not needed.
+
+A decode batch of several constrained sequences computes their masks together first
+(`GrammarMask.prepare_batch`, which the engine calls for any mask class that has it):
+llguidance's executor fills the rows on its own thread pool with the GIL released, instead
+of one row after another on the engine's thread.
 """
 
 from __future__ import annotations
@@ -31,6 +36,39 @@ class GrammarMask:
         if torch.cuda.is_available():
             self._bitmask = self._bitmask.pin_memory()
         self.rejected = 0  # tokens the matcher refused (sampled while it was stopped)
+        self._ready: int | None = None  # len(token_ids) _bitmask was prepared for
+
+    _executor: llguidance.LLExecutor | None = None  # shared by every mask of the process
+
+    @classmethod
+    def prepare_batch(cls, pairs: Sequence[tuple[GrammarMask, Sequence[int]]]) -> None:
+        """Compute the next bitmask of every (mask, token_ids) at once; each mask's next
+        call with those ids then reads it instead of computing it alone."""
+        live: list[tuple[GrammarMask, int]] = []
+        for mask, token_ids in pairs:
+            mask._advance(token_ids)
+            if mask._finished():
+                mask._eos_only()
+                mask._ready = len(token_ids)
+            else:
+                live.append((mask, len(token_ids)))
+        if not live:
+            return
+        if cls._executor is None:
+            cls._executor = llguidance.LLExecutor()
+        rows = llt.allocate_token_bitmask(len(live), ll_tokenizer().vocab_size)
+        llt.fill_next_token_bitmask_par(cls._executor, [(m.matcher, i) for i, (m, _) in
+                                                        enumerate(live)], rows)
+        for i, (mask, n) in enumerate(live):
+            mask._bitmask.copy_(rows[i : i + 1])
+            mask._ready = n
+
+    def _finished(self) -> bool:
+        return self.matcher.is_error() or self.matcher.is_stopped()
+
+    def _eos_only(self) -> None:
+        self._bitmask.zero_()
+        self._bitmask[0, EOS_ID // 32] = 1 << (EOS_ID % 32)
 
     def _advance(self, token_ids: Sequence[int]) -> None:
         for token in token_ids[self._seen:]:
@@ -40,10 +78,13 @@ class GrammarMask:
 
     def bitmask(self, token_ids: Sequence[int]) -> torch.Tensor:
         """The allowed-token bitmask after `token_ids` (int32 [1, ceil(V/32)], CPU)."""
+        if self._ready == len(token_ids):  # prepare_batch filled it for these ids
+            self._ready = None
+            return self._bitmask
+        self._ready = None
         self._advance(token_ids)
-        if self.matcher.is_error() or self.matcher.is_stopped():
-            self._bitmask.zero_()
-            self._bitmask[0, EOS_ID // 32] = 1 << (EOS_ID % 32)
+        if self._finished():
+            self._eos_only()
         else:
             llt.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
         return self._bitmask
