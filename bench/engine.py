@@ -29,6 +29,10 @@ What it does (replaces bench/engine_fullsize.py):
    table (name, calls and device time per step, share of the step) and, eager only, a table
    of weight reads per projection (record_function ranges around each Linear: bytes of the
    stored tensors each call reads, device time, GB/s);
+6b. `--batches` (default 8,32 on CUDA): aggregate decode of B sequences at `--batch-context`
+   (SIMULATED prefill) through the runner's bucket B; its bound counts every weight once but
+   the routed experts of the E (1 - (1 - K/E)^B) distinct experts B uniformly routed tokens
+   touch a layer (issue 17: ~44 of 256 at 8, ~136 at 32), plus each sequence's KV;
 7. with --layers < 43: the 43-layer projection = (step - head) / layers * 43 + head, the head
    (hc_head + norm + head GEMV) timed alone.
 
@@ -371,6 +375,58 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
     return out
 
 
+def expected_distinct_experts(config: ModelConfig, batch: int) -> float:
+    """Experts a layer's step touches on average for `batch` tokens routed uniformly at
+    random (K of E each): E (1 - (1 - K/E)^B). ~44 of 256 at 8, ~136 at 32 (issue 17)."""
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    return e * (1 - (1 - k / e) ** batch)
+
+
+def decode_batch(model: Transformer, config: ModelConfig, batch: int, context: int, args,
+                 clock: Clock, device: torch.device) -> dict:
+    """Aggregate greedy decode of `batch` sequences, each at `context` (SIMULATED prefill),
+    through the runner's bucket for that batch: graph when it captures, else eager."""
+    steps, warm = args.steps, 2
+    max_len = context + warm + steps + 8
+    pool = SlotPool(config, max_seqs=batch, max_len=max_len, device=device, dtype=torch.bfloat16)
+    states = []
+    for b in range(batch):
+        slot = pool.acquire()
+        simulate_prefill_(pool, slot, context, args.seed + context + b)
+        state = pool.sequence_state(slot)
+        state.length = context
+        states.append(state)
+    runner = DecodeRunner(model, pool, buckets=(batch,), graphs=clock.cuda and not args.no_graph)
+    errors = runner.capture(kinds=(False,))
+    runner.use_graphs = bool(runner.graphs)
+    ids = torch.full((batch,), 2, dtype=torch.int64, device=device)
+
+    def one_step() -> None:
+        tokens, _ = runner.decode(states, ids, [GREEDY] * batch)
+        ids.copy_(tokens)
+
+    for _ in range(warm):
+        one_step()
+    step_s = clock.time(one_step, steps)
+    mode = "graph" if runner.use_graphs else "eager"
+    print(f"  batch {batch:>3} at context {context}: {mode:<5} {batch / step_s:9.1f} tok/s "
+          f"aggregate ({step_s * 1e3:.2f} ms/step)", flush=True)
+    return {"batch": batch, "context": context, "mode": mode, "step_ms": step_s * 1e3,
+            "tok_s": batch / step_s, "pool_gib": pool.nbytes() / GIB,
+            "kv_bytes_per_seq": kv_bytes_per_token(pool, context),
+            "capture_errors": {str(k): v for k, v in errors.items()}}
+
+
+def batch_bytes_per_step(w_bytes: dict[str, int], config: ModelConfig, layers: int,
+                         batch: int, kv_per_seq: int) -> float:
+    """Bytes a batched step reads: every weight once, but the routed experts of the distinct
+    experts the batch touches (uniform routing), plus each sequence's KV."""
+    per_layer_expert = w_bytes["routed_experts"] / (layers * config.num_experts_per_tok)
+    distinct = expected_distinct_experts(config, batch)
+    return (w_bytes["total"] - w_bytes["routed_experts"]
+            + layers * distinct * per_layer_expert + batch * kv_per_seq)
+
+
 def prefill_check(model: Transformer, config: ModelConfig, n: int, clock: Clock,
                   device: torch.device, seed: int) -> dict:
     """A real prefill of n tokens into a pool slot, then one fast step vs the reference."""
@@ -517,6 +573,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=None, help="main layers (default: the config's)")
     p.add_argument("--contexts", default="4096,32768", help="decode contexts, comma separated")
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per context and mode")
+    p.add_argument("--batches", default=None,
+                   help="aggregate decode at these batch sizes, comma separated ('' for none; "
+                        "default 8,32 on CUDA, none on the CPU)")
+    p.add_argument("--batch-context", type=int, default=4096, help="context of each batched sequence")
     p.add_argument("--prefill", type=int, default=64,
                    help="real prefill tokens for the fast-vs-reference check (0: skip)")
     p.add_argument("--profile-steps", type=int, default=2, help="profiled steps (0: no profile)")
@@ -535,6 +595,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--agent-gen", type=int, default=32, help="greedy tokens generated per turn")
     args = p.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",") if x]
+    if args.batches is None:
+        args.batches = "8,32" if args.device.startswith("cuda") else ""
+    args.batches = [int(x) for x in args.batches.split(",") if x]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -589,6 +652,11 @@ def main(argv: list[str] | None = None) -> dict:
               "positions < context):", flush=True)
         runs = [decode_at(model, config, ctx, args, clock, device) for ctx in args.contexts]
         head_s = head_time(model, clock, device)
+        if args.batches:
+            print(f"decode, batches {args.batches} at context {args.batch_context} (SIMULATED "
+                  "prefill):", flush=True)
+        batched = [decode_batch(model, config, b, args.batch_context, args, clock, device)
+                   for b in args.batches]
 
     w_bytes = weight_bytes_per_token(model)
     for run in runs:
@@ -607,6 +675,14 @@ def main(argv: list[str] | None = None) -> dict:
                                     "step_ms": (per_layer * FULL_LAYERS + head_s) * 1e3,
                                     "tok_s": 1 / (per_layer * FULL_LAYERS + head_s),
                                     "bound_tok_s": copy_bps / proj_bytes}
+
+    for run in batched:
+        run["bytes_per_step"] = batch_bytes_per_step(w_bytes, config, L, run["batch"],
+                                                     run["kv_bytes_per_seq"])
+        run["bound_tok_s"] = run["batch"] * copy_bps / run["bytes_per_step"]
+        run["pct_of_bound"] = 100 * run["tok_s"] / run["bound_tok_s"]
+        run["distinct_experts_per_layer"] = expected_distinct_experts(config, run["batch"])
+    by_batch = {r["batch"]: r for r in batched}
 
     if clock.cuda:
         peak = torch.cuda.max_memory_allocated(device) / GIB
@@ -628,6 +704,10 @@ def main(argv: list[str] | None = None) -> dict:
         "decode_b1_4k_tok_s": by_ctx[4096]["tok_s"] if 4096 in by_ctx else None,
         "decode_b1_32k_tok_s": by_ctx[32768]["tok_s"] if 32768 in by_ctx else None,
         "bound_b1_tok_s": first["bound_tok_s"],
+        **{f"decode_b{b}_tok_s": by_batch[b]["tok_s"] if b in by_batch else None for b in (8, 32)},
+        **{f"bound_b{b}_tok_s": by_batch[b]["bound_tok_s"] if b in by_batch else None
+           for b in (8, 32)},
+        "batched": batched,
         "copy_gbps": copy_bps / 1e9,
         "peak_gib": peak,
         "peak_is": "torch.cuda.max_memory_allocated" if clock.cuda else "host max RSS",
@@ -659,6 +739,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nbytes per token {first['bytes_per_token'] / 1e9:.3f} GB at context {first['context']}"
           f" (weights {w_bytes['total'] / 1e9:.3f}); copy {copy_bps / 1e9:.0f} GB/s; peak "
           f"{peak:.2f} GiB ({result['peak_is']}); head {head_s * 1e3:.2f} ms")
+    if batched:
+        print("\n| batch | context | mode | aggregate tok/s | ms/step | distinct experts/layer "
+              "| bound tok/s | % of bound |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in batched:
+            print(f"| {r['batch']} | {r['context']} | {r['mode']} | {r['tok_s']:.1f} | "
+                  f"{r['step_ms']:.2f} | {r['distinct_experts_per_layer']:.0f} | "
+                  f"{r['bound_tok_s']:.0f} | {r['pct_of_bound']:.1f}% |")
     for mode in ("eager", "graph"):
         rows = [k for k in result["kernels"] if k["mode"] == mode][:15]
         if rows:

@@ -47,6 +47,27 @@ def test_engine_bench_tiny_on_cpu(tmp_path: Path) -> None:
     assert check["same_greedy_token"] and check["fast_vs_reference_max_rel"] < 0.05  # bf16
 
 
+def test_engine_bench_batched_decode_tiny_on_cpu(tmp_path: Path) -> None:
+    """Issue 17's aggregate decode: per batch its tok/s, and a bound whose routed-expert bytes
+    grow with the distinct experts a batch touches, not with the batch."""
+    out = tmp_path / "engine.json"
+    bench = _bench()
+    saved = bench.main(["--config", "tiny", "--device", "cpu", "--steps", "1", "--contexts", "64",
+                        "--prefill", "0", "--profile-steps", "0", "--batches", "1,8",
+                        "--batch-context", "40", "--quiet", "--out", str(out)])
+    rows = {r["batch"]: r for r in saved["batched"]}
+    assert set(rows) == {1, 8} and saved["decode_b8_tok_s"] == rows[8]["tok_s"] > 0
+    assert saved["bound_b8_tok_s"] == rows[8]["bound_tok_s"] and saved["decode_b32_tok_s"] is None
+    w = saved["weight_bytes_per_token"]
+    # batch 1: exactly the batch-1 bytes (K experts a layer) plus one sequence's KV
+    assert abs(rows[1]["bytes_per_step"] - (w["total"] + rows[1]["kv_bytes_per_seq"])) < 1
+    assert rows[1]["bytes_per_step"] < rows[8]["bytes_per_step"] < 8 * rows[1]["bytes_per_step"]
+    c = bench.build_config("tiny", None)
+    e, k = c.n_routed_experts, c.num_experts_per_tok
+    assert abs(rows[8]["distinct_experts_per_layer"] - e * (1 - (1 - k / e) ** 8)) < 1e-9
+    assert rows[1]["distinct_experts_per_layer"] == k
+
+
 def test_engine_bench_agent_loop_tiny_on_cpu(tmp_path: Path) -> None:
     """Issue 17's --agent-loop: the tool loop through the engine with the prefix cache on and
     off; fp32 so the two runs' greedy tokens must agree exactly (bf16 rounding may flip a
