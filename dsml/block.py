@@ -36,7 +36,7 @@ from dsml.events import (
     tool_call_end,
     tool_call_start,
 )
-from dsml.lexer import INVOKE_OPEN, MARKER_PREFIXES, TEXT, Tag
+from dsml.lexer import INVOKE_OPEN, MARKER_PREFIXES, PARAM_OPEN, TEXT, Tag
 from dsml.schema import loads_strict
 from dsml.states import AFTER, BLOCK, BODY, CONTENT, INVOKE, QUOTED, VALUE
 
@@ -245,6 +245,21 @@ class BlockStates:
         call.streams = False
         self._state = VALUE
 
+    def _on_value_glued(self, raw: str, tag: Tag | None) -> None:
+        """TEXT in a value: a parameter opener glued to its value ends the value (rule 1);
+        other text is value text."""
+        glued = self._lex.glued_opener(raw) if raw.startswith("<") else None
+        if glued is None:
+            return self._on_value_text(raw, tag)
+        head, htag = glued
+        kind = self._kind
+        self._kind = PARAM_OPEN
+        self._on_value_cut(head, htag)
+        self._kind = TEXT
+        if len(head) < len(raw):
+            self._table[self._state][TEXT](self, raw[len(head):], None)
+        self._kind = kind
+
     def _on_value_text(self, raw: str, tag: Tag | None) -> None:
         call = self._call
         assert call is not None
@@ -282,7 +297,19 @@ class BlockStates:
         self._state = QUOTED
 
     def _on_quoted_any(self, raw: str, tag: Tag | None) -> None:
-        self._quoted.append((raw, None))
+        glued = self._lex.glued_opener(raw) if tag is None and raw.startswith("<") else None
+        if glued is None:
+            self._quoted.append((raw, None))
+            return
+        # a parameter opener glued to its value: it decides, as a whole opener would
+        head, htag = glued
+        kind = self._kind
+        self._kind = PARAM_OPEN
+        self._on_quoted_invoke(head, htag)
+        self._kind = TEXT
+        if len(head) < len(raw):
+            self._table[self._state][TEXT](self, raw[len(head):], None)
+        self._kind = kind
 
     def _on_quoted_text(self, raw: str, tag: Tag | None) -> None:
         """The value's closer (or EOS) came: the held opener and text were value text."""

@@ -70,6 +70,10 @@ _TAG_PARTIAL = re.compile(
 # A tag cut before its `>`: its attributes (if any), then a newline or the next tag.
 _TAG_CUT = re.compile(rf"(?:{_ATTR})*(?=\s*<|\n)")
 _ATTR_ITEM = re.compile(rf"([\w-]+)\s*=\s*[{_Q}]([^{_Q}]*)[{_Q}]")
+# A parameter opener whose `>` is missing and whose value follows at once
+# (`<｜DSML｜parameter name="city" string="true"Paris`): the head, whole attributes, then
+# neither `>`, `/`, whitespace nor another attribute (a missing space before one).
+_GLUED = re.compile(rf"(?:{_ATTR})+(?![\s>/]|[\w-]+\s*=)")
 _CANONICAL_ATTRS = re.compile(r'(?: [\w-]+="[^"“”]*")*')
 
 
@@ -322,6 +326,22 @@ class IncrementalLexer:
     @property
     def held(self) -> str:
         return self._buf[self._pos :]
+
+    def glued_opener(self, text: str) -> tuple[str, Tag] | None:
+        """(its raw text, its Tag) where TEXT starts with a DSML parameter opener glued to
+        its value (no `>`): the lexer gives such text as TEXT (it is decided only once the
+        value's first character came), and inside a value dsml.md 6.1 rule 1 makes it an
+        opener all the same."""
+        m = _HEAD.match(text)
+        if m is None or m.group(1) or m.group(5) != "parameter":
+            return None
+        cut = _GLUED.match(text, m.end())
+        if cut is None:
+            return None
+        raw = text[: cut.end()]
+        kind, head_repairs = self._head_info[m.group()]
+        attrs = dict(_ATTR_ITEM.findall(text, m.end(), cut.end()))
+        return raw, Tag(kind, raw, attrs, False, head_repairs + _DAMAGED)
 
     def next(self, value_mode: int, final: bool) -> tuple[int, str, Tag | None] | None:
         """The next token as (kind, raw text, tag). In value mode (1, or 2 in a value whose

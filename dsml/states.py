@@ -95,7 +95,7 @@ def transition_table(P: Any) -> list[list[Handler]]:
         INVOKE_OPEN=P._on_invoke_cut, CALLS_CLOSE=P._on_invoke_cut,
     )  # fmt: skip
     table[VALUE] = _row(
-        P._on_value_cut, TEXT=P._on_value_text, END=P._on_eos, PARAM_CLOSE=P._on_param_close,
+        P._on_value_cut, TEXT=P._on_value_glued, END=P._on_eos, PARAM_CLOSE=P._on_param_close,
         INVOKE_OPEN=P._on_value_invoke,
     )  # fmt: skip
     table[QUOTED] = _row(

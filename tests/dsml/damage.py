@@ -36,6 +36,11 @@ DSML_TAG = re.compile(
     r"(?:tool_calls|toolcalls|tool-calls|function_calls|calls|tool_use|tool_call|invoke|parameter)"
     r"(?:\s+[\w-]+\s*=\s*[\"“”][^\"“”]*[\"“”])*\s*/?>"  # attributes as the lexer reads them
 )
+# A parameter opener that lost its `>` and runs into its value (dsml.lexer.glued_opener).
+_GLUED_OPENER = re.compile(
+    r"<(?:｜｜|｜|\|\||\||‖| \| |)DSML(?:｜｜|｜|\|\||\||‖| \| ) ?parameter"
+    r"(?:\s+[\w-]+\s*=\s*[\"“”][^\"“”]*[\"“”])+(?![\s>/]|[\w-]+\s*=)"
+)
 # Invoke openers are value text inside a value (DeepSeek's parse vectors; dsml.lexer).
 _INVOKE_OPEN = re.compile(r"<(?:｜｜|｜|\|\||\||‖| \| |)DSML(?:｜｜|｜|\|\||\||‖| \| ) ?invoke\b[^<>]*>")
 # The value of generated parameter j of invoke i carries the tag `v{i}x{j}`.
@@ -133,7 +138,7 @@ def check(text: str, thinking: bool, rnd: random.Random) -> str | None:
     # (a) no markup in argument values; none in the text of a turn that produced calls.
     for call in r.tool_calls:
         for s in _strings(call.arguments):
-            if DSML_TAG.search(_INVOKE_OPEN.sub("", s)):
+            if DSML_TAG.search(_INVOKE_OPEN.sub("", s)) or _GLUED_OPENER.search(s):
                 return f"(a) markup in an argument value of {call.name}: {s!r}"
     # Exceptions by design: a block the stream leaves open comes back as content (dsml.md
     # section 6), and so does an orphan invoke that does not qualify as a call (6.1 rule 7),

@@ -92,6 +92,43 @@ def test_closer_without_its_gt_counts_as_the_closer() -> None:
     assert RepairKind.BROKEN_CLOSER in kinds(r)
 
 
+def test_an_opener_glued_to_its_value_ends_the_open_value() -> None:
+    """`string="true"Paris` (the opener's `>` lost) inside an open value is rule 1's opener all
+    the same: days never ends up in the city."""
+    text = "Hi" + block(inv("get_weather", f'<{D}parameter name="city" string="true">Paris\n'
+                                           f'<{D}parameter name="days" string="false"3</{D}parameter>'
+                            )) + EOS  # fmt: skip
+    r, _ = run(text)
+    assert calls(r) == [("get_weather", {"city": "Paris\n", "days": 3})]
+    assert RepairKind.PARAM_CLOSER_MISSING in kinds(r)
+
+
+def test_a_glued_opener_after_an_invoke_opener_in_a_value_starts_the_next_call() -> None:
+    """Found by bench/fuzz_parser.py (seed 1, input 9,738,090): a plain `</parameter>` left the
+    command open, the next invoke opener was held as possibly quoted, and its first parameter
+    opener, glued to its value, was read as text, so the held opener and the city went into
+    the command. The glued opener decides for the next invoke, as a whole one does."""
+    text = ("Hi" + f"\n\n<{D}tool_calls>\n" + f'<{D}invoke name="bash">\n'
+            f'<{D}parameter name="command" string="true">ls</parameter>\n\n'
+            f'<{D}invoke name="get_weather">\n<{D}parameter name="city" string="true"Paris'
+            f"</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>" + EOS)
+    r, _ = run(text)
+    assert calls(r) == [("bash", {"command": "ls</parameter>\n\n"}),
+                        ("get_weather", {"city": "Paris"})]
+
+
+def test_a_missing_space_between_attributes_is_no_glued_opener() -> None:
+    from dsml.dialects import Dialect
+    from dsml.lexer import IncrementalLexer
+
+    lex = IncrementalLexer(Dialect.V4)
+    assert lex.glued_opener(f'<{D}parameter name="city"string="true">x') is None
+    assert lex.glued_opener(f'<{D}parameter name="city" >x') is None
+    assert lex.glued_opener(f'</{D}parameter name="city"x') is None
+    raw, tag = lex.glued_opener(f'<{D}parameter name="city" string="true"Paris')
+    assert raw == f'<{D}parameter name="city" string="true"' and tag.name == "city"
+
+
 # 2. A missing invoke closer: the next invoke opener closes it; nothing moves, order kept.
 def test_missing_invoke_closer_keeps_each_parameter_in_its_call() -> None:
     text = "Hi" + block(f'<{D}invoke name="get_weather">\n' + par("city", "Paris"),
