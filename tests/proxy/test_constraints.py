@@ -5,6 +5,8 @@ point that engine calls (vLLM's guidance backend: `grammar_from("grammar")`, SGL
 
 from __future__ import annotations
 
+import json
+
 import llguidance
 import openai
 import pytest
@@ -402,3 +404,43 @@ def test_a_pattern_llguidance_refuses_leaves_the_turn_unconstrained(caplog) -> N
             "required": ["s"]}}}
         assert grammar_for(tools=(tool,)) is None, pattern
     assert "no grammar for this turn" in caplog.text
+
+
+async def test_a_random_model_writes_only_schema_valid_answers() -> None:
+    # The tiny random-weights model on the embedded engine: whatever it would write, the
+    # mask leaves it only JSON valid under the schema, and (whitespace bounded) an end.
+    torch = pytest.importorskip("torch")
+    import jsonschema
+    from aiohttp import web
+
+    from engine.config import ModelConfig
+    from engine.model import Transformer
+    from engine.runtime import Engine
+    from proxy.app import create_app, make_runner
+    from proxy.backends.embedded import EmbeddedBackend
+
+    schema = {"type": "object", "properties": {
+        "ok": {"type": "boolean"}, "unit": {"type": "string", "enum": ["c", "f"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2}},
+        "required": ["ok", "unit", "n", "tags"], "additionalProperties": False}
+    model = Transformer(ModelConfig.tiny(), dtype=torch.float32).init_random_(3)
+    backend = EmbeddedBackend(Engine(model, load_tokenizer(), "cpu"))
+    runner = make_runner(create_app(backend, Settings(log_requests=False)))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    try:
+        async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0,
+                                      timeout=120) as client:
+            for seed in range(4):
+                reply = await client.chat.completions.create(
+                    model="deepseek-chat", messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=300, temperature=1.0, seed=seed, response_format={
+                        "type": "json_schema",
+                        "json_schema": {"name": "x", "schema": schema, "strict": True}})
+                choice = reply.choices[0]
+                assert choice.finish_reason == "stop", choice.message.content
+                jsonschema.validate(json.loads(choice.message.content), schema)
+    finally:
+        await runner.cleanup()
