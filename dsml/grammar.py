@@ -15,8 +15,29 @@ section 5:
   parameters, `string="false"` with JSON valid against the parameter's schema for the others,
   every required parameter present. Nothing but EOS follows the block.
 - `tool_choice` "required" / a named function forces a block / that tool; "none" (or no
-  tools) forbids DSML; `parallel_tool_calls: false` allows one invoke; `response_format`
-  json_schema / json_object makes the content JSON of that schema.
+  tools) forbids DSML; `parallel_tool_calls: false` allows one invoke.
+- `response_format` json_schema / json_object makes the content JSON and nothing else
+  (`answer_schema`): valid under the schema as llguidance enforces one (`strict` adds
+  `additionalProperties: false` to every object; properties come in the schema's order; an
+  empty schema is any JSON value), or an object of any JSON; after the reasoning in thinking
+  mode. Its strings may hold nothing the parser would act on (NO_MARKUP_PATTERN; keys of
+  properties the schema leaves free are not constrained: patterned keys cost 2.5x the mask
+  time). Whitespace between its tokens is one bounded run (ANSWER_WHITESPACE). A turn whose
+  tool choice allows calls may write a block instead of the answer (no content before it).
+
+String parameters (`string="true"`, raw text). `minLength` / `maxLength` bound the value and
+`pattern` must match in it: the pattern becomes a Lark regex (`search_regex`: llguidance's
+`regex_to_lark`, then JSON Schema's search semantics spelled out around each branch), and
+the value is that regex, and the length bound, and no "DSML", as one lexeme with its closer.
+A pattern llguidance cannot compile (lookaround, `\\b`, multi-line anchors) or whose anchors
+sit where `search_regex` cannot place them makes the grammar fail to build or validate, and
+the proxy leaves the turn unconstrained (proxy.backends.constraints) rather than fail it.
+`format` is not enforced on raw values: llguidance's format regexes live inside its JSON
+compiler (a `%json` string is quoted, a raw value is not) and are not reachable from Lark,
+and the parser's validator treats `format` as an annotation (jsonschema without a format
+checker), so a hand-written regex per format could only refuse values the proxy delivers as
+valid. (In JSON values, non-string parameters and the answer, llguidance enforces the formats
+it knows; a format it does not know fails the grammar, and the turn goes unconstrained.)
 
 The turn runner generates in phases (reasoning up to `</think>`, then the forced opener,
 then the block), so a grammar starts at a `Phase`: `phase_of` tells which from the text the
@@ -35,11 +56,14 @@ by its V4 id.
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from llguidance import regex_to_lark
 
 from dsml import markers
 from dsml.dialects import Dialect
@@ -247,6 +271,189 @@ def _no_markup_in_strings(schema: Any) -> Any:
     return out
 
 
+def avoiding_pattern(words: Sequence[str]) -> str:
+    """A regex without lookaround (a JSON `pattern`) matching exactly the strings that hold
+    none of `words`. Each word must begin with a character that no word holds anywhere else
+    (true of FORBIDDEN_IN_TEXT: "D" and "<"), so that every occurrence of a word starts one
+    of the pieces the string splits into before each such character, at that piece's start:
+    the string is its text before the first of them, then pieces that each begin with one
+    and hold no other, none starting with a word. A piece is read down the trie of the words
+    that begin with its character; it may stop anywhere, or leave the trie on a character
+    that continues no word, but never complete one."""
+    starts = sorted({w[0] for w in words})
+    if any(c in starts for w in words for c in w[1:]):
+        raise ValueError("each word must begin with a character no word holds elsewhere")
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a word ends here
+    def chars(cs: Any) -> str:
+        return "".join(_regex_escape(c) for c in sorted(cs))
+    free = f"[^{chars(starts)}]*"
+
+    def rest(node: dict[str, Any]) -> str:
+        alts = [f"[^{chars(set(starts) | (node.keys() - {''}))}]{free}"]
+        alts += [_regex_escape(ch) + rest(sub) for ch, sub in node.items() if ch and "" not in sub]
+        return "(?:" + "|".join(alts) + ")?"
+
+    pieces = "|".join(_regex_escape(ch) + rest(trie[ch]) for ch in starts if "" not in trie[ch])
+    return f"^{free}(?:{pieces})*$"
+
+
+# JSON strings in a JSON answer (response_format) are content: they may hold nothing the
+# parser would act on (FORBIDDEN_IN_TEXT), as free content may not.
+NO_MARKUP_PATTERN = avoiding_pattern(FORBIDDEN_IN_TEXT)
+# Whitespace between the tokens of a JSON answer: one run of spaces/tabs, or a newline and an
+# indent, bounded, so that an answer may be pretty-printed but a constrained model cannot pad
+# it forever (llguidance's default whitespace is unbounded, and the skip matches once).
+ANSWER_WHITESPACE = r"[ \t]{1,16}|\r?\n[ \t]{0,64}"
+# `json_object`: an object of any JSON, its strings (not its keys) without markup.
+_ANY_DEF = "dsml-proxy-any"
+_ANY_REF = {"$ref": f"#/$defs/{_ANY_DEF}"}
+JSON_OBJECT_SCHEMA: dict[str, Any] = {
+    "$defs": {_ANY_DEF: {"anyOf": [
+        {"type": "string", "pattern": NO_MARKUP_PATTERN}, {"type": "number"},
+        {"type": "boolean"}, {"type": "null"},
+        {"type": "array", "items": _ANY_REF},
+        {"type": "object", "additionalProperties": _ANY_REF},
+    ]}},
+    "type": "object",
+    "additionalProperties": _ANY_REF,
+}
+
+
+def _no_markup_in_answer(schema: Any) -> Any:
+    """`schema` with NO_MARKUP_PATTERN on every string schema it spells out (not enum or
+    const ones: their values are the client's); a string with its own pattern gets both."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    kind = out.get("type")
+    is_string = kind == "string" or (isinstance(kind, list) and "string" in kind)
+    if is_string and not {"enum", "const"} & out.keys():
+        if "pattern" in out:
+            out = {"allOf": [out, {"pattern": NO_MARKUP_PATTERN}]}
+        else:
+            out["pattern"] = NO_MARKUP_PATTERN
+        return out
+    for key in (*_SUBSCHEMA_LISTS, "allOf"):
+        if isinstance(out.get(key), list):
+            out[key] = [_no_markup_in_answer(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {k: _no_markup_in_answer(s) for k, s in out[key].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), Mapping):
+            out[key] = _no_markup_in_answer(out[key])
+    return out
+
+
+def answer_schema(fmt: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON schema a response_format makes the content follow, as llguidance gets it."""
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema") or {}
+        schema = spec.get("schema") or {}
+        if spec.get("strict"):
+            schema = _strictify(schema)
+        schema = _no_markup_in_answer(schema)
+    else:  # json_object
+        schema = JSON_OBJECT_SCHEMA
+    return {**schema, "x-guidance": {"whitespace_pattern": ANSWER_WHITESPACE}}
+
+
+# -- JSON-Schema `pattern` on raw string values -------------------------------------------------
+
+_FLAG_GROUP = re.compile(r"\(\?[a-zA-Z-]*\)")
+
+
+def _anchors_and_branches(rx: str) -> tuple[list[tuple[int, int, int]], list[int], bool]:
+    """In a Lark-ready regex: its anchors (position, length, group depth) outside character
+    classes, the positions of its top-level `|`, and whether a bare flag group `(?i)` sits at
+    the top level."""
+    anchors: list[tuple[int, int, int]] = []
+    bars: list[int] = []
+    top_flags = False
+    depth = in_class = i = 0
+    n = len(rx)
+    while i < n:
+        ch = rx[i]
+        if ch == "\\":
+            nxt = rx[i + 1:i + 2]
+            if not in_class and nxt in ("A", "z"):
+                anchors.append((i, 2, depth))
+            if nxt in ("x", "p", "P") and rx[i + 2:i + 3] == "{":
+                end = rx.find("}", i)
+                i = n if end < 0 else end + 1
+            else:
+                i += 2
+            continue
+        if in_class:
+            if ch == "[" and rx.startswith("[:", i) and (end := rx.find(":]", i + 2)) >= 0:
+                i = end + 2
+                continue
+            in_class += {"[": 1, "]": -1}.get(ch, 0)
+            i += 1
+            continue
+        if ch == "[":
+            in_class = 1
+            i += 1
+            if rx[i:i + 1] == "^":
+                i += 1
+            if rx[i:i + 1] == "]":  # a literal "]" first in the class
+                i += 1
+            continue
+        if ch == "(":
+            top_flags = top_flags or (depth == 0 and bool(_FLAG_GROUP.match(rx, i)))
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            bars.append(i)
+        elif ch in "^$":
+            anchors.append((i, 1, depth))
+        i += 1
+    return anchors, bars, top_flags
+
+
+def _is_start(rx: str, pos: int) -> bool:
+    return rx[pos] == "^" or rx.startswith("\\A", pos)
+
+
+def search_regex(pattern: str) -> str:
+    """A Lark regex (the text inside `/.../`) matching exactly the strings in which JSON
+    Schema's unanchored `pattern` finds a match. The pattern goes through llguidance's own
+    `regex_to_lark` (with `\\d`, `\\w`, `\\s` ASCII, as RE2 reads them: the parser validates
+    values with RE2, dsml.patterns); then each top-level branch is wrapped in `(?s:.*)` on the
+    sides it is not anchored (`^`/`\\A` first, `$`/`\\z` last; RE2's `$` is the text's end).
+    ValueError for anchors elsewhere (inside a group, mid-branch) or a top-level flag group
+    in a pattern with anchors and branches: the caller leaves the turn unconstrained."""
+    rx = regex_to_lark(pattern, "dws")
+    anchors, bars, top_flags = _anchors_and_branches(rx)
+    if not anchors:
+        return f"(?s:.*)(?:{rx})(?s:.*)"
+    if any(depth for _, _, depth in anchors) or (bars and top_flags):
+        raise ValueError(f"pattern {pattern!r}: anchors only at the ends of top-level branches")
+    out = []
+    bounds = [-1, *bars, len(rx)]
+    for lo, hi in itertools.pairwise(bounds):
+        start, end = lo + 1, hi
+        inside = [(pos, size) for pos, size, _ in anchors if start <= pos < end]
+        head = tail = False
+        if inside and inside[0][0] == start and _is_start(rx, inside[0][0]):
+            head, start = True, start + inside[0][1]
+            inside = inside[1:]
+        if inside and inside[-1][0] + inside[-1][1] == end and not _is_start(rx, inside[-1][0]):
+            tail, end = True, inside[-1][0]
+            inside = inside[:-1]
+        if inside:
+            raise ValueError(f"pattern {pattern!r}: an anchor inside a branch")
+        out.append(("" if head else "(?s:.*)") + f"(?:{rx[start:end]})"
+                   + ("" if tail else "(?s:.*)"))
+    return "|".join(out) if len(out) == 1 else "(?:" + "|".join(out) + ")"
+
+
 def _strictify(schema: Any) -> Any:
     """OpenAI strict semantics: no property beyond those listed, in every object."""
     if isinstance(schema, list):
@@ -304,16 +511,24 @@ class _TurnGrammar:
 
     def string_value(self, schema: Any) -> str:
         """A raw string value then the parameter closer. `minLength` / `maxLength` bound it
-        (in code points, as JSON Schema counts); a bounded value is text only."""
+        (in code points, as JSON Schema counts) and `pattern` must match in it (search, as
+        JSON Schema reads it: `search_regex`); such a value is text only."""
         lo = schema.get("minLength") if isinstance(schema, Mapping) else None
         hi = schema.get("maxLength") if isinstance(schema, Mapping) else None
+        pattern = schema.get("pattern") if isinstance(schema, Mapping) else None
         lo = lo if isinstance(lo, int) and not isinstance(lo, bool) and lo >= 0 else None
         hi = hi if isinstance(hi, int) and not isinstance(hi, bool) and hi >= 0 else None
-        if lo is None and hi is None:
+        pattern = pattern if isinstance(pattern, str) else None
+        if lo is None and hi is None and pattern is None:
             return self.text(self.param_close, value=True)
         words = "|".join(_regex_escape(w) for w in FORBIDDEN_IN_VALUE)
-        bounded = f"/(?s:.{{{lo or 0},{'' if hi is None else hi}}})/ & ~/(?s:.*({words}).*)/"
-        return self.b.lexeme(f"({bounded}) {_lark_str(self.param_close)}")
+        parts = []
+        if lo is not None or hi is not None:
+            parts.append(f"/(?s:.{{{lo or 0},{'' if hi is None else hi}}})/")
+        if pattern is not None:
+            parts.append(f"/{search_regex(pattern)}/")
+        body = " & ".join([*parts, f"~/(?s:.*({words}).*)/"])
+        return self.b.lexeme(f"({body}) {_lark_str(self.param_close)}")
 
     # -- the block --
 
@@ -427,15 +642,10 @@ class _TurnGrammar:
         fmt = json.loads(self.spec.response_format_json or "null")
         alts = []
         if fmt is not None:
-            if fmt.get("type") == "json_schema":
-                schema = (fmt.get("json_schema") or {}).get("schema") or {}
-                if (fmt.get("json_schema") or {}).get("strict"):
-                    schema = _strictify(schema)
-            else:
-                schema = {"type": "object"}
+            # The answer is JSON and nothing else (no text around it, none before a block);
+            # a turn the tool choice lets call may still call instead of answering.
             if not forced:
-                # An answer may be pretty-printed: whitespace as JSON allows.
-                alts.append("%json " + json.dumps(schema, ensure_ascii=False))
+                alts.append("%json " + json.dumps(answer_schema(fmt), ensure_ascii=False))
             if calls_allowed:
                 alts.append(f"{_lark_str(opener)} {self.block_body()}")
         else:

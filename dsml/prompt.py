@@ -23,6 +23,9 @@ class Prompt:
     tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI tool defs offered
     tool_choice: Any = "auto"
     prefix: str = ""  # assistant `prefix: true` continuation text, already in the prompt
+    # What the answer must be, for the turn's grammar (dsml.grammar): None (free text),
+    # {"type": "json_object"}, or {"type": "json_schema", "json_schema": {"schema", "strict"}}.
+    response_format: dict[str, Any] | None = None
 
     @property
     def text(self) -> str:

@@ -106,6 +106,7 @@ def render_chat(
         [] if tool_choice == "none" else [{"type": "function", "function": t} for t in tools]
     )
     prompt.tool_choice = tool_choice
+    prompt.response_format = _format_constraint(body, response_format)
     return prompt
 
 
@@ -436,6 +437,21 @@ def _response_format(body: Mapping[str, Any], dialect: Dialect) -> Any:
         'response_format.type must be "text", "json_object" or "json_schema"',
         param="response_format.type",
     )
+
+
+def _format_constraint(body: Mapping[str, Any], rendered: Any) -> dict[str, Any] | None:
+    """The request's `response_format` as the turn's grammar reads it (`Prompt.response_format`),
+    from the body `_response_format` has already checked and what it returned. A json_schema
+    whose schema is empty renders nothing, but still asks for JSON: any JSON value."""
+    fmt = body.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        schema = rendered if isinstance(rendered, dict) else {}
+        strict = bool(fmt["json_schema"].get("strict"))
+        return {"type": "json_schema", "json_schema": {"schema": schema, "strict": strict}}
+    return None
 
 
 def _message_texts(messages: Any) -> list[str]:

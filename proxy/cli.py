@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a turn that ended inside reasoning once (default on)")
     serve.add_argument("--constrained-decoding", choices=["all", "required", "off"],
                        help="grammar-constrained DSML: every turn (all, the default), only "
-                            "turns that force a tool call (required), or none (off)")
+                            "turns that force a tool call or ask for JSON (required), or none (off)")
     serve.add_argument("--max-concurrency", type=int, help="turns generating at once")
     serve.add_argument("--max-queue", type=int, help="turns waiting; beyond: 429")
     serve.add_argument("--response-store-size", type=int, metavar="N",

@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     reasoning_cache_size: int = Field(4096, ge=0)  # tool-call ids remembered (LRU)
     strict_tool_calls: bool = False  # hold calls until validated (dsml.md section 6)
     # Constrained decoding (README "Constrained decoding"): "all" turns, only "required"
-    # (forced tool choice) ones, or "off".
+    # (forced tool choice, or a JSON response_format) ones, or "off".
     constrained_decoding: Literal["all", "required", "off"] = "all"
 
     # -- Anthropic messages and Responses ------------------------------------------------------

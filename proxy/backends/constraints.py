@@ -13,7 +13,13 @@ llguidance, each in its own spelling (checked against the engines' documentation
 | embedded | the engine's logits-mask hook        | (proxy.backends.grammar_mask)                |
 
 Modes (`constrained_decoding`): "all" constrains every turn it can, "required" only turns
-whose tool choice forces a call (what vLLM itself does for V4), "off" none.
+whose tool choice forces a call (what vLLM itself does for V4) or whose `response_format`
+asks for JSON (which vLLM and OpenAI enforce: the proxy sends an engine a prompt, not the
+request's response_format, so only the grammar can carry it), "off" none.
+
+A `response_format` (json_object / json_schema, on every endpoint: /v1/responses'
+`text.format` and Anthropic's `output_config.format` arrive as one, proxy.translate) reaches
+the grammar through `Prompt.response_format`: the turn's content is then that JSON.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ MODES: tuple[Mode, ...] = ("all", "required", "off")
 log = logging.getLogger(__name__)
 
 # Grammars are built on the event loop (a few ms for a tools section, once: cached); a tools
-# section past this size goes unconstrained rather than hold the loop.
+# section (with the response format's schema) past this size goes unconstrained rather than
+# hold the loop.
 MAX_TOOLS_CHARS = 256 * 1024
 VALIDATED_MAX_ENTRIES = 256
 
@@ -55,7 +62,7 @@ class TurnConstraints:
             return False
         if prompt.prefix:  # the turn continues client text: no grammar knows its state
             return False
-        return self.mode == "all" or bool(forced)
+        return self.mode == "all" or bool(forced) or prompt.response_format is not None
 
     def grammar(self, prompt: Prompt, generated: str, *, forced: str,
                 dialect: Dialect | str, parallel_tool_calls: bool = True) -> str | None:
@@ -70,8 +77,9 @@ class TurnConstraints:
             return None
         spec = turn_spec(prompt.tools, tool_choice=prompt.tool_choice,
                          parallel_tool_calls=parallel_tool_calls, thinking=prompt.thinking,
+                         response_format=prompt.response_format,
                          phase=phase[0], invoke_name=phase[1])
-        if len(spec.tools_json) > MAX_TOOLS_CHARS:
+        if len(spec.tools_json) + len(spec.response_format_json) > MAX_TOOLS_CHARS:
             return None
         try:
             text = turn_lark(spec)
