@@ -186,7 +186,10 @@ def main() -> None:
     ids = load_tokenizer().encode_generated(COMPLETION)
     print(f"tools: {len(TOOLS)}, completion: {len(ids)} tokens")
     print(summary("llguidance", bench_llguidance(ids, args.repeat), len(ids)))
-    print(summary("xgrammar", bench_xgrammar(ids, args.repeat), len(ids)))
+    try:
+        print(summary("xgrammar", bench_xgrammar(ids, args.repeat), len(ids)))
+    except ImportError:
+        print("xgrammar: not installed (pip install xgrammar to compare)")
     for batch in args.batch:
         r = bench_batch(ids, batch)
         print(f"embedded engine, batch {batch}: masks per decode step, one row after another "
