@@ -3,6 +3,8 @@ engine.runtime.prepare_masks): the same bits as each mask alone, at every step o
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from dsml import markers
@@ -47,7 +49,7 @@ def test_a_mask_asked_for_other_ids_computes_its_own() -> None:
 
 
 class _Counting:
-    calls: list[int] = []
+    calls: ClassVar[list[int]] = []
 
     @classmethod
     def prepare_batch(cls, pairs) -> None:
