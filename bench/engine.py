@@ -309,16 +309,16 @@ def profile_steps(run_step, steps: int, clock: Clock, model: Transformer | None,
             h.remove()
     events = prof.key_averages()
     if clock.cuda:
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+        ops = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
         time_of = lambda e: e.self_device_time_total  # noqa: E731
     else:  # CPU: the aten operators are the "kernels"
-        kernels = [e for e in events if e.key.startswith("aten::")]
+        ops = [e for e in events if e.key.startswith("aten::")]
         time_of = lambda e: e.self_cpu_time_total  # noqa: E731
-    total = sum(time_of(e) for e in kernels) or 1.0
+    total = sum(time_of(e) for e in ops) or 1.0
     rows = [{"mode": mode, "kernel": e.key, "calls_per_step": e.count / steps,
              "time_us_per_step": time_of(e) / steps, "share": time_of(e) / total,
              "bytes_per_step": None, "gbps": None}
-            for e in sorted(kernels, key=time_of, reverse=True)]
+            for e in sorted(ops, key=time_of, reverse=True)]
     parts = []
     for e in events:
         if e.key.startswith("linear:") and e.key[7:] in reads and e.device_type == DeviceType.CPU:
