@@ -251,10 +251,14 @@ class BlockStates:
         glued = self._lex.glued_opener(raw) if raw.startswith("<") else None
         if glued is None:
             return self._on_value_text(raw, tag)
-        head, htag = glued
+        self._read_glued(raw, *glued, self._on_value_cut)
+
+    def _read_glued(self, raw: str, head: str, tag: Tag, on_opener) -> None:
+        """`raw` = a glued opener `head` + value text: the opener through `on_opener`, then
+        the text as TEXT in whatever state that left."""
         kind = self._kind
         self._kind = PARAM_OPEN
-        self._on_value_cut(head, htag)
+        on_opener(head, tag)
         self._kind = TEXT
         if len(head) < len(raw):
             self._table[self._state][TEXT](self, raw[len(head):], None)
@@ -302,14 +306,7 @@ class BlockStates:
             self._quoted.append((raw, None))
             return
         # a parameter opener glued to its value: it decides, as a whole opener would
-        head, htag = glued
-        kind = self._kind
-        self._kind = PARAM_OPEN
-        self._on_quoted_invoke(head, htag)
-        self._kind = TEXT
-        if len(head) < len(raw):
-            self._table[self._state][TEXT](self, raw[len(head):], None)
-        self._kind = kind
+        self._read_glued(raw, *glued, self._on_quoted_invoke)
 
     def _on_quoted_text(self, raw: str, tag: Tag | None) -> None:
         """The value's closer (or EOS) came: the held opener and text were value text."""
