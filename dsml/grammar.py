@@ -259,15 +259,21 @@ def _no_markup_in_strings(schema: Any) -> Any:
     is_string = kind == "string" or (isinstance(kind, list) and "string" in kind)
     if is_string and not {"pattern", "enum", "const", "format"} & out.keys():
         out["pattern"] = NO_DSML_PATTERN
-    for key in _SUBSCHEMA_LISTS:
+    return _map_subschemas(out, _no_markup_in_strings, _SUBSCHEMA_LISTS)
+
+
+def _map_subschemas(out: dict, fn, lists: Sequence[str]) -> dict:
+    """`out` with fn applied to each subschema under `lists`, the maps and items /
+    additionalProperties (the walk both markup rewrites share)."""
+    for key in lists:
         if isinstance(out.get(key), list):
-            out[key] = [_no_markup_in_strings(s) for s in out[key]]
+            out[key] = [fn(s) for s in out[key]]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), Mapping):
-            out[key] = {k: _no_markup_in_strings(s) for k, s in out[key].items()}
+            out[key] = {k: fn(s) for k, s in out[key].items()}
     for key in ("items", "additionalProperties"):
         if isinstance(out.get(key), Mapping):
-            out[key] = _no_markup_in_strings(out[key])
+            out[key] = fn(out[key])
     return out
 
 
@@ -338,16 +344,7 @@ def _no_markup_in_answer(schema: Any) -> Any:
         else:
             out["pattern"] = NO_MARKUP_PATTERN
         return out
-    for key in (*_SUBSCHEMA_LISTS, "allOf"):
-        if isinstance(out.get(key), list):
-            out[key] = [_no_markup_in_answer(s) for s in out[key]]
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), Mapping):
-            out[key] = {k: _no_markup_in_answer(s) for k, s in out[key].items()}
-    for key in ("items", "additionalProperties"):
-        if isinstance(out.get(key), Mapping):
-            out[key] = _no_markup_in_answer(out[key])
-    return out
+    return _map_subschemas(out, _no_markup_in_answer, (*_SUBSCHEMA_LISTS, "allOf"))
 
 
 def answer_schema(fmt: Mapping[str, Any]) -> dict[str, Any]:
