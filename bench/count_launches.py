@@ -107,6 +107,7 @@ def _patched(state: _State, model):
     for name, kind, unless in (
         ("attention_decode", "attention", ()),
         ("_compress_step", "compressor", ("indexer",)),
+        ("_update_index_keys", "indexer", ()),
         ("_index_select", "indexer", ()),
         ("hc_pre", "hc", ()), ("hc_post", "hc", ()), ("hc_post_pre", "hc", ()),
         ("hc_head", "head", ()),

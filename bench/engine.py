@@ -77,7 +77,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import decode, kernels
+from engine import decode, kernels, overlap
 from engine.cache import BatchState
 from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
 from engine.decode import DecodeStep, linear_f32
@@ -347,22 +347,33 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
     errors = runner.capture(kinds=(False,))
     out["capture_errors"] = {str(k): v for k, v in errors.items()}
     ids = torch.full((1,), 2, dtype=torch.int64, device=device)
+    current = [runner]
 
     def one_step() -> None:
-        tokens, _ = runner.decode([state], ids, [GREEDY])
+        tokens, _ = current[0].decode([state], ids, [GREEDY])
         ids.copy_(tokens)  # stays on the device: no host sync between steps
 
-    for mode in ("eager", "graph"):
-        if mode == "graph" and not runner.graphs:
+    # graph_one_stream: the same graph captured with engine.overlap off (every kernel on one
+    # stream), the baseline of the side-stream overlap, timed in the same process
+    for mode in ("eager", "graph", "graph_one_stream"):
+        if mode != "eager" and not runner.graphs:
             out[mode] = None
             continue
-        runner.use_graphs = mode == "graph"
+        if mode == "graph_one_stream":
+            overlap.set_enabled(False)
+            try:
+                current[0] = DecodeRunner(model, pool, buckets=(1,), graphs=True)
+                current[0].capture(kinds=(False,))
+            finally:
+                overlap.set_enabled(True)
+        current[0].use_graphs = mode != "eager"
         for _ in range(warm):
             one_step()
         step_s = clock.time(one_step, steps)
         out[mode] = {"step_ms": step_s * 1e3, "tok_s": 1 / step_s}
-        print(f"  context {context:>6}: {mode:<5} {1 / step_s:9.2f} tok/s "
+        print(f"  context {context:>6}: {mode:<16} {1 / step_s:9.2f} tok/s "
               f"({step_s * 1e3:.2f} ms/step)", flush=True)
+    current[0] = runner
     out["finite"] = bool(torch.isfinite(runner.logits[:1]).all())
     if args.profile_steps and context == args.contexts[0]:
         runner.use_graphs = False
@@ -474,9 +485,9 @@ def head_time(model: Transformer, clock: Clock, device: torch.device) -> float:
     h = torch.randn(1, c.hc_mult, c.hidden_size, device=device).to(model.dtype)
 
     def head() -> None:
-        y = model.norm(hc_head(h, model.hc_head_fn, model.hc_head_scale,
-                                        model.hc_head_base, c))
-        linear_f32(model.head, y).argmax(-1)  # the fast path's head
+        y = hc_head(h, model.hc_head_fn, model.hc_head_scale, model.hc_head_base, c,
+                    norm=(model.norm.weight, model.norm.eps))
+        linear_f32(model.head, y).argmax(-1)  # the fast path's head (the norm fused)
 
     head()
     return clock.time(head, 10 if clock.cuda else 2)
@@ -725,8 +736,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| context | mode | tok/s | ms/step | bound tok/s | % of bound | GB/s | 43-layer tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
-        for mode in ("eager", "graph"):
-            if r[mode] is None:
+        for mode in ("eager", "graph", "graph_one_stream"):
+            if r.get(mode) is None:
                 continue
             proj = r.get("projection_43")
             pt = (f"{1 / ((1 / r[mode]['tok_s'] - head_s) / L * FULL_LAYERS + head_s):.1f}"

@@ -52,6 +52,7 @@ import functools
 
 import torch
 
+from engine import overlap
 from engine.attention import (
     _FP4_GRID,
     FP4_E2M1_MAX,
@@ -228,22 +229,30 @@ def _masked_write(dst: torch.Tensor, rows: _StepRows, r: int, value: torch.Tenso
     dst[tslot, jc] = value.to(dst.dtype)
 
 
-def _index_select(
-    ix: Indexer, pl: PoolLayer, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
-    sin: torch.Tensor, rows: _StepRows,
-) -> torch.Tensor:
-    """Update the indexer keys; return the selected entry indices [B, min(topk, N_max)]
-    (-1 where fewer entries are visible), in ascending order."""
-    c = ix.config
-    q, w = _indexer_queries(ix, x, qr, cos, sin)  # [B, Hi, Di] fp32, [B, Hi]
+def _update_index_keys(ix: Indexer, pl: PoolLayer, x: torch.Tensor, rows: _StepRows) -> None:
+    """The indexer's compressor step and its key write (reads only x and the pool)."""
     new = _compress_step(ix.compressor, pl.index_kv, pl.index_score, x, rows)
-    if c.qat:
+    if ix.config.qat:
         new = fp4_roundtrip(hadamard(new))
     _masked_write(pl.index_keys, rows, ix.compressor.ratio, new)
+
+
+def _index_select(ix: Indexer, pl: PoolLayer, q: torch.Tensor, w: torch.Tensor,
+                  rows: _StepRows) -> torch.Tensor:
+    """The selected entry indices [B, min(topk, N_max)] (-1 where fewer entries are
+    visible), in ascending order, from the indexer queries and the updated keys."""
     scores = indexer_scores(q, pl.index_keys, rows.slots, rows.positions, w)  # [B, N_max]
     # the top min(index_topk, N_max); an exact tie (ReLU zeros on every head are common)
     # goes to the earlier entry, the reference's stable-sort rule; -1 past the visible count
-    return indexer_topk(scores, c.index_topk)
+    return indexer_topk(scores, ix.config.index_topk)
+
+
+def _update_entries(attn: Attention, pl: PoolLayer, x: torch.Tensor, rows: _StepRows) -> None:
+    """The attention compressor's step and its entry write (reads only x and the pool)."""
+    new = _compress_step(attn.compressor, pl.comp_kv, pl.comp_score, x, rows)
+    if attn.config.qat:
+        new = fp8_roundtrip_prefix(new, attn.config.nope_head_dim)
+    _masked_write(pl.entries, rows, attn.ratio, new)
 
 
 def _wo_a_grouped(attn: Attention, out: torch.Tensor) -> torch.Tensor:
@@ -268,6 +277,16 @@ def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor,
     slots, positions = rows.slots, rows.positions
     cos, sin = rows.rope(attn.ratio)  # [B, R/2]
 
+    compressed = attn.ratio != RATIO_WINDOW and pl.entries.shape[1] > 0
+    sparse = compressed and attn.ratio == RATIO_SPARSE
+    # the compressors read only x: a side stream runs them beside the query / kv chain
+    side = overlap.fork(x) if compressed else None
+    with overlap.on(side):
+        if compressed:
+            _update_entries(attn, pl, x, rows)
+        if sparse:
+            _update_index_keys(attn.indexer, pl, x, rows)
+
     fused = _fused_q_kv(attn)
     if fused is not None:  # wq_a and wkv read the same x: one GEMV
         qr, kv = fused(x).split(attn.wq_a.weight.shape[0], dim=-1)
@@ -281,16 +300,15 @@ def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor,
     if c.qat:
         kv = fp8_roundtrip_prefix(kv, c.nope_head_dim)  # QAT: one kernel
     pl.window[slots, rows.ring(pl.window.shape[1])] = kv.to(pl.window.dtype)
+    if sparse:
+        index_q, index_w = _indexer_queries(attn.indexer, x, qr, cos, sin)
+    overlap.join(side)
 
     entries = entry_idx = None
-    if attn.ratio != RATIO_WINDOW and pl.entries.shape[1] > 0:
-        new = _compress_step(attn.compressor, pl.comp_kv, pl.comp_score, x, rows)
-        if c.qat:
-            new = fp8_roundtrip_prefix(new, c.nope_head_dim)
-        _masked_write(pl.entries, rows, attn.ratio, new)
+    if compressed:
         entries = pl.entries
-        if attn.ratio == RATIO_SPARSE:
-            entry_idx = _index_select(attn.indexer, pl, x, qr, cos, sin, rows)
+        if sparse:
+            entry_idx = _index_select(attn.indexer, pl, index_q, index_w, rows)
         else:
             entry_idx = rows._get(("all_entries", attn.ratio, entries.shape[1]), lambda: (
                 _visible_entries(entries.shape[1], attn.ratio, positions)))
@@ -345,23 +363,28 @@ class DecodeStep:
         layers = m.layers
         h = m.embed(ids).unsqueeze(1).repeat(1, c.hc_mult, 1)  # [B, S, H]
         first = layers[0]
-        x, post, comb = hc_pre(h, first.hc_attn_fn, first.hc_attn_scale, first.hc_attn_base, c)
-        # a sub-layer's hc_post and the next one's hc_pre are one fused pair of kernels
-        # (hc_post_pre): between attention and MoE and between layers; the last layer's
-        # MoE output takes a plain hc_post before the head
+        # x below is always the sub-layer's normed input: the hc kernels apply attn_norm /
+        # ffn_norm / the final norm themselves. A sub-layer's hc_post and the next one's
+        # hc_pre are one fused pair of kernels (hc_post_pre): between attention and MoE and
+        # between layers; the last layer's MoE output takes a plain hc_post before the head
+        x, post, comb = hc_pre(h, first.hc_attn_fn, first.hc_attn_scale, first.hc_attn_base, c,
+                               norm=_norm(first.attn_norm))
         for i, layer in enumerate(layers):
-            norm = layer.attn_norm
-            y = attention_decode(layer.attn, self.pool.layers[i], rmsnorm(x, norm.weight, norm.eps),
-                                 rows)
+            y = attention_decode(layer.attn, self.pool.layers[i], x, rows)
             h, x, post, comb = hc_post_pre(y, h, post, comb, layer.hc_ffn_fn, layer.hc_ffn_scale,
-                                           layer.hc_ffn_base, c)
-            norm = layer.ffn_norm
-            y = layer.ffn(rmsnorm(x, norm.weight, norm.eps).unsqueeze(1), ids.unsqueeze(1))[:, 0]
+                                           layer.hc_ffn_base, c, norm=_norm(layer.ffn_norm))
+            y = layer.ffn(x.unsqueeze(1), ids.unsqueeze(1))[:, 0]
             if i + 1 < len(layers):
                 nxt = layers[i + 1]
                 h, x, post, comb = hc_post_pre(y, h, post, comb, nxt.hc_attn_fn,
-                                               nxt.hc_attn_scale, nxt.hc_attn_base, c)
+                                               nxt.hc_attn_scale, nxt.hc_attn_base, c,
+                                               norm=_norm(nxt.attn_norm))
             else:
                 h = hc_post(y, h, post, comb)
-        y = hc_head(h, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, c)
-        return linear_f32(m.head, rmsnorm(y, m.norm.weight, m.norm.eps))
+        y = hc_head(h, m.hc_head_fn, m.hc_head_scale, m.hc_head_base, c, norm=_norm(m.norm))
+        return linear_f32(m.head, y)
+
+
+def _norm(norm) -> tuple[torch.Tensor, float]:
+    """An RMSNorm module as the hc kernels' norm argument."""
+    return norm.weight, norm.eps

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import overlap
 from engine.config import ModelConfig
 from engine.formats import WeightFormat
 from engine.kernels import use_triton
@@ -222,6 +223,11 @@ class MoE(nn.Module):
         from engine.kernels.routed_experts import routed_experts
 
         gate, c = self.gate, self.gate.config
+        # the shared expert on a side stream, beside the router and the gate/up kernel
+        shared = self.shared_experts
+        side = None if shared is None else overlap.fork(flat)
+        with overlap.on(side):
+            shared_y = None if shared is None else _shared_expert_fast(shared, flat)  # [N, H]
         if gate.format == WeightFormat.DENSE:  # the release's router is BF16
             scores = router_scores(flat, gate.weight)  # [N, E]
         else:
@@ -229,11 +235,10 @@ class MoE(nn.Module):
         weights, experts = route_topk(  # [N, K], as Gate.pick
             scores, gate.topk, c.routed_scaling_factor, c.norm_topk_prob,
             **({"table": gate.tid2eid, "ids": ids} if gate.hash else {"bias": gate.bias}))
-        shared = self.shared_experts
-        shared_y = None if shared is None else _shared_expert_fast(shared, flat)  # [N, H] x.dtype
         # the routed sum + the shared output, rounded to x.dtype once, by the down kernel
         return routed_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit,
-                              out=flat.new_empty(flat.shape), add=shared_y)
+                              out=flat.new_empty(flat.shape), add=shared_y,
+                              before_down=None if shared is None else lambda: overlap.join(side))
 
 
 def fuse_shared_expert(expert: Expert) -> Linear | None:

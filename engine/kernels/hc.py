@@ -22,7 +22,10 @@ grid and fn's re-reads come from L2. A second kernel, one program per (token, H 
 sums the partials, runs the 4 x 4 Sinkhorn in registers (recomputed per H block: a few
 hundred flops) and writes its block of x; the first H block also writes post and comb.
 hc_post_pre's first kernel computes its K block of h_new (one stream's H slice) from y,
-res, post and comb, stores it and feeds it to the GEMV directly.
+res, post and comb, stores it and feeds it to the GEMV directly. With `norm` the sub-layer's
+input RMSNorm (attn_norm / ffn_norm / the final norm) runs in the second kernel too: one
+program then owns a token's whole row (H <= MAX_NORM_HIDDEN), so the Sinkhorn runs once a
+token instead of once per H block, and the separate norm launch (~2 us, 2 a layer) is gone.
 
 Shapes: N tokens, S streams (4), H hidden (4096), K = S*H, M mix logits, P = K / BLOCK_K
 partial blocks.
@@ -38,11 +41,17 @@ import torch
 from engine.config import ModelConfig
 from engine.kernels import use_triton
 from engine.kernels._triton import cdiv, jit, next_power_of_2, store_dtype
+from engine.kernels.rmsnorm_rope import rmsnorm
+
+Norm = tuple[torch.Tensor, float]  # an RMSNorm's (weight [H], eps)
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
 
 BLOCK_K = 128  # 16384 / 128 = 128 programs on the fn read: about one per SM
 BLOCK_HID = 512  # H block of the collapse and of hc_post: 8 (H 4096) programs per token
+# With the sub-layer's RMSNorm fused in, one program owns a token's whole row of x (the norm
+# needs its sum of squares): [S, H] = 4 x 4096 fp32 over 8 warps is 64 values a thread.
+MAX_NORM_HIDDEN = 8192
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +160,7 @@ def _hc_finish_kernel(
     scale_ptr,  # [3] f32 ([1] when HEAD)
     base_ptr,  # [M] f32
     x_ptr,  # [N, H] out
+    normw_ptr,  # [H] RMSNorm weight (NORM only)
     post_ptr,  # [N, S] f32 out (not when HEAD)
     comb_ptr,  # [N, S, S] f32 out (not when HEAD)
     num_streams,
@@ -159,6 +169,7 @@ def _hc_finish_kernel(
     rms_eps,
     hc_eps,
     sinkhorn_iters,
+    norm_eps,
     stride_h_n,
     stride_h_s,
     stride_x_n,
@@ -167,6 +178,8 @@ def _hc_finish_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_HID: tl.constexpr,
     HEAD: tl.constexpr,
+    NORM: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)  # int64: token * stride passes 2^31 in long prefills
     pid_h = tl.program_id(1)
@@ -237,6 +250,12 @@ def _hc_finish_kernel(
         other=0.0,
     ).to(tl.float32)  # [BLOCK_S, BLOCK_HID]
     x = tl.sum(pre[:, None] * streams, axis=0)
+    if NORM:  # the sub-layer's RMSNorm of the bf16 x, as rmsnorm() computes it (BLOCK_HID >= H)
+        if ROUND_BF16:  # round to nearest even in integers (the interpreter truncates)
+            bits = x.to(tl.int32, bitcast=True)
+            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / hidden + norm_eps)
+        x = x * rstd * tl.load(normw_ptr + offs_hid, mask=hid_mask, other=0.0).to(tl.float32)
     tl.store(x_ptr + pid_n * stride_x_n + offs_hid, x.to(x_ptr.dtype.element_ty), mask=hid_mask)
 
 
@@ -313,9 +332,12 @@ def _expand_block_k(hidden: int) -> int:
     return block if block >= 16 else 0
 
 
-def _mix_and_collapse(h, fn, scale, base, config: ModelConfig, head: bool, expand=None):
+def _mix_and_collapse(h, fn, scale, base, config: ModelConfig, head: bool, expand=None,
+                      norm=None):
     """hc_pre's (or hc_head's) two kernels on h; with expand = (y, res, post, comb) the first
-    kernel also computes h = hc_post(y, res, post, comb) into the buffer h."""
+    kernel also computes h = hc_post(y, res, post, comb) into the buffer h; with norm =
+    (weight, eps) x comes out RMSNormed (the second kernel then owns a whole row of x, up to
+    MAX_NORM_HIDDEN; wider rows take the norm kernel after it)."""
     _check_strides(h, fn)
     N, S, H = h.shape
     M, K = fn.shape
@@ -339,41 +361,56 @@ def _mix_and_collapse(h, fn, scale, base, config: ModelConfig, head: bool, expan
         S=S, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_K=block_k,
         EXPAND=expand is not None, ROUND_BF16=h.dtype == torch.bfloat16,
     )  # fmt: skip
-    block_hid = min(BLOCK_HID, next_power_of_2(H))
+    fuse_norm = norm is not None and H <= MAX_NORM_HIDDEN
+    block_hid = next_power_of_2(H) if fuse_norm else min(BLOCK_HID, next_power_of_2(H))
     _hc_finish_kernel[(N, cdiv(H, block_hid))](
-        h, part, sq, scale, base, x, post, comb,
+        h, part, sq, scale, base, x, norm[0] if fuse_norm else x, post, comb,
         S, H, num_parts, config.rms_norm_eps, config.hc_eps, config.hc_sinkhorn_iters,
+        norm[1] if fuse_norm else 0.0,
         h.stride(0), h.stride(1), x.stride(0),
         BLOCK_S=next_power_of_2(S), BLOCK_P=next_power_of_2(num_parts),
-        BLOCK_M=block_m, BLOCK_HID=block_hid, HEAD=head,
+        BLOCK_M=block_m, BLOCK_HID=block_hid, HEAD=head, NORM=fuse_norm,
+        ROUND_BF16=h.dtype == torch.bfloat16, num_warps=8 if fuse_norm else 4,
     )  # fmt: skip
-    return x.to(h.dtype), post, comb
+    x = x.to(h.dtype)
+    if norm is not None and not fuse_norm:
+        x = rmsnorm(x, *norm)
+    return x, post, comb
+
+
+def _normed(out: tuple, norm: Norm | None) -> tuple:
+    """The reference path's (x, ...) with x through rmsnorm(x, *norm) when norm is given."""
+    return out if norm is None else (rmsnorm(out[0], *norm), *out[1:])
 
 
 def hc_pre(
-    h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, config: ModelConfig
+    h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+    config: ModelConfig, norm: Norm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x [N, H], post [N, S], comb [N, S, S]) == engine.model hc_mix + hc_collapse."""
+    """(x [N, H], post [N, S], comb [N, S, S]) == engine.model hc_mix + hc_collapse; with
+    norm = (weight, eps), x is rmsnorm(x, weight, eps) (the sub-layer's input norm)."""
     S = config.hc_mult
     _check_streams(h, fn, base, (2 + S) * S)
     if h.shape[1] != S or scale.shape != (3,):
         raise ValueError(f"hc_pre wants S = hc_mult = {S} streams and 3 scales")
     if not use_triton(h):
-        return hc_pre_reference(h, fn, scale, base, config)
-    return _mix_and_collapse(h, fn, scale, base, config, head=False)
+        return _normed(hc_pre_reference(h, fn, scale, base, config), norm)
+    return _mix_and_collapse(h, fn, scale, base, config, head=False, norm=norm)
 
 
 def hc_head(
-    h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, config: ModelConfig
+    h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+    config: ModelConfig, norm: Norm | None = None,
 ) -> torch.Tensor:
-    """x [N, H] == engine.model.hc_head (pre only: the final collapse before the norm)."""
+    """x [N, H] == engine.model.hc_head (pre only: the final collapse before the norm); with
+    norm = (weight, eps), rmsnorm(x, weight, eps) (the final norm)."""
     S = config.hc_mult
     _check_streams(h, fn, base, S)
     if h.shape[1] != S or scale.shape != (1,):
         raise ValueError(f"hc_head wants S = hc_mult = {S} streams and 1 scale")
     if not use_triton(h):
-        return hc_head_reference(h, fn, scale, base, config)
-    return _mix_and_collapse(h, fn, scale, base, config, head=True)[0]
+        return _normed((hc_head_reference(h, fn, scale, base, config),), norm)[0]
+    return _mix_and_collapse(h, fn, scale, base, config, head=True, norm=norm)[0]
 
 
 def _check_post(y, res, post, comb) -> None:
@@ -428,10 +465,12 @@ def hc_post_pre(
     scale: torch.Tensor,
     base: torch.Tensor,
     config: ModelConfig,
+    norm: Norm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sub-layer's hc_post fused with the next one's hc_pre: (h_new, x, post', comb') ==
-    h_new = hc_post(y, res, post, comb); x, post', comb' = hc_pre(h_new, fn, scale, base).
-    Two kernels instead of three, and h_new is not read back for the GEMV."""
+    h_new = hc_post(y, res, post, comb); x, post', comb' = hc_pre(h_new, fn, scale, base,
+    norm=norm). Two kernels instead of three (four with the norm), and h_new is not read
+    back for the GEMV."""
     _check_post(y, res, post, comb)
     S = config.hc_mult
     _check_streams(res, fn, base, (2 + S) * S)
@@ -439,13 +478,14 @@ def hc_post_pre(
         raise ValueError(f"hc_post_pre wants S = hc_mult = {S} streams and 3 scales")
     if not use_triton(res):
         h_new = hc_post_reference(y, res, post, comb)
-        return (h_new, *hc_pre_reference(h_new, fn, scale, base, config))
+        return (h_new, *_normed(hc_pre_reference(h_new, fn, scale, base, config), norm))
     _check_post_strides(y, res, post, comb)
     if not _expand_block_k(res.shape[2]):  # H not a multiple of 16: the unfused kernels
         h_new = hc_post(y, res, post, comb)
-        return (h_new, *_mix_and_collapse(h_new, fn, scale, base, config, head=False))
+        return (h_new, *_mix_and_collapse(h_new, fn, scale, base, config, head=False,
+                                          norm=norm))
     h_new = _empty(res.shape, res.dtype, res.device)  # bf16 values are rounded in-kernel
     x, post2, comb2 = _mix_and_collapse(
-        h_new, fn, scale, base, config, head=False, expand=(y, res, post, comb)
+        h_new, fn, scale, base, config, head=False, expand=(y, res, post, comb), norm=norm
     )
     return h_new, x, post2, comb2

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -470,10 +471,13 @@ def _check_stack(stack: ExpertStack, x: torch.Tensor) -> None:
 
 def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                    stack: ExpertStack, limit: float | None, out: torch.Tensor | None = None,
-                   add: torch.Tensor | None = None) -> torch.Tensor:
+                   add: torch.Tensor | None = None,
+                   before_down: Callable[[], None] | None = None) -> torch.Tensor:
     """x [N, H] (bf16/fp16/fp32), experts [N, K] int, weights [N, K] fp32 -> [N, H]:
     sum_k W2_e (weight * swiglu_clamped(W1_e x, W3_e x)), e = experts[:, k], in fp32, plus
     `add` [N, H] when given (the shared expert's output: the MoE block's sum in one pass).
+    `before_down` runs before anything reads `add` (after the gate/up launch: engine.moe
+    joins the stream computing `add` there, so the gate/up kernel overlaps it).
     The result goes to `out` (contiguous [N, H], fp32 or a bf16/fp16 that the fp32 sum is
     rounded to once) when given, else to a new fp32 tensor.
 
@@ -497,6 +501,8 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
         raise ValueError(f"routed experts: add must be [{N}, {H}] with unit stride on {x.device}")
     if not use_triton(x) or N == 0:
         y = routed_experts_reference(x, experts, weights, stack, limit)
+        if before_down is not None:
+            before_down()
         if add is not None:
             y = y + add.float()
         return y if out is None else out.copy_(y)
@@ -543,6 +549,8 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     z2 = w2 if stack.zero2 is None else stack.zero2.view(torch.uint8)
     parts = torch.empty(P, H, dtype=torch.float32, device=x.device)
     counts = _counters(x.device, N * triton.cdiv(H, MIN_DOWN_BLOCK_N))
+    if before_down is not None:
+        before_down()
     down = _tuned("down", fmt)
     down[lambda meta: (N, triton.cdiv(H, meta["BLOCK_N"]), K)](
         h, hs, w2, s2, z2, ids, parts, counts, y if add is None else add, y,

@@ -140,6 +140,23 @@ def test_split_k_uneven_and_deterministic(triton_mode, poisoned_empty):
     assert torch.equal(y1, y2)
 
 
+@pytest.mark.parametrize("use_dot", (True, False), ids=("dot", "fma"))
+def test_split_k_leaves_its_counters_at_zero(use_dot, triton_mode, poisoned_empty):
+    """The last slice of a tile reduces and resets the tile's arrival counter: after a split
+    launch every counter is 0 again, so the next launch (or graph replay) starts clean, and
+    a second shape right after the first still gets its own right answer."""
+    n, k = (1024, 4096) if ON_GPU else (72, 640)
+    q, s = random_fp8(n, k, seed=7)
+    m = 1 if not use_dot else 4
+    fl.pin_config(fl.Fp8LinearConfig(block_n=16, split_k=4, use_dot=use_dot))
+    for seed in (8, 9):
+        x = random_x((m, k), torch.float32, seed=seed)
+        y = fl.fp8_linear(x, q, s)
+        ref, tol = expected(x, q, s, 1, False)
+        assert_close_verbose(y, ref, tol, f"split 4 seed {seed}")
+        assert int(fl._arrival_counters(x.device).abs().sum()) == 0
+
+
 def test_act_quant_reference_is_deepseeks_formula():
     """act_quant_reference against DeepSeek-V4's formula written out with log2 (on blocks
     away from powers of two, where log2 is exact enough), plus the floor and the edges."""
@@ -259,7 +276,7 @@ def test_autotune(triton_mode):
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture(triton_mode):
-    """The decode launch (split-K: two kernels and a workspace) captures and replays: no host
+    """The decode launch (split-K: one kernel, a workspace, counters) captures and replays: no host
     sync, no allocation that depends on data; replays follow new inputs in the static buffer."""
     n, k = 512, 4096  # wkv: split-K under the heuristic
     q, s = random_fp8(n, k, seed=19)

@@ -154,6 +154,54 @@ def test_hc_head_matches_model(n: int, dtype: torch.dtype, config: ModelConfig) 
     assert_close(got, want, name="head x", **tol(dtype))
 
 
+@pytest.mark.parametrize("which", ["pre", "post_pre", "head"])
+@pytest.mark.parametrize("n", TOKENS[:2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_norm_is_rmsnorm_of_x(which: str, n: int, dtype: torch.dtype) -> None:
+    """norm=(weight, eps): x comes out as rmsnorm(x, weight, eps) of the unfused x, while post
+    and comb are unchanged (eps 0.5 so that a dropped or misplaced eps shows)."""
+    from engine.kernels.rmsnorm_rope import rmsnorm
+
+    g = torch.Generator().manual_seed(70 + n)
+    weight = (torch.rand(HIDDEN, generator=g) + 0.5).to(DEVICE, dtype)
+    norm = (weight, 0.5)
+    h = streams(n, dtype, seed=60 + n)
+    y = streams(n, dtype, seed=61 + n)[:, 0].contiguous()
+    post = (2 * torch.rand(n, S, generator=g)).to(DEVICE)
+    comb = torch.rand(n, S, S, generator=g).to(DEVICE)
+    fn, scale, base = make_mix(S if which == "head" else M, seed=62 + n)
+
+    def run(norm_arg):
+        if which == "pre":
+            return hc.hc_pre(h, fn, scale, base, CONFIG, norm=norm_arg)
+        if which == "head":
+            return (hc.hc_head(h, fn, scale, base, CONFIG, norm=norm_arg),)
+        return hc.hc_post_pre(y, h, post, comb, fn, scale, base, CONFIG, norm=norm_arg)[1:]
+
+    with mode("triton"):
+        plain, fused = run(None), run(norm)
+    want = rmsnorm(plain[0], weight, 0.5)  # the reference rmsnorm (outside the switch)
+    assert fused[0].dtype == dtype
+    assert_close(fused[0], want, name=f"{which} normed x", **tol(dtype))
+    for got, ref in zip(fused[1:], plain[1:], strict=True):
+        assert torch.equal(got, ref)
+
+
+def test_norm_too_wide_to_fuse_takes_the_norm_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows wider than MAX_NORM_HIDDEN: the collapse as usual, then the norm kernel."""
+    from engine.kernels.rmsnorm_rope import rmsnorm
+
+    monkeypatch.setattr(hc, "MAX_NORM_HIDDEN", HIDDEN // 2)
+    h = streams(3, torch.bfloat16, seed=80)
+    fn, scale, base = make_mix(M, seed=81)
+    weight = torch.rand(HIDDEN, generator=torch.Generator().manual_seed(82)).to(DEVICE) + 0.5
+    with mode("triton"):
+        plain = hc.hc_pre(h, fn, scale, base, CONFIG)
+        fused = hc.hc_pre(h, fn, scale, base, CONFIG, norm=(weight.bfloat16(), 1e-6))
+        want = rmsnorm(plain[0], weight.bfloat16(), 1e-6)
+    assert torch.equal(fused[0], want)
+
+
 def test_comb_is_doubly_stochastic() -> None:
     """Sinkhorn's point: after 20 iterations (ending on a column step) comb's columns sum to
     1 (up to eps) and its rows nearly so, so mixing neither grows nor shrinks the streams."""
