@@ -335,7 +335,7 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
               device: torch.device) -> dict:
     """Eager and graph decode at one context, on a pool sized for it."""
     steps, warm = args.steps, 2
-    max_len = context + warm * 2 + steps * 2 + 2 * args.profile_steps + 8
+    max_len = context + warm * 3 + steps * 3 + 2 * args.profile_steps + 8  # three modes
     pool = SlotPool(config, max_seqs=1, max_len=max_len, device=device, dtype=torch.bfloat16)
     slot = pool.acquire()
     simulate_prefill_(pool, slot, context, args.seed + context)

