@@ -81,6 +81,7 @@ from engine import decode, kernels, overlap
 from engine.cache import BatchState
 from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
 from engine.decode import DecodeStep, linear_f32
+from engine.kernels import fp8_linear
 from engine.kernels.hc import hc_head
 from engine.kv import SlotPool
 from engine.linear import Linear
@@ -593,6 +594,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile-steps", type=int, default=2, help="profiled steps (0: no profile)")
     p.add_argument("--no-graph", action="store_true", help="eager only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-autotune", action="store_true",
+                   help="FP8 GEMVs take their heuristic configs (the same in every process)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--quiet", action="store_true", help="no per-layer build lines")
@@ -613,6 +616,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     clock = Clock(device)
+    if args.no_autotune:
+        fp8_linear.set_autotune(False)
     config = build_config(args.config, args.layers)
     L = config.num_hidden_layers
     print(f"config {args.config}: {L} layers, experts {args.experts}, device {device}", flush=True)
@@ -707,6 +712,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "layers": L,
         "experts": args.experts,
+        "fp8_autotune": not args.no_autotune,
         "linear_formats": weight_formats(model),
         "weights_gib": weights_gib,
         "build_s": build_s,

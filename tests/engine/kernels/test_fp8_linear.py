@@ -292,3 +292,36 @@ def test_cuda_graph_capture(triton_mode):
         graph.replay()
         ref, tol = expected(x, q, s, 1, False)
         assert_close_verbose(y, ref, tol, f"graph replay {seed}")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="two CUDA streams need a GPU")
+@pytest.mark.parametrize("use_dot", (True, False), ids=("dot", "fma"))
+def test_split_k_repeats_bit_for_bit_with_the_side_stream_busy(use_dot, triton_mode):
+    """The in-kernel reduction sums the slices in slice order whichever arrives last, so one
+    launch gives the same bits every time, also while split-K launches run on a second stream
+    (engine.overlap's side stream, with its own counters). 200 repeats of wo_b's shape."""
+    n, k = 4096, 8192
+    q, s = random_fp8(n, k, seed=23)
+    q2, s2 = random_fp8(1024, 4096, seed=24)
+    m = 4 if use_dot else 1
+    x = random_x((m, k), torch.bfloat16, seed=25)
+    x2 = random_x((m, 4096), torch.bfloat16, seed=26)
+    fl.pin_config(fl.Fp8LinearConfig(block_n=32, split_k=8, use_dot=use_dot))
+    first = fl.fp8_linear(x, q, s)
+    side = torch.cuda.Stream()
+    outs = []
+    for _ in range(200):
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fl.fp8_linear(x2, q2, s2)
+        outs.append(fl.fp8_linear(x, q, s))
+        torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    differing = sum(not torch.equal(y, first) for y in outs)
+    assert differing == 0, f"{differing} of 200 repeats differ from the first launch"
+    ref, tol = expected(x, q, s, 1, False)
+    assert_close_verbose(first, ref, tol, "split 8")
+    for stream in (torch.cuda.current_stream(), side):
+        with torch.cuda.stream(stream):
+            assert int(fl._arrival_counters(x.device).abs().sum()) == 0
