@@ -106,7 +106,9 @@ def _patched(state: _State, model):
 
     for name, kind, unless in (
         ("attention_decode", "attention", ()),
+        ("_side_projections", "compressor", ()),
         ("_compress_step", "compressor", ("indexer",)),
+        ("_write_entry", "compressor", ("indexer",)),
         ("_update_index_keys", "indexer", ()),
         ("_index_select", "indexer", ()),
         ("hc_pre", "hc", ()), ("hc_post", "hc", ()), ("hc_post_pre", "hc", ()),

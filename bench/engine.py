@@ -357,7 +357,8 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
     # graph_one_stream: the same graph captured with engine.overlap off (every kernel on one
     # stream), the baseline of the side-stream overlap, timed in the same process
     for mode in ("eager", "graph", "graph_one_stream"):
-        if mode != "eager" and not runner.graphs:
+        if (mode != "eager" and not runner.graphs) or (mode == "graph_one_stream"
+                                                       and not overlap.enabled()):
             out[mode] = None
             continue
         if mode == "graph_one_stream":
@@ -594,6 +595,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile-steps", type=int, default=2, help="profiled steps (0: no profile)")
     p.add_argument("--no-graph", action="store_true", help="eager only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-overlap", action="store_true",
+                   help="every kernel on one stream (engine.overlap off), no graph_one_stream row")
     p.add_argument("--no-autotune", action="store_true",
                    help="FP8 GEMVs take their heuristic configs (the same in every process)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -618,6 +621,8 @@ def main(argv: list[str] | None = None) -> dict:
     clock = Clock(device)
     if args.no_autotune:
         fp8_linear.set_autotune(False)
+    if args.no_overlap:
+        overlap.set_enabled(False)
     config = build_config(args.config, args.layers)
     L = config.num_hidden_layers
     print(f"config {args.config}: {L} layers, experts {args.experts}, device {device}", flush=True)
@@ -713,6 +718,7 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": L,
         "experts": args.experts,
         "fp8_autotune": not args.no_autotune,
+        "overlap": not args.no_overlap,
         "linear_formats": weight_formats(model),
         "weights_gib": weights_gib,
         "build_s": build_s,

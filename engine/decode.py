@@ -20,7 +20,8 @@ Attention) op for op, with masks where the reference slices:
   overlapping ratio-4 case and entry 0's empty previous block) is computed every step and
   written into entries[slot, p // r] only where (p + 1) % r == 0 (other rows write that
   entry of the scratch slot, which nobody reads: one scatter); the ring write and the
-  pooling are one kernel (engine/kernels/compress_pool.py);
+  pooling are one kernel (engine/kernels/compress_pool.py), the entry's norm, RoPE, QAT
+  rounding and scatter another (engine/kernels/cache_rows.py, as the kv's ring write);
 - ratio 128: every entry j < (p+1)//128 of entries[slot, :N_max] is attended (index -1 masks
   the rest); ratio 4: the indexer scores index_keys[slot, :N_max], masks entries
   j >= (p+1)//4 with -inf and keeps the top min(index_topk, N_max) (engine/kernels/
@@ -28,7 +29,8 @@ Attention) op for op, with masks where the reference slices:
   Indexer.select_row's stable sort; -1 where fewer are visible);
 - attention over window + selected entries with the sink (engine/kernels/decode_attention.py),
   inverse RoPE, grouped wo_a, wo_b;
-- QAT round trips (config.qat) exactly where the reference applies them.
+- QAT round trips (config.qat) exactly where the reference applies them (the Hadamard's
+  fp32 sums in another order).
 
 What differs from the reference to fp rounding only: the attention's keys are summed in ring
 / score order instead of position order, the static N_max-long indexer and ratio-128 score
@@ -48,32 +50,21 @@ slot (max_len // r), Hi/Di indexer heads/dim, C compressor width, G o_groups.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from engine import overlap
-from engine.attention import (
-    _FP4_GRID,
-    FP4_E2M1_MAX,
-    Attention,
-    Compressor,
-    Indexer,
-    _pow2_scale,
-    hadamard,
-)
-from engine.config import QAT_INDEXER_FP4_BLOCK, RATIO_SPARSE, RATIO_WINDOW
+from engine.attention import Attention, Compressor, Indexer
+from engine.config import RATIO_SPARSE, RATIO_WINDOW
 from engine.formats import GGML_BLOCKS, WeightFormat
 from engine.kernels import use_triton
+from engine.kernels.cache_rows import finish_rows, write_cache_rows
 from engine.kernels.compress_pool import compress_pool, overlap_rows
 from engine.kernels.decode_attention import decode_attention
-from engine.kernels.fp4_roundtrip import fp4_roundtrip as fp4_roundtrip_kernel
-from engine.kernels.fp8_roundtrip import fp8_roundtrip_prefix
 from engine.kernels.gguf_gemv import ggml_linear_grouped
 from engine.kernels.hc import hc_head, hc_post, hc_post_pre, hc_pre
 from engine.kernels.indexer_scores import indexer_scores
 from engine.kernels.indexer_topk import indexer_topk
-from engine.kernels.rmsnorm_rope import rmsnorm, rmsnorm_rope, rope
+from engine.kernels.rmsnorm_rope import rmsnorm, rmsnorm_rope
 from engine.kv import PoolLayer, SlotPool
 from engine.linear import Linear, fused_rows
 from engine.model import Transformer
@@ -113,27 +104,6 @@ def linear_f32(lin: Linear, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Compressor and indexer, one token per row.
 # ---------------------------------------------------------------------------------------------
-@functools.cache
-def _fp4_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    grid = torch.tensor(_FP4_GRID, device=device)
-    return grid, (grid[1:] + grid[:-1]) / 2
-
-
-def fp4_roundtrip(x: torch.Tensor, block: int = QAT_INDEXER_FP4_BLOCK) -> torch.Tensor:
-    """engine.attention.fp4_roundtrip with its e2m1 grid made once per device: the
-    reference builds it with torch.tensor on every call, a host-to-device copy that a CUDA
-    graph cannot capture (the warm-up before a capture fills this cache). Under the Triton
-    switch: engine/kernels/fp4_roundtrip.py, one kernel."""
-    if use_triton(x):
-        return fp4_roundtrip_kernel(x, block)
-    xb = x.float().unflatten(-1, (-1, block))
-    scale = _pow2_scale(xb, FP4_E2M1_MAX)
-    y = (xb / scale).clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX)
-    grid, mids = _fp4_tables(str(x.device))
-    q = grid[torch.bucketize(y.abs(), mids)] * y.sign()
-    return (q * scale).flatten(-2).to(x.dtype)
-
-
 class _StepRows:
     """Index, mask and rotation tensors that depend only on the step's positions and slots,
     made once a step and shared by every layer: each would otherwise cost its few launches
@@ -180,14 +150,21 @@ class _StepRows:
         return self._get(("overlap", r), lambda: overlap_rows(self.positions, r))
 
 
-def _indexer_queries(ix: Indexer, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indexer.queries for one token per row (x [B, H], qr [B, Q], cos/sin [B, R/2]):
-    q [B, Hi, Di] roped (+ Hadamard and FP4 under QAT) fp32, w [B, Hi] fp32."""
-    q = rope(ix.wq_b(qr).view(x.shape[0], ix.num_heads, ix.head_dim), cos, sin)
-    q = fp4_roundtrip(hadamard(q)) if ix.config.qat else q.float()  # hadamard is fp32
-    w = ix.weights_proj(x).float() * (ix.head_dim**-0.5 * ix.num_heads**-0.5)
-    return q, w
+def _query_projections(attn: Attention, qr: torch.Tensor,
+                       sparse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """wq_b(qr) [B, Hh * D] and, on ratio-4 layers, the indexer's wq_b(qr) [B, Hi * Di]
+    (one GEMV where they fuse; views into its output)."""
+    if not sparse:
+        return attn.wq_b(qr), None
+    fused = _fused_q_b(attn)
+    if fused is not None:
+        return fused(qr).split(attn.wq_b.weight.shape[0], dim=-1)
+    return attn.wq_b(qr), attn.indexer.wq_b(qr)
+
+
+def _weight_scale(ix: Indexer) -> float:
+    """Indexer.queries' constant on the head weights (indexer_scores applies it)."""
+    return ix.head_dim**-0.5 * ix.num_heads**-0.5
 
 
 def _fused_projection(comp: Compressor) -> Linear | None:
@@ -195,64 +172,115 @@ def _fused_projection(comp: Compressor) -> Linear | None:
     return fused_rows(comp, "_decode_wkv_gate", (comp.wkv, comp.wgate))
 
 
+def _side_parts(attn: Attention) -> tuple[Linear, ...]:
+    ix = attn.indexer
+    return (attn.compressor.wkv, attn.compressor.wgate, ix.compressor.wkv, ix.compressor.wgate,
+            ix.weights_proj)
+
+
+def _fused_side_rows(attn: Attention) -> Linear | None:
+    """Ratio-4 layers: every BF16 projection of the layer input the side stream needs (the
+    compressor's wkv and wgate, the indexer compressor's, the indexer's head weights) as one
+    GEMM (engine.linear.fused_rows). Where it exists, the compressors' own fusions are never
+    made: two fusions of one weight would re-point its views in turn."""
+    return fused_rows(attn, "_decode_side_rows", _side_parts(attn))
+
+
 def _fused_q_kv(attn: Attention) -> Linear | None:
     """The attention's wq_a and wkv rows as one GEMV (engine.linear.fused_rows)."""
     return fused_rows(attn, "_decode_wq_a_wkv", (attn.wq_a, attn.wkv))
 
 
-def _compress_step(
-    comp: Compressor, ring_kv: torch.Tensor, ring_score: torch.Tensor, x: torch.Tensor,
-    rows: _StepRows,
-) -> torch.Tensor:
-    """Write the token's row into its ring slot; return the entry p // r [B, D] fp32 normed
-    and roped, before QAT, as it stands once this row is in (rows.entry(r): its index and
-    whether it completes now)."""
-    r = comp.ratio
-    slots = rows.slots
-    # Compressor.project, one token per row: kv [B, C] and score [B, C] fp32
+def _fused_q_b(attn: Attention) -> Linear | None:
+    """Ratio-4 layers: the attention's wq_b and the indexer's wq_b rows (both read qr) as one
+    GEMV (engine.linear.fused_rows)."""
+    return fused_rows(attn, "_decode_wq_b", (attn.wq_b, attn.indexer.wq_b))
+
+
+def _fuse_projections(attn: Attention) -> None:
+    """Every fusion the step uses, made once before any capture."""
+    _fused_q_kv(attn)
+    comp = getattr(attn, "compressor", None)
+    ix = getattr(attn, "indexer", None)
+    if ix is not None:
+        _fused_q_b(attn)
+    if ix is not None and _fused_side_rows(attn) is not None:
+        return
+    for c in (comp, getattr(ix, "compressor", None)):
+        if c is not None:
+            _fused_projection(c)
+
+
+def _compressor_projection(comp: Compressor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Compressor.project for one token per row: kv [B, C], score [B, C] fp32."""
     fused = _fused_projection(comp)
     if fused is not None:
-        kv, score = linear_f32(fused, x).split(comp.wkv.weight.shape[0], dim=-1)
-    else:
-        kv, score = linear_f32(comp.wkv, x), linear_f32(comp.wgate, x)
+        return linear_f32(fused, x).split(comp.wkv.weight.shape[0], dim=-1)
+    return linear_f32(comp.wkv, x), linear_f32(comp.wgate, x)
+
+
+def _side_projections(attn: Attention, x: torch.Tensor, sparse: bool):
+    """((kv, score) of the compressor, (kv, score) of the indexer's or None, the indexer's
+    head weights [B, Hi] in x's dtype as weights_proj gives them, or None)."""
+    if sparse:
+        fused = _fused_side_rows(attn)
+        if fused is not None:
+            sizes = [lin.weight.shape[0] for lin in _side_parts(attn)]
+            kv, score, ikv, iscore, w = linear_f32(fused, x).split(sizes, dim=-1)
+            return (kv, score), (ikv, iscore), w.to(x.dtype)
+        ix = attn.indexer
+        return (_compressor_projection(attn.compressor, x),
+                _compressor_projection(ix.compressor, x), ix.weights_proj(x))
+    return _compressor_projection(attn.compressor, x), None, None
+
+
+def _compress_step(comp: Compressor, ring_kv: torch.Tensor, ring_score: torch.Tensor,
+                   projected: tuple[torch.Tensor, torch.Tensor], rows: _StepRows) -> torch.Tensor:
+    """Write the token's projected row (kv, score) into its ring slot; return the entry
+    p // r [B, D] fp32 pooled as it stands once this row is in, before its norm and RoPE
+    (rows.entry(r): its index and whether it completes now)."""
+    r = comp.ratio
+    kv, score = projected
     pooled = rows.overlap_rows(r) if comp.overlap and not use_triton(kv) else None
-    entry = compress_pool(kv, score, comp.ape, ring_kv, ring_score, slots, rows.positions, r,
-                          comp.overlap, pooled)  # [B, d] fp32
-    _, cos, sin, _ = rows.entry(r)
-    return rmsnorm_rope(entry, comp.norm.weight, cos, sin, comp.norm.eps)
+    return compress_pool(kv, score, comp.ape, ring_kv, ring_score, rows.slots, rows.positions,
+                         r, comp.overlap, pooled)  # [B, d] fp32
 
 
-def _masked_write(dst: torch.Tensor, rows: _StepRows, r: int, value: torch.Tensor) -> None:
-    """dst[slots[b], j[b]] = value[b] where entry j[b] = p // r completes now (and j[b] < N);
-    other rows write the scratch slot (rows.entry_target): one scatter, no gather + where."""
-    tslot, jc = rows.entry_target(r, dst.shape[1])
-    dst[tslot, jc] = value.to(dst.dtype)
+def _write_entry(dst: torch.Tensor, comp: Compressor, entry: torch.Tensor, rows: _StepRows,
+                 qat: str | None, nope: int = 0) -> None:
+    """dst[slots[b], j[b]] = the normed, roped (and QAT-rounded) entry where entry j[b] =
+    p // r completes now (and j[b] < N); other rows write the scratch slot
+    (rows.entry_target): one kernel, no gather + where."""
+    tslot, jc = rows.entry_target(comp.ratio, dst.shape[1])
+    _, cos, sin, _ = rows.entry(comp.ratio)
+    write_cache_rows(dst, tslot, jc, entry, cos, sin, norm=(comp.norm.weight, comp.norm.eps),
+                     qat=qat, nope=nope)
 
 
-def _update_index_keys(ix: Indexer, pl: PoolLayer, x: torch.Tensor, rows: _StepRows) -> None:
-    """The indexer's compressor step and its key write (reads only x and the pool)."""
-    new = _compress_step(ix.compressor, pl.index_kv, pl.index_score, x, rows)
-    if ix.config.qat:
-        new = fp4_roundtrip(hadamard(new))
-    _masked_write(pl.index_keys, rows, ix.compressor.ratio, new)
+def _update_index_keys(ix: Indexer, pl: PoolLayer, projected, rows: _StepRows) -> None:
+    """The indexer's compressor step and its key write (reads only x's projections and the
+    pool)."""
+    entry = _compress_step(ix.compressor, pl.index_kv, pl.index_score, projected, rows)
+    _write_entry(pl.index_keys, ix.compressor, entry, rows, "fp4" if ix.config.qat else None)
 
 
 def _index_select(ix: Indexer, pl: PoolLayer, q: torch.Tensor, w: torch.Tensor,
                   rows: _StepRows) -> torch.Tensor:
     """The selected entry indices [B, min(topk, N_max)] (-1 where fewer entries are
     visible), in ascending order, from the indexer queries and the updated keys."""
-    scores = indexer_scores(q, pl.index_keys, rows.slots, rows.positions, w)  # [B, N_max]
+    scores = indexer_scores(q, pl.index_keys, rows.slots, rows.positions, w,
+                            weight_scale=_weight_scale(ix))  # [B, N_max]
     # the top min(index_topk, N_max); an exact tie (ReLU zeros on every head are common)
     # goes to the earlier entry, the reference's stable-sort rule; -1 past the visible count
     return indexer_topk(scores, ix.config.index_topk)
 
 
-def _update_entries(attn: Attention, pl: PoolLayer, x: torch.Tensor, rows: _StepRows) -> None:
-    """The attention compressor's step and its entry write (reads only x and the pool)."""
-    new = _compress_step(attn.compressor, pl.comp_kv, pl.comp_score, x, rows)
-    if attn.config.qat:
-        new = fp8_roundtrip_prefix(new, attn.config.nope_head_dim)
-    _masked_write(pl.entries, rows, attn.ratio, new)
+def _update_entries(attn: Attention, pl: PoolLayer, projected, rows: _StepRows) -> None:
+    """The attention compressor's step and its entry write (reads only x's projections and
+    the pool)."""
+    entry = _compress_step(attn.compressor, pl.comp_kv, pl.comp_score, projected, rows)
+    _write_entry(pl.entries, attn.compressor, entry, rows, "fp8" if attn.config.qat else None,
+                 attn.config.nope_head_dim)
 
 
 def _wo_a_grouped(attn: Attention, out: torch.Tensor) -> torch.Tensor:
@@ -283,9 +311,10 @@ def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor,
     side = overlap.fork(x) if compressed else None
     with overlap.on(side):
         if compressed:
-            _update_entries(attn, pl, x, rows)
+            comp_in, index_in, index_w = _side_projections(attn, x, sparse)
+            _update_entries(attn, pl, comp_in, rows)
         if sparse:
-            _update_index_keys(attn.indexer, pl, x, rows)
+            _update_index_keys(attn.indexer, pl, index_in, rows)
 
     fused = _fused_q_kv(attn)
     if fused is not None:  # wq_a and wkv read the same x: one GEMV
@@ -293,15 +322,17 @@ def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor,
     else:
         qr, kv = attn.wq_a(x), attn.wkv(x)
     qr = rmsnorm(qr, attn.q_norm.weight, attn.q_norm.eps)  # [B, Q]; the indexer's too
+    q, index_q = _query_projections(attn, qr, sparse)
     # per-head RMSNorm without weight, rounded to x's dtype, then RoPE: one kernel
-    q = rmsnorm_rope(attn.wq_b(qr).view(B, attn.num_heads, attn.head_dim), None, cos, sin,
-                     c.rms_norm_eps)
-    kv = rmsnorm_rope(kv, attn.kv_norm.weight, cos, sin, attn.kv_norm.eps)  # [B, D]
-    if c.qat:
-        kv = fp8_roundtrip_prefix(kv, c.nope_head_dim)  # QAT: one kernel
-    pl.window[slots, rows.ring(pl.window.shape[1])] = kv.to(pl.window.dtype)
-    if sparse:
-        index_q, index_w = _indexer_queries(attn.indexer, x, qr, cos, sin)
+    q = rmsnorm_rope(q.view(B, attn.num_heads, attn.head_dim), None, cos, sin, c.rms_norm_eps)
+    # kv_norm, RoPE, QAT's FP8 and the ring write: one kernel
+    write_cache_rows(pl.window, slots, rows.ring(pl.window.shape[1]), kv, cos, sin,
+                     norm=(attn.kv_norm.weight, attn.kv_norm.eps),
+                     qat="fp8" if c.qat else None, nope=c.nope_head_dim)
+    if sparse:  # Indexer.queries' q: roped (+ Hadamard and FP4 under QAT) fp32 [B, Hi, Di]
+        ix = attn.indexer
+        index_q = finish_rows(index_q.view(B, ix.num_heads, ix.head_dim), cos, sin,
+                              qat="fp4" if c.qat else None)
     overlap.join(side)
 
     entries = entry_idx = None
@@ -313,9 +344,9 @@ def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor,
             entry_idx = rows._get(("all_entries", attn.ratio, entries.shape[1]), lambda: (
                 _visible_entries(entries.shape[1], attn.ratio, positions)))
 
+    # V = K carried the keys' rotation: the kernel turns the output back by the query's
     out = decode_attention(q, pl.window, entries, slots, positions, entry_idx, attn.attn_sink,
-                           attn.softmax_scale)
-    out = rope(out, cos, sin, inverse=True)  # V = K carried the keys' rotation
+                           attn.softmax_scale, rope=(cos, sin))
     return attn.wo_b(_wo_a_grouped(attn, out).flatten(1))
 
 
@@ -340,13 +371,7 @@ class DecodeStep:
         self.inv_freq = {r: rope_inv_freq(c, r, device)
                          for r in {c.compress_ratio(i) for i in range(c.num_hidden_layers)}}
         for layer in model.layers:  # before any capture: the fused projections
-            _fused_q_kv(layer.attn)
-            comp = getattr(layer.attn, "compressor", None)
-            if comp is not None:
-                _fused_projection(comp)
-            ix = getattr(layer.attn, "indexer", None)
-            if ix is not None:
-                _fused_projection(ix.compressor)
+            _fuse_projections(layer.attn)
             shared = getattr(layer.ffn, "shared_experts", None)
             if shared is not None:
                 fuse_shared_expert(shared)

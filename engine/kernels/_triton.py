@@ -11,6 +11,41 @@ grids with the pure-Python `cdiv` / `next_power_of_2`.
 from __future__ import annotations
 
 
+def _import_triton():
+    try:
+        import triton
+    except ImportError as e:
+        raise RuntimeError("the Triton path needs `triton` (the test extra)") from e
+    return triton
+
+
+def helper(fn):
+    """Mark a device function that kernels of several files call (engine/kernels/
+    _device_math.py): `jit` and `LazyModule` jit it with the first kernel whose module
+    names it, and bind its own module's `tl` and helpers too."""
+    fn._triton_helper = True
+    return fn
+
+
+_jitted_helpers: dict = {}
+
+
+def _bind(module_globals: dict, triton) -> None:
+    """A module's `tl`, and each helper it names replaced by the helper's one jitted copy
+    (kernels find the functions they call among their module's globals)."""
+    module_globals["tl"] = triton.language
+    for name, value in list(module_globals.items()):
+        if getattr(value, "_triton_helper", False):
+            module_globals[name] = _jit_helper(value, triton)
+
+
+def _jit_helper(fn, triton):
+    if fn not in _jitted_helpers:
+        _jitted_helpers[fn] = triton.jit(fn)  # before binding: a helper's module names itself
+        _bind(fn.__globals__, triton)
+    return _jitted_helpers[fn]
+
+
 class jit:  # lower case: used as a decorator like triton.jit
     def __init__(self, fn) -> None:
         self.fn = fn
@@ -18,11 +53,8 @@ class jit:  # lower case: used as a decorator like triton.jit
 
     def __getitem__(self, grid):
         if self._kernel is None:
-            try:
-                import triton
-            except ImportError as e:
-                raise RuntimeError("the Triton path needs `triton` (the test extra)") from e
-            self.fn.__globals__["tl"] = triton.language  # the kernel bodies' `tl`
+            triton = _import_triton()
+            _bind(self.fn.__globals__, triton)  # the kernel bodies' `tl` and helpers
             self._kernel = triton.jit(self.fn)
         return self._kernel[grid]
 
@@ -66,13 +98,10 @@ class LazyModule:
     def materialize(self) -> None:
         if self._done:
             return
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError as e:
-            raise RuntimeError("the Triton path needs `triton` (the test extra)") from e
+        triton = _import_triton()
         g = self._globals
-        g["triton"], g["tl"] = triton, tl
+        g["triton"] = triton
+        _bind(g, triton)
         for name in self._names:
             g[name] = triton.jit(g[name])
         self._done = True

@@ -10,7 +10,9 @@ heads. Row b (pool slot s = slots[b], query position p = positions[b]) attends t
 
 The sink is one extra logit per head whose value is dropped: it only adds exp(sink - max) to
 the denominator (engine/attention.py `_attend`). The output keeps the keys' RoPE rotation;
-the caller applies the inverse RoPE.
+with `rope=(cos, sin)` (the query position's, [B, R/2]) the kernel that writes the output
+also rotates it back (engine/rope.py apply_rope(inverse=True) of the rounded output, as the
+separate rope kernel did: one launch fewer a layer).
 
 Algorithm (flash-decoding): grid (head blocks, key splits, rows). Because all heads share the
 keys, a program loads each key tile [BLOCK_N, D] once for BLOCK_H heads and scores it with
@@ -40,7 +42,9 @@ import math
 import torch
 
 from engine.kernels import use_triton
-from engine.kernels._triton import cdiv, jit, next_power_of_2, store_dtype
+from engine.kernels._device_math import rotate_pairs, round_bf16
+from engine.kernels._triton import cdiv, helper, jit, next_power_of_2, store_dtype
+from engine.kernels.rmsnorm_rope import rope_reference
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
 
@@ -96,6 +100,8 @@ def _decode_attention_kernel(
     out_ptr,  # [B, Hh, D]           written when ONE_SPLIT
     part_o_ptr,  # [B, P, Hh, D] f32  written otherwise
     part_ml_ptr,  # [B, P, Hh, 2] f32 (running max, sum) in the log2 domain
+    cos_ptr,  # [B, R/2] f32 (ROPE only)
+    sin_ptr,  # [B, R/2] f32 (ROPE only)
     # sizes
     num_heads,
     head_dim,
@@ -103,6 +109,7 @@ def _decode_attention_kernel(
     num_sel,
     keys_per_split,
     qk_scale,  # softmax_scale * log2(e): the softmax runs on exp2
+    rope_half,  # R/2 rotating pairs at the end of D (ROPE only)
     # strides (the last dim of q, window, entries, out is contiguous)
     stride_q_b,
     stride_q_h,
@@ -113,6 +120,7 @@ def _decode_attention_kernel(
     stride_i_b,
     stride_o_b,
     stride_o_h,
+    stride_c_b,
     # meta-parameters
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -121,6 +129,8 @@ def _decode_attention_kernel(
     ONE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    ROPE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -186,6 +196,9 @@ def _decode_attention_kernel(
         w = tl.exp2(m_i - m)
         denom = l_i * w + tl.exp2(sink - m)
         o = acc * (w / denom)[:, None]
+        if ROPE:
+            o = _inverse_rope(o, cos_ptr, sin_ptr, pid_b, stride_c_b, head_dim, rope_half,
+                              BLOCK_H, BLOCK_D, ROUND_BF16)
         tl.store(
             out_ptr + pid_b * stride_o_b + offs_h[:, None] * stride_o_h + offs_d[None, :],
             o.to(out_ptr.dtype.element_ty),
@@ -208,13 +221,19 @@ def _decode_attention_combine_kernel(
     part_ml_ptr,  # [B, P, Hh, 2] f32
     sink_ptr,  # [Hh] f32
     out_ptr,  # [B, Hh, D]
+    cos_ptr,  # [B, R/2] f32 (ROPE only)
+    sin_ptr,  # [B, R/2] f32 (ROPE only)
     num_heads,
     head_dim,
     num_splits,
+    rope_half,
     stride_o_b,
     stride_o_h,
+    stride_c_b,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROPE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid_h = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -235,11 +254,30 @@ def _decode_attention_combine_kernel(
         other=0.0,
     )
     o = tl.sum(o * w[:, None], axis=0) / denom
+    if ROPE:
+        o = tl.reshape(_inverse_rope(o[None, :], cos_ptr, sin_ptr, pid_b, stride_c_b, head_dim,
+                                     rope_half, 1, BLOCK_D, ROUND_BF16), [BLOCK_D])
     tl.store(
         out_ptr + pid_b * stride_o_b + pid_h * stride_o_h + offs_d,
         o.to(out_ptr.dtype.element_ty),
         mask=d_mask,
     )
+
+
+@helper
+def _inverse_rope(o, cos_ptr, sin_ptr, row, stride_c_b, head_dim, rope_half,
+                  ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """o [ROWS, BLOCK_D] f32 of one row: rounded to the output dtype (the separate rope
+    kernel read the stored bf16 output), then its last rope_half pairs turned back."""
+    if ROUND_BF16:
+        o = round_bf16(o)
+    pair = tl.arange(0, BLOCK_D // 2)
+    first = head_dim // 2 - rope_half  # the first rotating pair
+    rot = (pair >= first) & (pair < head_dim // 2)
+    k = tl.where(rot, pair - first, 0)
+    cos = tl.load(cos_ptr + row * stride_c_b + k, mask=rot, other=1.0)[None, :]
+    sin = -tl.load(sin_ptr + row * stride_c_b + k, mask=rot, other=0.0)[None, :]
+    return rotate_pairs(o, cos, sin, rot, ROWS, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,14 +351,27 @@ def decode_attention(
     entry_idx: torch.Tensor | None,
     sink: torch.Tensor,
     softmax_scale: float,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """[B, Hh, D] attention output of one query per row (see the module docstring)."""
+    """[B, Hh, D] attention output of one query per row (see the module docstring); with
+    rope = (cos, sin) [B, R/2], rotated back by them."""
     _check(q, window, entries, slots, positions, entry_idx, sink)
+    if rope is not None:
+        cos, sin = rope
+        if (cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != q.shape[0]
+                or 2 * cos.shape[1] > q.shape[2] or q.shape[2] % 2
+                or cos.dtype != torch.float32 or cos.stride(1) != 1
+                or sin.stride() != cos.stride()):
+            raise ValueError(f"rope must be fp32 cos, sin [{q.shape[0]}, R/2] with R <= "
+                             f"{q.shape[2]} and contiguous rows, got {tuple(cos.shape)}, "
+                             f"{tuple(sin.shape)}")  # fmt: skip
     if not use_triton(q):
-        return decode_attention_reference(
+        out = decode_attention_reference(
             q, window, entries, slots, positions, entry_idx, sink, softmax_scale
         )
-    return launch(q, window, entries, slots, positions, entry_idx, sink, softmax_scale)
+        return out if rope is None else rope_reference(out, *rope, inverse=True)
+    return launch(q, window, entries, slots, positions, entry_idx, sink, softmax_scale,
+                  rope=rope)
 
 
 def launch(
@@ -337,6 +388,7 @@ def launch(
     block_n: int = DEFAULT_BLOCK_N,
     num_splits: int | None = None,
     num_warps: int = DEFAULT_NUM_WARPS,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The Triton path with its tile sizes exposed (tests force splits; the bench tunes)."""
     for name, t in (("q", q), ("window", window), ("entries", entries)):
@@ -369,19 +421,25 @@ def launch(
     # Triton's CPU interpreter multiplies bf16 tl.dot operands as their raw uint16 bits
     # (3.9 interpreter.py create_dot), so on the CPU the dots run on fp32 copies: bf16 x bf16
     # products are exact in fp32 either way, so the numerics are the GPU's
+    cos, sin = rope if rope is not None else (sink, sink)  # never read without rope
+    rope_half = rope[0].shape[1] if rope is not None else 0
+    round_out = rope is not None and q.dtype == torch.bfloat16
     _decode_attention_kernel[(head_blocks, num_splits, B)](
-        q, window, ent, slots, positions, idx, sink, out, part_o, part_ml,
-        Hh, D, W, num_sel, keys_per_split, softmax_scale * LOG2E,
+        q, window, ent, slots, positions, idx, sink, out, part_o, part_ml, cos, sin,
+        Hh, D, W, num_sel, keys_per_split, softmax_scale * LOG2E, rope_half,
         q.stride(0), q.stride(1), window.stride(0), window.stride(1),
         ent.stride(0), ent.stride(1), idx.stride(0), out.stride(0), out.stride(1),
+        cos.stride(0),
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_ENTRIES=has_entries, ONE_SPLIT=one_split, DOT_PRECISION=precision,
-        UPCAST_DOT=not q.is_cuda,
+        UPCAST_DOT=not q.is_cuda, ROPE=rope is not None, ROUND_BF16=round_out,
         num_warps=num_warps,
     )  # fmt: skip
     if not one_split:
         _decode_attention_combine_kernel[(Hh, B)](
-            part_o, part_ml, sink, out, Hh, D, num_splits, out.stride(0), out.stride(1),
-            BLOCK_P=next_power_of_2(num_splits), BLOCK_D=block_d,
+            part_o, part_ml, sink, out, cos, sin, Hh, D, num_splits, rope_half,
+            out.stride(0), out.stride(1), cos.stride(0),
+            BLOCK_P=next_power_of_2(num_splits), BLOCK_D=block_d, ROPE=rope is not None,
+            ROUND_BF16=round_out,
         )  # fmt: skip
     return out.to(q.dtype)

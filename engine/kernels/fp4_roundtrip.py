@@ -10,20 +10,23 @@ Per block of BLOCK channels of a row:
   out   = sign(y) * nearest e2m1 value of |y| (grid 0, .5, 1, 1.5, 2, 3, 4, 6; an exact
           midpoint goes to the lower value, the reference's bucketize rule) * scale
 
-Exact as the FP8 kernel (engine/kernels/fp8_roundtrip.py): the scale from amax's bits
-(amax <= 6 * 2^k <=> k >= e - 2 + [mantissa > 1.5]), x / scale an exact multiply by 2^-k,
-the grid value a sum of comparisons against the midpoints, q * scale exact.
+Exact as the FP8 kernel (engine/kernels/_device_math.py e2m1_qat): the scale from amax's
+bits, x / scale an exact multiply by 2^-k, the grid value a sum of comparisons against the
+midpoints, q * scale exact.
 
 Shapes: x [..., D] fp32 or bf16, contiguous, D a multiple of BLOCK. out like x.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from engine.attention import fp4_roundtrip as fp4_roundtrip_reference
+from engine.attention import _FP4_GRID, FP4_E2M1_MAX, _pow2_scale
 from engine.config import QAT_INDEXER_FP4_BLOCK
 from engine.kernels import use_triton
+from engine.kernels._device_math import e2m1_qat
 from engine.kernels._triton import jit
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
@@ -33,18 +36,25 @@ tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.
 def _fp4_roundtrip_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4)
-    bits = amax.to(tl.int32, bitcast=True)
-    k = ((bits >> 23) & 0xFF) - 127 - 2 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
-    scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
-    inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
-    y = tl.minimum(tl.maximum(x * inv, -6.0), 6.0)
-    v = tl.abs(y)
-    q = 0.5 * ((v > 0.25).to(tl.float32) + (v > 0.75).to(tl.float32)
-               + (v > 1.25).to(tl.float32) + (v > 1.75).to(tl.float32))
-    q += (v > 2.5).to(tl.float32) + (v > 3.5).to(tl.float32) + 2.0 * (v > 5.0).to(tl.float32)
-    q = tl.where(y < 0, -q, q)
-    tl.store(out_ptr + offs, (q * scale).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + offs, e2m1_qat(x, tl.max(tl.abs(x), axis=0)).to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _fp4_tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = torch.tensor(_FP4_GRID, device=device)
+    return grid, (grid[1:] + grid[:-1]) / 2
+
+
+def fp4_roundtrip_reference(x: torch.Tensor, block: int = QAT_INDEXER_FP4_BLOCK) -> torch.Tensor:
+    """engine.attention.fp4_roundtrip with its e2m1 grid made once per device: the model's
+    builds it with torch.tensor on every call, a host-to-device copy that a CUDA graph
+    cannot capture (the warm-up before a capture fills this cache)."""
+    xb = x.float().unflatten(-1, (-1, block))
+    scale = _pow2_scale(xb, FP4_E2M1_MAX)
+    y = (xb / scale).clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX)
+    grid, mids = _fp4_tables(str(x.device))
+    q = grid[torch.bucketize(y.abs(), mids)] * y.sign()
+    return (q * scale).flatten(-2).to(x.dtype)
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

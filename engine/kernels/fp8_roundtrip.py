@@ -10,13 +10,10 @@ Per row x[n] (D channels), for each block of BLOCK channels below `nope`:
   out   = e4m3(clamp(x / scale, +-448)) * scale       (e4m3: round to nearest even)
   channels >= nope: out = x
 
-No float op here can round differently from the reference's: the scale comes from amax's
-exponent and mantissa bits (amax <= 448 * 2^k <=> k >= e - 8 + [mantissa > 1.75]), dividing
-by it is an exact multiply by 2^-k, the e4m3 rounding is integer arithmetic on the fp32 bits
-(per-element shifts: 20 dropped bits for normals, 21..23 in e4m3's subnormal range, then
-the two cases below 2^-9), and q * scale has at most 4 significant bits, exact in bf16. (The
-reference's log2 can round up to an integer k for an amax within an ulp above 448 * 2^k; the
-exact rule here then picks 2^(k+1): measure zero for real activations.)
+No float op here can round differently from the reference's (engine/kernels/_device_math.py
+e4m3_qat: the scale from amax's bits, the e4m3 rounding in integer arithmetic on the fp32
+bits: 20 dropped bits for normals, 21..23 in e4m3's subnormal range, then the two cases
+below 2^-9); q * scale has at most 4 significant bits, exact in bf16.
 
 Shapes: x [N, D] bf16 or fp32, contiguous last dim; nope a multiple of BLOCK. out like x.
 """
@@ -28,6 +25,7 @@ import torch
 from engine.attention import fp8_roundtrip as fp8_roundtrip_reference
 from engine.config import QAT_KV_FP8_BLOCK
 from engine.kernels import use_triton
+from engine.kernels._device_math import e4m3_qat
 from engine.kernels._triton import cdiv, jit
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
@@ -43,23 +41,7 @@ def _fp8_roundtrip_kernel(
     mask = offs < dim
     x = tl.load(x_ptr + n * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if tl.program_id(1) * BLOCK < nope:
-        amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4)
-        bits = amax.to(tl.int32, bitcast=True)
-        k = ((bits >> 23) & 0xFF) - 127 - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-        scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
-        inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
-        y = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
-        a = tl.abs(y).to(tl.int32, bitcast=True)
-        e = ((a >> 23) & 0xFF) - 127
-        drop = 20 + tl.minimum(tl.maximum(-6 - e, 0), 3)  # 20 normal, 21..23 subnormal
-        lsb = ((a | 0x800000) >> drop) & 1  # the kept value's parity (implicit bit included)
-        r = (a + (1 << (drop - 1)) - 1 + lsb) & ~((1 << drop) - 1)
-        q = r.to(tl.float32, bitcast=True)
-        tiny = 0.001953125  # 2^-9, e4m3's smallest subnormal
-        q = tl.where(e == -10, tl.where(tl.abs(y) > 0.0009765625, tiny, 0.0), q)  # 2^-10 ties to 0
-        q = tl.where(e < -10, 0.0, q)
-        q = tl.where(y < 0, -q, q)
-        x = tl.where(offs < nope, q * scale, x)
+        x = tl.where(offs < nope, e4m3_qat(x, tl.max(tl.abs(x), axis=0)), x)
     tl.store(out_ptr + n * stride_o + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -40,6 +40,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.kernels import use_triton
+from engine.kernels._device_math import round_bf16
 from engine.kernels._triton import cdiv, jit, next_power_of_2, store_dtype
 from engine.kernels.rmsnorm_rope import rmsnorm
 
@@ -135,9 +136,8 @@ def _hc_mixes_kernel(
             mixed += comb_js[:, None] * res_j
         post_s = tl.load(post_ptr + rows_t * S + s, mask=t_mask, other=0.0)
         x = post_s[:, None] * y + mixed
-        if ROUND_BF16:  # the GEMV reads the bf16 streams hc_pre would read: round to nearest
-            bits = x.to(tl.int32, bitcast=True)  # even in integers (the interpreter truncates)
-            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        if ROUND_BF16:  # the GEMV reads the bf16 streams hc_pre would read
+            x = round_bf16(x)
         tl.store(h_ptrs, x.to(h_ptr.dtype.element_ty), mask=tk_mask)
     else:
         x = tl.load(h_ptrs, mask=tk_mask, other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_K]
@@ -251,9 +251,8 @@ def _hc_finish_kernel(
     ).to(tl.float32)  # [BLOCK_S, BLOCK_HID]
     x = tl.sum(pre[:, None] * streams, axis=0)
     if NORM:  # the sub-layer's RMSNorm of the bf16 x, as rmsnorm() computes it (BLOCK_HID >= H)
-        if ROUND_BF16:  # round to nearest even in integers (the interpreter truncates)
-            bits = x.to(tl.int32, bitcast=True)
-            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        if ROUND_BF16:
+            x = round_bf16(x)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / hidden + norm_eps)
         x = x * rstd * tl.load(normw_ptr + offs_hid, mask=hid_mask, other=0.0).to(tl.float32)
     tl.store(x_ptr + pid_n * stride_x_n + offs_hid, x.to(x_ptr.dtype.element_ty), mask=hid_mask)

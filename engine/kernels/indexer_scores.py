@@ -6,6 +6,8 @@ heads, and the caller keeps the top 512 (a stable sort: ties to the earlier entr
 
   scores[b, t] = sum_h w[b, h] * relu(q[b, h] . keys[s, t])   for t < (positions[b] + 1) // 4
                = -inf                                         otherwise
+  w[b, h]      = fp32(weights[b, h]) * weight_scale   (weights_proj's bf16 output and the
+                 indexer's constant: the decode step's cast and multiply, here for free)
 
 Algorithm: grid (entry blocks of BLOCK_T, rows). A program scores BLOCK_T entries for all
 heads with one tl.dot (q [Hi, Di] x k^T [Di, BLOCK_T], fp32 accumulation), then the ReLU,
@@ -19,7 +21,7 @@ exact in bf16, so the products are exact and only the fp32 summation order diffe
 reference; without QAT, q's bf16 rounding (2^-9 relative) can move near-tied entries.
 
 Shapes: B rows, Hi heads (64), Di head dim (128), S pool slots, N entries per slot.
-    q        [B, Hi, Di]  fp32 or the keys' dtype     weights [B, Hi] f32
+    q        [B, Hi, Di]  fp32 or the keys' dtype     weights [B, Hi] f32 / bf16 / f16
     keys     [S, N, Di]   bf16 (fp32 in tests)        slots, positions [B] int64
     scores   [B, N]       f32
 """
@@ -44,10 +46,12 @@ def indexer_scores_reference(
     positions: torch.Tensor,
     weights: torch.Tensor,
     ratio: int = RATIO_SPARSE,
+    weight_scale: float = 1.0,
 ) -> torch.Tensor:
     """Indexer.select_row's scores, batched over rows (one query each)."""
     k = keys[slots].float()  # [B, N, Di]
-    scores = (torch.einsum("bhd,btd->bht", q.float(), k).relu() * weights.unsqueeze(-1)).sum(1)
+    w = weights.float() * weight_scale
+    scores = (torch.einsum("bhd,btd->bht", q.float(), k).relu() * w.unsqueeze(-1)).sum(1)
     visible = torch.arange(keys.shape[1], device=q.device) < ((positions + 1) // ratio)[:, None]
     return scores.masked_fill(~visible, float("-inf"))
 
@@ -58,12 +62,13 @@ def _indexer_scores_kernel(
     keys_ptr,  # [S, N, Di]
     slots_ptr,  # [B] int64
     pos_ptr,  # [B] int64
-    w_ptr,  # [B, Hi] f32
+    w_ptr,  # [B, Hi] f32 / bf16 / f16
     out_ptr,  # [B, N] f32
     num_heads,
     head_dim,
     num_entries,
     ratio,
+    weight_scale,
     stride_q_b,
     stride_q_h,
     stride_k_s,
@@ -105,6 +110,7 @@ def _indexer_scores_kernel(
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_T]
         w = tl.load(w_ptr + pid_b * stride_w_b + offs_h, mask=h_mask, other=0.0)
+        w = w.to(tl.float32) * weight_scale
         score = tl.sum(tl.maximum(s, 0.0) * w[:, None], axis=0)
         out = tl.where(visible, score, float("-inf"))
     tl.store(out_ptr + pid_b * stride_o_b + offs_t, out, mask=offs_t < num_entries)
@@ -122,6 +128,7 @@ def indexer_scores(
     positions: torch.Tensor,
     weights: torch.Tensor,
     ratio: int = RATIO_SPARSE,
+    weight_scale: float = 1.0,
 ) -> torch.Tensor:
     """scores [B, N] fp32, -inf past each row's visible entries (see the module docstring)."""
     if q.dim() != 3 or keys.dim() != 3 or keys.shape[2] != q.shape[2]:
@@ -129,8 +136,8 @@ def indexer_scores(
             f"q must be [B, Hi, Di] and keys [S, N, Di], got {tuple(q.shape)}, {tuple(keys.shape)}"
         )
     B, Hi, Di = q.shape
-    if weights.shape != (B, Hi) or weights.dtype != torch.float32:
-        raise ValueError(f"weights must be float32 [{B}, {Hi}], got {weights.dtype} "
+    if weights.shape != (B, Hi) or not weights.is_floating_point():
+        raise ValueError(f"weights must be floating [{B}, {Hi}], got {weights.dtype} "
                          f"{tuple(weights.shape)}")  # fmt: skip
     for name, t in (("slots", slots), ("positions", positions)):
         if t.shape != (B,) or t.dtype != torch.int64:
@@ -138,7 +145,7 @@ def indexer_scores(
     if q.dtype not in (torch.float32, keys.dtype):
         raise ValueError(f"q must be float32 or the keys' dtype {keys.dtype}, got {q.dtype}")
     if not use_triton(q):
-        return indexer_scores_reference(q, keys, slots, positions, weights, ratio)
+        return indexer_scores_reference(q, keys, slots, positions, weights, ratio, weight_scale)
     if q.stride(2) != 1 or keys.stride(2) != 1 or weights.stride(1) != 1:
         raise ValueError("q, keys and weights must have contiguous last dims")
     N = keys.shape[1]
@@ -147,7 +154,7 @@ def indexer_scores(
         return out.fill_(float("-inf"))
     _indexer_scores_kernel[(cdiv(N, BLOCK_T), B)](
         q, keys, slots, positions, weights, out,
-        Hi, Di, N, ratio,
+        Hi, Di, N, ratio, weight_scale,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), weights.stride(0), out.stride(0),
         BLOCK_H=max(16, next_power_of_2(Hi)), BLOCK_D=max(16, next_power_of_2(Di)),
         BLOCK_T=BLOCK_T,

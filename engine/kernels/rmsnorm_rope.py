@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from engine.kernels import use_triton
+from engine.kernels._device_math import round_bf16
 from engine.kernels._triton import cdiv, jit, next_power_of_2, store_dtype
 from engine.rope import apply_rope
 
@@ -105,13 +106,9 @@ def _rmsnorm_rope_kernel(
             x = x * tl.load(w_ptr + offs_d, mask=offs_d < head_dim, other=0.0).to(tl.float32)
             a = a * tl.load(w_ptr + even, mask=offs_r < rope_half, other=0.0).to(tl.float32)
             b = b * tl.load(w_ptr + even + 1, mask=offs_r < rope_half, other=0.0).to(tl.float32)
-        if ROUND_BF16:  # the reference rotates the bf16 normed row: round a, b to nearest even
-            a_bits = a.to(tl.int32, bitcast=True)
-            a_bits = (a_bits + 0x7FFF + ((a_bits >> 16) & 1)) & -65536
-            a = a_bits.to(tl.float32, bitcast=True)
-            b_bits = b.to(tl.int32, bitcast=True)
-            b_bits = (b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & -65536
-            b = b_bits.to(tl.float32, bitcast=True)
+        if ROUND_BF16:  # the reference rotates the bf16 normed row
+            a = round_bf16(a)
+            b = round_bf16(b)
     tl.store(rows_o + offs_d[None, :], x.to(out_ptr.dtype.element_ty),
              mask=h_mask[:, None] & (offs_d < nope)[None, :])  # fmt: skip
 

@@ -124,6 +124,42 @@ def test_key_splits_agree(num_splits: int) -> None:
     assert_close(got, want, name=f"splits={num_splits}", **FP32_TOL)
 
 
+def rope_case(case: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, R/2] of random query positions (R = 64 real, 16 on the CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.rand(case["q"].shape[0], (64 if CUDA else 16) // 2, generator=g) * 100
+    return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_inverse_rope(num_splits: int, dtype: torch.dtype) -> None:
+    """rope=(cos, sin): the writing kernel (the main one with one split, the combine kernel
+    otherwise) turns the output back: the reference chain (attention, then apply_rope(inverse)
+    of its rounded output), and the same kernel's unfused output rotated by the reference
+    rope to within one output rounding (bf16: an fp32 ulp of a contracted multiply-add can
+    flip it; fp32: a few ulps)."""
+    case = make_case(ROWS, "sparse", dtype, seed=21 + num_splits,
+                     positions=None if CUDA else [2, RING - 1, 33])
+    cos, sin = rope_case(case, seed=5)
+    want = da.decode_attention_reference(**case)
+    want = da.rope_reference(want, cos, sin, inverse=True)
+    block_n = 16 if CUDA else 4
+    got = da.launch(**case, block_n=block_n, num_splits=num_splits, rope=(cos, sin))
+    plain = da.launch(**case, block_n=block_n, num_splits=num_splits)
+    assert_close(got, want, name=f"fused rope, {num_splits} splits",
+                 **(BF16_TOL if dtype == torch.bfloat16 else FP32_TOL))
+    turned = da.rope_reference(plain, cos, sin, inverse=True)
+    if dtype == torch.bfloat16:
+        assert_close(got, turned, name="vs unfused", atol=2**-20, rtol=2**-7)
+        differ = (got != turned).float().mean().item()
+        assert differ < 0.01, f"{differ:.2%} of elements differ from the unfused rotation"
+    else:
+        assert_close(got, turned, name="vs unfused", atol=1e-6, rtol=1e-6)
+    with mode("reference"):
+        assert torch.equal(da.decode_attention(**case, rope=(cos, sin)), want)
+
+
 def test_positions_around_window_edge() -> None:
     """p = 0 (one key), p = W-2 (ring one short), p = W-1 (full), p = W (wrapped once)."""
     positions = [0, RING - 2, RING - 1, RING]

@@ -71,6 +71,22 @@ def test_matches_reference(batch: int, dtype: torch.dtype) -> None:
         assert_close(got[visible], want[visible], name="scores", **TOL)
 
 
+def test_bf16_weights_with_the_scale_are_the_decode_steps_cast_and_multiply() -> None:
+    """weights_proj's bf16 output and the constant go in as they are: the same scores as the
+    fp32 weights the step computed before (w.float() * scale, the same fp32 product)."""
+    case = make_case(ROWS, torch.bfloat16, seed=6)
+    scale = DIM**-0.5 * HEADS**-0.5
+    raw = (case["weights"] / scale).to(torch.bfloat16)
+    want = ix.indexer_scores_reference(**{**case, "weights": raw.float() * scale})
+    with mode("triton"):
+        got = ix.indexer_scores(**{**case, "weights": raw}, weight_scale=scale)
+    visible = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), visible)
+    assert_close(got[visible], want[visible], name="scaled bf16 weights", **TOL)
+    assert torch.equal(ix.indexer_scores_reference(**{**case, "weights": raw}, weight_scale=scale),
+                       want)
+
+
 def test_nothing_visible_yet() -> None:
     case = make_case(2, torch.float32, seed=3, positions=[0, 2])  # (p + 1) // 4 == 0
     with mode("triton"):
@@ -93,7 +109,7 @@ def test_reference_matches_select_row_formula() -> None:
 
 def test_rejects_bad_inputs() -> None:
     case = make_case(2, torch.float32, seed=0)
-    with pytest.raises(ValueError, match="weights must be float32"):
+    with pytest.raises(ValueError, match="weights must be floating"):
         ix.indexer_scores(**{**case, "weights": case["weights"][:, :-1]})
     with pytest.raises(ValueError, match="slots must be int64"):
         ix.indexer_scores(**{**case, "slots": case["slots"].int()})
