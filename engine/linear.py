@@ -148,6 +148,16 @@ class Linear(nn.Module):
             return ggml_linear(x, self.weight, self.format)
         return F.linear(x, self.dense_weight(x.dtype))
 
+    def forward_swiglu(self, gu: torch.Tensor) -> torch.Tensor:
+        """self(swiglu(gu)) for gu = gate | up [..., 2 * in_features] (the shared expert's
+        w2): an FP8 layer applies the SwiGLU inside its GEMV (engine.kernels.fp8_linear)."""
+        if self.format == WeightFormat.FP8:
+            return fp8_linear(gu, self.weight, self.scale, act_quant=act_quant_enabled(),
+                              swiglu=True)
+        from engine.kernels.swiglu import swiglu
+
+        return self(swiglu(gu.reshape(-1, gu.shape[-1])).view(*gu.shape[:-1], -1))
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 

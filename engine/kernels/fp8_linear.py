@@ -72,7 +72,9 @@ import torch.nn.functional as F
 
 from engine import formats as fm
 from engine.kernels import use_triton
+from engine.kernels._device_math import round_bf16
 from engine.kernels._triton import LazyModule
+from engine.kernels.swiglu import swiglu as swiglu_op
 
 # Imported at the first launch (`_lazy.materialize`): the base install has no triton, and a CPU
 # test session must set TRITON_INTERPRET before triton is imported at all.
@@ -132,6 +134,7 @@ def _fp8_linear_kernel(
     count_ptr,  # int32 [row tiles] arrival counters, 0 between launches (SPLIT only)
     # sizes
     M, N, K, kb_per_split,
+    u_offset,   # elements from x's gate half to its up half (SWIGLU only)
     # strides
     stride_xm, stride_xg, stride_xk,
     stride_wn,
@@ -140,6 +143,7 @@ def _fp8_linear_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
     ACT_QUANT: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+    SWIGLU: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     BK: tl.constexpr = 128
     pid_n = tl.program_id(0)  # over G * cdiv(N, BLOCK_N) row tiles
@@ -174,11 +178,14 @@ def _fp8_linear_kernel(
             w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         sw = _e8m0_to_f32(tl.load(s_ptrs + kb * stride_sk, mask=mask_n, other=127).to(tl.int32))
         if USE_DOT:
-            if EVEN_K:
-                xt = tl.load(xt_ptrs + k0 * stride_xk, mask=mask_m[None, :], other=0.0)
+            if EVEN_K:  # noqa: SIM108 (a constexpr branch)
+                x_mask = mask_m[None, :]
             else:
-                xt = tl.load(xt_ptrs + k0 * stride_xk, mask=mask_k[:, None] & mask_m[None, :],
-                             other=0.0)
+                x_mask = mask_k[:, None] & mask_m[None, :]
+            xt = tl.load(xt_ptrs + k0 * stride_xk, mask=x_mask, other=0.0)
+            if SWIGLU:
+                ut = tl.load(xt_ptrs + k0 * stride_xk + u_offset, mask=x_mask, other=0.0)
+                xt = _swiglu_x(xt, ut, ROUND_BF16)
             if ACT_QUANT:
                 xf = xt.to(tl.float32)
                 sa = _act_scale(tl.max(tl.abs(xf), axis=0))                  # [BLOCK_M]
@@ -194,10 +201,17 @@ def _fp8_linear_kernel(
                 acc += part * sw[:, None]
         else:
             if EVEN_K:
-                xr = tl.load(x_base + (k0 + offs_k) * stride_xk).to(tl.float32)
+                xr = tl.load(x_base + (k0 + offs_k) * stride_xk)
             else:
                 xr = tl.load(x_base + (k0 + offs_k) * stride_xk, mask=mask_k, other=0.0)
-                xr = xr.to(tl.float32)
+            if SWIGLU:
+                if EVEN_K:
+                    ur = tl.load(x_base + (k0 + offs_k) * stride_xk + u_offset)
+                else:
+                    ur = tl.load(x_base + (k0 + offs_k) * stride_xk + u_offset, mask=mask_k,
+                                 other=0.0)
+                xr = _swiglu_x(xr, ur, ROUND_BF16)
+            xr = xr.to(tl.float32)
             if ACT_QUANT:
                 sa1 = _act_scale(tl.max(tl.abs(xr), axis=0))
                 xr = _quant_e4m3(xr, 1.0 / sa1) * sa1  # exact: e4m3 value times a power of 2
@@ -226,6 +240,17 @@ def _fp8_linear_kernel(
             tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch
     else:
         tl.store(out_ptr + offs_out, result, mask=mask_out)
+
+
+@_lazy.mark
+def _swiglu_x(g, u, ROUND_BF16: tl.constexpr):
+    """engine/kernels/swiglu.py's h = silu(g) * u in fp32, rounded to g's dtype (nearest even
+    in integers when bf16: the interpreter's cast truncates)."""
+    gf = g.to(tl.float32)
+    h = gf * tl.sigmoid(gf) * u.to(tl.float32)
+    if ROUND_BF16:
+        h = round_bf16(h)
+    return h.to(g.dtype)
 
 
 # -- configs -----------------------------------------------------------------------------
@@ -326,9 +351,11 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
 
 
 def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: int,
-            cfg: Fp8LinearConfig, act_quant: bool) -> torch.Tensor:
-    """x3 [M, G, K] -> [M, G, N] through the decode kernel (split-K reduced in the kernel)."""
-    m, g, k = x3.shape
+            cfg: Fp8LinearConfig, act_quant: bool, swiglu: bool = False) -> torch.Tensor:
+    """x3 [M, G, K] (or [M, G, 2K]: the SwiGLU's gate | up, swiglu) -> [M, G, N] through the
+    decode kernel (split-K reduced in the kernel)."""
+    m, g = x3.shape[:2]
+    k = weight.shape[1]
     num_kb = -(-k // BLOCK_K)
     split = max(1, min(cfg.split_k, num_kb))
     kb_per_split = -(-num_kb // split)
@@ -345,7 +372,7 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
     use_dot = cfg.use_dot or m > 1  # the FMA path handles exactly one row
     _fp8_linear_kernel[(tiles, split)](
         x3, weight, scale_u8, out, part, counters,
-        m, n, k, kb_per_split,
+        m, n, k, kb_per_split, k * x3.stride(2),
         x3.stride(0), x3.stride(1), x3.stride(2),
         weight.stride(0),
         scale_u8.stride(0), scale_u8.stride(1),
@@ -353,19 +380,21 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
         BLOCK_M=16 if m <= 16 else 32, BLOCK_N=cfg.block_n, USE_DOT=use_dot,
         ACT_QUANT=act_quant, DOT_F32=x3.dtype == torch.float32 or not x3.is_cuda,
         EVEN_K=k % BLOCK_K == 0, SPLIT=split > 1,
+        SWIGLU=swiglu, ROUND_BF16=x3.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
 def _config_for(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: int,
-                act_quant: bool) -> Fp8LinearConfig:
+                act_quant: bool, swiglu: bool = False) -> Fp8LinearConfig:
     if _state["pinned"] is not None:
         return _state["pinned"]
-    m, g, k = x3.shape
+    m, g = x3.shape[:2]
+    k = weight.shape[1]
     mb = m_bucket(m)
     candidates = _candidate_configs(mb, g * n, k, _num_sms(x3.device))
-    key = (mb, g, n, k, x3.dtype, act_quant, str(x3.device))
+    key = (mb, g, n, k, x3.dtype, act_quant, str(x3.device)) + (("swiglu",) if swiglu else ())
     if key in _tuned:
         return _tuned[key]
     tunable = (_state["autotune"] and x3.is_cuda and len(candidates) > 1
@@ -374,8 +403,8 @@ def _config_for(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, 
         return candidates[0]
     from triton.testing import do_bench
 
-    probe = torch.randn(mb, g, k, device=x3.device, dtype=x3.dtype)
-    times = [do_bench(lambda c=c: _launch(probe, weight, scale_u8, n, c, act_quant),
+    probe = torch.randn(mb, g, x3.shape[2], device=x3.device, dtype=x3.dtype)
+    times = [do_bench(lambda c=c: _launch(probe, weight, scale_u8, n, c, act_quant, swiglu),
                       warmup=2, rep=10) for c in candidates]
     _tuned[key] = candidates[min(range(len(times)), key=times.__getitem__)]
     return _tuned[key]
@@ -399,30 +428,40 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, rows: int
 
 
 def _grouped(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, n: int,
-             act_quant: bool) -> torch.Tensor:
-    """[M, G, K] -> [M, G, N]: Triton for decode, dequant + matmul for prefill / reference."""
+             act_quant: bool, swiglu: bool = False) -> torch.Tensor:
+    """[M, G, K] -> [M, G, N]: Triton for decode, dequant + matmul for prefill / reference.
+    swiglu: x3 is [M, 1, 2K], the decode kernel applies the SwiGLU as it loads x."""
     m = x3.shape[0]
     if use_triton(x3) and m <= MAX_DECODE_ROWS:
         scale_u8 = scale.view(torch.uint8)
-        return _launch(x3, weight, scale_u8, n, _config_for(x3, weight, scale_u8, n, act_quant),
-                       act_quant)
+        cfg = _config_for(x3, weight, scale_u8, n, act_quant, swiglu)
+        return _launch(x3, weight, scale_u8, n, cfg, act_quant, swiglu)
+    if swiglu:
+        x3 = swiglu_op(x3[:, 0]).unsqueeze(1)
     if use_triton(x3):
         return _prefill(x3, weight, scale, n, act_quant)
     return fp8_linear_reference(x3, weight, scale, n, act_quant=act_quant)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *,
-               act_quant: bool = False) -> torch.Tensor:
-    """x [..., K] @ dequant(weight [N, K], scale).T -> [..., N] in x.dtype."""
-    k = x.shape[-1]
-    _check(x, weight, scale, weight.shape[0], k)
+               act_quant: bool = False, swiglu: bool = False) -> torch.Tensor:
+    """x [..., K] @ dequant(weight [N, K], scale).T -> [..., N] in x.dtype. swiglu: x is
+    [..., 2K], gate | up, and the product is with swiglu(x) (engine/kernels/swiglu.py),
+    applied by the GEMV as it reads x (one launch fewer: the shared expert's w2)."""
+    k = weight.shape[1] if weight.dim() == 2 else x.shape[-1]
+    if swiglu and x.shape[-1] != 2 * k:
+        raise ValueError(f"fp8_linear: swiglu wants x [..., {2 * k}] (gate | up), got "
+                         f"{list(x.shape)}")
+    _check(x[..., :k] if swiglu else x, weight, scale, weight.shape[0], k)
     n = weight.shape[0]
     if not use_triton(x):  # the oracle, exactly engine.linear's plain path when act_quant is off
+        if swiglu:
+            x = swiglu_op(x.reshape(-1, 2 * k)).view(*x.shape[:-1], k)
         if act_quant:
             x = act_dequant(*act_quant_reference(x), x.dtype)
         return F.linear(x, fm.dequantize_fp8(weight, scale, x.dtype))
     lead = x.shape[:-1]
-    out = _grouped(x.reshape(-1, 1, k), weight, scale, n, act_quant)
+    out = _grouped(x.reshape(-1, 1, x.shape[-1]), weight, scale, n, act_quant, swiglu)
     return out.view(*lead, n)
 
 

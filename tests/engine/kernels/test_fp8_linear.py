@@ -157,6 +157,29 @@ def test_split_k_leaves_its_counters_at_zero(use_dot, triton_mode, poisoned_empt
         assert int(fl._arrival_counters(x.device).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", (1, 3, 40), ids=("fma", "dot", "prefill"))
+def test_swiglu_prologue_is_w2_of_the_swiglu(m, dtype, triton_mode, poisoned_empty):
+    """swiglu=True: the GEMV reads gate | up and multiplies swiglu(gu), rounded to x's dtype
+    as the SwiGLU kernel rounds it (so the operand is the same bits), for the FMA and dot
+    paths with split-K and for prefill rows (the SwiGLU kernel, then the dense path)."""
+    from engine.kernels.swiglu import swiglu_reference
+
+    n, k = (4096, 2048) if ON_GPU else (200, 320)  # the shared expert's w2; odd on the CPU
+    q, s = random_fp8(n, k, seed=27)
+    gu = random_x((m, 2 * k), dtype, seed=28) * 2
+    h = swiglu_reference(gu)
+    ref, tol = expected(h, q, s, 1, False)
+    if m <= fl.MAX_DECODE_ROWS:
+        fl.pin_config(fl.Fp8LinearConfig(block_n=16, split_k=2, use_dot=m > 1))
+    y = fl.fp8_linear(gu, q, s, swiglu=True)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert_close_verbose(y, ref, tol, f"swiglu M={m}")
+    fl.pin_config(None)
+    with pytest.raises(ValueError, match="swiglu wants"):
+        fl.fp8_linear(gu[:, :-2], q, s, swiglu=True)
+
+
 def test_act_quant_reference_is_deepseeks_formula():
     """act_quant_reference against DeepSeek-V4's formula written out with log2 (on blocks
     away from powers of two, where log2 is exact enough), plus the floor and the edges."""
