@@ -20,8 +20,8 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.kernels import decode_attention as da
 from engine.kernels import (
+    cache_rows,
     fp4_roundtrip,
     fp8_roundtrip,
     hc,
@@ -29,6 +29,7 @@ from engine.kernels import (
     indexer_topk,
     rmsnorm_rope,
 )
+from engine.kernels import decode_attention as da
 
 BF, F32, I64, I32, FP = "*bf16", "*fp32", "*i64", "i32", "fp32"
 
@@ -37,7 +38,9 @@ def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int
     import triton
     from triton.backends.compiler import GPUTarget
 
-    wrapper.fn.__globals__["tl"] = triton.language
+    from engine.kernels._triton import _bind
+
+    _bind(wrapper.fn.__globals__, triton)  # tl and the shared device functions
     kernel = triton.jit(wrapper.fn)
     signature = {a: "constexpr" if a in consts else types[a] for a in kernel.arg_names}
     target = GPUTarget("cuda", 90, 32)
@@ -69,12 +72,15 @@ def kernels() -> list[tuple]:
         out_ptr=BF,
         part_o_ptr=F32,
         part_ml_ptr=F32,
+        cos_ptr=F32,
+        sin_ptr=F32,
         num_heads=I32,
         head_dim=I32,
         window=I32,
         num_sel=I32,
         keys_per_split=I32,
         qk_scale=FP,
+        rope_half=I32,
         **strides(
             "stride_q_b",
             "stride_q_h",
@@ -85,6 +91,7 @@ def kernels() -> list[tuple]:
             "stride_i_b",
             "stride_o_b",
             "stride_o_h",
+            "stride_c_b",
         ),
     )
     attn_c = dict(
@@ -95,16 +102,21 @@ def kernels() -> list[tuple]:
         ONE_SPLIT=False,
         DOT_PRECISION=None,
         UPCAST_DOT=False,
+        ROPE=True,
+        ROUND_BF16=True,
     )
     combine = dict(
         part_o_ptr=F32,
         part_ml_ptr=F32,
         sink_ptr=F32,
         out_ptr=BF,
+        cos_ptr=F32,
+        sin_ptr=F32,
         num_heads=I32,
         head_dim=I32,
         num_splits=I32,
-        **strides("stride_o_b", "stride_o_h"),
+        rope_half=I32,
+        **strides("stride_o_b", "stride_o_h", "stride_c_b"),
     )
     mixes = dict(
         h_ptr=BF,
@@ -129,6 +141,7 @@ def kernels() -> list[tuple]:
         scale_ptr=F32,
         base_ptr=F32,
         x_ptr=BF,
+        normw_ptr=BF,
         post_ptr=F32,
         comb_ptr=F32,
         num_streams=I32,
@@ -137,9 +150,11 @@ def kernels() -> list[tuple]:
         rms_eps=FP,
         hc_eps=FP,
         sinkhorn_iters=I32,
+        norm_eps=FP,
         **strides("stride_h_n", "stride_h_s", "stride_x_n"),
     )
-    finish_c = dict(BLOCK_S=4, BLOCK_P=128, BLOCK_M=32, BLOCK_HID=hc.BLOCK_HID)
+    finish_c = dict(BLOCK_S=4, BLOCK_P=128, BLOCK_M=32, BLOCK_HID=4096, NORM=True,
+                    ROUND_BF16=True)
     post = dict(
         y_ptr=BF,
         res_ptr=BF,
@@ -160,6 +175,7 @@ def kernels() -> list[tuple]:
         head_dim=I32,
         num_entries=I32,
         ratio=I32,
+        weight_scale=FP,
         **strides(
             "stride_q_b", "stride_q_h", "stride_k_s", "stride_k_n", "stride_w_b", "stride_o_b"
         ),
@@ -180,17 +196,23 @@ def kernels() -> list[tuple]:
         **strides("stride_x_n", "stride_x_h", "stride_c_n", "stride_o_n", "stride_o_h"),
     )
     norm_c = dict(NORM=True, HAS_WEIGHT=True, INVERSE=False, ROUND_BF16=True)
+    rows = dict(
+        x_ptr=BF, w_ptr=BF, cos_ptr=F32, sin_ptr=F32, out_ptr=BF, slot_ptr=I64, row_ptr=I64,
+        num_rows=I32, heads=I32, dim=I32, rope_half=I32, eps=FP, hadamard_scale=FP,
+        **strides("stride_x_n", "stride_x_h", "stride_c_n", "stride_o_a", "stride_o_b"),
+    )
+    rows_c = dict(NORM=True, HAS_WEIGHT=True, ROUND_X=True, SCATTER=True, ROUND_OUT=True)
     return [
         ("decode_attention", da._decode_attention_kernel, attn, attn_c, da.DEFAULT_NUM_WARPS),
         ("decode_attention one split", da._decode_attention_kernel, attn,
          {**attn_c, "ONE_SPLIT": True}, da.DEFAULT_NUM_WARPS),
         ("decode_attention combine", da._decode_attention_combine_kernel, combine,
-         dict(BLOCK_P=16, BLOCK_D=512), 4),
+         dict(BLOCK_P=16, BLOCK_D=512, ROPE=True, ROUND_BF16=True), 4),
         ("hc_mixes", hc._hc_mixes_kernel, mixes, {**mixes_c, "EXPAND": False}, 4),
         ("hc_mixes expand (hc_post_pre)", hc._hc_mixes_kernel, mixes, {**mixes_c, "EXPAND": True},
          4),
-        ("hc_finish", hc._hc_finish_kernel, finish, {**finish_c, "HEAD": False}, 4),
-        ("hc_finish head", hc._hc_finish_kernel, finish, {**finish_c, "HEAD": True}, 4),
+        ("hc_finish", hc._hc_finish_kernel, finish, {**finish_c, "HEAD": False}, 8),
+        ("hc_finish head", hc._hc_finish_kernel, finish, {**finish_c, "HEAD": True}, 8),
         ("hc_post", hc._hc_post_kernel, post, dict(S=4, BLOCK_S=4, BLOCK_HID=hc.BLOCK_HID), 4),
         ("indexer_scores", indexer_scores._indexer_scores_kernel, scores,
          dict(BLOCK_H=64, BLOCK_D=128, BLOCK_T=indexer_scores.BLOCK_T, DOT_PRECISION=None,
@@ -206,6 +228,17 @@ def kernels() -> list[tuple]:
          dict(BLOCK=64), 4),
         ("fp4_roundtrip (QAT indexer)", fp4_roundtrip._fp4_roundtrip_kernel,
          dict(x_ptr=F32, out_ptr=F32), dict(BLOCK=32), 4),
+        ("cache_rows kv (FP8, window)", cache_rows._cache_rows_kernel, rows,
+         dict(BLOCK_ROWS=1, BLOCK_D=512, LOG2_D=9, QAT=1, **rows_c), 4),
+        ("cache_rows entry (FP8, fp32 in)", cache_rows._cache_rows_kernel,
+         {**rows, "x_ptr": F32}, dict(BLOCK_ROWS=4, BLOCK_D=512, LOG2_D=9, QAT=1, **{**rows_c,
+                                                                          "ROUND_X": False}), 4),
+        ("cache_rows index key (FP4)", cache_rows._cache_rows_kernel, {**rows, "x_ptr": F32},
+         dict(BLOCK_ROWS=1, BLOCK_D=128, LOG2_D=7, QAT=2, **{**rows_c, "ROUND_X": False}), 4),
+        ("cache_rows index query (FP4)", cache_rows._cache_rows_kernel,
+         {**rows, "out_ptr": F32},
+         dict(BLOCK_ROWS=4, BLOCK_D=128, LOG2_D=7, QAT=2, NORM=False, HAS_WEIGHT=False, ROUND_X=True,
+              SCATTER=False, ROUND_OUT=False), 4),
     ]  # fmt: skip
 
 

@@ -9,6 +9,9 @@ gives the reference's values on both. Kernels import these names and call them l
   round_bf16(x)        fp32 -> the nearest bf16 value (ties to even), still fp32
   e4m3_qat(x, amax)    engine.attention.fp8_roundtrip of x given its block's max |x|
   e2m1_qat(x, amax)    engine.attention.fp4_roundtrip of x given its block's max |x|
+  hadamard_rows(y, scale, ROWS, D, LOG2_D)
+                       y [ROWS, D] times the Sylvester Hadamard matrix times scale: the
+                       fast Walsh-Hadamard butterfly (D = 2^LOG2_D), one index bit a stage
   rotate_pairs(x, cos, sin, rot, ROWS, D)
                        engine.rope.apply_rope of a [ROWS, D] tile: interleaved pairs
                        (2i, 2i+1) with rot[i] turn by cos / sin [ROWS, D/2]; others stay
@@ -79,3 +82,17 @@ def rotate_pairs(x, cos, sin, rot, ROWS: tl.constexpr, D: tl.constexpr):
     ra = tl.where(rot[None, :], a * cos - b * sin, a)
     rb = tl.where(rot[None, :], a * sin + b * cos, b)
     return tl.reshape(tl.join(ra, rb), [ROWS, D])
+
+
+@helper
+def hadamard_rows(y, scale, ROWS: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr):
+    # pairs (i, i ^ 2^b) with bit b of i clear -> (lo + hi, lo - hi): H[i, j] = (-1)^|i & j|.
+    # Reshapes and size-2 reductions only: a [D, D] matrix for tl.dot would spill (7 KB a
+    # thread at D = 128, bench/kernels/compile_check.py)
+    for b in tl.static_range(LOG2_D):
+        y4 = tl.reshape(y, [ROWS, D // (2 << b), 2, 1 << b])
+        pick = tl.arange(0, 2)[None, None, :, None]
+        lo = tl.sum(tl.where(pick == 0, y4, 0.0), axis=2)[:, :, None, :]
+        hi = tl.sum(tl.where(pick == 1, y4, 0.0), axis=2)[:, :, None, :]
+        y = tl.reshape(tl.where(pick == 0, lo + hi, lo - hi), [ROWS, D])
+    return y * scale

@@ -17,10 +17,10 @@ the cast of the index_put):
   qat "fp4": y = fp4_roundtrip(hadamard(y)) in blocks of 32, fp32
   the destination gets y in its dtype (bf16: rounded to nearest even)
 
-Every value equals the unfused chain's bit for bit, except under qat "fp4": the Hadamard's
-fp32 sums run in tl.dot's order instead of the reference matmul's, so a value that lands
-within a few ulps of an e2m1 rounding midpoint can take the neighbouring grid value (the
-test bounds exactly that).
+The kernel computes the unfused chain's fp32 formulas; its sums (the norm's, the Hadamard's:
+a butterfly scaled once at the end, where the reference matmul sums products with the
+scaled matrix) run in another order, so a value that lands within a few ulps of a bf16 /
+e4m3 / e2m1 rounding midpoint can take the neighbouring value (the test bounds exactly that).
 
 Why fuse: at batch 1 each of those kernels moves 1..16 KB and costs its launch (~2 us in a
 graph); per 43-layer step this file replaces about 350 launches with 125.
@@ -28,8 +28,8 @@ graph); per 43-layer step this file replaces about 350 launches with 125.
 Algorithm: one program per block of rows (a row is one token's vector, or one head of it).
 Each channel is loaded together with its RoPE partner (channel ^ 1), so the interleaved
 pairs rotate without shuffles and the whole row stays one [rows, D] tile, which the QAT
-blocks (a reshape) and the Hadamard (a dot with the +-1/sqrt(D) Sylvester matrix, made from
-the parity of i & j in registers) need. Hadamard rows go 16 to a program (tl.dot's least M).
+blocks (a reshape) and the Hadamard (engine/kernels/_device_math.py hadamard_rows: the
+butterfly on reshapes, no [D, D] matrix in registers) need.
 
 Shapes: N tokens, Hx heads (1 for the cache rows), D channels, S pool slots, L rows a slot.
     x [N, D] or [N, Hx, D] bf16 / fp32      weight [D]     cos, sin [N, R/2] fp32
@@ -46,7 +46,7 @@ from engine.attention import _hadamard, hadamard
 from engine.attention import fp8_roundtrip as fp8_roundtrip_reference
 from engine.config import QAT_INDEXER_FP4_BLOCK, QAT_KV_FP8_BLOCK
 from engine.kernels import use_triton
-from engine.kernels._device_math import e2m1_qat, e4m3_qat, round_bf16
+from engine.kernels._device_math import e2m1_qat, e4m3_qat, hadamard_rows, round_bf16
 from engine.kernels._triton import cdiv, jit, next_power_of_2
 from engine.kernels.fp4_roundtrip import fp4_roundtrip_reference
 from engine.kernels.rmsnorm_rope import rmsnorm_rope_reference, rope_reference
@@ -55,8 +55,7 @@ tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.
 
 Norm = tuple[torch.Tensor, float]  # an RMSNorm's (weight [D], eps)
 QAT_CODES = {None: 0, "fp8": 1, "fp4": 2}
-BLOCK_ROWS_DOT = 16  # Hadamard rows a program: tl.dot's smallest M
-BLOCK_ROWS = 4  # other rows a program: 4 x 512 fp32 and its partners, 32 values a thread
+BLOCK_ROWS = 4  # rows a program: 4 x 512 fp32 and their partners, 32 values a thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +101,7 @@ def _cache_rows_kernel(
     stride_o_b,  # dst's row stride, or out's head stride
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    LOG2_D: tl.constexpr,
     NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ROUND_X: tl.constexpr,
@@ -149,14 +149,7 @@ def _cache_rows_kernel(
         in_nope = (tl.arange(0, BLOCK_D // 64) * 64 < nope)[None, :, None]
         y = tl.reshape(tl.where(in_nope, q, yb), [BLOCK_ROWS, BLOCK_D])
     if QAT == 2:  # Hadamard (BLOCK_D == D, a power of two), then FP4 in blocks of 32
-        i = tl.arange(0, BLOCK_D)
-        v = i[:, None] & i[None, :]
-        v = v ^ (v >> 8)
-        v = v ^ (v >> 4)
-        v = v ^ (v >> 2)
-        v = v ^ (v >> 1)  # bit 0: the parity of i & j (D <= 2^16)
-        sylvester = tl.where((v & 1) == 1, -hadamard_scale, hadamard_scale)  # [D, D]
-        z = tl.dot(y, sylvester, input_precision="ieee")
+        z = hadamard_rows(y, hadamard_scale, BLOCK_ROWS, BLOCK_D, LOG2_D)
         zb = tl.reshape(z, [BLOCK_ROWS, BLOCK_D // 32, 32])
         y = tl.reshape(e2m1_qat(zb, tl.max(tl.abs(zb), axis=2)[:, :, None]),
                        [BLOCK_ROWS, BLOCK_D])  # fmt: skip
@@ -214,7 +207,7 @@ def _launch(x, cos, sin, norm, qat, nope, out, stride_a, stride_b, slots, rows) 
         return
     if qat == "fp8" and nope == 0:
         qat = None
-    block_rows = BLOCK_ROWS_DOT if qat == "fp4" else min(BLOCK_ROWS, next_power_of_2(num_rows))
+    block_rows = min(BLOCK_ROWS, next_power_of_2(num_rows))
     weight = norm[0] if norm is not None else None
     scatter = slots is not None
     _cache_rows_kernel[(cdiv(num_rows, block_rows),)](
@@ -223,7 +216,8 @@ def _launch(x, cos, sin, norm, qat, nope, out, stride_a, stride_b, slots, rows) 
         num_rows, heads, d, cos.shape[1], norm[1] if norm is not None else 0.0,
         _hadamard_entry(d) if qat == "fp4" else 0.0,
         x3.stride(0), x3.stride(1), cos.stride(0), stride_a, stride_b,
-        BLOCK_ROWS=block_rows, BLOCK_D=next_power_of_2(d), NORM=norm is not None,
+        BLOCK_ROWS=block_rows, BLOCK_D=next_power_of_2(d),
+        LOG2_D=next_power_of_2(d).bit_length() - 1, NORM=norm is not None,
         HAS_WEIGHT=weight is not None, ROUND_X=x.dtype == torch.bfloat16,
         QAT=QAT_CODES[qat], SCATTER=scatter, ROUND_OUT=out.dtype == torch.bfloat16,
     )  # fmt: skip

@@ -2,7 +2,7 @@
 trip, then the index_put), at the decode step's four row kinds.
 
 CPU: TRITON_INTERPRET=1 at the tiny configuration's sizes (D 128, R 64, so the FP8 prefix is
-one 64-block; 5 query heads: a partial 16-row Hadamard block). CUDA: the real ones (kv and
+one 64-block; 5 query heads: a partial block of 4 rows). CUDA: the real ones (kv and
 entries D 512 with a 448-channel FP8 prefix, indexer D 128, 64 query heads), 32 tokens.
 
 Tolerances, by what can differ: the kernel computes the reference's fp32 formulas, but its
