@@ -30,6 +30,7 @@ from engine.kernels import (
     rmsnorm_rope,
 )
 from engine.kernels import decode_attention as da
+from engine.kernels import fp8_linear as fl
 
 BF, F32, I64, I32, FP = "*bf16", "*fp32", "*i64", "i32", "fp32"
 
@@ -40,8 +41,9 @@ def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int
 
     from engine.kernels._triton import _bind
 
-    _bind(wrapper.fn.__globals__, triton)  # tl and the shared device functions
-    kernel = triton.jit(wrapper.fn)
+    fn = wrapper.fn  # engine.kernels._triton.jit, or a materialised LazyModule kernel
+    _bind(fn.__globals__, triton)  # tl and the shared device functions
+    kernel = triton.jit(fn)
     signature = {a: "constexpr" if a in consts else types[a] for a in kernel.arg_names}
     target = GPUTarget("cuda", 90, 32)
     options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps})
@@ -201,6 +203,15 @@ def kernels() -> list[tuple]:
         num_rows=I32, heads=I32, dim=I32, rope_half=I32, eps=FP, hadamard_scale=FP,
         **strides("stride_x_n", "stride_x_h", "stride_c_n", "stride_o_a", "stride_o_b"),
     )
+    fl._lazy.materialize()  # its kernel and helpers jitted in place (a LazyModule)
+    fp8 = dict(
+        x_ptr=BF, w_ptr="*fp8e4nv", s_ptr="*u8", out_ptr=BF, part_ptr=F32, count_ptr="*i32",
+        M=I32, N=I32, K=I32, kb_per_split=I32, u_offset=I32,
+        **strides("stride_xm", "stride_xg", "stride_xk", "stride_wn", "stride_sn", "stride_sk",
+                  "stride_ps", "stride_om", "stride_og", "stride_on"),
+    )
+    fp8_c = dict(BLOCK_M=16, BLOCK_N=32, USE_DOT=False, ACT_QUANT=False, DOT_F32=False,
+                 EVEN_K=True, SPLIT=True, SWIGLU=False, ROUND_BF16=True)
     rows_c = dict(NORM=True, HAS_WEIGHT=True, ROUND_X=True, SCATTER=True, ROUND_OUT=True)
     return [
         ("decode_attention", da._decode_attention_kernel, attn, attn_c, da.DEFAULT_NUM_WARPS),
@@ -228,6 +239,13 @@ def kernels() -> list[tuple]:
          dict(BLOCK=64), 4),
         ("fp4_roundtrip (QAT indexer)", fp4_roundtrip._fp4_roundtrip_kernel,
          dict(x_ptr=F32, out_ptr=F32), dict(BLOCK=32), 4),
+        ("fp8_linear fma split", fl._fp8_linear_kernel, fp8, fp8_c, 4),
+        ("fp8_linear dot split", fl._fp8_linear_kernel, fp8,
+         {**fp8_c, "USE_DOT": True, "BLOCK_N": 64}, 4),
+        ("fp8_linear fma swiglu (w2)", fl._fp8_linear_kernel, fp8,
+         {**fp8_c, "SWIGLU": True}, 4),
+        ("fp8_linear dot swiglu (w2)", fl._fp8_linear_kernel, fp8,
+         {**fp8_c, "SWIGLU": True, "USE_DOT": True, "BLOCK_N": 64}, 4),
         ("cache_rows kv (FP8, window)", cache_rows._cache_rows_kernel, rows,
          dict(BLOCK_ROWS=1, BLOCK_D=512, LOG2_D=9, QAT=1, **rows_c), 4),
         ("cache_rows entry (FP8, fp32 in)", cache_rows._cache_rows_kernel,
