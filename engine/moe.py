@@ -219,7 +219,7 @@ class MoE(nn.Module):
 
     def _forward_fast(self, flat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """flat [N, H], ids [N] -> [N, H]: the forward above with no host sync."""
-        from engine.kernels.moe_router import route_topk, router_scores
+        from engine.kernels.moe_router import route, route_topk
         from engine.kernels.routed_experts import routed_experts
 
         gate, c = self.gate, self.gate.config
@@ -228,13 +228,14 @@ class MoE(nn.Module):
         side = None if shared is None else overlap.fork(flat)
         with overlap.on(side):
             shared_y = None if shared is None else _shared_expert_fast(shared, flat)  # [N, H]
-        if gate.format == WeightFormat.DENSE:  # the release's router is BF16
-            scores = router_scores(flat, gate.weight)  # [N, E]
+        pick = {"table": gate.tid2eid, "ids": ids} if gate.hash else {"bias": gate.bias}
+        if gate.format == WeightFormat.DENSE:  # the release's router is BF16: one kernel
+            weights, experts = route(flat, gate.weight, gate.topk, c.routed_scaling_factor,
+                                     c.norm_topk_prob, **pick)  # [N, K], as Gate.pick
         else:
             scores = F.softplus(F.linear(flat.float(), gate.dense_weight(torch.float32))).sqrt()
-        weights, experts = route_topk(  # [N, K], as Gate.pick
-            scores, gate.topk, c.routed_scaling_factor, c.norm_topk_prob,
-            **({"table": gate.tid2eid, "ids": ids} if gate.hash else {"bias": gate.bias}))
+            weights, experts = route_topk(scores, gate.topk, c.routed_scaling_factor,
+                                          c.norm_topk_prob, **pick)
         # the routed sum + the shared output, rounded to x.dtype once, by the down kernel
         return routed_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit,
                               out=flat.new_empty(flat.shape), add=shared_y,

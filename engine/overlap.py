@@ -58,6 +58,12 @@ def fork(x: torch.Tensor) -> torch.cuda.Stream | None:
     return side
 
 
+def on_side_stream(device: torch.device) -> bool:
+    """Whether work queued now on `device` goes to the side stream (engine/kernels/
+    _counters.py keeps the two streams' arrival counters apart)."""
+    return device.type == "cuda" and torch.cuda.current_stream(device) == _side_stream(device)
+
+
 def on(side: torch.cuda.Stream | None):
     return contextlib.nullcontext() if side is None else torch.cuda.stream(side)
 

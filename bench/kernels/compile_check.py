@@ -27,6 +27,7 @@ from engine.kernels import (
     hc,
     indexer_scores,
     indexer_topk,
+    moe_router,
     rmsnorm_rope,
 )
 from engine.kernels import decode_attention as da
@@ -212,6 +213,13 @@ def kernels() -> list[tuple]:
     )
     fp8_c = dict(BLOCK_M=16, BLOCK_N=32, USE_DOT=False, ACT_QUANT=False, DOT_F32=False,
                  EVEN_K=True, SPLIT=True, SWIGLU=False, NORM=False, ROUND_BF16=True)
+    router = dict(
+        x_ptr=BF, w_ptr=BF, out_ptr=F32, count_ptr="*i32", bias_ptr=F32, table_ptr=I64,
+        ids_ptr=I64, experts_ptr=I64, weights_ptr=F32, E=I32, H=I32, K=I32, V=I32,
+        scaling=FP, **strides("stride_x_t", "stride_w_e", "stride_out_t"),
+    )
+    router_c = dict(BLOCK_E=moe_router.BLOCK_E, BLOCK_K=moe_router.BLOCK_K, TOPK=True,
+                    HASH=False, NORM=True, BLOCK_ALL_E=256, BLOCK_TOPK=8)
     rows_c = dict(NORM=True, HAS_WEIGHT=True, ROUND_X=True, SCATTER=True, ROUND_OUT=True)
     return [
         ("decode_attention", da._decode_attention_kernel, attn, attn_c, da.DEFAULT_NUM_WARPS),
@@ -249,6 +257,7 @@ def kernels() -> list[tuple]:
         ("fp8_linear fma norm (wq_b)", fl._fp8_linear_kernel, fp8, {**fp8_c, "NORM": True}, 4),
         ("fp8_linear dot norm (wq_b)", fl._fp8_linear_kernel, fp8,
          {**fp8_c, "NORM": True, "USE_DOT": True, "BLOCK_N": 64}, 4),
+        ("router + top-k (fused)", moe_router._moe_router_kernel, router, router_c, 4),
         ("cache_rows kv (FP8, window)", cache_rows._cache_rows_kernel, rows,
          dict(BLOCK_ROWS=1, BLOCK_D=512, LOG2_D=9, QAT=1, **rows_c), 4),
         ("cache_rows entry (FP8, fp32 in)", cache_rows._cache_rows_kernel,

@@ -30,8 +30,9 @@ reduction kernel cost ~2.4 us a call on an H100 (100 calls in a 20-layer step). 
 fp32 atomic_add into a zeroed buffer because it is deterministic (the same input gives the
 same bits run to run, which the greedy-equality tests rely on) and needs no memset launch;
 the workspace costs at most SPLIT_K * M * N * 4 bytes that stay in L2 (1 MB for wkv at
-M = 32). The counters are one zeroed int32 buffer per stream shared by its launches: they
-run one after another and each leaves its counters at 0. Static shapes and no
+M = 32). The counters are one zeroed int32 buffer per stream lane (engine/kernels/
+_counters.py) shared by its launches: they run one after another and each leaves its
+counters at 0. Static shapes and no
 host sync, so a CUDA graph captures it; the workspace comes from the caching allocator (the
 graph's private pool under capture).
 
@@ -72,6 +73,7 @@ import torch.nn.functional as F
 
 from engine import formats as fm
 from engine.kernels import use_triton
+from engine.kernels._counters import arrival_counters
 from engine.kernels._device_math import round_bf16
 from engine.kernels._triton import LazyModule
 from engine.kernels.rmsnorm_rope import rmsnorm
@@ -368,17 +370,10 @@ def _capability(device: torch.device) -> tuple[int, int]:
 MAX_SPLIT_TILES = 1 << 14  # arrival counters per device: G * cdiv(N, BLOCK_N) of any launch
 
 
-@functools.cache
-def _counters_for(device: torch.device, stream: int) -> torch.Tensor:
-    return torch.zeros(MAX_SPLIT_TILES, device=device, dtype=torch.int32)
-
-
 def _arrival_counters(device: torch.device) -> torch.Tensor:
-    """The split-K tiles' arrival counters of the current stream: zeroed once, left at 0 by
-    every launch. One buffer per stream, because launches on two streams (engine.overlap's
-    side stream) may run at the same time."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    return _counters_for(device, stream)
+    """The split-K tiles' arrival counters of the current stream's lane (engine/kernels/
+    _counters.py): zeroed once, left at 0 by every launch."""
+    return arrival_counters(device, MAX_SPLIT_TILES)
 
 
 def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: int,

@@ -1,4 +1,5 @@
-"""MoE routing on the device in two kernels: scores, then the K experts and their weights.
+"""MoE routing on the device: scores, then the K experts and their weights, in one kernel
+(`route`, the BF16 router of the release) or two (`router_scores` + `route_topk`).
 
 _moe_router_kernel   x [N, H], W [E, H] (the gate's bf16 matrix) -> scores [N, E] fp32
                      = sqrt(softplus(x W^T))
@@ -8,6 +9,10 @@ _moe_topk_kernel     scores [N, E] (+ bias [E] | table tid2eid [V, K] and ids [N
                      a stable descending sort gives), weights = the chosen unbiased scores,
                      normalised to sum 1 (norm_topk_prob), times routed_scaling_factor.
                      One program per token; replaces ~7 small PyTorch launches.
+_moe_router_kernel   with TOPK: the last of a token's E / BLOCK_E programs to store its
+                     scores (an arrival counter, engine/kernels/_counters.py) runs the same
+                     top-k on them (read back from L2) and resets the counter: one launch a
+                     layer fewer, the same bits (the same code on the same stored scores).
 
 The reference (engine.moe.Gate.scores) is `F.softplus(F.linear(x.float(), W.float())).sqrt()`:
 it converts the 256 x 4096 weight to fp32 on every call, 2 MB read + 4 MB written + 4 MB
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import use_triton
+from engine.kernels._counters import arrival_counters
 
 try:  # optional: the base install has no Triton and takes the reference below
     import triton
@@ -38,10 +44,14 @@ if triton is not None:
     def _moe_router_kernel(
         x_ptr,       # [N, H] activations
         w_ptr,       # [E, H] router weight
-        out_ptr,     # [N, E] fp32 scores
-        E, H,
+        out_ptr,     # [N, E] fp32 scores (contiguous with TOPK)
+        count_ptr,   # [N] int32 arrival counters, 0 between launches (TOPK only)
+        bias_ptr, table_ptr, ids_ptr, experts_ptr, weights_ptr,  # the top-k's (TOPK only)
+        E, H, K, V, scaling,
         stride_x_t, stride_w_e, stride_out_t,
-        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, TOPK: tl.constexpr,
+        HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
+        BLOCK_TOPK: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
         offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -61,24 +71,27 @@ if triton is not None:
         log1p = tl.where(u < 1e-4, u * (1.0 - 0.5 * u), tl.log(1.0 + u))
         softplus = tl.where(z > 20.0, z, tl.maximum(z, 0.0) + log1p)
         tl.store(out_ptr + token * stride_out_t + offs_e, tl.sqrt(softplus), mask=e_mask)
+        if TOPK:
+            tl.debug_barrier()  # every thread's scores are stored before the release below
+            arrived = tl.atomic_add(count_ptr + token, 1, sem="acq_rel")
+            if arrived == tl.num_programs(1) - 1:  # the token's last program: its top-k
+                _topk_row(out_ptr, bias_ptr, table_ptr, ids_ptr, experts_ptr, weights_ptr,
+                          token, E, K, V, scaling, HASH, NORM, BLOCK_ALL_E, BLOCK_TOPK)
+                tl.atomic_xchg(count_ptr + token, 0)  # ready for the next launch
 
 
     @triton.jit
-    def _moe_topk_kernel(
-        scores_ptr,   # [N, E] fp32
-        bias_ptr,     # [E] fp32 (learned routing)
-        table_ptr,    # [V, K] int64 tid2eid (hash routing)
-        ids_ptr,      # [N] int64 token ids (hash routing)
-        experts_ptr,  # [N, K] int64 out
-        weights_ptr,  # [N, K] fp32 out
-        E, K, V, scaling,
-        HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        token = tl.program_id(0).to(tl.int64)
+    def _topk_row(scores_ptr, bias_ptr, table_ptr, ids_ptr, experts_ptr, weights_ptr, token,
+                  E, K, V, scaling,
+                  HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+        """Gate.pick for one token's stored scores (read from L2: other programs of the fused
+        router may have written them)."""
         offs_e = tl.arange(0, BLOCK_E)
         offs_k = tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        scores = tl.load(scores_ptr + token * E + offs_e, mask=offs_e < E, other=0.0)
+        scores = tl.load(scores_ptr + token * E + offs_e, mask=offs_e < E, other=0.0,
+                         cache_modifier=".cg")
         if HASH:
             tid = tl.load(ids_ptr + token)
             # a token id outside the table picks no expert (id -1: a no-op downstream)
@@ -100,6 +113,21 @@ if triton is not None:
             picked = picked / tl.where(total > 0, total, 1.0)
         tl.store(experts_ptr + token * K + offs_k, chosen, mask=k_mask)
         tl.store(weights_ptr + token * K + offs_k, picked * scaling, mask=k_mask)
+
+    @triton.jit
+    def _moe_topk_kernel(
+        scores_ptr,   # [N, E] fp32
+        bias_ptr,     # [E] fp32 (learned routing)
+        table_ptr,    # [V, K] int64 tid2eid (hash routing)
+        ids_ptr,      # [N] int64 token ids (hash routing)
+        experts_ptr,  # [N, K] int64 out
+        weights_ptr,  # [N, K] fp32 out
+        E, K, V, scaling,
+        HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        _topk_row(scores_ptr, bias_ptr, table_ptr, ids_ptr, experts_ptr, weights_ptr,
+                  tl.program_id(0).to(tl.int64), E, K, V, scaling,
+                  HASH, NORM, BLOCK_E, BLOCK_K)
 
 
 def route_topk(scores: torch.Tensor, k: int, scaling: float, norm: bool,
@@ -144,7 +172,43 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     E = weight.shape[0]
     out = torch.empty(N, E, dtype=torch.float32, device=x.device)
     _moe_router_kernel[(N, triton.cdiv(E, BLOCK_E))](
-        x, weight, out, E, H, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K, num_warps=4,
+        x, weight, out, out, out, out, out, out, out, E, H, 0, 0, 1.0,
+        x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K, TOPK=False, HASH=False, NORM=False, BLOCK_ALL_E=1,
+        BLOCK_TOPK=1, num_warps=4,
     )
     return out
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, k: int, scaling: float, norm: bool,
+          bias: torch.Tensor | None = None, table: torch.Tensor | None = None,
+          ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_scores + route_topk in one launch (the fast path only): x [N, H], weight
+    [E, H] dense -> (weights [N, K] fp32, experts [N, K] int64) as engine.moe.Gate does."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"router: x {list(x.shape)} and weight {list(weight.shape)} must be "
+                         "[N, H] and [E, H]")
+    if (bias is None) == (table is None) or (table is not None and ids is None):
+        raise ValueError("route: give bias (learned routing) or table and ids (hash)")
+    if not use_triton(x) or x.shape[0] == 0:
+        raise ValueError("route is the fast path only: use engine.moe.Gate")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("router: x and weight need unit stride along H")
+    N, H = x.shape
+    E = weight.shape[0]
+    scores = torch.empty(N, E, dtype=torch.float32, device=x.device)
+    experts = torch.empty(N, k, dtype=torch.int64, device=x.device)
+    weights = torch.empty(N, k, dtype=torch.float32, device=x.device)
+    dummy = scores
+    _moe_router_kernel[(N, triton.cdiv(E, BLOCK_E))](
+        x, weight, scores, arrival_counters(x.device, N),
+        dummy if bias is None else bias.float().contiguous(),
+        dummy if table is None else table.contiguous(),
+        dummy if ids is None else ids.contiguous(), experts, weights,
+        E, H, k, 0 if table is None else table.shape[0], float(scaling),
+        x.stride(0), weight.stride(0), scores.stride(0),
+        BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K, TOPK=True, HASH=table is not None, NORM=norm,
+        BLOCK_ALL_E=triton.next_power_of_2(E), BLOCK_TOPK=triton.next_power_of_2(k),
+        num_warps=4,
+    )
+    return weights, experts

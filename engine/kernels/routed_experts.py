@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from engine import formats as fm
 from engine.formats import WeightFormat
 from engine.kernels import use_triton
+from engine.kernels._counters import arrival_counters
 
 try:  # optional: the base install has no Triton and takes the reference below
     import triton
@@ -102,7 +103,7 @@ class ExpertStack:
     def __post_init__(self) -> None:
         # made here (at load), not per call: a tensor first made inside a CUDA graph capture
         # would live in the graph's private pool
-        _counters(self.w13.device, COUNTER_TOKENS * -(-self.hidden // MIN_DOWN_BLOCK_N))
+        arrival_counters(self.w13.device, COUNTER_TOKENS * -(-self.hidden // MIN_DOWN_BLOCK_N))
 
     @property
     def num_experts(self) -> int:
@@ -114,26 +115,11 @@ class ExpertStack:
         return sum(t[0].numel() * t.element_size() for t in ts if t is not None)
 
 
-# _down_kernel's completion counters: one int32 per (token, block of output rows), shared by
-# every layer on a device (launches on one stream run one after another, and each launch
-# leaves them at 0). Made when experts are stacked, for up to COUNTER_TOKENS tokens; more
-# tokens grow them (outside a graph capture).
+# _down_kernel's completion counters (engine/kernels/_counters.py): one int32 per (token,
+# block of output rows). Made when experts are stacked, for up to COUNTER_TOKENS tokens;
+# more tokens grow them (outside a graph capture).
 COUNTER_TOKENS = 64
 MIN_DOWN_BLOCK_N = 4
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_OUTGROWN: list[torch.Tensor] = []  # kept alive: a captured graph may still point at them
-
-
-def _counters(device: torch.device, size: int) -> torch.Tensor:
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"routed experts: {size} completion counters needed, "
-                               f"{0 if have is None else have.numel()} made before capture")
-        if have is not None:
-            _OUTGROWN.append(have)
-        _COUNTERS[device] = have = torch.zeros(size, dtype=torch.int32, device=device)
-    return have
 
 
 # -- kernels -------------------------------------------------------------------------------
@@ -548,7 +534,7 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
         torch.uint8 if fmt == FMT_FP4 else torch.float16)
     z2 = w2 if stack.zero2 is None else stack.zero2.view(torch.uint8)
     parts = torch.empty(P, H, dtype=torch.float32, device=x.device)
-    counts = _counters(x.device, N * triton.cdiv(H, MIN_DOWN_BLOCK_N))
+    counts = arrival_counters(x.device, N * triton.cdiv(H, MIN_DOWN_BLOCK_N))
     if before_down is not None:
         before_down()
     down = _tuned("down", fmt)

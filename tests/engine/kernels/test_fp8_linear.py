@@ -353,8 +353,10 @@ def test_cuda_graph_capture(triton_mode):
 @pytest.mark.parametrize("use_dot", (True, False), ids=("dot", "fma"))
 def test_split_k_repeats_bit_for_bit_with_the_side_stream_busy(use_dot, triton_mode):
     """The in-kernel reduction sums the slices in slice order whichever arrives last, so one
-    launch gives the same bits every time, also while split-K launches run on a second stream
-    (engine.overlap's side stream, with its own counters). 200 repeats of wo_b's shape."""
+    launch gives the same bits every time, also while split-K launches run on engine.overlap's
+    side stream (its own counters). 200 repeats of wo_b's shape."""
+    from engine import overlap
+
     n, k = 4096, 8192
     q, s = random_fp8(n, k, seed=23)
     q2, s2 = random_fp8(1024, 4096, seed=24)
@@ -363,15 +365,15 @@ def test_split_k_repeats_bit_for_bit_with_the_side_stream_busy(use_dot, triton_m
     x2 = random_x((m, 4096), torch.bfloat16, seed=26)
     fl.pin_config(fl.Fp8LinearConfig(block_n=32, split_k=8, use_dot=use_dot))
     first = fl.fp8_linear(x, q, s)
-    side = torch.cuda.Stream()
     outs = []
     for _ in range(200):
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        side = overlap.fork(x)
+        assert side is not None
+        with overlap.on(side):
             for _ in range(3):
                 fl.fp8_linear(x2, q2, s2)
         outs.append(fl.fp8_linear(x, q, s))
-        torch.cuda.current_stream().wait_stream(side)
+        overlap.join(side)
     torch.cuda.synchronize()
     differing = sum(not torch.equal(y, first) for y in outs)
     assert differing == 0, f"{differing} of 200 repeats differ from the first launch"

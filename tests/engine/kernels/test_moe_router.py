@@ -102,3 +102,27 @@ def test_route_topk_out_of_table_token_picks_no_expert():
     assert torch.equal(experts[1], table[7])
     want = scores[1, table[7]] / scores[1, table[7]].sum() * 1.5
     assert torch.allclose(weights[1], want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("hash_routing", [False, True])
+@pytest.mark.parametrize("N", [1, 4])
+def test_fused_route_is_scores_then_topk(hash_routing, N):
+    """route(): the last of a token's programs runs the top-k on the scores the others
+    stored, so the result is route_topk(router_scores(x, w)) bit for bit; twice in a row
+    (the arrival counters come back to 0) and with fresh inputs each time."""
+    from engine.kernels import _counters
+    from engine.kernels.moe_router import route, route_topk
+
+    k = 6 if CUDA else 3
+    g = torch.Generator(device=DEVICE).manual_seed(40 + N + 10 * hash_routing)
+    w = (torch.randn(E, H, generator=g, device=DEVICE) * 4 * H ** -0.5).to(torch.bfloat16)
+    pick = ({"table": torch.randint(0, E, (50, k), generator=g, device=DEVICE),
+             "ids": torch.randint(0, 50, (N,), generator=g, device=DEVICE)} if hash_routing
+            else {"bias": torch.rand(E, generator=g, device=DEVICE) / 10})
+    for _ in range(2):
+        x = torch.randn(N, H, generator=g, device=DEVICE).to(torch.bfloat16)
+        with mode("triton"):
+            want_w, want_e = route_topk(router_scores(x, w), k, 2.5, True, **pick)
+            got_w, got_e = route(x, w, k, 2.5, True, **pick)
+        assert torch.equal(got_e, want_e) and torch.equal(got_w, want_w)
+        assert not _counters.arrival_counters(DEVICE, N).any()
