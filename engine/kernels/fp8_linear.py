@@ -490,12 +490,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *,
     product is with engine/kernels/swiglu.py's swiglu(x): the shared expert's w2) or norm =
     (weight [K], eps) (with rmsnorm(x, weight, eps), rounded to x's dtype: q_norm before
     wq_b)."""
-    k = weight.shape[1] if weight.dim() == 2 else x.shape[-1]
     if swiglu and norm is not None:
         raise ValueError("fp8_linear: one prologue at a time (swiglu or norm)")
-    if swiglu and x.shape[-1] != 2 * k:
-        raise ValueError(f"fp8_linear: swiglu wants x [..., {2 * k}] (gate | up), got "
-                         f"{list(x.shape)}")
+    k = x.shape[-1] // 2 if swiglu else x.shape[-1]
+    if swiglu and (x.shape[-1] % 2 or weight.dim() != 2 or weight.shape[1] != k):
+        raise ValueError(f"fp8_linear: swiglu wants x [..., 2K] (gate | up) for weight "
+                         f"{list(weight.shape)}, got {list(x.shape)}")
     if norm is not None and norm[0].shape != (k,):
         raise ValueError(f"fp8_linear: the norm weight must be [{k}], got {list(norm[0].shape)}")
     prologue = ("swiglu",) if swiglu else (("norm", *norm) if norm is not None else None)

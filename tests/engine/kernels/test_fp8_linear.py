@@ -284,7 +284,7 @@ def test_linear_dispatch(monkeypatch):
     fl.pin_config(fl.Fp8LinearConfig(64, 1, True))  # no autotune launches on a GPU
     launches = []
     real_launch = fl._launch
-    monkeypatch.setattr(fl, "_launch", lambda *a, **kw: launches.append(a[-1]) or real_launch(*a, **kw))
+    monkeypatch.setattr(fl, "_launch", lambda *a, **kw: launches.append(a[5]) or real_launch(*a, **kw))
     with mode("triton"):
         y = lin(x)
         fl.set_act_quant(True)
