@@ -81,6 +81,7 @@ from engine import decode, kernels, overlap
 from engine.cache import BatchState
 from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
 from engine.decode import DecodeStep, linear_f32
+from engine.gguf_random import random_gguf_model
 from engine.kernels import fp8_linear
 from engine.kernels.hc import hc_head
 from engine.kv import SlotPool
@@ -375,15 +376,30 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
         out[mode] = {"step_ms": step_s * 1e3, "tok_s": 1 / step_s}
         print(f"  context {context:>6}: {mode:<16} {1 / step_s:9.2f} tok/s "
               f"({step_s * 1e3:.2f} ms/step)", flush=True)
+    one_stream = current[0] if current[0] is not runner else None
     current[0] = runner
     out["finite"] = bool(torch.isfinite(runner.logits[:1]).all())
     if args.profile_steps and context == args.contexts[0]:
-        runner.use_graphs = False
-        k_rows, p_rows = profile_steps(one_step, args.profile_steps, clock, model, "eager")
-        if runner.graphs:
-            runner.use_graphs = True
-            g_rows, _ = profile_steps(one_step, args.profile_steps, clock, None, "graph")
-            k_rows += g_rows
+        # Under torch.profiler (CUPTI) a replay of the two-stream graph hits an illegal
+        # address (H100, torch 2.11 / CUDA 13, reproduced at 2 layers; the same graph replays
+        # without a fault when not profiled, and the one-stream graph profiles cleanly), so
+        # the kernel table profiles the one-stream graph: the same kernels, run in sequence
+        # and without the profiler the eager step runs on one stream too.
+        overlap_was = overlap.enabled()
+        overlap.set_enabled(False)
+        try:
+            runner.use_graphs = False
+            k_rows, p_rows = profile_steps(one_step, args.profile_steps, clock, model, "eager")
+            if runner.graphs:
+                current[0] = one_stream or runner
+                current[0].use_graphs = True
+                mode = "graph_one_stream" if one_stream is not None else "graph"
+                g_rows, _ = profile_steps(one_step, args.profile_steps, clock, None, mode)
+                k_rows += g_rows
+        finally:
+            overlap.set_enabled(overlap_was)
+            current[0] = runner
+            runner.use_graphs = bool(runner.graphs)
         out["kernels"], out["projections"] = k_rows, p_rows
     return out
 
@@ -581,8 +597,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=["flash", "tiny"], default="flash")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--experts", choices=["int2", "fp4"], default="int2",
-                   help="routed experts of the main layers: INT2-G64 (default) or the release's FP4")
+    p.add_argument("--experts", choices=["int2", "fp4", "gguf"], default="int2",
+                   help="routed experts of the main layers: INT2-G64 (default) or the release's "
+                        "FP4; gguf: every tensor in ds4's GGUF types (engine/gguf_random.py: "
+                        "IQ2_XXS / Q2_K experts, Q8_0 attention and head, F16 elsewhere)")
     p.add_argument("--layers", type=int, default=None, help="main layers (default: the config's)")
     p.add_argument("--contexts", default="4096,32768", help="decode contexts, comma separated")
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per context and mode")
@@ -624,11 +642,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.no_overlap:
         overlap.set_enabled(False)
     config = build_config(args.config, args.layers)
+    if args.experts == "gguf":
+        config = config.replace(num_nextn_predict_layers=0)  # ds4's file has no MTP block
     L = config.num_hidden_layers
     print(f"config {args.config}: {L} layers, experts {args.experts}, device {device}", flush=True)
 
-    with torch.device("meta"):
-        model = Transformer(config, dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    if args.experts != "gguf":
+        with torch.device("meta"):
+            model = Transformer(config, dtype=dtype)
 
     def progress(group: str, seconds: float) -> None:
         if not args.quiet:
@@ -636,8 +658,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {group}: {seconds:.2f} s{mem}", flush=True)
 
     t = time.perf_counter()
-    materialize_random_(model, seed=args.seed, device=device,
-                        experts="int2" if args.experts == "int2" else "release", progress=progress)
+    if args.experts == "gguf":
+        model = random_gguf_model(config, device, seed=args.seed, dtype=dtype)
+    else:
+        materialize_random_(model, seed=args.seed, device=device,
+                            experts="int2" if args.experts == "int2" else "release",
+                            progress=progress)
     clock.sync()
     build_s = time.perf_counter() - t
     weights_gib = sum(_nbytes(x) for x in stored_tensors(model).values()) / GIB

@@ -49,7 +49,7 @@ def _fp8_copies(rows: int, k: int, device: str, copies: int):
 
 
 def _bench_shape(name: str, n: int, k: int, g: int, rows: tuple[int, ...], device: str,
-                 act_quant: bool, baselines: bool) -> list[dict]:
+                 act_quant: bool, baselines: bool, all_configs: bool = False) -> list[dict]:
     w_bytes = g * n * k + math.prod(fm.fp8_scale_shape(g * n, k))
     copies = max(4, -(-MIN_ROTATION_BYTES // w_bytes))
     fp8 = _fp8_copies(g * n, k, device, copies)
@@ -84,18 +84,28 @@ def _bench_shape(name: str, n: int, k: int, g: int, rows: tuple[int, ...], devic
             row = {"kernel": kernel_name, "shape": shape, "time_us": round(t, 2),
                    "bytes": nbytes, "gbps": round(nbytes / (t * 1e-6) / 1e9, 1)}
             if kernel_name.startswith("fp8_linear"):
-                key = (fl.m_bucket(m), g, n, k, torch.bfloat16, act_quant, str(x.device))
+                key = (fl.m_bucket(m), g, n, k, torch.bfloat16, act_quant, str(x.device), None)
                 heuristic = fl._candidate_configs(key[0], g * n, k, fl._num_sms(x.device))[0]
                 row["config"] = str(fl._tuned.get(key, heuristic))
             out.append(with_graph(row, fn))
+        if all_configs and m == 1:  # every candidate pinned, timed the same way (cold L2)
+            for cfg in fl._candidate_configs(1, g * n, k, fl._num_sms(x.device)):
+                fl.pin_config(cfg)
+                try:
+                    t = median_us(Rotating(kernel, x, fp8))
+                finally:
+                    fl.pin_config(None)
+                out.append({"kernel": "fp8_linear pinned", "shape": shape, "config": str(cfg),
+                            "time_us": round(t, 2), "bytes": nbytes,
+                            "gbps": round(nbytes / (t * 1e-6) / 1e9, 1)})
     return out
 
 
 def bench(device: str = "cuda", rows: tuple[int, ...] = ROWS, act_quant: bool = False,
-          baselines: bool = True) -> list[dict]:
+          baselines: bool = True, all_configs: bool = False) -> list[dict]:
     out = []
     for name, (n, k, g) in SHAPES.items():
-        out += _bench_shape(name, n, k, g, rows, device, act_quant, baselines)
+        out += _bench_shape(name, n, k, g, rows, device, act_quant, baselines, all_configs)
         torch.cuda.empty_cache()
     return out
 
@@ -107,9 +117,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--act-quant", action="store_true")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--json", help="also write the rows (and copy_gbps) here")
+    p.add_argument("--all-configs", action="store_true",
+                   help="at M = 1 also time every candidate config pinned (is the tuner's pick "
+                        "the fastest cold?)")
     a = p.parse_args(argv)
     copy = copy_gbps(a.device)
-    rows = bench(a.device, tuple(a.rows), a.act_quant, not a.no_baselines)
+    rows = bench(a.device, tuple(a.rows), a.act_quant, not a.no_baselines, a.all_configs)
     print(f"device: {torch.cuda.get_device_name(a.device)}; copy bandwidth {copy:.0f} GB/s")
     print(f"{'kernel':22} {'shape':40} {'us':>9} {'MB':>7} {'GB/s':>7} {'%copy':>6}  config")
     for r in rows:

@@ -320,7 +320,7 @@ def test_autotune(triton_mode):
     q, s = random_fp8(n, k, seed=17)
     x = random_x((1, k), DTYPES[-1], seed=18)
     y = fl.fp8_linear(x, q, s)
-    key = (1, 1, n, k, x.dtype, False, str(x.device))
+    key = (1, 1, n, k, x.dtype, False, str(x.device), None)
     if ON_GPU:
         assert fl._tuned[key] in fl._candidate_configs(1, n, k, fl._num_sms(x.device))
     else:
