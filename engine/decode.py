@@ -152,16 +152,13 @@ class _StepRows:
 
 def _query_projections(attn: Attention, qr: torch.Tensor,
                        sparse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """wq_b(q_norm(qr)) [B, Hh * D] and, on ratio-4 layers, the indexer's wq_b of the same
-    [B, Hi * Di] (one GEMV where they fuse; views into its output). An FP8 GEMV applies
-    q_norm as it reads qr (Linear.forward_normed)."""
-    norm = (attn.q_norm.weight, attn.q_norm.eps)
+    """wq_b(qr) [B, Hh * D] and, on ratio-4 layers, the indexer's wq_b(qr) [B, Hi * Di]
+    (one GEMV where they fuse; views into its output)."""
     if not sparse:
-        return attn.wq_b.forward_normed(qr, norm), None
+        return attn.wq_b(qr), None
     fused = _fused_q_b(attn)
     if fused is not None:
-        return fused.forward_normed(qr, norm).split(attn.wq_b.weight.shape[0], dim=-1)
-    qr = rmsnorm(qr, *norm)
+        return fused(qr).split(attn.wq_b.weight.shape[0], dim=-1)
     return attn.wq_b(qr), attn.indexer.wq_b(qr)
 
 
@@ -324,7 +321,8 @@ def attention_decode(attn: Attention, pl: PoolLayer, x: torch.Tensor,
         qr, kv = fused(x).split(attn.wq_a.weight.shape[0], dim=-1)
     else:
         qr, kv = attn.wq_a(x), attn.wkv(x)
-    q, index_q = _query_projections(attn, qr, sparse)  # q_norm(qr) feeds both
+    qr = rmsnorm(qr, attn.q_norm.weight, attn.q_norm.eps)  # [B, Q]; the indexer's too
+    q, index_q = _query_projections(attn, qr, sparse)
     # per-head RMSNorm without weight, rounded to x's dtype, then RoPE: one kernel
     q = rmsnorm_rope(q.view(B, attn.num_heads, attn.head_dim), None, cos, sin, c.rms_norm_eps)
     # kv_norm, RoPE, QAT's FP8 and the ring write: one kernel

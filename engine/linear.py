@@ -158,16 +158,6 @@ class Linear(nn.Module):
 
         return self(swiglu(gu.reshape(-1, gu.shape[-1])).view(*gu.shape[:-1], -1))
 
-    def forward_normed(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
-        """self(rmsnorm(x, *norm)) (q_norm before wq_b): an FP8 layer norms x inside its
-        GEMV (engine.kernels.fp8_linear)."""
-        if self.format == WeightFormat.FP8:
-            return fp8_linear(x, self.weight, self.scale, act_quant=act_quant_enabled(),
-                              norm=norm)
-        from engine.kernels.rmsnorm_rope import rmsnorm
-
-        return self(rmsnorm(x, *norm))
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 

@@ -207,12 +207,12 @@ def kernels() -> list[tuple]:
     fl._lazy.materialize()  # its kernel and helpers jitted in place (a LazyModule)
     fp8 = dict(
         x_ptr=BF, w_ptr="*fp8e4nv", s_ptr="*u8", out_ptr=BF, part_ptr=F32, count_ptr="*i32",
-        M=I32, N=I32, K=I32, kb_per_split=I32, u_offset=I32, normw_ptr=BF, norm_eps=FP,
+        M=I32, N=I32, K=I32, kb_per_split=I32, u_offset=I32,
         **strides("stride_xm", "stride_xg", "stride_xk", "stride_wn", "stride_sn", "stride_sk",
                   "stride_ps", "stride_om", "stride_og", "stride_on"),
     )
     fp8_c = dict(BLOCK_M=16, BLOCK_N=32, USE_DOT=False, ACT_QUANT=False, DOT_F32=False,
-                 EVEN_K=True, SPLIT=True, SWIGLU=False, NORM=False, ROUND_BF16=True)
+                 EVEN_K=True, SPLIT=True, SWIGLU=False, ROUND_BF16=True)
     router = dict(
         x_ptr=BF, w_ptr=BF, out_ptr=F32, count_ptr="*i32", bias_ptr=F32, table_ptr=I64,
         ids_ptr=I64, experts_ptr=I64, weights_ptr=F32, E=I32, H=I32, K=I32, V=I32,
@@ -254,9 +254,6 @@ def kernels() -> list[tuple]:
          {**fp8_c, "SWIGLU": True}, 4),
         ("fp8_linear dot swiglu (w2)", fl._fp8_linear_kernel, fp8,
          {**fp8_c, "SWIGLU": True, "USE_DOT": True, "BLOCK_N": 64}, 4),
-        ("fp8_linear fma norm (wq_b)", fl._fp8_linear_kernel, fp8, {**fp8_c, "NORM": True}, 4),
-        ("fp8_linear dot norm (wq_b)", fl._fp8_linear_kernel, fp8,
-         {**fp8_c, "NORM": True, "USE_DOT": True, "BLOCK_N": 64}, 4),
         ("router + top-k (fused)", moe_router._moe_router_kernel, router, router_c, 4),
         ("cache_rows kv (FP8, window)", cache_rows._cache_rows_kernel, rows,
          dict(BLOCK_ROWS=1, BLOCK_D=512, LOG2_D=9, QAT=1, **rows_c), 4),

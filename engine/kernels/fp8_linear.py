@@ -76,7 +76,6 @@ from engine.kernels import use_triton
 from engine.kernels._counters import arrival_counters
 from engine.kernels._device_math import round_bf16
 from engine.kernels._triton import LazyModule
-from engine.kernels.rmsnorm_rope import rmsnorm
 from engine.kernels.swiglu import swiglu as swiglu_op
 
 # Imported at the first launch (`_lazy.materialize`): the base install has no triton, and a CPU
@@ -89,7 +88,7 @@ FP8_MAX = fm.FP8_MAX
 ACT_AMAX_FLOOR = 1e-4  # DeepSeek's act_quant floor, so an all-zero block does not divide by 0
 
 
-# what the decode kernel applies to x as it loads it: ("swiglu",) or ("norm", weight, eps)
+# what the decode kernel applies to x as it loads it: ("swiglu",) or None
 Prologue = tuple | None
 
 _lazy = LazyModule(globals())  # Triton jitted at the first launch (engine/kernels/_triton.py)
@@ -141,8 +140,6 @@ def _fp8_linear_kernel(
     # sizes
     M, N, K, kb_per_split,
     u_offset,   # elements from x's gate half to its up half (SWIGLU only)
-    normw_ptr,  # [K] RMSNorm weight (NORM only)
-    norm_eps,
     # strides
     stride_xm, stride_xg, stride_xk,
     stride_wn,
@@ -151,7 +148,7 @@ def _fp8_linear_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
     ACT_QUANT: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-    SWIGLU: tl.constexpr, NORM: tl.constexpr, ROUND_BF16: tl.constexpr,
+    SWIGLU: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     BK: tl.constexpr = 128
     pid_n = tl.program_id(0)  # over G * cdiv(N, BLOCK_N) row tiles
@@ -171,14 +168,6 @@ def _fp8_linear_kernel(
     x_base = x_ptr + g.to(tl.int64) * stride_xg
     xt_ptrs = x_base + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk  # [BK, BLOCK_M]
 
-    if NORM:  # RMSNorm of x as a prologue: every program sums all of x^2 (<= 32 x 8 KB, L2)
-        ssq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BK)):
-            kmask = (kb * BK + offs_k) < K
-            xn = tl.load(xt_ptrs + kb * BK * stride_xk, mask=kmask[:, None] & mask_m[None, :],
-                         other=0.0).to(tl.float32)
-            ssq += tl.sum(xn * xn, axis=0)
-        rstd = 1.0 / tl.sqrt(ssq / K + norm_eps)  # [BLOCK_M]
     kb_start = pid_k * kb_per_split
     kb_end = tl.minimum(kb_start + kb_per_split, tl.cdiv(K, BK))
     if USE_DOT:
@@ -202,9 +191,6 @@ def _fp8_linear_kernel(
             if SWIGLU:
                 ut = tl.load(xt_ptrs + k0 * stride_xk + u_offset, mask=x_mask, other=0.0)
                 xt = _swiglu_x(xt, ut, ROUND_BF16)
-            if NORM:
-                wn = tl.load(normw_ptr + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0)
-                xt = _normed_x(xt, rstd[None, :], wn[:, None], ROUND_BF16)
             if ACT_QUANT:
                 xf = xt.to(tl.float32)
                 sa = _act_scale(tl.max(tl.abs(xf), axis=0))                  # [BLOCK_M]
@@ -230,10 +216,6 @@ def _fp8_linear_kernel(
                     ur = tl.load(x_base + (k0 + offs_k) * stride_xk + u_offset, mask=mask_k,
                                  other=0.0)
                 xr = _swiglu_x(xr, ur, ROUND_BF16)
-            if NORM:
-                wn = tl.load(normw_ptr + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0)
-                rstd0 = tl.sum(tl.where(offs_m == 0, rstd, 0.0), axis=0)  # the one row
-                xr = _normed_x(xr, rstd0, wn, ROUND_BF16)
             xr = xr.to(tl.float32)
             if ACT_QUANT:
                 sa1 = _act_scale(tl.max(tl.abs(xr), axis=0))
@@ -274,16 +256,6 @@ def _swiglu_x(g, u, ROUND_BF16: tl.constexpr):
     if ROUND_BF16:
         h = round_bf16(h)
     return h.to(g.dtype)
-
-
-@_lazy.mark
-def _normed_x(x, rstd, w, ROUND_BF16: tl.constexpr):
-    """engine/kernels/rmsnorm_rope.py rmsnorm's x * rstd * weight in fp32, rounded to x's
-    dtype (nearest even in integers when bf16)."""
-    h = x.to(tl.float32) * rstd * w.to(tl.float32)
-    if ROUND_BF16:
-        h = round_bf16(h)
-    return h.to(x.dtype)
 
 
 # -- configs -----------------------------------------------------------------------------
@@ -380,8 +352,7 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
             cfg: Fp8LinearConfig, act_quant: bool, prologue: Prologue = None) -> torch.Tensor:
     """x3 [M, G, K] (or [M, G, 2K]: the SwiGLU's gate | up) -> [M, G, N] through the decode
     kernel (split-K reduced in the kernel), x first through the prologue if any."""
-    swiglu = prologue is not None and prologue[0] == "swiglu"
-    norm = prologue[1:] if prologue is not None and prologue[0] == "norm" else None
+    swiglu = prologue is not None
     m, g = x3.shape[:2]
     k = weight.shape[1]
     num_kb = -(-k // BLOCK_K)
@@ -401,7 +372,6 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
     _fp8_linear_kernel[(tiles, split)](
         x3, weight, scale_u8, out, part, counters,
         m, n, k, kb_per_split, k * x3.stride(2),
-        x3 if norm is None else norm[0], 0.0 if norm is None else norm[1],
         x3.stride(0), x3.stride(1), x3.stride(2),
         weight.stride(0),
         scale_u8.stride(0), scale_u8.stride(1),
@@ -409,7 +379,7 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
         BLOCK_M=16 if m <= 16 else 32, BLOCK_N=cfg.block_n, USE_DOT=use_dot,
         ACT_QUANT=act_quant, DOT_F32=x3.dtype == torch.float32 or not x3.is_cuda,
         EVEN_K=k % BLOCK_K == 0, SPLIT=split > 1,
-        SWIGLU=swiglu, NORM=norm is not None, ROUND_BF16=x3.dtype == torch.bfloat16,
+        SWIGLU=swiglu, ROUND_BF16=x3.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -476,29 +446,20 @@ def _apply_prologue(x: torch.Tensor, prologue: Prologue) -> torch.Tensor:
     """The prologue as its own op (the reference path, prefill rows)."""
     if prologue is None:
         return x
-    if prologue[0] == "swiglu":
-        k = x.shape[-1] // 2
-        return swiglu_op(x.reshape(-1, 2 * k)).view(*x.shape[:-1], k)
-    return rmsnorm(x, prologue[1], prologue[2])
+    k = x.shape[-1] // 2
+    return swiglu_op(x.reshape(-1, 2 * k)).view(*x.shape[:-1], k)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *,
-               act_quant: bool = False, swiglu: bool = False,
-               norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-    """x [..., K] @ dequant(weight [N, K], scale).T -> [..., N] in x.dtype. A prologue the
-    GEMV applies as it reads x, one launch fewer: swiglu (x is [..., 2K], gate | up; the
-    product is with engine/kernels/swiglu.py's swiglu(x): the shared expert's w2) or norm =
-    (weight [K], eps) (with rmsnorm(x, weight, eps), rounded to x's dtype: q_norm before
-    wq_b)."""
-    if swiglu and norm is not None:
-        raise ValueError("fp8_linear: one prologue at a time (swiglu or norm)")
+               act_quant: bool = False, swiglu: bool = False) -> torch.Tensor:
+    """x [..., K] @ dequant(weight [N, K], scale).T -> [..., N] in x.dtype. swiglu: x is
+    [..., 2K], gate | up, and the product is with engine/kernels/swiglu.py's swiglu(x),
+    applied by the GEMV as it reads x (the shared expert's w2: one launch fewer)."""
     k = x.shape[-1] // 2 if swiglu else x.shape[-1]
     if swiglu and (x.shape[-1] % 2 or weight.dim() != 2 or weight.shape[1] != k):
         raise ValueError(f"fp8_linear: swiglu wants x [..., 2K] (gate | up) for weight "
                          f"{list(weight.shape)}, got {list(x.shape)}")
-    if norm is not None and norm[0].shape != (k,):
-        raise ValueError(f"fp8_linear: the norm weight must be [{k}], got {list(norm[0].shape)}")
-    prologue = ("swiglu",) if swiglu else (("norm", *norm) if norm is not None else None)
+    prologue = ("swiglu",) if swiglu else None
     _check(x[..., :k] if swiglu else x, weight, scale, weight.shape[0], k)
     n = weight.shape[0]
     if not use_triton(x):  # the oracle, exactly engine.linear's plain path when act_quant is off

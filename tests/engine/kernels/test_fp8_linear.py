@@ -180,38 +180,6 @@ def test_swiglu_prologue_is_w2_of_the_swiglu(m, dtype, triton_mode, poisoned_emp
         fl.fp8_linear(gu[:, :-2], q, s, swiglu=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", (1, 3, 40), ids=("fma", "dot", "prefill"))
-def test_norm_prologue_is_the_linear_of_the_rmsnorm(m, dtype, triton_mode, poisoned_empty):
-    """norm=(weight, eps): the GEMV multiplies rmsnorm(x) rounded to x's dtype (q_norm before
-    wq_b). The kernel's sum of squares runs in another order than the norm kernel's, so
-    rstd can differ by an fp32 ulp and a normed value within 2^-24 of a rounding midpoint
-    round one ulp away (~2^-16 of the values: none, or one in a row): the tolerance allows
-    four such values a row at the row's largest |x_normed| and the column's largest |w|."""
-    from engine.kernels.rmsnorm_rope import rmsnorm
-
-    n, k = (8192, 1024) if ON_GPU else (200, 320)  # the indexer's wq_b; odd on the CPU
-    q, s = random_fp8(n, k, seed=29)
-    x = random_x((m, k), dtype, seed=30) * 3
-    weight = (1 + 0.1 * random_x((k,), torch.float32, seed=31)).to(dtype)
-    with mode("reference"):
-        h = rmsnorm(x, weight, 1e-6)
-    ref, tol = expected(h, q, s, 1, False)
-    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23
-    w_max = fm.dequantize_fp8(q, s, torch.float64).abs().amax(-1)
-    tol = tol + 4 * ulp * h.double().abs().amax(-1, keepdim=True) * w_max[None, :]
-    if m <= fl.MAX_DECODE_ROWS:
-        fl.pin_config(fl.Fp8LinearConfig(block_n=16, split_k=2, use_dot=m > 1))
-    y = fl.fp8_linear(x, q, s, norm=(weight, 1e-6))
-    assert y.shape == (m, n) and y.dtype == dtype
-    assert_close_verbose(y, ref, tol, f"norm M={m}")
-    fl.pin_config(None)
-    with pytest.raises(ValueError, match="norm weight"):
-        fl.fp8_linear(x, q, s, norm=(weight[:-1], 1e-6))
-    with pytest.raises(ValueError, match="one prologue"):
-        fl.fp8_linear(x, q, s, norm=(weight, 1e-6), swiglu=True)
-
-
 def test_act_quant_reference_is_deepseeks_formula():
     """act_quant_reference against DeepSeek-V4's formula written out with log2 (on blocks
     away from powers of two, where log2 is exact enough), plus the floor and the edges."""
