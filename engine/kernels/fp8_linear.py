@@ -392,10 +392,10 @@ def _config_for(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, 
     m, g = x3.shape[:2]
     k = weight.shape[1]
     mb = m_bucket(m)
-    candidates = _candidate_configs(mb, g * n, k, _num_sms(x3.device))
     key = (mb, g, n, k, x3.dtype, act_quant, str(x3.device), prologue and prologue[0])
-    if key in _tuned:
+    if key in _tuned:  # before the candidates: an eager call's Python is most of its time
         return _tuned[key]
+    candidates = _candidate_configs(mb, g * n, k, _num_sms(x3.device))
     tunable = (_state["autotune"] and x3.is_cuda and len(candidates) > 1
                and not torch.cuda.is_current_stream_capturing())
     if not tunable:
