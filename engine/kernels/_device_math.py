@@ -40,12 +40,22 @@ def round_bf16(x):
 
 
 @helper
-def e4m3_qat(x, amax):
+def _scale_exponent(amax, emax, mantissa):
+    """The least k with fmt_max * 2^k >= max(amax, 1e-4), fmt_max = 1.m * 2^emax (mantissa:
+    m's 23-bit field): k = e(amax) - emax, one more when amax's mantissa is above m."""
     bits = tl.maximum(amax, 1e-4).to(tl.int32, bitcast=True)
-    # 448 = 1.75 * 2^8: k = e - 8, one more when the mantissa is above 1.75
-    k = ((bits >> 23) & 0xFF) - 127 - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-    scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
-    inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    return ((bits >> 23) & 0xFF) - 127 - emax + ((bits & 0x7FFFFF) > mantissa).to(tl.int32)
+
+
+@helper
+def _pow2(k):
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@helper
+def e4m3_qat(x, amax):
+    k = _scale_exponent(amax, 8, 0x600000)  # 448 = 1.75 * 2^8
+    scale, inv = _pow2(k), _pow2(-k)
     y = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
     a = tl.abs(y).to(tl.int32, bitcast=True)
     e = ((a >> 23) & 0xFF) - 127
@@ -62,11 +72,8 @@ def e4m3_qat(x, amax):
 
 @helper
 def e2m1_qat(x, amax):
-    bits = tl.maximum(amax, 1e-4).to(tl.int32, bitcast=True)
-    # 6 = 1.5 * 2^2: k = e - 2, one more when the mantissa is above 1.5
-    k = ((bits >> 23) & 0xFF) - 127 - 2 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
-    scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
-    inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    k = _scale_exponent(amax, 2, 0x400000)  # 6 = 1.5 * 2^2
+    scale, inv = _pow2(k), _pow2(-k)
     y = tl.minimum(tl.maximum(x * inv, -6.0), 6.0)
     v = tl.abs(y)
     q = 0.5 * ((v > 0.25).to(tl.float32) + (v > 0.75).to(tl.float32)
