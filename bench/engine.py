@@ -66,6 +66,7 @@ turn is reported). A real checkpoint's margins are usually far larger.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -333,11 +334,29 @@ def profile_steps(run_step, steps: int, clock: Clock, model: Transformer | None,
     return rows, parts
 
 
+VARIANTS = {"graph_one_stream": {"overlap_on": False}, "graph_no_pdl": {"pdl": False}}
+
+
+@contextlib.contextmanager
+def _switched(overlap_on: bool | None = None, pdl: bool | None = None):
+    """engine.overlap / PDL switched for a capture, restored after."""
+    was = overlap.enabled(), kernels.pdl_enabled()
+    if overlap_on is not None:
+        overlap.set_enabled(overlap_on)
+    if pdl is not None:
+        kernels.set_pdl(pdl)
+    try:
+        yield
+    finally:
+        overlap.set_enabled(was[0])
+        kernels.set_pdl(was[1])
+
+
 def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock: Clock,
               device: torch.device) -> dict:
     """Eager and graph decode at one context, on a pool sized for it."""
     steps, warm = args.steps, 2
-    max_len = context + warm * 3 + steps * 3 + 2 * args.profile_steps + 8  # three modes
+    max_len = context + (warm + steps) * 5 + 2 * args.profile_steps + 8  # five modes, profile
     pool = SlotPool(config, max_seqs=1, max_len=max_len, device=device, dtype=torch.bfloat16)
     slot = pool.acquire()
     simulate_prefill_(pool, slot, context, args.seed + context)
@@ -356,19 +375,22 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
         ids.copy_(tokens)  # stays on the device: no host sync between steps
 
     # graph_one_stream: the same graph captured with engine.overlap off (every kernel on one
-    # stream), the baseline of the side-stream overlap, timed in the same process
-    for mode in ("eager", "graph", "graph_one_stream"):
-        if (mode != "eager" and not runner.graphs) or (mode == "graph_one_stream"
-                                                       and not overlap.enabled()):
+    # stream), the baseline of the side-stream overlap; graph_no_pdl: captured without
+    # programmatic dependent launch (engine/kernels/__init__.py), PDL's baseline. Both timed
+    # in the same process as the graph they are compared with; graph_again: the first graph
+    # once more, last (the spread between two timings of one graph is the noise)
+    for mode in ("eager", "graph", "graph_one_stream", "graph_no_pdl", "graph_again"):
+        if (mode != "eager" and not runner.graphs) or (
+                mode == "graph_one_stream" and not overlap.enabled()) or (
+                mode == "graph_no_pdl" and not kernels.pdl_launch(ids)):
             out[mode] = None
             continue
-        if mode == "graph_one_stream":
-            overlap.set_enabled(False)
-            try:
+        if mode in VARIANTS:
+            with _switched(**VARIANTS[mode]):
                 current[0] = DecodeRunner(model, pool, buckets=(1,), graphs=True)
                 current[0].capture(kinds=(False,))
-            finally:
-                overlap.set_enabled(True)
+        if mode == "graph_again":
+            current[0] = runner
         current[0].use_graphs = mode != "eager"
         for _ in range(warm):
             one_step()
@@ -376,30 +398,25 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
         out[mode] = {"step_ms": step_s * 1e3, "tok_s": 1 / step_s}
         print(f"  context {context:>6}: {mode:<16} {1 / step_s:9.2f} tok/s "
               f"({step_s * 1e3:.2f} ms/step)", flush=True)
-    one_stream = current[0] if current[0] is not runner else None
     current[0] = runner
     out["finite"] = bool(torch.isfinite(runner.logits[:1]).all())
     if args.profile_steps and context == args.contexts[0]:
         # Under torch.profiler (CUPTI) a replay of the two-stream graph hits an illegal
         # address (H100, torch 2.11 / CUDA 13, reproduced at 2 layers; the same graph replays
         # without a fault when not profiled, and the one-stream graph profiles cleanly), so
-        # the kernel table profiles the one-stream graph: the same kernels, run in sequence
-        # and without the profiler the eager step runs on one stream too.
-        overlap_was = overlap.enabled()
-        overlap.set_enabled(False)
-        try:
+        # the kernel table profiles a one-stream graph: the same kernels, run in sequence
+        # (the eager step runs on one stream too). And without PDL: a kernel launched early
+        # would count its wait for the one before it as its own time.
+        with _switched(overlap_on=False, pdl=False):
             runner.use_graphs = False
             k_rows, p_rows = profile_steps(one_step, args.profile_steps, clock, model, "eager")
             if runner.graphs:
-                current[0] = one_stream or runner
-                current[0].use_graphs = True
-                mode = "graph_one_stream" if one_stream is not None else "graph"
-                g_rows, _ = profile_steps(one_step, args.profile_steps, clock, None, mode)
+                current[0] = DecodeRunner(model, pool, buckets=(1,), graphs=True)
+                current[0].capture(kinds=(False,))
+                g_rows, _ = profile_steps(one_step, args.profile_steps, clock, None, "graph")
                 k_rows += g_rows
-        finally:
-            overlap.set_enabled(overlap_was)
-            current[0] = runner
-            runner.use_graphs = bool(runner.graphs)
+        current[0] = runner
+        runner.use_graphs = bool(runner.graphs)
         out["kernels"], out["projections"] = k_rows, p_rows
     return out
 
@@ -617,6 +634,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="every kernel on one stream (engine.overlap off), no graph_one_stream row")
     p.add_argument("--no-autotune", action="store_true",
                    help="FP8 GEMVs take their heuristic configs (the same in every process)")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="no programmatic dependent launch (engine/kernels/__init__.py), no "
+                        "graph_no_pdl row")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--quiet", action="store_true", help="no per-layer build lines")
@@ -641,6 +661,8 @@ def main(argv: list[str] | None = None) -> dict:
         fp8_linear.set_autotune(False)
     if args.no_overlap:
         overlap.set_enabled(False)
+    if args.no_pdl:
+        kernels.set_pdl(False)
     config = build_config(args.config, args.layers)
     if args.experts == "gguf":
         config = config.replace(num_nextn_predict_layers=0)  # ds4's file has no MTP block
@@ -774,7 +796,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| context | mode | tok/s | ms/step | bound tok/s | % of bound | GB/s | 43-layer tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
-        for mode in ("eager", "graph", "graph_one_stream"):
+        for mode in ("eager", "graph", "graph_one_stream", "graph_no_pdl", "graph_again"):
             if r.get(mode) is None:
                 continue
             proj = r.get("projection_43")

@@ -1,6 +1,7 @@
 """Compile every kernel for sm_90 without a GPU and report its registers and spills.
 
     python -m bench.kernels.compile_check          # Triton's bundled ptxas / cuobjdump
+    python -m bench.kernels.compile_check --pdl    # as launched with PDL (checks the PTX waits)
 
 Triton's NVIDIA backend (LLVM, ptxas) ships in the wheel, so the GPU path can be compiled on
 a CPU-only machine: this catches what the interpreter cannot (layouts, shared memory over
@@ -36,7 +37,8 @@ from engine.kernels import fp8_linear as fl
 BF, F32, I64, I32, FP = "*bf16", "*fp32", "*i64", "i32", "fp32"
 
 
-def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int) -> dict:
+def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int,
+                   pdl: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -45,7 +47,11 @@ def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int
     fn = wrapper.fn  # engine.kernels._triton.jit, or a materialised LazyModule kernel
     _bind(fn.__globals__, triton)  # tl and the shared device functions
     kernel = triton.jit(fn)
-    signature = {a: "constexpr" if a in consts else types[a] for a in kernel.arg_names}
+    if pdl:
+        consts = {**consts, "PDL": True}
+    signature = {a: "constexpr" if a in consts else types.get(a, "constexpr")
+                 for a in kernel.arg_names}  # PDL's default, when not given
+    consts = {**consts, **{a: False for a in signature if a not in consts and a not in types}}
     target = GPUTarget("cuda", 90, 32)
     options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps})
     src = triton.compiler.ASTSource(fn=kernel, constexprs=consts, signature=signature)
@@ -57,6 +63,8 @@ def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     regs = int(usage.split("REG:")[1].split()[0])
     stack = int(usage.split("STACK:")[1].split()[0])
+    if pdl and "griddepcontrol.wait" not in compiled.asm["ptx"]:
+        raise AssertionError(f"{name}: compiled with PDL but its PTX has no griddepcontrol.wait")
     return {"kernel": name, "warps": num_warps, "regs": regs, "spill_bytes": stack,
             "shared_bytes": compiled.metadata.shared}  # fmt: skip
 
@@ -270,9 +278,10 @@ def kernels() -> list[tuple]:
 
 
 def main() -> None:
-    print(f"{'kernel':32} warps  regs  spill_bytes  shared_bytes")
+    pdl = "--pdl" in sys.argv[1:]
+    print(f"{'kernel':32} warps  regs  spill_bytes  shared_bytes" + ("  (PDL)" if pdl else ""))
     for name, kernel, types, consts, warps in kernels():
-        r = compile_kernel(name, kernel, types, consts, warps)
+        r = compile_kernel(name, kernel, types, consts, warps, pdl)
         print(f"{name:32} {warps:5}  {r['regs']:4}  {r['spill_bytes']:11}  {r['shared_bytes']:12}")
 
 

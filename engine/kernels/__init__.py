@@ -9,6 +9,15 @@ switch, `use_triton(tensor)`, never through scattered `if cuda:` checks:
 
 The mode is process-wide state set once by whoever builds the engine (the proxy's settings,
 a test fixture); nothing here reads the environment.
+
+Programmatic dependent launch (PDL, Hopper and newer): `pdl_launch(tensor)` gives the launch
+keywords that let a kernel be launched while the kernel before it on the stream still runs.
+Every kernel taking them calls `wait_for_inputs(PDL)` (engine/kernels/_device_math.py) before
+it touches anything another kernel writes (only constant weights are loaded before): that
+holds it until the kernel before has finished and its writes are visible, then lets the
+next one launch. What is saved is the gap between two dependent kernels (launch latency
+and the new grid's ramp), about a microsecond each, ~1,100 times a decode step; a CUDA graph
+keeps the programmatic edges. `set_pdl(False)` turns it off (benchmark A/B, bisecting).
 """
 
 from __future__ import annotations
@@ -50,6 +59,29 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+_pdl = {"on": True, "capable": {}}
+
+
+def set_pdl(on: bool) -> None:
+    _pdl["on"] = bool(on)
+
+
+def pdl_enabled() -> bool:
+    return _pdl["on"]
+
+
+def pdl_launch(t: torch.Tensor) -> dict:
+    """{"PDL": True, "launch_pdl": True} for a kernel launched on t's CUDA device when that
+    is sm_90 or newer and PDL is on; {} otherwise (the CPU interpreter knows neither)."""
+    if not (_pdl["on"] and t.is_cuda):
+        return {}
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    capable = _pdl["capable"].get(index)
+    if capable is None:
+        capable = _pdl["capable"][index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if capable else {}
 
 
 def use_triton(t: torch.Tensor) -> bool:

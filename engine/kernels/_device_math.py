@@ -12,6 +12,11 @@ gives the reference's values on both. Kernels import these names and call them l
   hadamard_rows(y, scale, ROWS, D, LOG2_D)
                        y [ROWS, D] times the Sylvester Hadamard matrix times scale: the
                        fast Walsh-Hadamard butterfly (D = 2^LOG2_D), one index bit a stage
+  wait_for_inputs(PDL)  in a kernel launched with engine.kernels.pdl_launch, before anything
+                       that reads what an earlier kernel wrote or writes what it may read
+                       (only weight loads come before it): wait until the kernel before
+                       has finished (its writes visible), then let the next one launch;
+                       nothing when PDL is False
   rotate_pairs(x, cos, sin, rot, ROWS, D)
                        engine.rope.apply_rope of a [ROWS, D] tile: interleaved pairs
                        (2i, 2i+1) with rot[i] turn by cos / sin [ROWS, D/2]; others stay
@@ -31,6 +36,16 @@ from __future__ import annotations
 from engine.kernels._triton import helper
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
+
+
+@helper
+def wait_for_inputs(PDL: tl.constexpr):
+    # Everything after this may read what the previous kernel wrote and overwrite what it
+    # read. Launching the next kernel only now (not at this kernel's start) keeps one
+    # kernel waiting at a time: its programs hold SM slots while they wait
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @helper

@@ -45,8 +45,14 @@ import torch
 from engine.attention import _hadamard, hadamard
 from engine.attention import fp8_roundtrip as fp8_roundtrip_reference
 from engine.config import QAT_INDEXER_FP4_BLOCK, QAT_KV_FP8_BLOCK
-from engine.kernels import use_triton
-from engine.kernels._device_math import e2m1_qat, e4m3_qat, hadamard_rows, round_bf16
+from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import (
+    e2m1_qat,
+    e4m3_qat,
+    hadamard_rows,
+    round_bf16,
+    wait_for_inputs,
+)
 from engine.kernels._triton import cdiv, jit, next_power_of_2
 from engine.kernels.fp4_roundtrip import fp4_roundtrip_reference
 from engine.kernels.rmsnorm_rope import rmsnorm_rope_reference, rope_reference
@@ -108,7 +114,9 @@ def _cache_rows_kernel(
     QAT: tl.constexpr,  # 0 none, 1 FP8 of the nope prefix, 2 Hadamard + FP4
     SCATTER: tl.constexpr,
     ROUND_OUT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     r_mask = r < num_rows
     tok = (r // heads).to(tl.int64)
@@ -220,6 +228,7 @@ def _launch(x, cos, sin, norm, qat, nope, out, stride_a, stride_b, slots, rows) 
         LOG2_D=next_power_of_2(d).bit_length() - 1, NORM=norm is not None,
         HAS_WEIGHT=weight is not None, ROUND_X=x.dtype == torch.bfloat16,
         QAT=QAT_CODES[qat], SCATTER=scatter, ROUND_OUT=out.dtype == torch.bfloat16,
+        **pdl_launch(x3),
     )  # fmt: skip
 
 

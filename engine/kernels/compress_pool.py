@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import use_triton
+from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import wait_for_inputs
 from engine.kernels._triton import cdiv, jit, next_power_of_2
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
@@ -96,7 +97,9 @@ def _compress_pool_kernel(
     P: tl.constexpr,  # pooled rows = ring width: 2 * RATIO if OVERLAP else RATIO
     OVERLAP: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     b = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_mask = offs_c < d
@@ -176,5 +179,6 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
             kv, score, ape, ring_kv, ring_score, slots, positions, out,
             d, kv.stride(0), score.stride(0), ring_kv.stride(0), ring_kv.stride(1),
             out.stride(0), RATIO=ratio, P=W, OVERLAP=overlap, BLOCK_D=block_d,
+            **pdl_launch(kv),
         )  # fmt: skip
     return out

@@ -41,8 +41,8 @@ import math
 
 import torch
 
-from engine.kernels import use_triton
-from engine.kernels._device_math import rotate_pairs, round_bf16
+from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import rotate_pairs, round_bf16, wait_for_inputs
 from engine.kernels._triton import cdiv, helper, jit, next_power_of_2, store_dtype
 from engine.kernels.rmsnorm_rope import rope_reference
 
@@ -131,7 +131,9 @@ def _decode_attention_kernel(
     UPCAST_DOT: tl.constexpr,
     ROPE: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)  # int64: row * stride can pass 2^31 in big pools
@@ -234,7 +236,9 @@ def _decode_attention_combine_kernel(
     BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     pid_h = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
@@ -433,13 +437,13 @@ def launch(
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_ENTRIES=has_entries, ONE_SPLIT=one_split, DOT_PRECISION=precision,
         UPCAST_DOT=not q.is_cuda, ROPE=rope is not None, ROUND_BF16=round_out,
-        num_warps=num_warps,
+        num_warps=num_warps, **pdl_launch(q),
     )  # fmt: skip
     if not one_split:
         _decode_attention_combine_kernel[(Hh, B)](
             part_o, part_ml, sink, out, cos, sin, Hh, D, num_splits, rope_half,
             out.stride(0), out.stride(1), cos.stride(0),
             BLOCK_P=next_power_of_2(num_splits), BLOCK_D=block_d, ROPE=rope is not None,
-            ROUND_BF16=round_out,
+            ROUND_BF16=round_out, **pdl_launch(q),
         )  # fmt: skip
     return out.to(q.dtype)

@@ -25,15 +25,16 @@ import torch
 
 from engine.attention import _FP4_GRID, FP4_E2M1_MAX, _pow2_scale
 from engine.config import QAT_INDEXER_FP4_BLOCK
-from engine.kernels import use_triton
-from engine.kernels._device_math import e2m1_qat
+from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import e2m1_qat, wait_for_inputs
 from engine.kernels._triton import jit
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
 
 
 @jit
-def _fp4_roundtrip_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+def _fp4_roundtrip_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs).to(tl.float32)
     tl.store(out_ptr + offs, e2m1_qat(x, tl.max(tl.abs(x), axis=0)).to(out_ptr.dtype.element_ty))
@@ -72,5 +73,6 @@ def fp4_roundtrip(x: torch.Tensor, block: int = QAT_INDEXER_FP4_BLOCK) -> torch.
         raise ValueError(f"the last dim ({x.shape[-1]}) must be a multiple of {block}")
     out = _empty(x.shape, x.dtype, x.device)
     if x.numel():
-        _fp4_roundtrip_kernel[(x.numel() // block,)](x, out, BLOCK=block)
+        _fp4_roundtrip_kernel[(x.numel() // block,)](x, out, BLOCK=block,
+                                                           **pdl_launch(x))
     return out

@@ -72,9 +72,9 @@ import torch
 import torch.nn.functional as F
 
 from engine import formats as fm
-from engine.kernels import use_triton
+from engine.kernels import pdl_launch, use_triton
 from engine.kernels._counters import arrival_counters
-from engine.kernels._device_math import round_bf16
+from engine.kernels._device_math import round_bf16, wait_for_inputs
 from engine.kernels._triton import LazyModule
 from engine.kernels.swiglu import swiglu as swiglu_op
 
@@ -149,7 +149,9 @@ def _fp8_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
     ACT_QUANT: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
     SWIGLU: tl.constexpr, ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     BK: tl.constexpr = 128
     pid_n = tl.program_id(0)  # over G * cdiv(N, BLOCK_N) row tiles
     pid_k = tl.program_id(1)  # over SPLIT_K slices of the K axis
@@ -380,7 +382,7 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
         ACT_QUANT=act_quant, DOT_F32=x3.dtype == torch.float32 or not x3.is_cuda,
         EVEN_K=k % BLOCK_K == 0, SPLIT=split > 1,
         SWIGLU=swiglu, ROUND_BF16=x3.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x3),
     )
     return out
 

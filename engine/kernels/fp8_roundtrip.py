@@ -24,8 +24,8 @@ import torch
 
 from engine.attention import fp8_roundtrip as fp8_roundtrip_reference
 from engine.config import QAT_KV_FP8_BLOCK
-from engine.kernels import use_triton
-from engine.kernels._device_math import e4m3_qat
+from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import e4m3_qat, wait_for_inputs
 from engine.kernels._triton import cdiv, jit
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
@@ -35,7 +35,9 @@ tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.
 def _fp8_roundtrip_kernel(
     x_ptr, out_ptr, dim, nope, stride_x, stride_o,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     n = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < dim
@@ -62,5 +64,6 @@ def fp8_roundtrip_prefix(x: torch.Tensor, nope: int, block: int = QAT_KV_FP8_BLO
     out = _empty(rows.shape, x.dtype, x.device)
     if rows.numel():
         _fp8_roundtrip_kernel[(rows.shape[0], cdiv(rows.shape[1], block))](
-            rows, out, rows.shape[1], nope, rows.stride(0), out.stride(0), BLOCK=block)
+            rows, out, rows.shape[1], nope, rows.stride(0), out.stride(0), BLOCK=block,
+            **pdl_launch(x))
     return out.view(x.shape)

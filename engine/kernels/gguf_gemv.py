@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from engine import formats as fm
 from engine.formats import WeightFormat
-from engine.kernels import use_triton
+from engine.kernels import pdl_launch, use_triton
 from engine.kernels._triton import LazyModule
 
 triton = tl = None  # imported at the first launch (`_lazy.materialize`)
@@ -116,7 +116,11 @@ def _ggml_linear_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
     FMT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # engine/kernels/_device_math.py wait_for_inputs
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -215,7 +219,7 @@ def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, fmt: WeightFormat) -> tor
         m, n, per_split, num_chunks,
         x2.stride(0), blocks.stride(0), partial.stride(0), partial.stride(1),
         BLOCK_M=16 if use_dot else 1, BLOCK_N=block_n, USE_DOT=use_dot,
-        DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMT=FMT_IDS[fmt],
+        DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMT=FMT_IDS[fmt], **pdl_launch(x),
     )
     out = partial[0] if split == 1 else partial.sum(0).to(x.dtype)  # fixed order over splits
     return out.view(*x.shape[:-1], n)

@@ -18,14 +18,15 @@ of h), so it is split along K, not along tokens: one program per (K block of 128
 reference's fp32 F.linear) and partial sums of squares. 128 K blocks put 128 programs on
 the fn read for any batch; one program per token would put 1..32 programs on 1.5 MB each
 (a single SM streams tens of GB/s: ~50 us). For a long prefill the token blocks multiply the
-grid and fn's re-reads come from L2. A second kernel, one program per (token, H block),
-sums the partials, runs the 4 x 4 Sinkhorn in registers (recomputed per H block: a few
-hundred flops) and writes its block of x; the first H block also writes post and comb.
+grid and fn's re-reads come from L2. A second kernel sums the partials: one program per
+(token, H block) computes pre and writes its block of x, and one more program per token
+computes post and runs the 4 x 4 Sinkhorn in registers (its ~40 dependent reductions run
+beside the collapse, not before it: the collapse needs only pre) and writes post and comb.
 hc_post_pre's first kernel computes its K block of h_new (one stream's H slice) from y,
 res, post and comb, stores it and feeds it to the GEMV directly. With `norm` the sub-layer's
 input RMSNorm (attn_norm / ffn_norm / the final norm) runs in the second kernel too: one
-program then owns a token's whole row (H <= MAX_NORM_HIDDEN), so the Sinkhorn runs once a
-token instead of once per H block, and the separate norm launch (~2 us, 2 a layer) is gone.
+program then owns a token's whole row of x (H <= MAX_NORM_HIDDEN), and the separate norm
+launch (~2 us, 2 a layer) is gone.
 
 Shapes: N tokens, S streams (4), H hidden (4096), K = S*H, M mix logits, P = K / BLOCK_K
 partial blocks.
@@ -39,8 +40,8 @@ from __future__ import annotations
 import torch
 
 from engine.config import ModelConfig
-from engine.kernels import use_triton
-from engine.kernels._device_math import round_bf16
+from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import round_bf16, wait_for_inputs
 from engine.kernels._triton import cdiv, jit, next_power_of_2, store_dtype
 from engine.kernels.rmsnorm_rope import rmsnorm
 
@@ -105,6 +106,7 @@ def _hc_mixes_kernel(
     BLOCK_K: tl.constexpr,
     EXPAND: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid_k = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -117,6 +119,13 @@ def _hc_mixes_kernel(
     rows_t = offs_t.to(tl.int64)  # int64 rows: N * K passes 2^31 from 131072 prefill tokens
     tk_mask = t_mask[:, None] & k_mask[None, :]
     h_ptrs = h_ptr + rows_t[:, None] * stride_h_n + offs_k[None, :]
+    # fn is a weight: loaded before the wait, it streams while the kernel before still runs
+    w = tl.load(
+        fn_ptr + offs_m[:, None] * stride_fn_m + offs_k[None, :],
+        mask=(offs_m < num_mix)[:, None] & k_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_K]
+    wait_for_inputs(PDL)
     if EXPAND:
         # hc_post fused in: this K block is one stream's H slice (BLOCK_K divides H), so the
         # program computes h_new[n, s, slice] = post[s] y + sum_j comb[j, s] res[j], stores it
@@ -141,11 +150,6 @@ def _hc_mixes_kernel(
         tl.store(h_ptrs, x.to(h_ptr.dtype.element_ty), mask=tk_mask)
     else:
         x = tl.load(h_ptrs, mask=tk_mask, other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_K]
-    w = tl.load(
-        fn_ptr + offs_m[:, None] * stride_fn_m + offs_k[None, :],
-        mask=(offs_m < num_mix)[:, None] & k_mask[None, :],
-        other=0.0,
-    )  # [BLOCK_M, BLOCK_K]
     acc = tl.dot(x, tl.trans(w), input_precision="ieee")  # [BLOCK_T, BLOCK_M], fp32 as F.linear
     row = rows_t * num_parts + pid_k  # [BLOCK_T] in [N, P]
     tl.store(part_ptr + row[:, None] * BLOCK_M + offs_m[None, :], acc, mask=t_mask[:, None])
@@ -180,7 +184,9 @@ def _hc_finish_kernel(
     HEAD: tl.constexpr,
     NORM: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0).to(tl.int64)  # int64: token * stride passes 2^31 in long prefills
     pid_h = tl.program_id(1)
     S = num_streams
@@ -189,19 +195,12 @@ def _hc_finish_kernel(
     p_mask = offs_p < num_parts
     s_mask = offs_s < S
     parts = part_ptr + (pid_n * num_parts + offs_p) * BLOCK_M  # [BLOCK_P] partial rows
-
     sq = tl.sum(tl.load(sq_ptr + pid_n * num_parts + offs_p, mask=p_mask, other=0.0), axis=0)
     rstd = 1.0 / tl.sqrt(sq / (S * hidden) + rms_eps)
-    pre = tl.sum(
-        tl.load(
-            parts[:, None] + offs_s[None, :], mask=p_mask[:, None] & s_mask[None, :], other=0.0
-        ),
-        axis=0,
-    )  # [BLOCK_S]
-    pre = pre * rstd * tl.load(scale_ptr) + tl.load(base_ptr + offs_s, mask=s_mask, other=0.0)
-    pre = tl.sigmoid(pre) + hc_eps
 
-    if not HEAD:
+    if not HEAD and pid_h == tl.num_programs(1) - 1:
+        # the mix program: post and comb. The collapse needs only pre, so the Sinkhorn's
+        # serial iterations run beside it instead of before it
         post = tl.sum(
             tl.load(
                 parts[:, None] + S + offs_s[None, :],
@@ -238,24 +237,33 @@ def _hc_finish_kernel(
         for _ in range(sinkhorn_iters - 1):
             comb = comb / (tl.sum(comb, axis=1)[:, None] + hc_eps)
             comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
-        if pid_h == 0:  # one program per token writes post and comb
-            tl.store(post_ptr + pid_n * S + offs_s, post, mask=s_mask)
-            tl.store(comb_ptr + pid_n * S * S + jk, comb, mask=jk_mask)
-
-    offs_hid = pid_h * BLOCK_HID + tl.arange(0, BLOCK_HID)
-    hid_mask = offs_hid < hidden
-    streams = tl.load(
-        h_ptr + pid_n * stride_h_n + offs_s[:, None] * stride_h_s + offs_hid[None, :],
-        mask=s_mask[:, None] & hid_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)  # [BLOCK_S, BLOCK_HID]
-    x = tl.sum(pre[:, None] * streams, axis=0)
-    if NORM:  # the sub-layer's RMSNorm of the bf16 x, as rmsnorm() computes it (BLOCK_HID >= H)
-        if ROUND_BF16:
-            x = round_bf16(x)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / hidden + norm_eps)
-        x = x * rstd * tl.load(normw_ptr + offs_hid, mask=hid_mask, other=0.0).to(tl.float32)
-    tl.store(x_ptr + pid_n * stride_x_n + offs_hid, x.to(x_ptr.dtype.element_ty), mask=hid_mask)
+        tl.store(post_ptr + pid_n * S + offs_s, post, mask=s_mask)
+        tl.store(comb_ptr + pid_n * S * S + jk, comb, mask=jk_mask)
+    else:  # a collapse program: its block of x
+        offs_hid = pid_h * BLOCK_HID + tl.arange(0, BLOCK_HID)
+        hid_mask = offs_hid < hidden
+        streams = tl.load(
+            h_ptr + pid_n * stride_h_n + offs_s[:, None] * stride_h_s + offs_hid[None, :],
+            mask=s_mask[:, None] & hid_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_S, BLOCK_HID]
+        pre = tl.sum(
+            tl.load(
+                parts[:, None] + offs_s[None, :], mask=p_mask[:, None] & s_mask[None, :],
+                other=0.0,
+            ),
+            axis=0,
+        )  # [BLOCK_S]
+        pre = pre * rstd * tl.load(scale_ptr) + tl.load(base_ptr + offs_s, mask=s_mask, other=0.0)
+        pre = tl.sigmoid(pre) + hc_eps
+        x = tl.sum(pre[:, None] * streams, axis=0)
+        if NORM:  # the sub-layer's RMSNorm of the bf16 x, as rmsnorm() computes it (BLOCK_HID >= H)
+            if ROUND_BF16:
+                x = round_bf16(x)
+            rstd_x = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / hidden + norm_eps)
+            x = x * rstd_x * tl.load(normw_ptr + offs_hid, mask=hid_mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + pid_n * stride_x_n + offs_hid, x.to(x_ptr.dtype.element_ty),
+                 mask=hid_mask)
 
 
 @jit
@@ -274,7 +282,9 @@ def _hc_post_kernel(
     S: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_HID: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0).to(tl.int64)  # int64: token * stride passes 2^31 in long prefills
     pid_h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -358,18 +368,19 @@ def _mix_and_collapse(h, fn, scale, base, config: ModelConfig, head: bool, expan
         h, fn, part, sq, y, res, post_in, comb_in,
         N, M, K, H, h.stride(0), fn.stride(0), y.stride(0), res.stride(0), res.stride(1),
         S=S, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_K=block_k,
-        EXPAND=expand is not None, ROUND_BF16=h.dtype == torch.bfloat16,
+        EXPAND=expand is not None, ROUND_BF16=h.dtype == torch.bfloat16, **pdl_launch(h),
     )  # fmt: skip
     fuse_norm = norm is not None and H <= MAX_NORM_HIDDEN
     block_hid = next_power_of_2(H) if fuse_norm else min(BLOCK_HID, next_power_of_2(H))
-    _hc_finish_kernel[(N, cdiv(H, block_hid))](
+    # the H blocks of x, and one more program for post and comb (not for the head)
+    _hc_finish_kernel[(N, cdiv(H, block_hid) + (0 if head else 1))](
         h, part, sq, scale, base, x, norm[0] if fuse_norm else x, post, comb,
         S, H, num_parts, config.rms_norm_eps, config.hc_eps, config.hc_sinkhorn_iters,
         norm[1] if fuse_norm else 0.0,
         h.stride(0), h.stride(1), x.stride(0),
         BLOCK_S=next_power_of_2(S), BLOCK_P=next_power_of_2(num_parts),
         BLOCK_M=block_m, BLOCK_HID=block_hid, HEAD=head, NORM=fuse_norm,
-        ROUND_BF16=h.dtype == torch.bfloat16, num_warps=8 if fuse_norm else 4,
+        ROUND_BF16=h.dtype == torch.bfloat16, num_warps=8 if fuse_norm else 4, **pdl_launch(h),
     )  # fmt: skip
     x = x.to(h.dtype)
     if norm is not None and not fuse_norm:
@@ -450,7 +461,7 @@ def hc_post(
     _hc_post_kernel[(N, cdiv(H, block_hid))](
         y, res, post, comb, out, H,
         y.stride(0), res.stride(0), res.stride(1), out.stride(0), out.stride(1),
-        S=S, BLOCK_S=next_power_of_2(S), BLOCK_HID=block_hid,
+        S=S, BLOCK_S=next_power_of_2(S), BLOCK_HID=block_hid, **pdl_launch(res),
     )  # fmt: skip
     return out.to(res.dtype)
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 
 from engine.config import RATIO_SPARSE
-from engine.kernels import use_triton
+from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import wait_for_inputs
 from engine.kernels._triton import cdiv, jit, next_power_of_2
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
@@ -80,7 +81,9 @@ def _indexer_scores_kernel(
     BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)  # int64: slot * stride passes 2^31 in big pools
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -159,6 +162,6 @@ def indexer_scores(
         BLOCK_H=max(16, next_power_of_2(Hi)), BLOCK_D=max(16, next_power_of_2(Di)),
         BLOCK_T=BLOCK_T,
         DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None,
-        UPCAST_DOT=not q.is_cuda,
+        UPCAST_DOT=not q.is_cuda, **pdl_launch(q),
     )  # fmt: skip
     return out

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import use_triton
+from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import wait_for_inputs
 from engine.kernels._triton import jit, next_power_of_2
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
@@ -46,7 +47,9 @@ def _indexer_topk_kernel(
     stride_o_b,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     pid_b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     x = tl.load(scores_ptr + pid_b * stride_s_b + offs, mask=offs < num_entries,
@@ -110,6 +113,7 @@ def indexer_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     _indexer_topk_kernel[(B,)](
         scores, out, N, k, scores.stride(0), out.stride(0),
         BLOCK_N=block_n, BLOCK_K=next_power_of_2(k), num_warps=_num_warps(block_n),
+        **pdl_launch(scores),
     )  # fmt: skip
     return out
 

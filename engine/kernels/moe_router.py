@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import use_triton
+from engine.kernels import pdl_launch, use_triton
 from engine.kernels._counters import arrival_counters
 
 try:  # optional: the base install has no Triton and takes the reference below
@@ -52,7 +52,11 @@ if triton is not None:
         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, TOPK: tl.constexpr,
         HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
         BLOCK_TOPK: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # engine/kernels/_device_math.py wait_for_inputs
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         token = tl.program_id(0).to(tl.int64)
         offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         e_mask = offs_e < E
@@ -124,7 +128,11 @@ if triton is not None:
         weights_ptr,  # [N, K] fp32 out
         E, K, V, scaling,
         HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # engine/kernels/_device_math.py wait_for_inputs
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         _topk_row(scores_ptr, bias_ptr, table_ptr, ids_ptr, experts_ptr, weights_ptr,
                   tl.program_id(0).to(tl.int64), E, K, V, scaling,
                   HASH, NORM, BLOCK_E, BLOCK_K)
@@ -150,7 +158,7 @@ def route_topk(scores: torch.Tensor, k: int, scaling: float, norm: bool,
         dummy if ids is None else ids.contiguous(), experts, weights,
         E, k, 0 if table is None else table.shape[0], float(scaling),
         HASH=table is not None, NORM=norm, BLOCK_E=triton.next_power_of_2(E),
-        BLOCK_K=triton.next_power_of_2(k), num_warps=4,
+        BLOCK_K=triton.next_power_of_2(k), num_warps=4, **pdl_launch(scores),
     )
     return weights, experts
 
@@ -175,7 +183,7 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x, weight, out, out, out, out, out, out, out, E, H, 0, 0, 1.0,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K, TOPK=False, HASH=False, NORM=False, BLOCK_ALL_E=1,
-        BLOCK_TOPK=1, num_warps=4,
+        BLOCK_TOPK=1, num_warps=4, **pdl_launch(x),
     )
     return out
 
@@ -209,6 +217,6 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, scaling: float, norm: b
         x.stride(0), weight.stride(0), scores.stride(0),
         BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K, TOPK=True, HASH=table is not None, NORM=norm,
         BLOCK_ALL_E=triton.next_power_of_2(E), BLOCK_TOPK=triton.next_power_of_2(k),
-        num_warps=4,
+        num_warps=4, **pdl_launch(x),
     )
     return weights, experts

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import use_triton
-from engine.kernels._device_math import round_bf16
+from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import round_bf16, wait_for_inputs
 from engine.kernels._triton import cdiv, jit, next_power_of_2, store_dtype
 from engine.rope import apply_rope
 
@@ -80,7 +80,9 @@ def _rmsnorm_rope_kernel(
     HAS_WEIGHT: tl.constexpr,
     INVERSE: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0).to(tl.int64)  # int64: token * stride passes 2^31 in long prefills
     pid_h = tl.program_id(1)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -149,7 +151,7 @@ def _launch(x, weight, cos, sin, eps: float, norm: bool, inverse: bool) -> torch
             x3.stride(0), x3.stride(1), cos.stride(0), out.stride(0), out.stride(1),
             BLOCK_H=block_h, BLOCK_D=next_power_of_2(D), BLOCK_R=next_power_of_2(cos.shape[1]),
             NORM=norm, HAS_WEIGHT=weight is not None, INVERSE=inverse,
-            ROUND_BF16=x.dtype == torch.bfloat16,
+            ROUND_BF16=x.dtype == torch.bfloat16, **pdl_launch(x),
         )  # fmt: skip
     return out.to(x.dtype).view(x.shape)
 

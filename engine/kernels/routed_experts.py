@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from engine import formats as fm
 from engine.formats import WeightFormat
-from engine.kernels import use_triton
+from engine.kernels import pdl_launch, use_triton
 from engine.kernels._counters import arrival_counters
 
 try:  # optional: the base install has no Triton and takes the reference below
@@ -169,8 +169,12 @@ if triton is not None:
         xs_ptr,       # [N, H/16] fp32 out: each word's sum of x (INT2 only)
         n_words, stride_x_t,
         FORMAT: tl.constexpr, PW: tl.constexpr, BLOCK_W: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """The gate/up kernel's activation layout, in one launch (grid N, words / BLOCK_W)."""
+        if PDL:  # engine/kernels/_device_math.py wait_for_inputs
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         token = tl.program_id(0).to(tl.int64)
         offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         offs_j = tl.arange(0, PW)
@@ -260,7 +264,11 @@ if triton is not None:
         limit,
         FORMAT: tl.constexpr, PW: tl.constexpr, HAS_LIMIT: tl.constexpr,
         OUT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # engine/kernels/_device_math.py wait_for_inputs
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pair = tl.program_id(0).to(tl.int64)  # int64: expert * rows may overflow int32
         pid_n = tl.program_id(1)
         expert = tl.load(experts_ptr + pair).to(tl.int64)
@@ -320,11 +328,15 @@ if triton is not None:
         # meta
         FORMAT: tl.constexpr, PW: tl.constexpr, OUT_DTYPE: tl.constexpr, HAS_ADD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """Program (t, n-block, k): expert slot k of token t on one block of output rows.
         Split over k so that a single token still fills the GPU (K * H / BLOCK_N programs);
         the last of a block's K programs to finish adds the K parts in slot order, so the
         sum is the same whichever order they ran in (deterministic, no float atomics)."""
+        if PDL:  # engine/kernels/_device_math.py wait_for_inputs
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         token = tl.program_id(0).to(tl.int64)
         pid_n = tl.program_id(1)
         k = tl.program_id(2)
@@ -511,7 +523,8 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
         xs, hs = xt, xt  # unused
     stage_words = 64 if fmt != FMT_DENSE else 1024
     _stage_kernel[(N, triton.cdiv(H // PW, stage_words))](
-        x, xt, xs, H // PW, x.stride(0), FORMAT=fmt, PW=PW, BLOCK_W=stage_words, num_warps=4)
+        x, xt, xs, H // PW, x.stride(0), FORMAT=fmt, PW=PW, BLOCK_W=stage_words, num_warps=4,
+        **pdl_launch(x))
     h = torch.empty(P, PW, inter // PW, dtype=torch.float32, device=x.device)
     y = torch.empty(N, H, dtype=torch.float32, device=x.device) if out is None else out
     out_dtype = getattr(tl, _TL_DTYPE[x.dtype])
@@ -526,7 +539,7 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
         stack.num_experts, K, inter, w13.shape[-1], _size_class(N),
         xt.stride(0), xt.stride(1), xs.stride(0), w13.stride(1), s13.stride(1),
         z13.stride(1), 0.0 if limit is None else float(limit),
-        FORMAT=fmt, PW=PW, HAS_LIMIT=limit is not None, OUT_DTYPE=out_dtype,
+        FORMAT=fmt, PW=PW, HAS_LIMIT=limit is not None, OUT_DTYPE=out_dtype, **pdl_launch(x),
     )
 
     w2 = _word_view(stack.w2, fmt)
@@ -543,7 +556,7 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
         stack.num_experts, K, H, inter, w2.shape[-1], _size_class(N),
         w2.stride(1), s2.stride(1), z2.stride(1), 0 if add is None else add.stride(0),
         y.stride(0),
-        FORMAT=fmt, PW=PW, OUT_DTYPE=out_dtype, HAS_ADD=add is not None,
+        FORMAT=fmt, PW=PW, OUT_DTYPE=out_dtype, HAS_ADD=add is not None, **pdl_launch(x),
     )
     return y
 

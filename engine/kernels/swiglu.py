@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import use_triton
+from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import wait_for_inputs
 from engine.kernels._triton import cdiv, jit, store_dtype
 
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
@@ -28,7 +29,9 @@ def swiglu_reference(gu: torch.Tensor) -> torch.Tensor:
 
 
 @jit
-def _swiglu_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, BLOCK: tl.constexpr):
+def _swiglu_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     n = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -50,5 +53,5 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
     out = torch.empty(N, inter, dtype=store_dtype(gu.dtype, gu.device), device=gu.device)
     if N and inter:
         _swiglu_kernel[(N, cdiv(inter, BLOCK))](gu, out, inter, gu.stride(0), out.stride(0),
-                                               BLOCK=BLOCK)
+                                               BLOCK=BLOCK, **pdl_launch(gu))
     return out.to(gu.dtype)

@@ -144,41 +144,67 @@ def test_an_unknown_engine_path_is_an_error(model):
         Engine(model, tokenizer=None, device=DEVICE, engine_path="quick")
 
 
+def _graph_steps(model, graphs: bool, dtype=torch.float32) -> list[torch.Tensor]:
+    """Ten decode steps' logits from a fresh pool and runner on CUDA: three rows (bucket 4
+    with a padded row), then two (bucket 2), then the sampling graph."""
+    c = model.config
+    pool = SlotPool(c, max_seqs=4, max_len=MAX_LEN, device="cuda", dtype=dtype)
+    runner = DecodeRunner(model, pool, graphs=graphs)
+    errors = runner.capture()
+    assert not errors, f"capture failed (a host sync in the step?): {errors}"
+    assert bool(runner.graphs) == graphs
+    states, nxt = [], []
+    for n in (3, 30, 61):
+        seq = pool.sequence_state(pool.acquire())
+        nxt.append(int(model(random_tokens(1, n, seed=n).cuda(), BatchState([seq]),
+                             last_only=True).argmax()))
+        states.append(seq)
+    steps = []
+    for _ in range(8):  # bucket 4 with a padded row, then bucket 2
+        tokens, logits = runner.decode(states, nxt, [SamplingParams(temperature=0)] * 3)
+        steps.append(logits.clone())
+        nxt = tokens.tolist()
+    tokens, logits = runner.decode(states[:2], nxt[:2], [SamplingParams(temperature=0)] * 2)
+    steps.append(logits.clone())
+    # the sampling graph: top-k 1 is argmax whatever the temperature
+    top1 = SamplingParams(temperature=1.5, top_k=1)
+    tokens, logits = runner.decode(states[:2], tokens.tolist(), [top1, top1])
+    assert torch.equal(tokens, logits.argmax(-1))
+    steps.append(logits.clone())
+    return steps
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("qat", [False, True])
 def test_graph_replay_equals_the_eager_step(qat):
     """Fails while the MoE reference syncs the host (k-moe's routed-experts kernel removes
     that); the QAT case also covers the FP4/Hadamard round trips inside a capture."""
     model = tiny_model(seed=5, sliding_window=8, qat=qat).to("cuda")
-    c = model.config
-    outs = {}
-    for graphs in (False, True):
-        pool = SlotPool(c, max_seqs=4, max_len=MAX_LEN, device="cuda", dtype=torch.float32)
-        runner = DecodeRunner(model, pool, graphs=graphs)
-        errors = runner.capture()
-        assert not errors, f"capture failed (a host sync in the step?): {errors}"
-        assert bool(runner.graphs) == graphs
-        states, nxt = [], []
-        for n in (3, 30, 61):
-            seq = pool.sequence_state(pool.acquire())
-            nxt.append(int(model(random_tokens(1, n, seed=n).cuda(), BatchState([seq]),
-                                 last_only=True).argmax()))
-            states.append(seq)
-        steps = []
-        for _ in range(8):  # bucket 4 with a padded row, then bucket 2
-            tokens, logits = runner.decode(states, nxt, [SamplingParams(temperature=0)] * 3)
-            steps.append(logits.clone())
-            nxt = tokens.tolist()
-        tokens, logits = runner.decode(states[:2], nxt[:2], [SamplingParams(temperature=0)] * 2)
-        steps.append(logits.clone())
-        # the sampling graph: top-k 1 is argmax whatever the temperature
-        top1 = SamplingParams(temperature=1.5, top_k=1)
-        tokens, logits = runner.decode(states[:2], tokens.tolist(), [top1, top1])
-        assert torch.equal(tokens, logits.argmax(-1))
-        steps.append(logits.clone())
-        outs[graphs] = steps
+    outs = {graphs: _graph_steps(model, graphs) for graphs in (False, True)}
     for i, (eager, graph) in enumerate(zip(outs[False], outs[True], strict=True)):
         assert torch.allclose(eager, graph, rtol=0, atol=1e-5), f"step {i}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm_90+")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_programmatic_dependent_launch_changes_no_bit(dtype):
+    """Every kernel launched with PDL waits for the one before it (engine/kernels/
+    __init__.py): a kernel that read or wrote before its wait would race, and a race
+    changes bits somewhere in ten replayed steps (split-K partials, arrival counters,
+    buffers reused across layers). Both graphs with the overlap side stream."""
+    model = tiny_model(seed=7, sliding_window=8, qat=True, dtype=dtype).to("cuda")
+    outs = {}
+    for pdl in (False, True, False, True):  # twice each: a race need not show the first time
+        kernels.set_pdl(pdl)
+        try:
+            outs.setdefault(pdl, []).append(_graph_steps(model, graphs=True, dtype=dtype))
+        finally:
+            kernels.set_pdl(True)
+    want = outs[False][0]
+    for got in (*outs[False][1:], *outs[True]):
+        for i, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert torch.equal(a, b), f"step {i}: max |diff| {(a - b).abs().max().item()}"
 
 
 def test_slots_come_back_after_a_cancelled_prefill_and_an_abandoned_event_loop(tmp_path):
