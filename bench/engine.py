@@ -334,29 +334,33 @@ def profile_steps(run_step, steps: int, clock: Clock, model: Transformer | None,
     return rows, parts
 
 
-VARIANTS = {"graph_one_stream": {"overlap_on": False}, "graph_no_pdl": {"pdl": False}}
+MODES = ("eager", "graph", "graph_one_stream", "graph_no_pdl", "graph_no_prefetch", "graph_again")
+VARIANTS = {"graph_one_stream": {"overlap_on": False}, "graph_no_pdl": {"pdl": False},
+            "graph_no_prefetch": {"prefetch": False}}
 
 
 @contextlib.contextmanager
-def _switched(overlap_on: bool | None = None, pdl: bool | None = None):
-    """engine.overlap / PDL switched for a capture, restored after."""
-    was = overlap.enabled(), kernels.pdl_enabled()
-    if overlap_on is not None:
-        overlap.set_enabled(overlap_on)
-    if pdl is not None:
-        kernels.set_pdl(pdl)
+def _switched(overlap_on: bool | None = None, pdl: bool | None = None,
+              prefetch: bool | None = None):
+    """engine.overlap / PDL / the FP8 GEMVs' L2 prefetch switched for a capture, restored."""
+    was = overlap.enabled(), kernels.pdl_enabled(), fp8_linear.prefetch_enabled()
+    for value, switch in ((overlap_on, overlap.set_enabled), (pdl, kernels.set_pdl),
+                          (prefetch, fp8_linear.set_prefetch)):
+        if value is not None:
+            switch(value)
     try:
         yield
     finally:
         overlap.set_enabled(was[0])
         kernels.set_pdl(was[1])
+        fp8_linear.set_prefetch(was[2])
 
 
 def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock: Clock,
               device: torch.device) -> dict:
     """Eager and graph decode at one context, on a pool sized for it."""
     steps, warm = args.steps, 2
-    max_len = context + (warm + steps) * 5 + 2 * args.profile_steps + 8  # five modes, profile
+    max_len = context + (warm + steps) * len(MODES) + 2 * args.profile_steps + 8  # and profile
     pool = SlotPool(config, max_seqs=1, max_len=max_len, device=device, dtype=torch.bfloat16)
     slot = pool.acquire()
     simulate_prefill_(pool, slot, context, args.seed + context)
@@ -376,13 +380,16 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
 
     # graph_one_stream: the same graph captured with engine.overlap off (every kernel on one
     # stream), the baseline of the side-stream overlap; graph_no_pdl: captured without
-    # programmatic dependent launch (engine/kernels/__init__.py), PDL's baseline. Both timed
+    # programmatic dependent launch (engine/kernels/__init__.py), PDL's baseline;
+    # graph_no_prefetch: PDL without the FP8 GEMVs' L2 prefetch before their wait. All timed
     # in the same process as the graph they are compared with; graph_again: the first graph
     # once more, last (the spread between two timings of one graph is the noise)
-    for mode in ("eager", "graph", "graph_one_stream", "graph_no_pdl", "graph_again"):
+    for mode in MODES:
+        pdl_row = mode in ("graph_no_pdl", "graph_no_prefetch")
         if (mode != "eager" and not runner.graphs) or (
                 mode == "graph_one_stream" and not overlap.enabled()) or (
-                mode == "graph_no_pdl" and not kernels.pdl_launch(ids)):
+                pdl_row and not kernels.pdl_launch(ids)) or (
+                mode == "graph_no_prefetch" and not fp8_linear.prefetch_enabled()):
             out[mode] = None
             continue
         if mode in VARIANTS:
@@ -796,7 +803,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| context | mode | tok/s | ms/step | bound tok/s | % of bound | GB/s | 43-layer tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
-        for mode in ("eager", "graph", "graph_one_stream", "graph_no_pdl", "graph_again"):
+        for mode in MODES:
             if r.get(mode) is None:
                 continue
             proj = r.get("projection_43")

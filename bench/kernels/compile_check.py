@@ -65,6 +65,8 @@ def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int
     stack = int(usage.split("STACK:")[1].split()[0])
     if pdl and "griddepcontrol.wait" not in compiled.asm["ptx"]:
         raise AssertionError(f"{name}: compiled with PDL but its PTX has no griddepcontrol.wait")
+    if pdl and consts.get("PREFETCH_KB") and "prefetch.global.L2" not in compiled.asm["ptx"]:
+        raise AssertionError(f"{name}: PREFETCH_KB set but its PTX prefetches nothing")
     return {"kernel": name, "warps": num_warps, "regs": regs, "spill_bytes": stack,
             "shared_bytes": compiled.metadata.shared}  # fmt: skip
 
@@ -220,7 +222,8 @@ def kernels() -> list[tuple]:
                   "stride_ps", "stride_om", "stride_og", "stride_on"),
     )
     fp8_c = dict(BLOCK_M=16, BLOCK_N=32, USE_DOT=False, ACT_QUANT=False, DOT_F32=False,
-                 EVEN_K=True, SPLIT=True, SWIGLU=False, ROUND_BF16=True)
+                 EVEN_K=True, SPLIT=True, SWIGLU=False, ROUND_BF16=True,
+                 PREFETCH_KB=fl.MAX_PREFETCH_KB)  # the L2 prefetch: compiled under --pdl
     router = dict(
         x_ptr=BF, w_ptr=BF, out_ptr=F32, count_ptr="*i32", bias_ptr=F32, table_ptr=I64,
         ids_ptr=I64, experts_ptr=I64, weights_ptr=F32, E=I32, H=I32, K=I32, V=I32,
@@ -238,6 +241,8 @@ def kernels() -> list[tuple]:
         ("hc_mixes", hc._hc_mixes_kernel, mixes, {**mixes_c, "EXPAND": False}, 4),
         ("hc_mixes expand (hc_post_pre)", hc._hc_mixes_kernel, mixes, {**mixes_c, "EXPAND": True},
          4),
+        ("hc_mixes expand, one token", hc._hc_mixes_kernel, mixes,
+         {**mixes_c, "EXPAND": True, "BLOCK_T": 1}, 4),
         ("hc_finish", hc._hc_finish_kernel, finish, {**finish_c, "HEAD": False}, 8),
         ("hc_finish head", hc._hc_finish_kernel, finish, {**finish_c, "HEAD": True}, 8),
         ("hc_post", hc._hc_post_kernel, post, dict(S=4, BLOCK_S=4, BLOCK_HID=hc.BLOCK_HID), 4),

@@ -148,10 +148,9 @@ def _fp8_linear_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
     ACT_QUANT: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-    SWIGLU: tl.constexpr, ROUND_BF16: tl.constexpr,
+    SWIGLU: tl.constexpr, ROUND_BF16: tl.constexpr, PREFETCH_KB: tl.constexpr = 0,
     PDL: tl.constexpr = False,
 ):
-    wait_for_inputs(PDL)
     BK: tl.constexpr = 128
     pid_n = tl.program_id(0)  # over G * cdiv(N, BLOCK_N) row tiles
     pid_k = tl.program_id(1)  # over SPLIT_K slices of the K axis
@@ -172,6 +171,15 @@ def _fp8_linear_kernel(
 
     kb_start = pid_k * kb_per_split
     kb_end = tl.minimum(kb_start + kb_per_split, tl.cdiv(K, BK))
+    if PDL and PREFETCH_KB > 0:
+        # The weights depend on no kernel: while the one before this still runs (PDL launched
+        # this early), pull the first PREFETCH_KB blocks of this program's rows into L2, one
+        # 128-byte line per (row, K block), so the loop below starts on L2 hits
+        offs_kb = kb_start + tl.arange(0, PREFETCH_KB)
+        lines = w_ptr + rows[:, None] * stride_wn + offs_kb[None, :] * BK
+        ok = mask_n[:, None] & (offs_kb < kb_end)[None, :]
+        _prefetch_l2(tl.where(ok, lines, w_ptr))  # masked lanes: line 0, harmless
+    wait_for_inputs(PDL)
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -250,6 +258,13 @@ def _fp8_linear_kernel(
 
 
 @_lazy.mark
+def _prefetch_l2(ptrs):
+    """prefetch.global.L2 of every address in ptrs (GPU only: no interpreter support)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@_lazy.mark
 def _swiglu_x(g, u, ROUND_BF16: tl.constexpr):
     """engine/kernels/swiglu.py's h = silu(g) * u in fp32, rounded to g's dtype (nearest even
     in integers when bf16: the interpreter's cast truncates)."""
@@ -272,7 +287,7 @@ class Fp8LinearConfig:
     num_stages: int = 3
 
 
-_state = {"act_quant": False, "autotune": True, "pinned": None}
+_state = {"act_quant": False, "autotune": True, "pinned": None, "prefetch": True}
 _tuned: dict[tuple, Fp8LinearConfig] = {}
 
 
@@ -283,6 +298,16 @@ def set_act_quant(on: bool) -> None:
 
 def act_quant_enabled() -> bool:
     return _state["act_quant"]
+
+
+def set_prefetch(on: bool) -> None:
+    """Whether PDL-launched GEMVs prefetch their weights into L2 before their wait (bench
+    A/B; it changes no result)."""
+    _state["prefetch"] = bool(on)
+
+
+def prefetch_enabled() -> bool:
+    return _state["prefetch"]
 
 
 def set_autotune(on: bool) -> None:
@@ -341,6 +366,10 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+# K blocks of its rows a program prefetches into L2 before its PDL wait: 16 x 128 B a row.
+# Only the programs resident before the previous kernel ends run it; at ~2-4 CTAs an SM that
+# is <= ~35 MB of prefetched lines against the H100's 50 MB L2
+MAX_PREFETCH_KB = 16
 MAX_SPLIT_TILES = 1 << 14  # arrival counters per device: G * cdiv(N, BLOCK_N) of any launch
 
 
@@ -382,6 +411,8 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
         ACT_QUANT=act_quant, DOT_F32=x3.dtype == torch.float32 or not x3.is_cuda,
         EVEN_K=k % BLOCK_K == 0, SPLIT=split > 1,
         SWIGLU=swiglu, ROUND_BF16=x3.dtype == torch.bfloat16,
+        PREFETCH_KB=min(triton.next_power_of_2(kb_per_split), MAX_PREFETCH_KB)
+        if _state["prefetch"] else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x3),
     )
     return out
@@ -575,4 +606,4 @@ def _prefill(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, n: int
 
 __all__ = ["Fp8LinearConfig", "act_quant_enabled", "act_quant_reference", "fp8_linear",
            "fp8_linear_grouped", "fp8_linear_reference", "m_bucket", "pin_config",
-           "set_act_quant", "set_autotune"]
+           "prefetch_enabled", "set_act_quant", "set_autotune", "set_prefetch"]

@@ -150,7 +150,10 @@ def _hc_mixes_kernel(
         tl.store(h_ptrs, x.to(h_ptr.dtype.element_ty), mask=tk_mask)
     else:
         x = tl.load(h_ptrs, mask=tk_mask, other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_K]
-    acc = tl.dot(x, tl.trans(w), input_precision="ieee")  # [BLOCK_T, BLOCK_M], fp32 as F.linear
+    if BLOCK_T == 1:  # one token: a broadcast multiply and a row sum, no tl.dot's staging
+        acc = tl.sum(x * w, axis=1)[None, :]  # [1, BLOCK_M]
+    else:
+        acc = tl.dot(x, tl.trans(w), input_precision="ieee")  # [BLOCK_T, BLOCK_M], fp32 as F.linear
     row = rows_t * num_parts + pid_k  # [BLOCK_T] in [N, P]
     tl.store(part_ptr + row[:, None] * BLOCK_M + offs_m[None, :], acc, mask=t_mask[:, None])
     tl.store(sq_ptr + row, tl.sum(x * x, axis=1), mask=t_mask)
@@ -358,8 +361,10 @@ def _mix_and_collapse(h, fn, scale, base, config: ModelConfig, head: bool, expan
     block_k = _expand_block_k(H) if expand is not None else BLOCK_K
     num_parts = cdiv(K, block_k)
     # 16 tokens a program (tl.dot's smallest M): the ieee fp32 dot over 16 x 128 x 32 takes 76
-    # registers on sm_90; at 64 tokens it spills 6 KB of stack a thread (compile_check.py)
-    block_t = 16
+    # registers on sm_90; at 64 tokens it spills 6 KB of stack a thread (compile_check.py).
+    # One token (batch-1 decode) takes a plain multiply and row sum instead: the dot would
+    # stage 16 rows (15 masked) and fn's tile through shared memory
+    block_t = 1 if N == 1 else 16
     block_m = max(16, next_power_of_2(M))
     part = _empty((N, num_parts, block_m), torch.float32, h.device)
     sq = _empty((N, num_parts), torch.float32, h.device)
