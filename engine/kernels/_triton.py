@@ -39,6 +39,12 @@ def _bind(module_globals: dict, triton) -> None:
             module_globals[name] = _jit_helper(value, triton)
 
 
+def jitted_helper(fn):
+    """A helper's one jitted copy, for a kernel file that jits its kernels with triton.jit
+    at import (its kernels then find the returned function among their globals)."""
+    return _jit_helper(fn, _import_triton())
+
+
 def _jit_helper(fn, triton):
     if fn not in _jitted_helpers:
         _jitted_helpers[fn] = triton.jit(fn)  # before binding: a helper's module names itself

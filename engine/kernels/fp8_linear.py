@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from engine import formats as fm
 from engine.kernels import pdl_launch, use_triton
 from engine.kernels._counters import arrival_counters
-from engine.kernels._device_math import round_bf16, wait_for_inputs
+from engine.kernels._device_math import prefetch_l2, round_bf16, wait_for_inputs
 from engine.kernels._triton import LazyModule
 from engine.kernels.swiglu import swiglu as swiglu_op
 
@@ -178,7 +178,7 @@ def _fp8_linear_kernel(
         offs_kb = kb_start + tl.arange(0, PREFETCH_KB)
         lines = w_ptr + rows[:, None] * stride_wn + offs_kb[None, :] * BK
         ok = mask_n[:, None] & (offs_kb < kb_end)[None, :]
-        _prefetch_l2(tl.where(ok, lines, w_ptr))  # masked lanes: line 0, harmless
+        prefetch_l2(tl.where(ok, lines, w_ptr))  # masked lanes: line 0, harmless
     wait_for_inputs(PDL)
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -255,13 +255,6 @@ def _fp8_linear_kernel(
             tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch
     else:
         tl.store(out_ptr + offs_out, result, mask=mask_out)
-
-
-@_lazy.mark
-def _prefetch_l2(ptrs):
-    """prefetch.global.L2 of every address in ptrs (GPU only: no interpreter support)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @_lazy.mark
