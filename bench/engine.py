@@ -334,18 +334,22 @@ def profile_steps(run_step, steps: int, clock: Clock, model: Transformer | None,
     return rows, parts
 
 
-MODES = ("eager", "graph", "graph_one_stream", "graph_no_pdl", "graph_no_prefetch", "graph_again")
-VARIANTS = {"graph_one_stream": {"overlap_on": False}, "graph_no_pdl": {"pdl": False},
-            "graph_no_prefetch": {"prefetch": False}}
+MODES = ("eager", "graph", "graph_one_stream", "graph_pdl", "graph_pdl_prefetch",
+         "graph_again")
+# the variants, each a graph captured with these switches (None: as the process has them);
+# timed at the first context only, beside the graph they are compared with
+VARIANTS = {"graph_one_stream": {"overlap_on": False},
+            "graph_pdl": {"pdl": True, "prefetch": False},
+            "graph_pdl_prefetch": {"pdl": True, "prefetch": True}}
 
 
 @contextlib.contextmanager
 def _switched(overlap_on: bool | None = None, pdl: bool | None = None,
               prefetch: bool | None = None):
-    """engine.overlap / PDL / the FP8 GEMVs' L2 prefetch switched for a capture, restored."""
-    was = overlap.enabled(), kernels.pdl_enabled(), fp8_linear.prefetch_enabled()
+    """engine.overlap / PDL / the weights' L2 prefetch switched for a capture, restored."""
+    was = overlap.enabled(), kernels.pdl_enabled(), kernels.weight_prefetch()
     for value, switch in ((overlap_on, overlap.set_enabled), (pdl, kernels.set_pdl),
-                          (prefetch, fp8_linear.set_prefetch)):
+                          (prefetch, kernels.set_weight_prefetch)):
         if value is not None:
             switch(value)
     try:
@@ -353,7 +357,7 @@ def _switched(overlap_on: bool | None = None, pdl: bool | None = None,
     finally:
         overlap.set_enabled(was[0])
         kernels.set_pdl(was[1])
-        fp8_linear.set_prefetch(was[2])
+        kernels.set_weight_prefetch(was[2])
 
 
 def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock: Clock,
@@ -379,17 +383,19 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
         ids.copy_(tokens)  # stays on the device: no host sync between steps
 
     # graph_one_stream: the same graph captured with engine.overlap off (every kernel on one
-    # stream), the baseline of the side-stream overlap; graph_no_pdl: captured without
-    # programmatic dependent launch (engine/kernels/__init__.py), PDL's baseline;
-    # graph_no_prefetch: PDL without the FP8 GEMVs' L2 prefetch before their wait. All timed
-    # in the same process as the graph they are compared with; graph_again: the first graph
-    # once more, last (the spread between two timings of one graph is the noise)
+    # stream), the baseline of the side-stream overlap; graph_pdl: with programmatic dependent
+    # launch (engine/kernels/__init__.py), and graph_pdl_prefetch with the FP8 GEMVs' and the
+    # router's L2 prefetch before their wait too. All timed in the same process as the graph
+    # they are compared with; graph_again: the first graph once more, last (the spread
+    # between two timings of one graph is the noise). Only the first context runs the PDL
+    # rows and graph_again.
+    first = context == args.contexts[0]
     for mode in MODES:
-        pdl_row = mode in ("graph_no_pdl", "graph_no_prefetch")
         if (mode != "eager" and not runner.graphs) or (
                 mode == "graph_one_stream" and not overlap.enabled()) or (
-                pdl_row and not kernels.pdl_launch(ids)) or (
-                mode == "graph_no_prefetch" and not fp8_linear.prefetch_enabled()):
+                "pdl" in mode and (not first or kernels.pdl_enabled()
+                                   or not kernels.pdl_capable(ids))) or (
+                mode == "graph_again" and not first):
             out[mode] = None
             continue
         if mode in VARIANTS:
@@ -641,9 +647,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="every kernel on one stream (engine.overlap off), no graph_one_stream row")
     p.add_argument("--no-autotune", action="store_true",
                    help="FP8 GEMVs take their heuristic configs (the same in every process)")
-    p.add_argument("--no-pdl", action="store_true",
-                   help="no programmatic dependent launch (engine/kernels/__init__.py), no "
-                        "graph_no_pdl row")
+    p.add_argument("--pdl", action="store_true",
+                   help="programmatic dependent launch on (engine/kernels/__init__.py; off by "
+                        "default), no graph_pdl rows")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--quiet", action="store_true", help="no per-layer build lines")
@@ -668,8 +674,8 @@ def main(argv: list[str] | None = None) -> dict:
         fp8_linear.set_autotune(False)
     if args.no_overlap:
         overlap.set_enabled(False)
-    if args.no_pdl:
-        kernels.set_pdl(False)
+    if args.pdl:
+        kernels.set_pdl(True)
     config = build_config(args.config, args.layers)
     if args.experts == "gguf":
         config = config.replace(num_nextn_predict_layers=0)  # ds4's file has no MTP block

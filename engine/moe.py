@@ -144,6 +144,11 @@ class MoE(nn.Module):
         from engine.kernels.routed_experts import SUPPORTED_FORMATS, ExpertStack
 
         experts = list(self.experts)
+        if self._stack_current():
+            # Already the experts' storage: stacking again would copy every expert and free
+            # the old stack, which graphs captured before still read (a DecodeRunner stacks
+            # on creation, and several may serve one model)
+            return True
         fmt = experts[0].w1.format
         linears = [lin for e in experts for lin in (e.w1, e.w2, e.w3)]
         if fmt not in SUPPORTED_FORMATS or any(lin.format != fmt for lin in linears):
@@ -183,6 +188,18 @@ class MoE(nn.Module):
                 lin._set(fmt, part(t, e, rows), part(s, e, rows), part(z, e, rows))
         self.routed_stack = stack
         return True
+
+    def _stack_current(self) -> bool:
+        """Whether routed_stack is still every expert's storage (first and last expert)."""
+        stack = self.routed_stack
+        if stack is None:
+            return False
+        first, last = self.experts[0], self.experts[-1]
+        inter = stack.inter
+        return (first.w1.weight.data_ptr() == stack.w13.data_ptr()
+                and last.w3.weight.data_ptr() == stack.w13[-1, inter:].data_ptr()
+                and last.w2.weight.data_ptr() == stack.w2[-1].data_ptr()
+                and first.w1.weight.device == stack.w13.device)
 
     def _stack_ready(self, x: torch.Tensor) -> bool:
         """Whether the fast path can run: stacked (stacking now if not, outside a capture)

@@ -230,7 +230,8 @@ def kernels() -> list[tuple]:
         scaling=FP, **strides("stride_x_t", "stride_w_e", "stride_out_t"),
     )
     router_c = dict(BLOCK_E=moe_router.BLOCK_E, BLOCK_K=moe_router.BLOCK_K, TOPK=True,
-                    HASH=False, NORM=True, BLOCK_ALL_E=256, BLOCK_TOPK=8, LINES=64, LINE_ELEMS=64)
+                    HASH=False, NORM=True, BLOCK_ALL_E=256, BLOCK_TOPK=8, PREFETCH=True,
+                    LINES=64, LINE_ELEMS=64)
     rows_c = dict(NORM=True, HAS_WEIGHT=True, ROUND_X=True, SCATTER=True, ROUND_OUT=True)
     return [
         ("decode_attention", da._decode_attention_kernel, attn, attn_c, da.DEFAULT_NUM_WARPS),

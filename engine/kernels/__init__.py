@@ -17,7 +17,8 @@ it touches anything another kernel writes (only constant weights are loaded befo
 holds it until the kernel before has finished and its writes are visible, then lets the
 next one launch. What is saved is the gap between two dependent kernels (launch latency
 and the new grid's ramp), about a microsecond each, ~1,100 times a decode step; a CUDA graph
-keeps the programmatic edges. `set_pdl(False)` turns it off (benchmark A/B, bisecting).
+keeps the programmatic edges. Off by default (`set_pdl(True)` turns it on): on one H100 it
+made the 20-layer graph no faster (docs/kernels.md, eighth session).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def triton_available() -> bool:
     return True
 
 
-_pdl = {"on": True, "capable": {}}
+# off by default: docs/kernels.md, eighth session
+_pdl = {"on": False, "prefetch": True, "capable": {}}
 
 
 def set_pdl(on: bool) -> None:
@@ -72,16 +74,31 @@ def pdl_enabled() -> bool:
     return _pdl["on"]
 
 
-def pdl_launch(t: torch.Tensor) -> dict:
-    """{"PDL": True, "launch_pdl": True} for a kernel launched on t's CUDA device when that
-    is sm_90 or newer and PDL is on; {} otherwise (the CPU interpreter knows neither)."""
-    if not (_pdl["on"] and t.is_cuda):
-        return {}
+def set_weight_prefetch(on: bool) -> None:
+    """Whether PDL-launched kernels that read weights (the FP8 GEMVs, the router) prefetch
+    them into L2 before their wait (benchmark A/B; no result changes)."""
+    _pdl["prefetch"] = bool(on)
+
+
+def weight_prefetch() -> bool:
+    return _pdl["prefetch"]
+
+
+def pdl_capable(t: torch.Tensor) -> bool:
+    """Whether t's device can launch with PDL (CUDA, sm_90 or newer)."""
+    if not t.is_cuda:
+        return False
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     capable = _pdl["capable"].get(index)
     if capable is None:
         capable = _pdl["capable"][index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if capable else {}
+    return capable
+
+
+def pdl_launch(t: torch.Tensor) -> dict:
+    """{"PDL": True, "launch_pdl": True} for a kernel launched on t's CUDA device when PDL is
+    on and the device can; {} otherwise (the CPU interpreter knows neither)."""
+    return {"PDL": True, "launch_pdl": True} if _pdl["on"] and pdl_capable(t) else {}
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import formats as fm
-from engine.kernels import pdl_launch, use_triton
+from engine.kernels import pdl_launch, use_triton, weight_prefetch
 from engine.kernels._counters import arrival_counters
 from engine.kernels._device_math import prefetch_l2, round_bf16, wait_for_inputs
 from engine.kernels._triton import LazyModule
@@ -280,7 +280,7 @@ class Fp8LinearConfig:
     num_stages: int = 3
 
 
-_state = {"act_quant": False, "autotune": True, "pinned": None, "prefetch": True}
+_state = {"act_quant": False, "autotune": True, "pinned": None}
 _tuned: dict[tuple, Fp8LinearConfig] = {}
 
 
@@ -291,16 +291,6 @@ def set_act_quant(on: bool) -> None:
 
 def act_quant_enabled() -> bool:
     return _state["act_quant"]
-
-
-def set_prefetch(on: bool) -> None:
-    """Whether PDL-launched GEMVs prefetch their weights into L2 before their wait (bench
-    A/B; it changes no result)."""
-    _state["prefetch"] = bool(on)
-
-
-def prefetch_enabled() -> bool:
-    return _state["prefetch"]
 
 
 def set_autotune(on: bool) -> None:
@@ -405,7 +395,7 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
         EVEN_K=k % BLOCK_K == 0, SPLIT=split > 1,
         SWIGLU=swiglu, ROUND_BF16=x3.dtype == torch.bfloat16,
         PREFETCH_KB=min(triton.next_power_of_2(kb_per_split), MAX_PREFETCH_KB)
-        if _state["prefetch"] else 0,
+        if weight_prefetch() else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x3),
     )
     return out
@@ -599,4 +589,4 @@ def _prefill(x3: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, n: int
 
 __all__ = ["Fp8LinearConfig", "act_quant_enabled", "act_quant_reference", "fp8_linear",
            "fp8_linear_grouped", "fp8_linear_reference", "m_bucket", "pin_config",
-           "prefetch_enabled", "set_act_quant", "set_autotune", "set_prefetch"]
+           "set_act_quant", "set_autotune"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import _device_math, pdl_launch, use_triton
+from engine.kernels import _device_math, pdl_launch, use_triton, weight_prefetch
 from engine.kernels._counters import arrival_counters
 from engine.kernels._triton import jitted_helper
 
@@ -53,18 +53,19 @@ if triton is not None:
         stride_x_t, stride_w_e, stride_out_t,
         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, TOPK: tl.constexpr,
         HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
-        BLOCK_TOPK: tl.constexpr, LINES: tl.constexpr = 1, LINE_ELEMS: tl.constexpr = 64,
-        PDL: tl.constexpr = False,
+        BLOCK_TOPK: tl.constexpr, PREFETCH: tl.constexpr = False, LINES: tl.constexpr = 1,
+        LINE_ELEMS: tl.constexpr = 64, PDL: tl.constexpr = False,
     ):
         token = tl.program_id(0).to(tl.int64)
         offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         e_mask = offs_e < E
-        if PDL:
+        if PDL and PREFETCH:
             # its BLOCK_E rows of the weight (LINES 128-byte lines of LINE_ELEMS each) into
             # L2 while the kernel before runs: the loop below then reads L2
             offs_l = tl.arange(0, LINES) * LINE_ELEMS
             lines = w_ptr + offs_e[:, None].to(tl.int64) * stride_w_e + offs_l[None, :]
             prefetch_l2(tl.where(e_mask[:, None] & (offs_l < H)[None, :], lines, w_ptr))
+        if PDL:
             tl.extra.cuda.gdc_wait()  # engine/kernels/_device_math.py wait_for_inputs
             tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
@@ -173,7 +174,8 @@ def route_topk(scores: torch.Tensor, k: int, scaling: float, norm: bool,
 def _weight_lines(weight: torch.Tensor) -> dict:
     """The router kernel's L2 prefetch of a weight row: 128-byte lines and their count."""
     line = 128 // weight.element_size()
-    return {"LINES": triton.next_power_of_2(-(-weight.shape[1] // line)), "LINE_ELEMS": line}
+    return {"PREFETCH": weight_prefetch(), "LINE_ELEMS": line,
+            "LINES": triton.next_power_of_2(-(-weight.shape[1] // line))}
 
 
 def router_scores_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -192,15 +192,16 @@ def test_programmatic_dependent_launch_changes_no_bit(dtype):
     """Every kernel launched with PDL waits for the one before it (engine/kernels/
     __init__.py): a kernel that read or wrote before its wait would race, and a race
     changes bits somewhere in ten replayed steps (split-K partials, arrival counters,
-    buffers reused across layers). Both graphs with the overlap side stream."""
+    buffers reused across layers). Both graphs with the overlap side stream; PDL's runs
+    with the weights' L2 prefetch (its default)."""
     model = tiny_model(seed=7, sliding_window=8, qat=True, dtype=dtype).to("cuda")
-    outs = {}
+    outs, was = {}, kernels.pdl_enabled()
     for pdl in (False, True, False, True):  # twice each: a race need not show the first time
         kernels.set_pdl(pdl)
         try:
             outs.setdefault(pdl, []).append(_graph_steps(model, graphs=True, dtype=dtype))
         finally:
-            kernels.set_pdl(True)
+            kernels.set_pdl(was)
     want = outs[False][0]
     for got in (*outs[False][1:], *outs[True]):
         for i, (a, b) in enumerate(zip(want, got, strict=True)):

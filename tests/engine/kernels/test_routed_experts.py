@@ -307,6 +307,14 @@ def test_stack_experts_makes_views_and_keeps_the_state(fmt):
                 assert t.data_ptr() == base[e, offset].data_ptr(), (e, field, which)
     # the Linears still compute what they did
     assert torch.equal(moe.experts[5].w2(h), y_before)
+    # stacking again keeps this stack: a graph captured on it must stay valid (each
+    # DecodeRunner stacks on creation; a second copy freed the first under earlier graphs)
+    assert moe.stack_experts() and moe.routed_stack is stack
+    assert moe.experts[5].w2.weight.data_ptr() == stack.w2[5].data_ptr()
+    # a reload (the Linears no longer views of the stack) stacks afresh
+    moe.experts[-1].w2.weight = torch.nn.Parameter(moe.experts[-1].w2.weight.clone(),
+                                                   requires_grad=False)
+    assert moe.stack_experts() and moe.routed_stack is not stack
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
