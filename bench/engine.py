@@ -83,7 +83,7 @@ from engine.cache import BatchState
 from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
 from engine.decode import DecodeStep, linear_f32
 from engine.gguf_random import random_gguf_model
-from engine.kernels import fp8_linear
+from engine.kernels import fp8_linear, hc
 from engine.kernels.hc import hc_head
 from engine.kv import SlotPool
 from engine.linear import Linear
@@ -334,30 +334,47 @@ def profile_steps(run_step, steps: int, clock: Clock, model: Transformer | None,
     return rows, parts
 
 
-MODES = ("eager", "graph", "graph_one_stream", "graph_pdl", "graph_pdl_prefetch",
-         "graph_again")
+MODES = ("eager", "graph", "graph_one_stream", "graph_heuristic", "graph_hc_dot",
+         "graph_pdl", "graph_pdl_prefetch", "graph_again")
 # the variants, each a graph captured with these switches (None: as the process has them);
-# timed at the first context only, beside the graph they are compared with
+# timed at the first context only (graph_one_stream at every one), beside the graph they are
+# compared with. graph_heuristic: every FP8 GEMV on its heuristic config, not the tuned one;
+# graph_hc_dot: hc_mixes' tl.dot for one token too
 VARIANTS = {"graph_one_stream": {"overlap_on": False},
+            "graph_heuristic": {"heuristic": True},
+            "graph_hc_dot": {"hc_row_sum": False},
             "graph_pdl": {"pdl": True, "prefetch": False},
             "graph_pdl_prefetch": {"pdl": True, "prefetch": True}}
 
 
 @contextlib.contextmanager
 def _switched(overlap_on: bool | None = None, pdl: bool | None = None,
-              prefetch: bool | None = None):
-    """engine.overlap / PDL / the weights' L2 prefetch switched for a capture, restored."""
-    was = overlap.enabled(), kernels.pdl_enabled(), kernels.weight_prefetch()
+              prefetch: bool | None = None, heuristic: bool = False,
+              hc_row_sum: bool | None = None):
+    """engine.overlap / PDL / the weights' L2 prefetch / hc's one-token path switched for a
+    capture, and with heuristic the FP8 GEMVs' tuned configs set aside; restored after."""
+    was = (overlap.enabled(), kernels.pdl_enabled(), kernels.weight_prefetch(),
+           hc._options["one_token_sum"])
     for value, switch in ((overlap_on, overlap.set_enabled), (pdl, kernels.set_pdl),
-                          (prefetch, kernels.set_weight_prefetch)):
+                          (prefetch, kernels.set_weight_prefetch),
+                          (hc_row_sum, hc.set_one_token_sum)):
         if value is not None:
             switch(value)
+    tuned, autotune = dict(fp8_linear._tuned), fp8_linear._state["autotune"]
+    if heuristic:
+        fp8_linear._tuned.clear()
+        fp8_linear.set_autotune(False)
     try:
         yield
     finally:
         overlap.set_enabled(was[0])
         kernels.set_pdl(was[1])
         kernels.set_weight_prefetch(was[2])
+        hc.set_one_token_sum(was[3])
+        if heuristic:
+            fp8_linear._tuned.clear()
+            fp8_linear._tuned.update(tuned)
+            fp8_linear.set_autotune(autotune)
 
 
 def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock: Clock,
@@ -382,20 +399,19 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
         tokens, _ = current[0].decode([state], ids, [GREEDY])
         ids.copy_(tokens)  # stays on the device: no host sync between steps
 
-    # graph_one_stream: the same graph captured with engine.overlap off (every kernel on one
-    # stream), the baseline of the side-stream overlap; graph_pdl: with programmatic dependent
-    # launch (engine/kernels/__init__.py), and graph_pdl_prefetch with the FP8 GEMVs' and the
-    # router's L2 prefetch before their wait too. All timed in the same process as the graph
-    # they are compared with; graph_again: the first graph once more, last (the spread
-    # between two timings of one graph is the noise). Only the first context runs the PDL
-    # rows and graph_again.
+    # Each variant (VARIANTS) is the same step captured with a switch changed, timed in the
+    # same process as the graph it is compared with: graph_one_stream (engine.overlap off,
+    # every kernel on one stream), graph_heuristic, graph_hc_dot, graph_pdl (programmatic
+    # dependent launch, engine/kernels/__init__.py) and graph_pdl_prefetch (with the weights'
+    # L2 prefetch before the wait). graph_again: the first graph once more, last (the spread
+    # between two timings of one graph is the noise).
     first = context == args.contexts[0]
     for mode in MODES:
         if (mode != "eager" and not runner.graphs) or (
                 mode == "graph_one_stream" and not overlap.enabled()) or (
-                "pdl" in mode and (not first or kernels.pdl_enabled()
-                                   or not kernels.pdl_capable(ids))) or (
-                mode == "graph_again" and not first):
+                "pdl" in mode and (kernels.pdl_enabled() or not kernels.pdl_capable(ids))) or (
+                mode == "graph_heuristic" and not fp8_linear._state["autotune"]) or (
+                mode not in ("eager", "graph", "graph_one_stream") and not first):
             out[mode] = None
             continue
         if mode in VARIANTS:

@@ -42,6 +42,8 @@ def _bind(module_globals: dict, triton) -> None:
 def jitted_helper(fn):
     """A helper's one jitted copy, for a kernel file that jits its kernels with triton.jit
     at import (its kernels then find the returned function among their globals)."""
+    if any(fn is jitted for jitted in _jitted_helpers.values()):
+        return fn  # a kernel's first launch bound the helper's module already
     return _jit_helper(fn, _import_triton())
 
 

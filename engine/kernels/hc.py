@@ -47,6 +47,14 @@ from engine.kernels.rmsnorm_rope import rmsnorm
 
 Norm = tuple[torch.Tensor, float]  # an RMSNorm's (weight [H], eps)
 
+# one_token_sum: a single token's mixes by multiply and row sum instead of tl.dot (benchmark
+# A/B: set_one_token_sum(False) takes the dot for every batch)
+_options = {"one_token_sum": True}
+
+
+def set_one_token_sum(on: bool) -> None:
+    _options["one_token_sum"] = bool(on)
+
 tl = None  # triton.language, bound at the first launch (engine/kernels/_triton.py)
 
 BLOCK_K = 128  # 16384 / 128 = 128 programs on the fn read: about one per SM
@@ -364,7 +372,7 @@ def _mix_and_collapse(h, fn, scale, base, config: ModelConfig, head: bool, expan
     # registers on sm_90; at 64 tokens it spills 6 KB of stack a thread (compile_check.py).
     # One token (batch-1 decode) takes a plain multiply and row sum instead: the dot would
     # stage 16 rows (15 masked) and fn's tile through shared memory
-    block_t = 1 if N == 1 else 16
+    block_t = 1 if N == 1 and _options["one_token_sum"] else 16
     block_m = max(16, next_power_of_2(M))
     part = _empty((N, num_parts, block_m), torch.float32, h.device)
     sq = _empty((N, num_parts), torch.float32, h.device)

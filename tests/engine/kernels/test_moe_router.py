@@ -126,3 +126,18 @@ def test_fused_route_is_scores_then_topk(hash_routing, N):
             got_w, got_e = route(x, w, k, 2.5, True, **pick)
         assert torch.equal(got_e, want_e) and torch.equal(got_w, want_w)
         assert not _counters.arrival_counters(DEVICE, N).any()
+
+
+def test_the_module_imports_after_another_kernel_jitted_the_shared_helpers():
+    """moe_router jits its kernels at import and takes _device_math.prefetch_l2 through
+    jitted_helper; when another kernel file's first launch has already bound the helpers
+    (prefetch_l2 is then a JITFunction in _device_math), the import must still work (it
+    raised TypeError on the GPU: the prefill's MoE imported the router after fp8_linear)."""
+    import importlib
+
+    from engine.kernels import _device_math, _triton, fp8_linear, moe_router
+
+    fp8_linear._lazy.materialize()
+    assert _device_math.prefetch_l2 in _triton._jitted_helpers.values()  # bound, jitted
+    importlib.reload(moe_router)
+    assert moe_router.prefetch_l2 is _device_math.prefetch_l2
