@@ -335,7 +335,7 @@ def profile_steps(run_step, steps: int, clock: Clock, model: Transformer | None,
 
 
 MODES = ("eager", "graph", "graph_one_stream", "graph_heuristic", "graph_hc_dot",
-         "graph_pdl", "graph_pdl_prefetch", "graph_again")
+         "graph_no_pdl", "graph_pdl_prefetch", "graph_again")
 # the variants, each a graph captured with these switches (None: as the process has them);
 # timed at the first context only (graph_one_stream at every one), beside the graph they are
 # compared with. graph_heuristic: every FP8 GEMV on its heuristic config, not the tuned one;
@@ -343,7 +343,7 @@ MODES = ("eager", "graph", "graph_one_stream", "graph_heuristic", "graph_hc_dot"
 VARIANTS = {"graph_one_stream": {"overlap_on": False},
             "graph_heuristic": {"heuristic": True},
             "graph_hc_dot": {"hc_row_sum": False},
-            "graph_pdl": {"pdl": True, "prefetch": False},
+            "graph_no_pdl": {"pdl": False},
             "graph_pdl_prefetch": {"pdl": True, "prefetch": True}}
 
 
@@ -401,15 +401,16 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
 
     # Each variant (VARIANTS) is the same step captured with a switch changed, timed in the
     # same process as the graph it is compared with: graph_one_stream (engine.overlap off,
-    # every kernel on one stream), graph_heuristic, graph_hc_dot, graph_pdl (programmatic
-    # dependent launch, engine/kernels/__init__.py) and graph_pdl_prefetch (with the weights'
-    # L2 prefetch before the wait). graph_again: the first graph once more, last (the spread
-    # between two timings of one graph is the noise).
+    # every kernel on one stream), graph_heuristic, graph_hc_dot, graph_no_pdl (without
+    # programmatic dependent launch, engine/kernels/__init__.py) and graph_pdl_prefetch (PDL
+    # with the weights' L2 prefetch before the wait). graph_again: the first graph once
+    # more, last (the spread between two timings of one graph is the noise).
     first = context == args.contexts[0]
     for mode in MODES:
         if (mode != "eager" and not runner.graphs) or (
                 mode == "graph_one_stream" and not overlap.enabled()) or (
-                "pdl" in mode and (kernels.pdl_enabled() or not kernels.pdl_capable(ids))) or (
+                "pdl" in mode and not (kernels.pdl_enabled() and kernels.pdl_capable(ids))) or (
+                mode == "graph_pdl_prefetch" and kernels.weight_prefetch()) or (
                 mode == "graph_heuristic" and not fp8_linear._state["autotune"]) or (
                 mode not in ("eager", "graph", "graph_one_stream") and not first):
             out[mode] = None
@@ -663,9 +664,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="every kernel on one stream (engine.overlap off), no graph_one_stream row")
     p.add_argument("--no-autotune", action="store_true",
                    help="FP8 GEMVs take their heuristic configs (the same in every process)")
-    p.add_argument("--pdl", action="store_true",
-                   help="programmatic dependent launch on (engine/kernels/__init__.py; off by "
-                        "default), no graph_pdl rows")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="no programmatic dependent launch in the graphs (engine/kernels/"
+                        "__init__.py), no graph_no_pdl / graph_pdl_prefetch rows")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--quiet", action="store_true", help="no per-layer build lines")
@@ -690,8 +691,8 @@ def main(argv: list[str] | None = None) -> dict:
         fp8_linear.set_autotune(False)
     if args.no_overlap:
         overlap.set_enabled(False)
-    if args.pdl:
-        kernels.set_pdl(True)
+    if args.no_pdl:
+        kernels.set_pdl(False)
     config = build_config(args.config, args.layers)
     if args.experts == "gguf":
         config = config.replace(num_nextn_predict_layers=0)  # ds4's file has no MTP block

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine import kernels
 from engine.cache import SequenceState
 from engine.decode import DecodeStep
 from engine.kv import SlotPool
@@ -160,15 +161,18 @@ class DecodeRunner:
                 try:
                     side = torch.cuda.Stream(self.device)
                     side.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(side):
-                        for _ in range(2):  # warm-up: allocator, cuBLAS handles, Triton JIT
+                    # the kernels as the graph launches them (engine.kernels.pdl_launch): the
+                    # warm-up compiles those variants, so the capture compiles nothing
+                    with kernels.graph_launches():
+                        with torch.cuda.stream(side):
+                            for _ in range(2):  # warm-up: allocator, cuBLAS, Triton JIT
+                                self._forward(B, sample)
+                        torch.cuda.current_stream(self.device).wait_stream(side)
+                        graph = torch.cuda.CUDAGraph()
+                        if sample and self.generator is not None:
+                            graph.register_generator_state(self.generator)
+                        with torch.cuda.graph(graph, pool=mempool):
                             self._forward(B, sample)
-                    torch.cuda.current_stream(self.device).wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    if sample and self.generator is not None:
-                        graph.register_generator_state(self.generator)
-                    with torch.cuda.graph(graph, pool=mempool):
-                        self._forward(B, sample)
                     mempool = graph.pool()
                     self.graphs[(B, sample)] = graph
                 except Exception as e:  # e.g. a host sync inside the step: stay eager

@@ -17,8 +17,10 @@ it touches anything another kernel writes (only constant weights are loaded befo
 holds it until the kernel before has finished and its writes are visible, then lets the
 next one launch. What is saved is the gap between two dependent kernels (launch latency
 and the new grid's ramp), about a microsecond each, ~1,100 times a decode step; a CUDA graph
-keeps the programmatic edges. Off by default (`set_pdl(True)` turns it on): on one H100 it
-made the 20-layer graph no faster (docs/kernels.md, eighth session).
+keeps the programmatic edges. Only inside `graph_launches()` (a graph's warm-up and capture),
+on by default, `set_pdl(False)` turns it off: on one H100 the 20-layer graph went from 3.94
+to 3.70 ms a step (docs/benchmarks.md, eighth session). The weights' L2 prefetch before the
+wait (`set_weight_prefetch`, off by default) measured 3.75 ms: no gain.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ def triton_available() -> bool:
     return True
 
 
-# off by default: docs/kernels.md, eighth session
-_pdl = {"on": False, "prefetch": True, "capable": {}}
+# graph: how many graph_launches() blocks are open (PDL applies only inside one)
+_pdl = {"on": True, "prefetch": False, "graph": 0, "capable": {}}
 
 
 def set_pdl(on: bool) -> None:
@@ -95,10 +97,26 @@ def pdl_capable(t: torch.Tensor) -> bool:
     return capable
 
 
+@contextlib.contextmanager
+def graph_launches() -> Iterator[None]:
+    """Kernels launched inside take PDL (when on and the device can): a CUDA graph's warm-up
+    and capture (engine/runner.py). Eager launches outside do not: Triton's PDL launch path
+    doubled the host time of an eager step (101 against 49 ms, 20 layers, one H100), and
+    only a graph's replay gains from it."""
+    _pdl["graph"] += 1
+    try:
+        yield
+    finally:
+        _pdl["graph"] -= 1
+
+
 def pdl_launch(t: torch.Tensor) -> dict:
-    """{"PDL": True, "launch_pdl": True} for a kernel launched on t's CUDA device when PDL is
-    on and the device can; {} otherwise (the CPU interpreter knows neither)."""
-    return {"PDL": True, "launch_pdl": True} if _pdl["on"] and pdl_capable(t) else {}
+    """{"PDL": True, "launch_pdl": True} for a kernel launched on t's CUDA device inside
+    graph_launches() when PDL is on and the device can; {} otherwise (the CPU interpreter
+    knows neither)."""
+    if not (_pdl["on"] and _pdl["graph"]) or not pdl_capable(t):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -185,6 +185,27 @@ def test_graph_replay_equals_the_eager_step(qat):
         assert torch.allclose(eager, graph, rtol=0, atol=1e-5), f"step {i}"
 
 
+def test_pdl_applies_only_inside_graph_launches_on_a_capable_device():
+    """Eager launches never take PDL (its launch path doubled an eager step's host time), a
+    graph's warm-up and capture do on sm_90+, and the CPU interpreter never does."""
+    cpu = torch.zeros(1)
+    assert kernels.pdl_launch(cpu) == {}
+    with pytest.raises(RuntimeError), kernels.graph_launches():
+        assert kernels.pdl_launch(cpu) == {}
+        if torch.cuda.is_available():
+            gpu = cpu.cuda()
+            want = ({"PDL": True, "launch_pdl": True}
+                    if torch.cuda.get_device_capability()[0] >= 9 else {})
+            assert kernels.pdl_launch(gpu) == want
+            kernels.set_pdl(False)
+            try:
+                assert kernels.pdl_launch(gpu) == {}
+            finally:
+                kernels.set_pdl(True)
+        raise RuntimeError("the block is left")
+    assert kernels._pdl["graph"] == 0 and kernels.pdl_launch(cpu) == {}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available()
                     or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm_90+")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
