@@ -407,7 +407,7 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
     # more, last (the spread between two timings of one graph is the noise).
     first = context == args.contexts[0]
     for mode in MODES:
-        if (mode != "eager" and not runner.graphs) or (
+        if mode not in args.modes or (mode != "eager" and not runner.graphs) or (
                 mode == "graph_one_stream" and not overlap.enabled()) or (
                 "pdl" in mode and not (kernels.pdl_enabled() and kernels.pdl_capable(ids))) or (
                 mode == "graph_pdl_prefetch" and kernels.weight_prefetch()) or (
@@ -664,6 +664,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="every kernel on one stream (engine.overlap off), no graph_one_stream row")
     p.add_argument("--no-autotune", action="store_true",
                    help="FP8 GEMVs take their heuristic configs (the same in every process)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="decode rows to time, comma separated (default all: " + ", ".join(MODES)
+                        + "; the variants only at the first context)")
     p.add_argument("--no-pdl", action="store_true",
                    help="no programmatic dependent launch in the graphs (engine/kernels/"
                         "__init__.py), no graph_no_pdl / graph_pdl_prefetch rows")
@@ -680,6 +683,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--agent-gen", type=int, default=32, help="greedy tokens generated per turn")
     args = p.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",") if x]
+    args.modes = [m for m in args.modes.split(",") if m]
+    if unknown := set(args.modes) - set(MODES):
+        p.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
     if args.batches is None:
         args.batches = "8,32" if args.device.startswith("cuda") else ""
     args.batches = [int(x) for x in args.batches.split(",") if x]
