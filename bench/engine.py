@@ -335,7 +335,7 @@ def profile_steps(run_step, steps: int, clock: Clock, model: Transformer | None,
 
 
 MODES = ("eager", "graph", "graph_one_stream", "graph_heuristic", "graph_hc_dot",
-         "graph_no_pdl", "graph_pdl_prefetch", "graph_again")
+         "graph_no_pdl", "graph_again")
 # the variants, each a graph captured with these switches (None: as the process has them);
 # timed at the first context only (graph_one_stream at every one), beside the graph they are
 # compared with. graph_heuristic: every FP8 GEMV on its heuristic config, not the tuned one;
@@ -343,20 +343,16 @@ MODES = ("eager", "graph", "graph_one_stream", "graph_heuristic", "graph_hc_dot"
 VARIANTS = {"graph_one_stream": {"overlap_on": False},
             "graph_heuristic": {"heuristic": True},
             "graph_hc_dot": {"hc_row_sum": False},
-            "graph_no_pdl": {"pdl": False},
-            "graph_pdl_prefetch": {"pdl": True, "prefetch": True}}
+            "graph_no_pdl": {"pdl": False}}
 
 
 @contextlib.contextmanager
 def _switched(overlap_on: bool | None = None, pdl: bool | None = None,
-              prefetch: bool | None = None, heuristic: bool = False,
-              hc_row_sum: bool | None = None):
-    """engine.overlap / PDL / the weights' L2 prefetch / hc's one-token path switched for a
-    capture, and with heuristic the FP8 GEMVs' tuned configs set aside; restored after."""
-    was = (overlap.enabled(), kernels.pdl_enabled(), kernels.weight_prefetch(),
-           hc._options["one_token_sum"])
+              heuristic: bool = False, hc_row_sum: bool | None = None):
+    """engine.overlap / PDL / hc's one-token path switched for a capture, and with heuristic
+    the FP8 GEMVs' tuned configs set aside; restored after."""
+    was = overlap.enabled(), kernels.pdl_enabled(), hc._options["one_token_sum"]
     for value, switch in ((overlap_on, overlap.set_enabled), (pdl, kernels.set_pdl),
-                          (prefetch, kernels.set_weight_prefetch),
                           (hc_row_sum, hc.set_one_token_sum)):
         if value is not None:
             switch(value)
@@ -369,8 +365,7 @@ def _switched(overlap_on: bool | None = None, pdl: bool | None = None,
     finally:
         overlap.set_enabled(was[0])
         kernels.set_pdl(was[1])
-        kernels.set_weight_prefetch(was[2])
-        hc.set_one_token_sum(was[3])
+        hc.set_one_token_sum(was[2])
         if heuristic:
             fp8_linear._tuned.clear()
             fp8_linear._tuned.update(tuned)
@@ -401,16 +396,14 @@ def decode_at(model: Transformer, config: ModelConfig, context: int, args, clock
 
     # Each variant (VARIANTS) is the same step captured with a switch changed, timed in the
     # same process as the graph it is compared with: graph_one_stream (engine.overlap off,
-    # every kernel on one stream), graph_heuristic, graph_hc_dot, graph_no_pdl (without
-    # programmatic dependent launch, engine/kernels/__init__.py) and graph_pdl_prefetch (PDL
-    # with the weights' L2 prefetch before the wait). graph_again: the first graph once
-    # more, last (the spread between two timings of one graph is the noise).
+    # every kernel on one stream), graph_heuristic, graph_hc_dot and graph_no_pdl (without
+    # programmatic dependent launch, engine/kernels/__init__.py). graph_again: the first
+    # graph once more, last (the spread between two timings of one graph is the noise).
     first = context == args.contexts[0]
     for mode in MODES:
         if mode not in args.modes or (mode != "eager" and not runner.graphs) or (
                 mode == "graph_one_stream" and not overlap.enabled()) or (
                 "pdl" in mode and not (kernels.pdl_enabled() and kernels.pdl_capable(ids))) or (
-                mode == "graph_pdl_prefetch" and kernels.weight_prefetch()) or (
                 mode == "graph_heuristic" and not fp8_linear._state["autotune"]) or (
                 mode not in ("eager", "graph", "graph_one_stream") and not first):
             out[mode] = None
@@ -669,7 +662,7 @@ def main(argv: list[str] | None = None) -> dict:
                         + "; the variants only at the first context)")
     p.add_argument("--no-pdl", action="store_true",
                    help="no programmatic dependent launch in the graphs (engine/kernels/"
-                        "__init__.py), no graph_no_pdl / graph_pdl_prefetch rows")
+                        "__init__.py), no graph_no_pdl row")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--quiet", action="store_true", help="no per-layer build lines")

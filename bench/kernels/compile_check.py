@@ -65,8 +65,6 @@ def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int
     stack = int(usage.split("STACK:")[1].split()[0])
     if pdl and "griddepcontrol.wait" not in compiled.asm["ptx"]:
         raise AssertionError(f"{name}: compiled with PDL but its PTX has no griddepcontrol.wait")
-    if pdl and consts.get("PREFETCH_KB") and "prefetch.global.L2" not in compiled.asm["ptx"]:
-        raise AssertionError(f"{name}: PREFETCH_KB set but its PTX prefetches nothing")
     return {"kernel": name, "warps": num_warps, "regs": regs, "spill_bytes": stack,
             "shared_bytes": compiled.metadata.shared}  # fmt: skip
 
@@ -222,16 +220,14 @@ def kernels() -> list[tuple]:
                   "stride_ps", "stride_om", "stride_og", "stride_on"),
     )
     fp8_c = dict(BLOCK_M=16, BLOCK_N=32, USE_DOT=False, ACT_QUANT=False, DOT_F32=False,
-                 EVEN_K=True, SPLIT=True, SWIGLU=False, ROUND_BF16=True,
-                 PREFETCH_KB=fl.MAX_PREFETCH_KB)  # the L2 prefetch: compiled under --pdl
+                 EVEN_K=True, SPLIT=True, SWIGLU=False, ROUND_BF16=True)
     router = dict(
         x_ptr=BF, w_ptr=BF, out_ptr=F32, count_ptr="*i32", bias_ptr=F32, table_ptr=I64,
         ids_ptr=I64, experts_ptr=I64, weights_ptr=F32, E=I32, H=I32, K=I32, V=I32,
         scaling=FP, **strides("stride_x_t", "stride_w_e", "stride_out_t"),
     )
     router_c = dict(BLOCK_E=moe_router.BLOCK_E, BLOCK_K=moe_router.BLOCK_K, TOPK=True,
-                    HASH=False, NORM=True, BLOCK_ALL_E=256, BLOCK_TOPK=8, PREFETCH=True,
-                    LINES=64, LINE_ELEMS=64)
+                    HASH=False, NORM=True, BLOCK_ALL_E=256, BLOCK_TOPK=8)
     rows_c = dict(NORM=True, HAS_WEIGHT=True, ROUND_X=True, SCATTER=True, ROUND_OUT=True)
     return [
         ("decode_attention", da._decode_attention_kernel, attn, attn_c, da.DEFAULT_NUM_WARPS),

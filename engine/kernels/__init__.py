@@ -19,8 +19,7 @@ next one launch. What is saved is the gap between two dependent kernels (launch 
 and the new grid's ramp), about a microsecond each, ~1,100 times a decode step; a CUDA graph
 keeps the programmatic edges. Only inside `graph_launches()` (a graph's warm-up and capture),
 on by default, `set_pdl(False)` turns it off: on one H100 the 20-layer graph went from 3.94
-to 3.70 ms a step (docs/benchmarks.md, eighth session). The weights' L2 prefetch before the
-wait (`set_weight_prefetch`, off by default) measured 3.75 ms: no gain.
+to 3.70 ms a step (docs/benchmarks.md, eighth session).
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ def triton_available() -> bool:
 
 
 # graph: how many graph_launches() blocks are open (PDL applies only inside one)
-_pdl = {"on": True, "prefetch": False, "graph": 0, "capable": {}}
+_pdl = {"on": True, "graph": 0, "capable": {}}
 
 
 def set_pdl(on: bool) -> None:
@@ -74,16 +73,6 @@ def set_pdl(on: bool) -> None:
 
 def pdl_enabled() -> bool:
     return _pdl["on"]
-
-
-def set_weight_prefetch(on: bool) -> None:
-    """Whether PDL-launched kernels that read weights (the FP8 GEMVs, the router) prefetch
-    them into L2 before their wait (benchmark A/B; no result changes)."""
-    _pdl["prefetch"] = bool(on)
-
-
-def weight_prefetch() -> bool:
-    return _pdl["prefetch"]
 
 
 def pdl_capable(t: torch.Tensor) -> bool:

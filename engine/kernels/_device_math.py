@@ -17,7 +17,6 @@ gives the reference's values on both. Kernels import these names and call them l
                        (only weight loads come before it): wait until the kernel before
                        has finished (its writes visible), then let the next one launch;
                        nothing when PDL is False
-  prefetch_l2(ptrs)    pull the lines at ptrs into L2 (weights, before wait_for_inputs)
   rotate_pairs(x, cos, sin, rot, ROWS, D)
                        engine.rope.apply_rope of a [ROWS, D] tile: interleaved pairs
                        (2i, 2i+1) with rot[i] turn by cos / sin [ROWS, D/2]; others stay
@@ -47,14 +46,6 @@ def wait_for_inputs(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@helper
-def prefetch_l2(ptrs):
-    # one prefetch.global.L2 per element (GPU only: the interpreter has no inline asm); the
-    # dummy result keeps the tensor-shaped call elementwise
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @helper

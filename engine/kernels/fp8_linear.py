@@ -74,9 +74,9 @@ import torch
 import torch.nn.functional as F
 
 from engine import formats as fm
-from engine.kernels import pdl_launch, use_triton, weight_prefetch
+from engine.kernels import pdl_launch, use_triton
 from engine.kernels._counters import arrival_counters
-from engine.kernels._device_math import prefetch_l2, round_bf16, wait_for_inputs
+from engine.kernels._device_math import round_bf16, wait_for_inputs
 from engine.kernels._triton import LazyModule
 from engine.kernels.swiglu import swiglu as swiglu_op
 
@@ -150,8 +150,7 @@ def _fp8_linear_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
     ACT_QUANT: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-    SWIGLU: tl.constexpr, ROUND_BF16: tl.constexpr, PREFETCH_KB: tl.constexpr = 0,
-    PDL: tl.constexpr = False,
+    SWIGLU: tl.constexpr, ROUND_BF16: tl.constexpr, PDL: tl.constexpr = False,
 ):
     BK: tl.constexpr = 128
     pid_n = tl.program_id(0)  # over G * cdiv(N, BLOCK_N) row tiles
@@ -173,14 +172,6 @@ def _fp8_linear_kernel(
 
     kb_start = pid_k * kb_per_split
     kb_end = tl.minimum(kb_start + kb_per_split, tl.cdiv(K, BK))
-    if PDL and PREFETCH_KB > 0:
-        # The weights depend on no kernel: while the one before this still runs (PDL launched
-        # this early), pull the first PREFETCH_KB blocks of this program's rows into L2, one
-        # 128-byte line per (row, K block), so the loop below starts on L2 hits
-        offs_kb = kb_start + tl.arange(0, PREFETCH_KB)
-        lines = w_ptr + rows[:, None] * stride_wn + offs_kb[None, :] * BK
-        ok = mask_n[:, None] & (offs_kb < kb_end)[None, :]
-        prefetch_l2(tl.where(ok, lines, w_ptr))  # masked lanes: line 0, harmless
     wait_for_inputs(PDL)
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -351,10 +342,6 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-# K blocks of its rows a program prefetches into L2 before its PDL wait: 16 x 128 B a row.
-# Only the programs resident before the previous kernel ends run it; at ~2-4 CTAs an SM that
-# is <= ~35 MB of prefetched lines against the H100's 50 MB L2
-MAX_PREFETCH_KB = 16
 MAX_SPLIT_TILES = 1 << 14  # arrival counters per device: G * cdiv(N, BLOCK_N) of any launch
 
 
@@ -396,8 +383,6 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
         ACT_QUANT=act_quant, DOT_F32=x3.dtype == torch.float32 or not x3.is_cuda,
         EVEN_K=k % BLOCK_K == 0, SPLIT=split > 1,
         SWIGLU=swiglu, ROUND_BF16=x3.dtype == torch.bfloat16,
-        PREFETCH_KB=min(triton.next_power_of_2(kb_per_split), MAX_PREFETCH_KB)
-        if weight_prefetch() else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x3),
     )
     return out

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from engine import formats as fm
 from engine.formats import WeightFormat
 from engine.kernels import pdl_launch, use_triton
+from engine.kernels._device_math import wait_for_inputs
 from engine.kernels._triton import LazyModule
 
 triton = tl = None  # imported at the first launch (`_lazy.materialize`)
@@ -118,9 +119,7 @@ def _ggml_linear_kernel(
     FMT: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # engine/kernels/_device_math.py wait_for_inputs
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import _device_math, pdl_launch, use_triton, weight_prefetch
+from engine.kernels import _device_math, pdl_launch, use_triton
 from engine.kernels._counters import arrival_counters
 from engine.kernels._triton import jitted_helper
 
@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - exercised only without the test extra
 BLOCK_E, BLOCK_K = 8, 512  # 32 programs a token at V4's E = 256, 8 KB of W a step
 
 if triton is not None:
-    prefetch_l2 = jitted_helper(_device_math.prefetch_l2)
+    wait_for_inputs = jitted_helper(_device_math.wait_for_inputs)
 
     @triton.jit
     def _moe_router_kernel(
@@ -53,21 +53,12 @@ if triton is not None:
         stride_x_t, stride_w_e, stride_out_t,
         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, TOPK: tl.constexpr,
         HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
-        BLOCK_TOPK: tl.constexpr, PREFETCH: tl.constexpr = False, LINES: tl.constexpr = 1,
-        LINE_ELEMS: tl.constexpr = 64, PDL: tl.constexpr = False,
+        BLOCK_TOPK: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        wait_for_inputs(PDL)
         token = tl.program_id(0).to(tl.int64)
         offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         e_mask = offs_e < E
-        if PDL and PREFETCH:
-            # its BLOCK_E rows of the weight (LINES 128-byte lines of LINE_ELEMS each) into
-            # L2 while the kernel before runs: the loop below then reads L2
-            offs_l = tl.arange(0, LINES) * LINE_ELEMS
-            lines = w_ptr + offs_e[:, None].to(tl.int64) * stride_w_e + offs_l[None, :]
-            prefetch_l2(tl.where(e_mask[:, None] & (offs_l < H)[None, :], lines, w_ptr))
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # engine/kernels/_device_math.py wait_for_inputs
-            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -138,9 +129,7 @@ if triton is not None:
         HASH: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # engine/kernels/_device_math.py wait_for_inputs
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        wait_for_inputs(PDL)
         _topk_row(scores_ptr, bias_ptr, table_ptr, ids_ptr, experts_ptr, weights_ptr,
                   tl.program_id(0).to(tl.int64), E, K, V, scaling,
                   HASH, NORM, BLOCK_E, BLOCK_K)
@@ -171,13 +160,6 @@ def route_topk(scores: torch.Tensor, k: int, scaling: float, norm: bool,
     return weights, experts
 
 
-def _weight_lines(weight: torch.Tensor) -> dict:
-    """The router kernel's L2 prefetch of a weight row: 128-byte lines and their count."""
-    line = 128 // weight.element_size()
-    return {"PREFETCH": weight_prefetch(), "LINE_ELEMS": line,
-            "LINES": triton.next_power_of_2(-(-weight.shape[1] // line))}
-
-
 def router_scores_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.softplus(F.linear(x.float(), weight.float())).sqrt()
 
@@ -198,7 +180,7 @@ def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x, weight, out, out, out, out, out, out, out, E, H, 0, 0, 1.0,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K, TOPK=False, HASH=False, NORM=False, BLOCK_ALL_E=1,
-        BLOCK_TOPK=1, num_warps=4, **_weight_lines(weight), **pdl_launch(x),
+        BLOCK_TOPK=1, num_warps=4, **pdl_launch(x),
     )
     return out
 
@@ -232,6 +214,6 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, scaling: float, norm: b
         x.stride(0), weight.stride(0), scores.stride(0),
         BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K, TOPK=True, HASH=table is not None, NORM=norm,
         BLOCK_ALL_E=triton.next_power_of_2(E), BLOCK_TOPK=triton.next_power_of_2(k),
-        num_warps=4, **_weight_lines(weight), **pdl_launch(x),
+        num_warps=4, **pdl_launch(x),
     )
     return weights, experts

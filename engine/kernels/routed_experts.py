@@ -60,8 +60,9 @@ import torch.nn.functional as F
 
 from engine import formats as fm
 from engine.formats import WeightFormat
-from engine.kernels import pdl_launch, use_triton
+from engine.kernels import _device_math, pdl_launch, use_triton
 from engine.kernels._counters import arrival_counters
+from engine.kernels._triton import jitted_helper
 
 try:  # optional: the base install has no Triton and takes the reference below
     import triton
@@ -125,6 +126,7 @@ MIN_DOWN_BLOCK_N = 4
 # -- kernels -------------------------------------------------------------------------------
 
 if triton is not None:
+    wait_for_inputs = jitted_helper(_device_math.wait_for_inputs)
 
     @triton.jit
     def _decode(words, hi, j: tl.constexpr, FORMAT: tl.constexpr):
@@ -172,9 +174,7 @@ if triton is not None:
         PDL: tl.constexpr = False,
     ):
         """The gate/up kernel's activation layout, in one launch (grid N, words / BLOCK_W)."""
-        if PDL:  # engine/kernels/_device_math.py wait_for_inputs
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        wait_for_inputs(PDL)
         token = tl.program_id(0).to(tl.int64)
         offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         offs_j = tl.arange(0, PW)
@@ -266,9 +266,7 @@ if triton is not None:
         OUT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        if PDL:  # engine/kernels/_device_math.py wait_for_inputs
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        wait_for_inputs(PDL)
         pair = tl.program_id(0).to(tl.int64)  # int64: expert * rows may overflow int32
         pid_n = tl.program_id(1)
         expert = tl.load(experts_ptr + pair).to(tl.int64)
@@ -334,9 +332,7 @@ if triton is not None:
         Split over k so that a single token still fills the GPU (K * H / BLOCK_N programs);
         the last of a block's K programs to finish adds the K parts in slot order, so the
         sum is the same whichever order they ran in (deterministic, no float atomics)."""
-        if PDL:  # engine/kernels/_device_math.py wait_for_inputs
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        wait_for_inputs(PDL)
         token = tl.program_id(0).to(tl.int64)
         pid_n = tl.program_id(1)
         k = tl.program_id(2)

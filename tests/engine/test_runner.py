@@ -213,8 +213,7 @@ def test_programmatic_dependent_launch_changes_no_bit(dtype):
     """Every kernel launched with PDL waits for the one before it (engine/kernels/
     __init__.py): a kernel that read or wrote before its wait would race, and a race
     changes bits somewhere in ten replayed steps (split-K partials, arrival counters,
-    buffers reused across layers). Both graphs with the overlap side stream; PDL's runs
-    with the weights' L2 prefetch (its default)."""
+    buffers reused across layers). Both graphs with the overlap side stream."""
     model = tiny_model(seed=7, sliding_window=8, qat=True, dtype=dtype).to("cuda")
     outs, was = {}, kernels.pdl_enabled()
     for pdl in (False, True, False, True):  # twice each: a race need not show the first time

@@ -129,15 +129,15 @@ def test_fused_route_is_scores_then_topk(hash_routing, N):
 
 
 def test_the_module_imports_after_another_kernel_jitted_the_shared_helpers():
-    """moe_router jits its kernels at import and takes _device_math.prefetch_l2 through
+    """moe_router jits its kernels at import and takes _device_math.wait_for_inputs through
     jitted_helper; when another kernel file's first launch has already bound the helpers
-    (prefetch_l2 is then a JITFunction in _device_math), the import must still work (it
+    (the name is then a JITFunction in _device_math), the import must still work (it
     raised TypeError on the GPU: the prefill's MoE imported the router after fp8_linear)."""
     import importlib
 
     from engine.kernels import _device_math, _triton, fp8_linear, moe_router
 
     fp8_linear._lazy.materialize()
-    assert _device_math.prefetch_l2 in _triton._jitted_helpers.values()  # bound, jitted
+    assert _device_math.wait_for_inputs in _triton._jitted_helpers.values()  # bound, jitted
     importlib.reload(moe_router)
-    assert moe_router.prefetch_l2 is _device_math.prefetch_l2
+    assert moe_router.wait_for_inputs is _device_math.wait_for_inputs
