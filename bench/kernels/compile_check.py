@@ -30,6 +30,7 @@ from engine.kernels import (
     indexer_topk,
     moe_router,
     rmsnorm_rope,
+    routed_experts,
 )
 from engine.kernels import decode_attention as da
 from engine.kernels import fp8_linear as fl
@@ -226,10 +227,37 @@ def kernels() -> list[tuple]:
         ids_ptr=I64, experts_ptr=I64, weights_ptr=F32, E=I32, H=I32, K=I32, V=I32,
         scaling=FP, **strides("stride_x_t", "stride_w_e", "stride_out_t"),
     )
-    router_c = dict(BLOCK_E=moe_router.BLOCK_E, BLOCK_K=moe_router.BLOCK_K, TOPK=True,
+    router_c = dict(BLOCK_E=moe_router.BLOCK_E, BLOCK_K=moe_router.MAX_BLOCK_K, TOPK=True,
                     HASH=False, NORM=True, BLOCK_ALL_E=256, BLOCK_TOPK=8)
     rows_c = dict(NORM=True, HAS_WEIGHT=True, ROUND_X=True, SCATTER=True, ROUND_OUT=True)
-    return [
+    gate_up = dict(
+        xt_ptr=F32, xs_ptr=F32, w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", experts_ptr=I64,
+        weights_ptr=F32, h_ptr=F32, hs_ptr=F32, num_experts=I32, K=I32, inter=I32,
+        n_words=I32, num_pairs=I32, limit=FP,
+        **strides("stride_xt_t", "stride_xt_j", "stride_xs_t", "stride_w_row",
+                  "stride_s_row", "stride_z_row"),
+    )
+    down = dict(
+        h_ptr=F32, hs_ptr=F32, w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", experts_ptr=I64,
+        part_ptr=F32, count_ptr="*i32", add_ptr=BF, y_ptr=BF, num_experts=I32, K=I32, H=I32,
+        inter=I32, n_words=I32, num_tokens=I32,
+        **strides("stride_w_row", "stride_s_row", "stride_z_row", "stride_add_t",
+                  "stride_y_t"),
+    )
+    import triton.language as tl
+
+    int2 = dict(FORMAT=routed_experts.FMT_INT2, PW=16, OUT_DTYPE=tl.bfloat16)
+    experts = [
+        (f"routed {kind} INT2 {c['BLOCK_N']}x{c['BLOCK_W']}" + (" prefetch" if c["PREFETCH"]
+                                                               else ""),
+         kernel, types, {**int2, **extra, "BLOCK_N": c["BLOCK_N"], "BLOCK_W": c["BLOCK_W"],
+                         "PREFETCH": c["PREFETCH"]}, c["num_warps"])
+        for kind, kernel, types, extra in (
+            ("gate_up", routed_experts._gate_up_kernel, gate_up, {"HAS_LIMIT": True}),
+            ("down", routed_experts._down_kernel, down, {"HAS_ADD": True}))
+        for c in routed_experts.candidate_configs(kind, routed_experts.FMT_INT2)
+    ]
+    return [*experts,
         ("decode_attention", da._decode_attention_kernel, attn, attn_c, da.DEFAULT_NUM_WARPS),
         ("decode_attention one split", da._decode_attention_kernel, attn,
          {**attn_c, "ONE_SPLIT": True}, da.DEFAULT_NUM_WARPS),
@@ -258,13 +286,18 @@ def kernels() -> list[tuple]:
         ("fp4_roundtrip (QAT indexer)", fp4_roundtrip._fp4_roundtrip_kernel,
          dict(x_ptr=F32, out_ptr=F32), dict(BLOCK=32), 4),
         ("fp8_linear fma split", fl._fp8_linear_kernel, fp8, fp8_c, 4),
+        ("fp8_linear fma split prefetch", fl._fp8_linear_kernel, fp8,
+         {**fp8_c, "PREFETCH": True}, 4),
+        ("fp8_linear fma 16 prefetch", fl._fp8_linear_kernel, fp8,
+         {**fp8_c, "PREFETCH": True, "BLOCK_N": 16}, 4),
         ("fp8_linear dot split", fl._fp8_linear_kernel, fp8,
          {**fp8_c, "USE_DOT": True, "BLOCK_N": 64}, 4),
         ("fp8_linear fma swiglu (w2)", fl._fp8_linear_kernel, fp8,
          {**fp8_c, "SWIGLU": True}, 4),
         ("fp8_linear dot swiglu (w2)", fl._fp8_linear_kernel, fp8,
          {**fp8_c, "SWIGLU": True, "USE_DOT": True, "BLOCK_N": 64}, 4),
-        ("router + top-k (fused)", moe_router._moe_router_kernel, router, router_c, 4),
+        ("router + top-k (fused)", moe_router._moe_router_kernel, router, router_c,
+         moe_router.NUM_WARPS),
         ("cache_rows kv (FP8, window)", cache_rows._cache_rows_kernel, rows,
          dict(BLOCK_ROWS=1, BLOCK_D=512, LOG2_D=9, QAT=1, **rows_c), 4),
         ("cache_rows entry (FP8, fp32 in)", cache_rows._cache_rows_kernel,

@@ -71,6 +71,10 @@ def bench(device: str = "cuda", tune: bool = False) -> list[dict]:
                         for warps in (4, 8):
                             cfg = dict(block_h=bh, block_n=bn, num_warps=warps)
                             variants[f"decode_attention[h{bh} n{bn} w{warps}]"] = cfg
+                # key splits past the launcher's MAX_SPLITS (fewer keys a program, more
+                # fp32 partials to merge) on the default tile
+                for splits in (4, 8, 32, 64):
+                    variants[f"decode_attention[splits {splits}]"] = dict(num_splits=splits)
             for name, cfg in variants.items():
                 t = measure(lambda c, cfg=cfg: da.launch(**c, **cfg), cases)
                 rows.append(row(name, shape, *t, moved))

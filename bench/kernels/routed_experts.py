@@ -23,7 +23,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from bench.kernels._timing import copy_gbps, with_graph
 from engine.formats import WeightFormat
 from engine.kernels import mode
-from engine.kernels.routed_experts import ExpertStack, routed_experts
+from engine.kernels.routed_experts import (
+    _FORMAT_CODE,
+    ExpertStack,
+    _size_class,
+    _tuned,
+    routed_experts,
+)
 from engine.random_weights import random_fp4, random_int2
 
 E, K, H, INTER = 256, 6, 4096, 2048
@@ -82,9 +88,21 @@ def bench(device: str | torch.device = "cuda") -> list[dict]:
             })
             with mode("triton"):
                 with_graph(rows[-1], call)
+            rows[-1]["configs"] = _picked(_FORMAT_CODE[fmt], n)
         del stack
         torch.cuda.empty_cache()
     return rows
+
+
+def _picked(fmt: int, n: int) -> dict[str, str]:
+    """The autotuner's tile for each kernel at this token count (its cache; the size class is
+    the fifth of both kernels' autotune keys)."""
+    out = {}
+    for kernel in ("gate_up", "down"):
+        cache = getattr(_tuned(kernel, fmt), "cache", {})
+        picks = [str(c) for key, c in cache.items() if key[4] == _size_class(n)]
+        out[kernel] = picks[-1] if picks else "?"
+    return out
 
 
 def main() -> None:
@@ -98,7 +116,7 @@ def main() -> None:
         n = r["shape"].split()[0].removeprefix("N=")
         print(f"{r['kernel']:<22} {n:>3} {r['distinct_experts']:>8} {r['bytes'] / 1e6:>9.1f} "
               f"{r['time_us']:>9.1f} {r['bound_us']:>9.1f} {r['gbps']:>8.0f} "
-              f"{r['pct_of_copy']:>7.1f}")
+              f"{r['pct_of_copy']:>7.1f}  graph {r.get('graph_us')} us  {r['configs']}")
 
 
 if __name__ == "__main__":

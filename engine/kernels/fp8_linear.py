@@ -150,7 +150,8 @@ def _fp8_linear_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
     ACT_QUANT: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-    SWIGLU: tl.constexpr, ROUND_BF16: tl.constexpr, PDL: tl.constexpr = False,
+    SWIGLU: tl.constexpr, ROUND_BF16: tl.constexpr, PREFETCH: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     BK: tl.constexpr = 128
     pid_n = tl.program_id(0)  # over G * cdiv(N, BLOCK_N) row tiles
@@ -177,14 +178,24 @@ def _fp8_linear_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc2 = tl.zeros((BLOCK_N, BK), dtype=tl.float32)
+    if PREFETCH:  # the FMA path's loads feed no tl.dot, so Triton's pipeliner leaves them
+        w_ahead, s_ahead = _weight_block(w_ptrs, s_ptrs, kb_start, kb_end, mask_n, offs_k, K,
+                                         stride_sk, EVEN_K)
     for kb in range(kb_start, kb_end):
         k0 = kb * BK
-        if EVEN_K:
+        if not EVEN_K:
+            mask_k = (k0 + offs_k) < K
+        if PREFETCH:  # block kb arrived while block kb - 1 was multiplied; ask for kb + 1
+            w, sw = w_ahead, s_ahead
+            w_ahead, s_ahead = _weight_block(w_ptrs, s_ptrs, kb + 1, kb_end, mask_n, offs_k,
+                                             K, stride_sk, EVEN_K)
+        elif EVEN_K:
             w = tl.load(w_ptrs + k0, mask=mask_n[:, None], other=0.0)
         else:
-            mask_k = (k0 + offs_k) < K
             w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        sw = _e8m0_to_f32(tl.load(s_ptrs + kb * stride_sk, mask=mask_n, other=127).to(tl.int32))
+        if not PREFETCH:
+            sw = _e8m0_to_f32(tl.load(s_ptrs + kb * stride_sk, mask=mask_n,
+                                      other=127).to(tl.int32))
         if USE_DOT:
             if EVEN_K:  # noqa: SIM108 (a constexpr branch)
                 x_mask = mask_m[None, :]
@@ -251,6 +262,23 @@ def _fp8_linear_kernel(
 
 
 @_lazy.mark
+def _weight_block(w_ptrs, s_ptrs, kb, kb_end, mask_n, offs_k, K, stride_sk,
+                  EVEN_K: tl.constexpr):
+    """K block kb of the tile's rows, FP8, and its E8M0 row scales as fp32; nothing (no
+    memory traffic) for kb >= kb_end."""
+    BK: tl.constexpr = 128
+    k0 = kb * BK
+    rows_ok = mask_n & ((tl.zeros(mask_n.shape, tl.int32) + kb) < kb_end)  # a [BLOCK_N] mask
+    if EVEN_K:  # noqa: SIM108 (a constexpr branch)
+        mask = rows_ok[:, None]
+    else:
+        mask = rows_ok[:, None] & ((k0 + offs_k) < K)[None, :]
+    w = tl.load(w_ptrs + k0, mask=mask, other=0.0)
+    s = tl.load(s_ptrs + kb * stride_sk, mask=rows_ok, other=127).to(tl.int32)
+    return w, _e8m0_to_f32(s)
+
+
+@_lazy.mark
 def _swiglu_x(g, u, ROUND_BF16: tl.constexpr):
     """engine/kernels/swiglu.py's h = silu(g) * u in fp32, rounded to g's dtype (nearest even
     in integers when bf16: the interpreter's cast truncates)."""
@@ -271,6 +299,7 @@ class Fp8LinearConfig:
     use_dot: bool
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = False  # FMA path: the next K block's load issued before this one's math
 
 
 _state = {"act_quant": False, "autotune": True, "pinned": None}
@@ -312,7 +341,8 @@ def _split_for(tiles: int, num_kb: int, num_sms: int) -> int:
 def _candidate_configs(mb: int, rows: int, k: int, num_sms: int) -> list[Fp8LinearConfig]:
     """Configs to try for an (M bucket, G*N rows, K) key; the first is the heuristic default.
 
-    At most 18 (M = 1: both paths x 3 BLOCK_N x 3 splits) so that tuning a key costs well
+    At most 24 (M = 1: both paths x 3 BLOCK_N x 3 splits, and the FMA path's two narrower
+    tiles with the prefetch too) so that tuning a key costs well
     under a second once compiled; warps and stages are tied to BLOCK_N instead of searched
     (8 warps only for 128-row tiles, which need two warpgroups' worth of rows)."""
     num_kb = -(-k // BLOCK_K)
@@ -324,6 +354,11 @@ def _candidate_configs(mb: int, rows: int, k: int, num_sms: int) -> list[Fp8Line
             s = _split_for(-(-rows // block_n), num_kb, num_sms)
             for split in dict.fromkeys((s, max(1, s // 2), min(2 * s, num_kb))):
                 out.append(Fp8LinearConfig(block_n, split, use_dot, warps, 3))
+                # a prefetch needs 2+ blocks a slice, and registers: compiled for sm_90 the
+                # FMA tile takes 187 registers at BLOCK_N 16 with it (150 without), 255 and
+                # a 64 B spill at 32, a 3 KB spill at 64 (bench/kernels/compile_check.py)
+                if not use_dot and block_n <= 32 and num_kb // split > 1:
+                    out.append(Fp8LinearConfig(block_n, split, use_dot, warps, 3, True))
     return out
 
 
@@ -383,6 +418,7 @@ def _launch(x3: torch.Tensor, weight: torch.Tensor, scale_u8: torch.Tensor, n: i
         ACT_QUANT=act_quant, DOT_F32=x3.dtype == torch.float32 or not x3.is_cuda,
         EVEN_K=k % BLOCK_K == 0, SPLIT=split > 1,
         SWIGLU=swiglu, ROUND_BF16=x3.dtype == torch.bfloat16,
+        PREFETCH=cfg.prefetch and not use_dot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x3),
     )
     return out

@@ -188,25 +188,40 @@ if triton is not None:
             tl.store(xs_ptr + token * n_words + offs_w, tl.sum(x, axis=1), mask=offs_w < n_words)
 
     @triton.jit
+    def _load_words(w_ptr, rows, row_mask, w0, n_words, stride_w_row, BLOCK_W: tl.constexpr):
+        """Words w0 .. w0 + BLOCK_W - 1 of `rows` (none past n_words: no memory traffic)."""
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        mask = row_mask[:, None] & (offs_w < n_words)[None, :]
+        return tl.load(w_ptr + rows[:, None] * stride_w_row + offs_w[None, :], mask=mask, other=0)
+
+    @triton.jit
     def _rows_dot(w_ptr, s_ptr, z_ptr, xt_ptr, xs_ptr, rows, row_mask, n_words,
                   stride_w_row, stride_s_row, stride_z_row, stride_xt_j,
-                  FORMAT: tl.constexpr, PW: tl.constexpr, BLOCK_W: tl.constexpr):
+                  FORMAT: tl.constexpr, PW: tl.constexpr, BLOCK_W: tl.constexpr,
+                  PREFETCH: tl.constexpr):
         """sum over inputs of W[rows, :] * x, for one activation vector staged as
         xt [PW, n_words] (pre-scaled) and, for INT2, xs [n_words] (sum of each word's x).
 
         rows: int64 [R] row indices into the stacked [E * rows_per_expert, .] arrays.
         Returns fp32 [R]. The accumulator stays [R, BLOCK_W] until the end (no reduction in
-        the loop)."""
+        the loop). PREFETCH issues the next block's weight load before decoding this one
+        (by hand: Triton's pipeliner only stages loads that feed a tl.dot), one more tile
+        of registers for a DRAM round trip hidden behind each block's decode."""
         if FORMAT == 0:
             acc = tl.zeros([rows.shape[0], BLOCK_W], dtype=tl.float32)
         else:
             acc = tl.zeros([rows.shape[0], BLOCK_W // 4], dtype=tl.float32)
+        if PREFETCH:
+            ahead = _load_words(w_ptr, rows, row_mask, 0, n_words, stride_w_row, BLOCK_W)
         for w0 in range(0, n_words, BLOCK_W):
             offs_w = w0 + tl.arange(0, BLOCK_W)
             w_mask = offs_w < n_words
-            mask = row_mask[:, None] & w_mask[None, :]
-            words = tl.load(w_ptr + rows[:, None] * stride_w_row + offs_w[None, :], mask=mask,
-                            other=0)
+            if PREFETCH:
+                words = ahead
+                ahead = _load_words(w_ptr, rows, row_mask, w0 + BLOCK_W, n_words,
+                                    stride_w_row, BLOCK_W)
+            else:
+                words = _load_words(w_ptr, rows, row_mask, w0, n_words, stride_w_row, BLOCK_W)
             if FORMAT == 2:  # noqa: SIM108
                 hi = words >> 22
             else:
@@ -264,7 +279,7 @@ if triton is not None:
         limit,
         FORMAT: tl.constexpr, PW: tl.constexpr, HAS_LIMIT: tl.constexpr,
         OUT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr = False,
     ):
         wait_for_inputs(PDL)
         pair = tl.program_id(0).to(tl.int64)  # int64: expert * rows may overflow int32
@@ -282,7 +297,7 @@ if triton is not None:
         gu = _rows_dot(w_ptr, s_ptr, z_ptr, xt_ptr + token * stride_xt_t,
                        xs_ptr + token * stride_xs_t, rows, row_mask, n_words,
                        stride_w_row, stride_s_row, stride_z_row, stride_xt_j,
-                       FORMAT, PW, BLOCK_W)
+                       FORMAT, PW, BLOCK_W, PREFETCH)
         gu = tl.reshape(gu, [2, BLOCK_N])
         first = (tl.arange(0, 2) == 0)[:, None]
         g = tl.sum(tl.where(first, gu, 0.0), axis=0)
@@ -325,7 +340,7 @@ if triton is not None:
         stride_w_row, stride_s_row, stride_z_row, stride_add_t, stride_y_t,
         # meta
         FORMAT: tl.constexpr, PW: tl.constexpr, OUT_DTYPE: tl.constexpr, HAS_ADD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
         """Program (t, n-block, k): expert slot k of token t on one block of output rows.
@@ -345,7 +360,7 @@ if triton is not None:
         y = _rows_dot(w_ptr, s_ptr, z_ptr, h_ptr + pair * inter, hs_ptr + pair * (inter // 16),
                       expert * H + offs_n, offs_n < tl.where(valid, H, 0), n_words,
                       stride_w_row, stride_s_row, stride_z_row, inter // PW,
-                      FORMAT, PW, BLOCK_W)
+                      FORMAT, PW, BLOCK_W, PREFETCH)
         # each expert's output is rounded to the activation dtype before the fp32 sum, as
         # the reference's `self.w2(h).float()` is
         tl.store(part_ptr + pair * H + offs_n, y.to(OUT_DTYPE).to(tl.float32), mask=n_mask)
@@ -371,17 +386,21 @@ def _interpreting() -> bool:
 
 
 def _parse_config(text: str) -> dict[str, int]:
-    """'BLOCK_N=16,BLOCK_W=64,num_warps=4,num_stages=3' -> dict (the pinned-config switch)."""
+    """'BLOCK_N=16,BLOCK_W=64,num_warps=4,num_stages=3[,PREFETCH=1]' -> dict (the
+    pinned-config switch)."""
     out = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
-        if not sep or key.strip() not in ("BLOCK_N", "BLOCK_W", "num_warps", "num_stages"):
+        if not sep or key.strip() not in (*_REQUIRED_KEYS, "PREFETCH"):
             raise ValueError(f"bad routed-experts config item {item!r} in {text!r}")
         out[key.strip()] = int(value)
-    if out.get("BLOCK_N", MIN_DOWN_BLOCK_N) < MIN_DOWN_BLOCK_N or len(out) != 4:
+    if out.get("BLOCK_N", MIN_DOWN_BLOCK_N) < MIN_DOWN_BLOCK_N or not set(_REQUIRED_KEYS) <= set(out):
         raise ValueError(f"routed-experts config {text!r}: give BLOCK_N >= {MIN_DOWN_BLOCK_N}, "
-                         "BLOCK_W, num_warps and num_stages")
+                         "BLOCK_W, num_warps and num_stages (and optionally PREFETCH)")
     return out
+
+
+_REQUIRED_KEYS = ("BLOCK_N", "BLOCK_W", "num_warps", "num_stages")
 
 
 def candidate_configs(kernel: str, fmt: int) -> list[dict[str, int]]:
@@ -396,19 +415,25 @@ def candidate_configs(kernel: str, fmt: int) -> list[dict[str, int]]:
         return [config]
     if _interpreting():
         return [{"BLOCK_N": 64, "BLOCK_W": 64 if fmt != FMT_DENSE else 256, "num_warps": 1,
-                 "num_stages": 1}]
-    # (BLOCK_N, BLOCK_W, num_warps): few, because each compiles for seconds (16 unrolled
-    # values per word) and GPU time is short. From sm_90 SASS (Triton 3.9, no spills): the
-    # INT2 inner loop issues 2.5-2.7 instructions a weight with 512-1024 weights a thread,
-    # 3.0 with 256 (the activation loads and per-word work are shared by fewer weights);
-    # bigger tiles mean fewer programs (6 x 2048 / 64 = 192 at one token), hence a choice.
+                 "num_stages": 1, "PREFETCH": 0}]
+    # (BLOCK_N, BLOCK_W, num_warps, PREFETCH): few, because each compiles for seconds (16
+    # unrolled values per word) and GPU time is short. From sm_90 SASS (Triton 3.9, no
+    # spills): the INT2 inner loop issues 2.5-2.7 instructions a weight with 512-1024
+    # weights a thread, 3.0 with 256 (the activation loads and per-word work are shared by
+    # fewer weights); bigger tiles mean fewer programs (6 x 2048 / 64 = 192 at one token),
+    # hence a choice. The PREFETCH twins of the smaller tiles keep one more block in flight
+    # (their registers allow it; the eighth session's kernels reached 45% / 33% of copy
+    # bandwidth at one token with one block in flight a program).
     if fmt == FMT_DENSE:
-        tiles = ((16, 256, 4), (32, 256, 4), (16, 512, 8))
+        tiles = ((16, 256, 4, 0), (32, 256, 4, 0), (16, 512, 8, 0))
     elif kernel == "gate_up":  # rows of W1 (and as many of W3); INT2 needs BLOCK_N % 16 == 0
-        tiles = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (16, 64, 4), (32, 32, 4))
+        tiles = ((32, 64, 4, 0), (32, 128, 4, 0), (64, 64, 4, 0), (16, 64, 4, 0),
+                 (32, 32, 4, 0), (32, 32, 4, 1), (16, 64, 4, 1), (32, 64, 4, 1))
     else:
-        tiles = ((32, 64, 4), (64, 64, 4), (32, 128, 4), (16, 64, 4), (32, 32, 4))
-    return [{"BLOCK_N": n, "BLOCK_W": w, "num_warps": nw, "num_stages": 3} for n, w, nw in tiles]
+        tiles = ((32, 64, 4, 0), (64, 64, 4, 0), (32, 128, 4, 0), (16, 64, 4, 0),
+                 (32, 32, 4, 0), (32, 32, 4, 1), (16, 64, 4, 1), (64, 32, 4, 1))
+    return [{"BLOCK_N": n, "BLOCK_W": w, "num_warps": nw, "num_stages": 3, "PREFETCH": pf}
+            for n, w, nw, pf in tiles]
 
 
 def _size_class(count: int) -> int:
@@ -420,7 +445,8 @@ def _size_class(count: int) -> int:
 @functools.cache
 def _tuned(kernel: str, fmt: int):
     """The autotuned kernel of (kernel, format), keyed on the sizes that change the best tile."""
-    configs = [triton.Config({"BLOCK_N": c["BLOCK_N"], "BLOCK_W": c["BLOCK_W"]},
+    configs = [triton.Config({"BLOCK_N": c["BLOCK_N"], "BLOCK_W": c["BLOCK_W"],
+                              "PREFETCH": c.get("PREFETCH", 0)},
                              num_warps=c["num_warps"], num_stages=c["num_stages"])
                for c in candidate_configs(kernel, fmt)]
     if kernel == "gate_up":

@@ -112,9 +112,12 @@ def test_matches_formula(name, act_quant, dtype, triton_mode, poisoned_empty):
 
 
 @pytest.mark.parametrize("m", (1, 5))
-def test_every_candidate_config(m, triton_mode, poisoned_empty):
-    """Each generated config (dot and FMA paths, split-K 1..n) computes the same product."""
+@pytest.mark.parametrize("uneven_k", (False, True), ids=("k%128=0", "k%128!=0"))
+def test_every_candidate_config(m, uneven_k, triton_mode, poisoned_empty):
+    """Each generated config (dot and FMA paths, split-K 1..n, the FMA path with and without
+    the next block's prefetch) computes the same product, also where K ends mid-block."""
     n, k = (1024, 4096) if ON_GPU else (72, 512)
+    k -= 64 if uneven_k else 0
     dtype = DTYPES[-1]
     q, s = random_fp8(n, k, seed=3)
     x = random_x((m, k), dtype, seed=4)
@@ -123,6 +126,7 @@ def test_every_candidate_config(m, triton_mode, poisoned_empty):
     # the tiny shape must still reach the split-K reduction and (for m=1) both paths
     assert any(c.split_k > 1 for c in configs)
     assert {c.use_dot for c in configs} == ({True, False} if m == 1 else {True})
+    assert any(c.prefetch and c.split_k > 1 for c in configs) == (m == 1)
     for cfg in configs:
         fl.pin_config(cfg)
         assert_close_verbose(fl.fp8_linear(x, q, s), ref, tol, f"M={m} {cfg}")

@@ -429,6 +429,35 @@ def test_pinned_config_switch(monkeypatch):
         candidate_configs("gate_up", FMT_INT2)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_narrow_word_blocks_with_and_without_prefetch(fmt, prefetch, monkeypatch):
+    """Pinned tiles narrower than a row, so every program walks several word blocks (the
+    interpreter's default tile covers a tiny row at once): the prefetching loop, which
+    decodes block i while block i + 1 loads, gives what the plain loop gives, up to the
+    summation order, and both match the reference. On CUDA the real rows take many blocks
+    either way."""
+    from engine.kernels import routed_experts as re
+
+    words = 4 if fmt != WeightFormat.DENSE else 32  # INT2 at 128 columns: 8 words, 2 blocks
+    for kernel in ("gate_up", "down"):
+        monkeypatch.setenv(re.CONFIG_ENV[kernel], f"BLOCK_N=16,BLOCK_W={words},num_warps=4,"
+                                                  f"num_stages=2,PREFETCH={prefetch}")
+    re._tuned.cache_clear()
+    try:
+        stack = stack_for(fmt)
+        E, K, H, _ = SHAPES[fmt]
+        g = torch.Generator(device=DEVICE).manual_seed(7)
+        x = torch.randn(3, H, generator=g, device=DEVICE) * 2
+        experts, weights = routing(3, E, K, g)
+        want = routed_experts_reference(x, experts, weights, stack, LIMIT)
+        assert_close(run_kernel(x, experts, weights, stack), want, FP32_TOL,
+                     f"{fmt} prefetch={prefetch}")
+    finally:
+        monkeypatch.undo()
+        re._tuned.cache_clear()
+
+
 @pytest.mark.parametrize("fmt", [WeightFormat.INT2, WeightFormat.FP4])
 def test_add_and_activation_dtype_out(fmt):
     """The MoE block's one-pass form: the shared output added to the fp32 sum, the result
