@@ -177,7 +177,7 @@ def _fp8_linear_kernel(
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
-        acc2 = tl.zeros((BLOCK_N, BK), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BK // 16), dtype=tl.float32)
     if PREFETCH:  # the FMA path's loads feed no tl.dot, so Triton's pipeliner leaves them
         w_ahead, s_ahead = _weight_block(w_ptrs, s_ptrs, kb_start, kb_end, mask_n, offs_k, K,
                                          stride_sk, EVEN_K)
@@ -234,7 +234,11 @@ def _fp8_linear_kernel(
             if ACT_QUANT:
                 sa1 = _act_scale(tl.max(tl.abs(xr), axis=0))
                 xr = _quant_e4m3(xr, 1.0 / sa1) * sa1  # exact: e4m3 value times a power of 2
-            acc2 += (w.to(tl.float32) * sw[:, None]) * xr[None, :]
+            # each thread's 16 consecutive products (one 16-byte load) summed in registers,
+            # then scaled once: an [N, 8] accumulator, not [N, 128] (which took every
+            # register and spilled at BLOCK_N 32 and more)
+            prod = tl.reshape(w.to(tl.float32) * xr[None, :], (BLOCK_N, BK // 16, 16))
+            acc2 += tl.sum(prod, axis=2) * sw[:, None]
 
     # one offset for this tile's outputs, in out [M, G, N] and in each partial slice
     if USE_DOT:
@@ -341,8 +345,8 @@ def _split_for(tiles: int, num_kb: int, num_sms: int) -> int:
 def _candidate_configs(mb: int, rows: int, k: int, num_sms: int) -> list[Fp8LinearConfig]:
     """Configs to try for an (M bucket, G*N rows, K) key; the first is the heuristic default.
 
-    At most 24 (M = 1: both paths x 3 BLOCK_N x 3 splits, and the FMA path's two narrower
-    tiles with the prefetch too) so that tuning a key costs well
+    At most 27 (M = 1: both paths x 3 BLOCK_N x 3 splits, the FMA ones with and without
+    the prefetch) so that tuning a key costs well
     under a second once compiled; warps and stages are tied to BLOCK_N instead of searched
     (8 warps only for 128-row tiles, which need two warpgroups' worth of rows)."""
     num_kb = -(-k // BLOCK_K)
@@ -354,10 +358,9 @@ def _candidate_configs(mb: int, rows: int, k: int, num_sms: int) -> list[Fp8Line
             s = _split_for(-(-rows // block_n), num_kb, num_sms)
             for split in dict.fromkeys((s, max(1, s // 2), min(2 * s, num_kb))):
                 out.append(Fp8LinearConfig(block_n, split, use_dot, warps, 3))
-                # a prefetch needs 2+ blocks a slice, and registers: compiled for sm_90 the
-                # FMA tile takes 187 registers at BLOCK_N 16 with it (150 without), 255 and
-                # a 64 B spill at 32, a 3 KB spill at 64 (bench/kernels/compile_check.py)
-                if not use_dot and block_n <= 32 and num_kb // split > 1:
+                # a prefetch needs 2+ blocks a slice (compiled for sm_90 the FMA tile takes
+                # 55 / 75 registers at BLOCK_N 32 / 64, 89 / 156 with the prefetch: no spill)
+                if not use_dot and num_kb // split > 1:
                     out.append(Fp8LinearConfig(block_n, split, use_dot, warps, 3, True))
     return out
 
