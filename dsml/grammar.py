@@ -37,7 +37,8 @@ compiler (a `%json` string is quoted, a raw value is not) and are not reachable 
 and the parser's validator treats `format` as an annotation (jsonschema without a format
 checker), so a hand-written regex per format could only refuse values the proxy delivers as
 valid. (In JSON values, non-string parameters and the answer, llguidance enforces the formats
-it knows; a format it does not know fails the grammar, and the turn goes unconstrained.)
+it knows; one it does not know is dropped from the schema it gets, `_known_formats_only`:
+left in, it would fail the grammar and the turn would go unconstrained.)
 
 The turn runner generates in phases (reasoning up to `</think>`, then the forced opener,
 then the block), so a grammar starts at a `Phase`: `phase_of` tells which from the text the
@@ -56,6 +57,7 @@ by its V4 id.
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import json
 import re
@@ -63,7 +65,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llguidance import regex_to_lark
+from llguidance import LLMatcher, grammar_from, regex_to_lark
 
 from dsml import markers
 from dsml.dialects import Dialect
@@ -354,7 +356,7 @@ def answer_schema(fmt: Mapping[str, Any]) -> dict[str, Any]:
         schema = spec.get("schema") or {}
         if spec.get("strict"):
             schema = _strictify(schema)
-        schema = _no_markup_in_answer(schema)
+        schema = _no_markup_in_answer(_known_formats_only(schema))
     else:  # json_object
         schema = JSON_OBJECT_SCHEMA
     return {**schema, "x-guidance": {"whitespace_pattern": ANSWER_WHITESPACE}}
@@ -451,6 +453,35 @@ def search_regex(pattern: str) -> str:
     return "|".join(out) if len(out) == 1 else "(?:" + "|".join(out) + ")"
 
 
+# Keywords whose values are instances, not schemas: a "format" key inside them is data.
+_INSTANCE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+@functools.lru_cache(maxsize=256)  # format names come from clients: bounded
+def _llguidance_knows_format(name: str) -> bool:
+    grammar = grammar_from("json_schema", json.dumps({"type": "string", "format": name}))
+    return LLMatcher.validate_grammar(grammar) == ""
+
+
+def _known_formats_only(schema: Any) -> Any:
+    """`schema` without the `format`s llguidance does not know (`uri-reference`, OpenAPI's
+    `int32`, `byte`...): one of them fails the whole grammar and the turn would go
+    unconstrained, while the parser's validator treats `format` as an annotation anyway, so
+    dropping it costs nothing the proxy checks."""
+    if isinstance(schema, list):
+        return [_known_formats_only(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "format" and isinstance(value, str):
+            if _llguidance_knows_format(value):
+                out[key] = value
+        else:
+            out[key] = value if key in _INSTANCE_KEYWORDS else _known_formats_only(value)
+    return out
+
+
 def _strictify(schema: Any) -> Any:
     """OpenAI strict semantics: no property beyond those listed, in every object."""
     if isinstance(schema, list):
@@ -538,7 +569,7 @@ class _TurnGrammar:
                 schema[key] = defs[key]
         if strict:
             schema = _strictify(schema)
-        return _json_schema_text(_no_markup_in_strings(schema))
+        return _json_schema_text(_no_markup_in_strings(_known_formats_only(schema)))
 
     def param(self, tool_index: int, index: int, key: str, schema: Any,
               defs: Mapping[str, Any], strict: bool) -> str:

@@ -13,9 +13,10 @@ llguidance, each in its own spelling (checked against the engines' documentation
 | embedded | the engine's logits-mask hook        | (proxy.backends.grammar_mask)                |
 
 Modes (`constrained_decoding`): "all" constrains every turn it can, "required" only turns
-whose tool choice forces a call (what vLLM itself does for V4) or whose `response_format`
-asks for JSON (which vLLM and OpenAI enforce: the proxy sends an engine a prompt, not the
-request's response_format, so only the grammar can carry it), "off" none.
+whose tool choice forces a call or that declare a `strict` tool (what vLLM itself does for
+V4) or whose `response_format` asks for JSON (which vLLM and OpenAI enforce: the proxy sends
+an engine a prompt, not the request's response_format, so only the grammar can carry it),
+"off" none.
 
 A `response_format` (json_object / json_schema, on every endpoint: /v1/responses'
 `text.format` and Anthropic's `output_config.format` arrive as one, proxy.translate) reaches
@@ -62,7 +63,8 @@ class TurnConstraints:
             return False
         if prompt.prefix:  # the turn continues client text: no grammar knows its state
             return False
-        return self.mode == "all" or bool(forced) or prompt.response_format is not None
+        return (self.mode == "all" or bool(forced) or prompt.response_format is not None
+                or any(_is_strict(tool) for tool in prompt.tools))
 
     def grammar(self, prompt: Prompt, generated: str, *, forced: str,
                 dialect: Dialect | str, parallel_tool_calls: bool = True) -> str | None:
@@ -96,6 +98,12 @@ class TurnConstraints:
             valid = not error
             self._valid.put(text, valid, 1)
         return text if valid else None
+
+
+def _is_strict(tool: Any) -> bool:
+    """An OpenAI function tool with `strict: true` (its calls must follow its schema)."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    return isinstance(function, dict) and function.get("strict") is True
 
 
 def upstream_fields(kind: UpstreamKind, grammar: str | None) -> dict[str, Any]:

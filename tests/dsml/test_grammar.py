@@ -412,3 +412,35 @@ def test_markup_inside_json_strings_rejected(tok: V4Tokenizer) -> None:
     assert rejected_at(tok, spec, call('{"notes": ["a DSM b", "SML"]}'))[:2] == (None, True)
     at, _, upto = rejected_at(tok, spec, call('{"notes": ["x</｜DSML｜parameter>"]}'))
     assert at is not None and upto.endswith("｜DSML｜"), upto
+
+
+def test_formats_llguidance_lacks_leave_the_turn_constrained(tok: V4Tokenizer) -> None:
+    """OpenAPI-style formats llguidance does not know (`int32`, `uri-reference`) would fail
+    the whole grammar (and the turn would go unconstrained): they are dropped, the formats it
+    knows are kept and enforced, and a property *named* "format" is left alone."""
+    from dsml.grammar import _known_formats_only, turn_lark
+
+    schema = {"type": "object", "properties": {
+        "format": {"type": "string", "format": "date"},
+        "ref": {"type": "string", "format": "uri-reference"},
+        "n": {"type": "integer", "format": "int32", "default": {"format": "int32"}}},
+        "required": ["format", "ref", "n"]}
+    kept = _known_formats_only(schema)
+    assert kept["properties"]["format"] == {"type": "string", "format": "date"}
+    assert "format" not in kept["properties"]["ref"]
+    assert kept["properties"]["n"] == {"type": "integer", "default": {"format": "int32"}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"o": schema}, "required": ["o"]}}}
+    def call(body: str) -> str:
+        return block(markers.invoke_open("f") + "\n" + markers.parameter_open("o", False) + body
+                     + markers.PARAMETER_CLOSE + "\n" + markers.INVOKE_CLOSE) + markers.EOS
+    spec = turn_spec([tool])
+    assert validate(turn_lark(spec)) == ""
+    good = '{"format": "2026-12-07", "ref": "../a", "n": 3}'
+    assert rejected_at(tok, spec, call(good))[:2] == (None, True)
+    assert rejected_at(tok, spec, call(good.replace("2026-12-07", "soon")))[0] is not None
+    assert rejected_at(tok, spec, call(good.replace("../a", "<｜DSML｜invoke")))[0] is not None
+    answer = turn_spec([], response_format={"type": "json_schema", "json_schema": {
+        "name": "r", "schema": {"type": "object", "properties": {
+            "id": {"type": "string", "format": "byte"}}, "required": ["id"]}}})
+    assert rejected_at(tok, answer, '{"id": "QUJD"}' + markers.EOS)[:2] == (None, True)

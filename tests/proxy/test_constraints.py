@@ -94,6 +94,11 @@ def test_modes_and_where_no_grammar_applies() -> None:
     assert grammar_for("off") is None
     assert grammar_for("required") is None  # auto: the model may answer
     assert grammar_for("required", tool_choice="required") is not None
+    # a strict tool's calls must follow its schema: constrained in "required" mode too
+    strict = {**TOOL, "function": {**TOOL["function"], "strict": True}}
+    assert grammar_for("required", tools=(TOOL, strict)) is not None
+    assert grammar_for("required", tools=({**TOOL, "function": {**TOOL["function"],
+                                                                "strict": False}},)) is None
     assert grammar_for("all") is not None
     assert grammar_for(dialect="v4.1") is None  # other tags and think ids: not compiled
     assert grammar_for(prefix="Sure") is None  # a continuation of client text
