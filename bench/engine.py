@@ -90,6 +90,7 @@ from engine.linear import Linear
 from engine.model import Transformer
 from engine.random_weights import materialize_random_, stored_tensors
 from engine.runner import DecodeRunner
+from engine.runtime import PREFILL_CHUNK
 from engine.sampling import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
@@ -538,6 +539,39 @@ def prefill_check(model: Transformer, config: ModelConfig, n: int, clock: Clock,
     return out
 
 
+def prefill_throughput(model: Transformer, config: ModelConfig, n: int, clock: Clock,
+                       device: torch.device, seed: int) -> dict:
+    """A real prefill of n random tokens as the engine runs one (engine.runtime: chunks of
+    PREFILL_CHUNK through the model into a pool slot), timed; then its first chunk again
+    under the profiler: where a prefill's time goes (issue 17's prefill target)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    prompt = torch.randint(2, config.vocab_size, (1, n), generator=g).to(device)
+
+    def run(tokens: torch.Tensor) -> None:
+        pool = SlotPool(config, max_seqs=1, max_len=tokens.shape[1] + 8, device=device,
+                        dtype=torch.bfloat16)
+        state = BatchState([pool.sequence_state(pool.acquire())])
+        for start in range(0, tokens.shape[1], PREFILL_CHUNK):
+            model(tokens[:, start : start + PREFILL_CHUNK], state, last_only=True)
+
+    run(prompt[:, : min(n, 64)])  # first launches compile outside the timing
+    clock.sync()
+    t = time.perf_counter()
+    run(prompt)
+    clock.sync()
+    seconds = time.perf_counter() - t
+    chunk = prompt[:, : min(n, PREFILL_CHUNK)]
+    kernel_rows, projection_rows = profile_steps(lambda: run(chunk), 1, clock, model, "prefill")
+    print(f"real prefill {n} tokens (chunks of {PREFILL_CHUNK}): {seconds:.2f} s, "
+          f"{n / seconds:.0f} tok/s; its first chunk's largest kernels:", flush=True)
+    for r in kernel_rows[:12]:
+        print(f"  {r['time_us_per_step'] / 1e3:9.2f} ms  {r['share']:6.1%}  "
+              f"{r['calls_per_step']:6.0f} calls  {r['kernel'][:90]}", flush=True)
+    return {"tokens": n, "chunk": PREFILL_CHUNK, "seconds": seconds, "tok_s": n / seconds,
+            "profiled_tokens": chunk.shape[1], "kernels": kernel_rows[:40],
+            "projections": projection_rows}
+
+
 def head_time(model: Transformer, clock: Clock, device: torch.device) -> float:
     c = model.config
     h = torch.randn(1, c.hc_mult, c.hidden_size, device=device).to(model.dtype)
@@ -651,6 +685,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prefill", type=int, default=64,
                    help="real prefill tokens for the fast-vs-reference check (0: skip)")
     p.add_argument("--profile-steps", type=int, default=2, help="profiled steps (0: no profile)")
+    p.add_argument("--prefill-bench", type=int, default=0,
+                   help="time a real prefill of this many tokens, and profile its first chunk "
+                        "(0: none; 8192 gives prefill_8k_tok_s)")
     p.add_argument("--no-graph", action="store_true", help="eager only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-overlap", action="store_true",
@@ -746,6 +783,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         prefill = prefill_check(model, config, args.prefill, clock, device, args.seed) \
             if args.prefill else None
+        prefill_speed = prefill_throughput(model, config, args.prefill_bench, clock, device,
+                                           args.seed) if args.prefill_bench else None
         print("decode, batch 1 (prefill SIMULATED: the pool slot holds random kv/entries for "
               "positions < context):", flush=True)
         runs = [decode_at(model, config, ctx, args, clock, device) for ctx in args.contexts]
@@ -814,6 +853,9 @@ def main(argv: list[str] | None = None) -> dict:
         "weight_bytes_per_token": w_bytes,
         "head_ms": head_s * 1e3,
         "prefill_check": prefill,
+        "prefill": prefill_speed,
+        "prefill_8k_tok_s": prefill_speed["tok_s"] if prefill_speed and
+        prefill_speed["tokens"] == 8192 else None,
         "contexts": [{k: v for k, v in r.items() if k not in ("kernels", "projections")}
                      for r in runs],
         "kernels": first.get("kernels", []),

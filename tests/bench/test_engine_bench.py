@@ -92,3 +92,20 @@ def test_engine_bench_agent_loop_tiny_on_cpu(tmp_path: Path) -> None:
     # every later turn continues the previous one: its prompt + generated tokens but the last
     assert cache["prefix_cache_hits"] == turns - 1 and cache["prefix_cache_misses"] == 1
     assert cache["prefix_cache_tokens_saved"] == sum(r["prompt_tokens"] + gen - 1 for r in rows[:-1])
+
+
+def test_engine_bench_prefill_throughput_tiny_on_cpu(tmp_path: Path) -> None:
+    """--prefill-bench: a real chunked prefill timed (the engine's chunking, here 16-token
+    chunks over 40 tokens), its first chunk profiled; prefill_8k_tok_s only for 8192 tokens."""
+    out = tmp_path / "engine.json"
+    bench = _bench()
+    bench.PREFILL_CHUNK = 16
+    saved = bench.main(["--config", "tiny", "--device", "cpu", "--steps", "1", "--contexts", "64",
+                        "--prefill", "0", "--profile-steps", "0", "--batches", "",
+                        "--prefill-bench", "40", "--quiet", "--out", str(out)])
+    p = saved["prefill"]
+    assert p["tokens"] == 40 and p["chunk"] == 16 and p["profiled_tokens"] == 16
+    assert p["seconds"] > 0 and abs(p["tok_s"] - 40 / p["seconds"]) < 1e-6 * p["tok_s"]
+    assert p["kernels"] and {"ffn.experts.w1", "attn.wq_b"} <= {r["projection"]
+                                                               for r in p["projections"]}
+    assert saved["prefill_8k_tok_s"] is None
