@@ -180,7 +180,7 @@ def _fp8_linear_kernel(
         acc2 = tl.zeros((BLOCK_N, BK // 16), dtype=tl.float32)
     if PREFETCH:  # the FMA path's loads feed no tl.dot, so Triton's pipeliner leaves them
         w_ahead, s_ahead = _weight_block(w_ptrs, s_ptrs, kb_start, kb_end, mask_n, offs_k, K,
-                                         stride_sk, EVEN_K)
+                                         stride_sk, EVEN_K, True)
     for kb in range(kb_start, kb_end):
         k0 = kb * BK
         if not EVEN_K:
@@ -188,14 +188,10 @@ def _fp8_linear_kernel(
         if PREFETCH:  # block kb arrived while block kb - 1 was multiplied; ask for kb + 1
             w, sw = w_ahead, s_ahead
             w_ahead, s_ahead = _weight_block(w_ptrs, s_ptrs, kb + 1, kb_end, mask_n, offs_k,
-                                             K, stride_sk, EVEN_K)
-        elif EVEN_K:
-            w = tl.load(w_ptrs + k0, mask=mask_n[:, None], other=0.0)
+                                             K, stride_sk, EVEN_K, True)
         else:
-            w = tl.load(w_ptrs + k0, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if not PREFETCH:
-            sw = _e8m0_to_f32(tl.load(s_ptrs + kb * stride_sk, mask=mask_n,
-                                      other=127).to(tl.int32))
+            w, sw = _weight_block(w_ptrs, s_ptrs, kb, kb_end, mask_n, offs_k, K, stride_sk,
+                                  EVEN_K, False)
         if USE_DOT:
             if EVEN_K:  # noqa: SIM108 (a constexpr branch)
                 x_mask = mask_m[None, :]
@@ -267,12 +263,16 @@ def _fp8_linear_kernel(
 
 @_lazy.mark
 def _weight_block(w_ptrs, s_ptrs, kb, kb_end, mask_n, offs_k, K, stride_sk,
-                  EVEN_K: tl.constexpr):
-    """K block kb of the tile's rows, FP8, and its E8M0 row scales as fp32; nothing (no
-    memory traffic) for kb >= kb_end."""
+                  EVEN_K: tl.constexpr, AHEAD: tl.constexpr):
+    """K block kb of the tile's rows, FP8, and its E8M0 row scales as fp32. AHEAD (a block
+    asked for before it is needed: it may lie past the slice) loads nothing for kb >= kb_end;
+    without it the mask stays the rows' (the extra guard costs the dot path 18 registers)."""
     BK: tl.constexpr = 128
     k0 = kb * BK
-    rows_ok = mask_n & ((tl.zeros(mask_n.shape, tl.int32) + kb) < kb_end)  # a [BLOCK_N] mask
+    if AHEAD:  # noqa: SIM108 (a constexpr branch)
+        rows_ok = mask_n & ((tl.zeros(mask_n.shape, tl.int32) + kb) < kb_end)
+    else:
+        rows_ok = mask_n
     if EVEN_K:  # noqa: SIM108 (a constexpr branch)
         mask = rows_ok[:, None]
     else:
