@@ -547,14 +547,27 @@ def prefill_throughput(model: Transformer, config: ModelConfig, n: int, clock: C
     g = torch.Generator().manual_seed(seed + 1)
     prompt = torch.randint(2, config.vocab_size, (1, n), generator=g).to(device)
 
-    def run(tokens: torch.Tensor) -> None:
+    def run(tokens: torch.Tensor) -> torch.Tensor:
         pool = SlotPool(config, max_seqs=1, max_len=tokens.shape[1] + 8, device=device,
                         dtype=torch.bfloat16)
         state = BatchState([pool.sequence_state(pool.acquire())])
         for start in range(0, tokens.shape[1], PREFILL_CHUNK):
-            model(tokens[:, start : start + PREFILL_CHUNK], state, last_only=True)
+            logits = model(tokens[:, start : start + PREFILL_CHUNK], state, last_only=True)
+        return logits
 
-    run(prompt[:, : min(n, 64)])  # first launches compile outside the timing
+    # the fast path's prefill against the reference path's on a prefill-sized chunk (more
+    # tokens than the decode kernels take: the grouped expert kernels), which also compiles
+    # and tunes the first launches outside the timing
+    check = prompt[:, : min(n, 256)]
+    fast = run(check).float()
+    with kernels.mode("reference"):
+        ref = run(check).float()
+    versus = {"tokens": check.shape[1],
+              "rel_max": float((fast - ref).abs().max() / ref.abs().max()),
+              "same_argmax": bool(fast.argmax(-1).eq(ref.argmax(-1)).all())}
+    print(f"prefill of {check.shape[1]} tokens, fast vs reference path: last logits max diff "
+          f"{versus['rel_max']:.3g} of the largest, argmax equal: {versus['same_argmax']}",
+          flush=True)
     clock.sync()
     t = time.perf_counter()
     run(prompt)
@@ -568,8 +581,30 @@ def prefill_throughput(model: Transformer, config: ModelConfig, n: int, clock: C
         print(f"  {r['time_us_per_step'] / 1e3:9.2f} ms  {r['share']:6.1%}  "
               f"{r['calls_per_step']:6.0f} calls  {r['kernel'][:90]}", flush=True)
     return {"tokens": n, "chunk": PREFILL_CHUNK, "seconds": seconds, "tok_s": n / seconds,
+            "fast_vs_reference": versus,
             "profiled_tokens": chunk.shape[1], "kernels": kernel_rows[:40],
             "projections": projection_rows}
+
+
+def prefill_only(args, config: ModelConfig, model: Transformer, clock: Clock,
+                 device: torch.device, check: dict | None, speed: dict) -> dict:
+    """`--prefill-bench N --contexts '' --batches ''`: the prefill figures alone, merged into
+    --out (a shortened model's tok/s projected to 43 layers: prefill time is per layer)."""
+    L = config.num_hidden_layers
+    result = {"device": torch.cuda.get_device_name(device) if clock.cuda else "cpu",
+              "layers": L, "experts": args.experts, "prefill_check": check, "prefill": speed,
+              "prefill_tok_s_43_layers": (speed["tok_s"] * L / FULL_LAYERS
+                                          if args.config == "flash" else None),
+              "prefill_8k_tok_s": speed["tok_s"] if speed["tokens"] == 8192 else None}
+    projected = result["prefill_tok_s_43_layers"]
+    print(f"prefill {speed['tokens']} tokens: {speed['tok_s']:.0f} tok/s at {L} layers"
+          + (f", {projected:.0f} tok/s projected to {FULL_LAYERS}" if projected else ""), flush=True)
+    saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    saved.update(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(saved, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return result
 
 
 def head_time(model: Transformer, clock: Clock, device: torch.device) -> float:
@@ -785,6 +820,8 @@ def main(argv: list[str] | None = None) -> dict:
             if args.prefill else None
         prefill_speed = prefill_throughput(model, config, args.prefill_bench, clock, device,
                                            args.seed) if args.prefill_bench else None
+        if prefill_speed and not args.contexts and not args.batches:
+            return prefill_only(args, config, model, clock, device, prefill, prefill_speed)
         print("decode, batch 1 (prefill SIMULATED: the pool slot holds random kv/entries for "
               "positions < context):", flush=True)
         runs = [decode_at(model, config, ctx, args, clock, device) for ctx in args.contexts]

@@ -21,8 +21,10 @@ scores, then top-k as Gate.pick), the routed experts in three (engine/kernels/
 routed_experts.py) over the experts' weights stacked once per layer (`MoE.stack_experts`,
 each expert's Linear then holds views of the stack), the shared expert through its Linears,
 its output added by the last routed kernel. Nothing on that path reads a device value on
-the host, so it can be captured in a CUDA graph. Experts stored as FP8 have no kernel and
-take the reference loop below, which stays as the oracle.
+the host, so it can be captured in a CUDA graph. More tokens (prefill chunks) take the
+grouped kernels (engine/kernels/grouped_experts.py: tokens sorted by expert, one tensor-core
+tile per group of an expert's tokens), also without a host sync. Experts stored as FP8 have
+no kernel and take the reference loop below, which stays as the oracle.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 # import, and TRITON_INTERPRET (the CPU tests) must be set before that
 
 # Above this many tokens (prefill) the per-pair GEMV kernels would read each expert's weights
-# once per token that uses it; the reference's one-GEMM-per-expert loop reads them once.
+# once per token that uses it; the grouped kernels read them once per tile of tokens.
 FAST_MAX_TOKENS = 64
 
 
@@ -221,8 +223,10 @@ class MoE(nn.Module):
         """x [B, T, H] (ffn_norm'ed), ids [B, T] -> [B, T, H]; fp32 accumulation."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
-        if use_triton(flat) and flat.shape[0] <= FAST_MAX_TOKENS and self._stack_ready(flat):
-            return self._forward_fast(flat, ids.reshape(-1)).view(shape)
+        if use_triton(flat) and self._stack_ready(flat):
+            if flat.shape[0] <= FAST_MAX_TOKENS:
+                return self._forward_fast(flat, ids.reshape(-1)).view(shape)
+            return self._forward_grouped(flat, ids.reshape(-1)).view(shape)
         weights, experts = self.gate.route(flat, ids.reshape(-1))  # [N, K]
         y = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
         # plain reference loop: one gather per expert that received tokens (a token lists an
@@ -234,25 +238,40 @@ class MoE(nn.Module):
             y += self.shared_experts(flat)
         return y.to(x.dtype).view(shape)
 
-    def _forward_fast(self, flat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """flat [N, H], ids [N] -> [N, H]: the forward above with no host sync."""
+    def _route_fast(self, flat: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate.route on the fast path: (weights, experts) [N, K], no host sync."""
         from engine.kernels.moe_router import route, route_topk
-        from engine.kernels.routed_experts import routed_experts
 
         gate, c = self.gate, self.gate.config
+        pick = {"table": gate.tid2eid, "ids": ids} if gate.hash else {"bias": gate.bias}
+        if gate.format == WeightFormat.DENSE:  # the release's router is BF16: one kernel
+            return route(flat, gate.weight, gate.topk, c.routed_scaling_factor,
+                         c.norm_topk_prob, **pick)  # [N, K], as Gate.pick
+        scores = F.softplus(F.linear(flat.float(), gate.dense_weight(torch.float32))).sqrt()
+        return route_topk(scores, gate.topk, c.routed_scaling_factor, c.norm_topk_prob, **pick)
+
+    def _forward_grouped(self, flat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """flat [N, H], ids [N] -> [N, H] for prefill-sized N: tokens grouped by expert
+        (engine/kernels/grouped_experts.py), each expert's weights read once per tile of
+        its tokens; the shared expert through its Linears (FP8 GEMMs)."""
+        from engine.kernels import grouped_experts as ge
+
+        weights, experts = self._route_fast(flat, ids)
+        y = ge.grouped_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit)
+        if self.shared_experts is not None:
+            y += _shared_expert_fast(self.shared_experts, flat).float()
+        return y.to(flat.dtype)
+
+    def _forward_fast(self, flat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """flat [N, H], ids [N] -> [N, H]: the forward above with no host sync."""
+        from engine.kernels.routed_experts import routed_experts
+
         # the shared expert on a side stream, beside the router and the gate/up kernel
         shared = self.shared_experts
         side = None if shared is None else overlap.fork(flat)
         with overlap.on(side):
             shared_y = None if shared is None else _shared_expert_fast(shared, flat)  # [N, H]
-        pick = {"table": gate.tid2eid, "ids": ids} if gate.hash else {"bias": gate.bias}
-        if gate.format == WeightFormat.DENSE:  # the release's router is BF16: one kernel
-            weights, experts = route(flat, gate.weight, gate.topk, c.routed_scaling_factor,
-                                     c.norm_topk_prob, **pick)  # [N, K], as Gate.pick
-        else:
-            scores = F.softplus(F.linear(flat.float(), gate.dense_weight(torch.float32))).sqrt()
-            weights, experts = route_topk(scores, gate.topk, c.routed_scaling_factor,
-                                          c.norm_topk_prob, **pick)
+        weights, experts = self._route_fast(flat, ids)
         # the routed sum + the shared output, rounded to x.dtype once, by the down kernel
         return routed_experts(flat, experts, weights, self.routed_stack, self.experts[0].limit,
                               out=flat.new_empty(flat.shape), add=shared_y,

@@ -1,0 +1,403 @@
+"""Routed experts for prefill: tokens grouped by expert, one tensor-core GEMM tile per group.
+
+The decode kernels (engine/kernels/routed_experts.py) run one GEMV per (token, expert) pair,
+which reads an expert's weights once per pair: right for a few tokens, but a 2,048-token
+prefill chunk has 12,288 pairs over 256 experts, ~48 per expert. Here each expert's weights
+are read (and dequantised, in registers) once per BLOCK_M of its tokens and meet them in
+`tl.dot`. The reference this replaces (engine.moe's loop) dequantised every used expert to a
+dense bf16 copy in memory, one at a time, with a host sync per expert.
+
+N tokens, K experts each, P = N * K pairs p = t * K + k, E experts, H hidden, I intermediate.
+
+  plan (torch, on the device, no host sync)
+    order     [P]  pair ids sorted by expert (stable); pairs with an id outside [0, E) last
+    tile_*    [T]  T = cdiv(P, BLOCK_M) + min(E, P) >= the tiles needed: tile t covers rows
+                   tile_row[t] .. + tile_len[t] of `order`, all of expert tile_expert[t]
+                   (tile_len 0: an unused program, it returns at once)
+  _gate_up_kernel  grid (T, cdiv(I, BLOCK_N)): g = x W1_e^T, u = x W3_e^T for the tile's
+                   tokens, rounded to the activation dtype; u clamped to [-limit, limit], g
+                   to <= limit; h = silu(g) * u * weight rounded -> h [P, I] in sorted order
+  _down_kernel     grid (T, cdiv(H, BLOCK_N)): part_p = round(h_p W2_e^T) -> parts [P, H]
+                   at the pair's own row p
+  y_t = sum_k parts[t * K + k] in fp32 (torch), pairs never written stay 0
+
+Rounding points are engine.moe's reference: the weight dequantised exactly and rounded to the
+activation dtype (`dense_weight(x.dtype)`), products summed in fp32, g/u/h and each expert's
+output rounded to the activation dtype, the K outputs summed in fp32. Only the order of the
+fp32 sums differs (tests/engine/kernels/test_grouped_experts.py states the tolerance).
+
+Weights are the decode kernels' stacks (engine.moe.MoE.stack_experts); formats:
+
+| FORMAT | words `w`                         | scale `s`                    | zero `z`            |
+|--------|-----------------------------------|------------------------------|---------------------|
+| INT2   | int32 [E, R, C/16], value j at bits 2j..2j+1 | fp16 [E, R, C/64] | uint8 [E, R, C/128], group g in nibble g % 2 |
+| FP4    | int32 [E, R, C/8], e2m1 code j at bits 4j..4j+3 | E8M0 uint8 [E, R, C/32] | -          |
+| DENSE  | [E, R, C]                         | -                            | -                   |
+
+Dequantisation here converts integers to floats (the GEMV's conversion-free trick needs an
+FMA per weight and activation; a tile's weights are decoded once and reused BLOCK_M times).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.kernels import use_triton
+from engine.kernels.routed_experts import (
+    _FORMAT_CODE,
+    FMT_DENSE,
+    FMT_FP4,
+    FMT_INT2,
+    ExpertStack,
+    _check_stack,
+    _word_view,
+    routed_experts_reference,
+)
+
+try:  # optional: the base install has no Triton and takes the reference
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without the test extra
+    triton = None
+
+CONFIG_ENV = "DSML_GROUPED_EXPERTS_CONFIG"
+_TL_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+# -- kernels -------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _weight_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, k0, n_inputs,
+                     stride_w_row, stride_s_row, stride_z_row,
+                     FORMAT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W[rows, k0 : k0 + BLOCK_K] dequantised exactly, fp32 [BLOCK_N, BLOCK_K]; inputs at
+        or past n_inputs read as 0 (no memory traffic)."""
+        R: tl.constexpr = rows.shape[0]
+        if FORMAT == 2:  # INT2: 16 values a word, a scale per 64, a zero nibble per 64
+            offs_w = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+            words = tl.load(w_ptr + rows[:, None] * stride_w_row + offs_w[None, :],
+                            mask=row_mask[:, None] & (offs_w < n_inputs // 16)[None, :], other=0)
+            shifts = 2 * tl.arange(0, 16)
+            q = (words[:, :, None] >> shifts[None, None, :]) & 3  # [R, BLOCK_K/16, 16]
+            q = tl.reshape(q, [R, BLOCK_K // 64, 64]).to(tl.float32)
+            offs_g = k0 // 64 + tl.arange(0, BLOCK_K // 64)
+            g_mask = row_mask[:, None] & (offs_g < n_inputs // 64)[None, :]
+            s = tl.load(s_ptr + rows[:, None] * stride_s_row + offs_g[None, :], mask=g_mask,
+                        other=0).to(tl.float32)
+            zb = tl.load(z_ptr + rows[:, None] * stride_z_row + (offs_g // 2)[None, :],
+                         mask=g_mask, other=0).to(tl.int32)
+            z = ((zb >> ((offs_g % 2) * 4)[None, :]) & 15).to(tl.float32)
+            w = (q - z[:, :, None]) * s[:, :, None]
+        elif FORMAT == 1:  # FP4: 8 e2m1 codes a word, an E8M0 scale per 32
+            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(w_ptr + rows[:, None] * stride_w_row + offs_w[None, :],
+                            mask=row_mask[:, None] & (offs_w < n_inputs // 8)[None, :], other=0)
+            shifts = 4 * tl.arange(0, 8)
+            code = (words[:, :, None] >> shifts[None, None, :]) & 15  # [R, BLOCK_K/8, 8]
+            code = tl.reshape(code, [R, BLOCK_K // 32, 32])
+            mag, e = code & 1, (code >> 1) & 3  # e2m1: value = (e ? 1 + m/2 : m/2) * 2^max(e-1, 0)
+            value = tl.where(e == 0, 0.5 * mag.to(tl.float32),
+                             (1.0 + 0.5 * mag.to(tl.float32))
+                             * (1 << tl.maximum(e - 1, 0)).to(tl.float32))
+            value = tl.where(code >= 8, -value, value)
+            offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            sb = tl.load(s_ptr + rows[:, None] * stride_s_row + offs_g[None, :],
+                         mask=row_mask[:, None] & (offs_g < n_inputs // 32)[None, :],
+                         other=0).to(tl.int32)
+            scale = (sb << 23).to(tl.float32, bitcast=True)  # E8M0 byte b -> 2^(b - 127)
+            w = value * scale[:, :, None]
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rows[:, None] * stride_w_row + offs_k[None, :],
+                        mask=row_mask[:, None] & (offs_k < n_inputs)[None, :],
+                        other=0).to(tl.float32)
+        return tl.reshape(w, [R, BLOCK_K])
+
+    @triton.jit
+    def _tile_rows(tile_expert_ptr, tile_row_ptr, tile_len_ptr, order_ptr,
+                   BLOCK_M: tl.constexpr):
+        """Program 0's tile: (expert, sorted rows [BLOCK_M], pairs [BLOCK_M], row mask)."""
+        t = tl.program_id(0)
+        expert = tl.load(tile_expert_ptr + t).to(tl.int64)
+        row0 = tl.load(tile_row_ptr + t).to(tl.int64)
+        length = tl.load(tile_len_ptr + t)
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < length
+        sorted_rows = row0 + offs_m
+        pairs = tl.load(order_ptr + sorted_rows, mask=m_mask, other=0).to(tl.int64)
+        return expert, length, sorted_rows, pairs, m_mask
+
+    @triton.jit
+    def _gate_up_kernel(
+        # pointers
+        x_ptr,            # [N, H] activations
+        w_ptr,            # [E, 2I, .] W1 rows 0..I-1, W3 rows I..2I-1 (format words)
+        s_ptr,            # [E, 2I, .] scales (unused for DENSE)
+        z_ptr,            # [E, 2I, H/128] packed zeros (INT2 only)
+        order_ptr,        # [P] pair ids, sorted by expert
+        weights_ptr,      # [P] fp32 routing weight per pair
+        tile_expert_ptr,  # [T] expert of each tile
+        tile_row_ptr,     # [T] first row of `order` of each tile
+        tile_len_ptr,     # [T] rows of each tile (0: nothing to do)
+        h_ptr,            # [P, I] out (activation dtype), row = position in `order`
+        # sizes (size_class: an autotune key only)
+        K, H, inter, size_class,
+        # strides
+        stride_x_t, stride_w_row, stride_s_row, stride_z_row,
+        # meta
+        limit,
+        FORMAT: tl.constexpr, HAS_LIMIT: tl.constexpr, DTYPE: tl.constexpr,
+        IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        expert, length, sorted_rows, pairs, m_mask = _tile_rows(
+            tile_expert_ptr, tile_row_ptr, tile_len_ptr, order_ptr, BLOCK_M)
+        if length == 0:
+            return
+        tokens = pairs // K
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < inter
+        rows_g = expert * (2 * inter) + offs_n  # int64: expert * rows overflows int32 at E 256
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xa = tl.load(x_ptr + tokens[:, None] * stride_x_t + offs_k[None, :],
+                         mask=m_mask[:, None] & (offs_k < H)[None, :], other=0.0).to(DTYPE)
+            wg = _weight_tile(w_ptr, s_ptr, z_ptr, rows_g, n_mask, k0, H, stride_w_row,
+                              stride_s_row, stride_z_row, FORMAT, BLOCK_K).to(DTYPE)
+            wu = _weight_tile(w_ptr, s_ptr, z_ptr, rows_g + inter, n_mask, k0, H, stride_w_row,
+                              stride_s_row, stride_z_row, FORMAT, BLOCK_K).to(DTYPE)
+            if IEEE:
+                xa = xa.to(tl.float32)
+                acc_g = tl.dot(xa, tl.trans(wg.to(tl.float32)), acc_g, input_precision="ieee")
+                acc_u = tl.dot(xa, tl.trans(wu.to(tl.float32)), acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(xa, tl.trans(wg), acc_g)
+                acc_u = tl.dot(xa, tl.trans(wu), acc_u)
+        # F.linear returns the activation dtype in the reference: round where it does
+        g = acc_g.to(DTYPE).to(tl.float32)
+        u = acc_u.to(DTYPE).to(tl.float32)
+        if HAS_LIMIT:
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            g = tl.minimum(g, limit)
+        route_w = tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)
+        h = g / (1.0 + tl.exp(-g)) * u * route_w[:, None]
+        tl.store(h_ptr + sorted_rows[:, None] * inter + offs_n[None, :], h.to(DTYPE),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _down_kernel(
+        # pointers
+        h_ptr,            # [P, I] (activation dtype), row = position in `order`
+        w_ptr,            # [E, H, .] W2 (format words)
+        s_ptr,            # [E, H, .] scales (unused for DENSE)
+        z_ptr,            # [E, H, I/128] packed zeros (INT2 only)
+        order_ptr,        # [P] pair ids, sorted by expert
+        tile_expert_ptr,  # [T]
+        tile_row_ptr,     # [T]
+        tile_len_ptr,     # [T]
+        parts_ptr,        # [P, H] out (activation dtype): each pair's rounded W2 output, row p
+        # sizes (size_class: an autotune key only)
+        H, inter, size_class,
+        # strides
+        stride_w_row, stride_s_row, stride_z_row,
+        # meta
+        FORMAT: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        expert, length, sorted_rows, pairs, m_mask = _tile_rows(
+            tile_expert_ptr, tile_row_ptr, tile_len_ptr, order_ptr, BLOCK_M)
+        if length == 0:
+            return
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < H
+        rows = expert * H + offs_n
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            ha = tl.load(h_ptr + sorted_rows[:, None] * inter + offs_k[None, :],
+                         mask=m_mask[:, None] & (offs_k < inter)[None, :], other=0.0)
+            w = _weight_tile(w_ptr, s_ptr, z_ptr, rows, n_mask, k0, inter, stride_w_row,
+                             stride_s_row, stride_z_row, FORMAT, BLOCK_K).to(DTYPE)
+            if IEEE:
+                acc = tl.dot(ha.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                             input_precision="ieee")
+            else:
+                acc = tl.dot(ha, tl.trans(w), acc)
+        tl.store(parts_ptr + pairs[:, None] * H + offs_n[None, :], acc.to(DTYPE),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+# -- configs -------------------------------------------------------------------------------
+
+
+def _parse_config(text: str) -> dict[str, int]:
+    """'BLOCK_M=64,BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=3' -> dict (the pin)."""
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in keys:
+            raise ValueError(f"bad {CONFIG_ENV} item {item!r} in {text!r}")
+        out[key.strip()] = int(value)
+    if set(out) != set(keys):
+        raise ValueError(f"{CONFIG_ENV}={text!r}: give each of {', '.join(keys)}")
+    if out["BLOCK_M"] < 16 or out["BLOCK_N"] < 16 or out["BLOCK_K"] % 64:
+        raise ValueError(f"{CONFIG_ENV}={text!r}: tl.dot needs BLOCK_M, BLOCK_N >= 16, and "
+                         "BLOCK_K must be a multiple of 64 (an INT2 scale group)")
+    return out
+
+
+_BEST: dict[tuple, dict[str, int]] = {}  # (kernel, format, K, H, I, size class, dtype) -> config
+
+
+def candidate_configs() -> list[dict[str, int]]:
+    """Configs autotuned per (kernel, format, shape, size class). BLOCK_M 32 beside 64
+    because a 2,048-token chunk gives each of 256 experts ~48 pairs; BLOCK_K 64 or 128
+    (a multiple of the INT2 scale group). Few: each compiles for seconds."""
+    pinned = os.environ.get(CONFIG_ENV)
+    if pinned:
+        return [_parse_config(pinned)]
+    if os.environ.get("TRITON_INTERPRET") == "1":  # tiny test shapes: one small tile
+        return [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 1, "num_stages": 1}]
+    return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
+            for m, n, k, w, s in ((64, 64, 128, 4, 3), (32, 64, 128, 4, 3),
+                                  (64, 128, 64, 8, 3), (32, 128, 128, 4, 2))]
+
+
+def _size_class(pairs: int) -> int:
+    """Autotuning key for the pair count (it sets the pairs per expert, hence the best
+    BLOCK_M): up to 1K, 1K-8K, 8K-32K, more."""
+    return 0 if pairs <= 1024 else 1 if pairs <= 8192 else 2 if pairs <= 32768 else 3
+
+
+# -- launcher ------------------------------------------------------------------------------
+
+
+def plan_tiles(experts: torch.Tensor, num_experts: int, block_m: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order [P], tile_expert [T], tile_row [T], tile_len [T]) for experts [N, K], all on
+    experts' device with no host sync (see the module docstring)."""
+    ids = experts.reshape(-1).long()
+    P, E, dev = ids.numel(), num_experts, ids.device
+    key = torch.where((ids >= 0) & (ids < E), ids, E)  # invalid ids after every expert
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).index_add_(
+        0, key, torch.ones_like(key))[:E]
+    tiles = (counts + block_m - 1) // block_m                              # [E]
+    tile_end = torch.cumsum(tiles, 0)
+    pair_start = torch.cumsum(counts, 0) - counts
+    T = -(-P // block_m) + min(E, P)
+    t = torch.arange(T, device=dev)
+    tile_expert = torch.searchsorted(tile_end, t, right=True)              # E: past the last
+    e = tile_expert.clamp(max=E - 1)
+    first = t - (tile_end[e] - tiles[e])                                   # tile within expert
+    tile_row = pair_start[e] + first * block_m
+    tile_len = torch.where(tile_expert < E, (counts[e] - first * block_m).clamp(0, block_m), 0)
+    return order, tile_expert.to(torch.int32), tile_row, tile_len.to(torch.int32)
+
+
+def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                    stack: ExpertStack, limit: float | None) -> torch.Tensor:
+    """x [N, H], experts [N, K] int, weights [N, K] fp32 -> [N, H] fp32: the routed sum of
+    engine.routed_experts.routed_experts, for many tokens. Never syncs with the host; expert
+    ids outside [0, E) contribute nothing."""
+    N, H = x.shape
+    if stack.hidden != H:
+        raise ValueError(f"grouped experts: x has {H} features, the experts take {stack.hidden}")
+    if experts.shape != weights.shape or experts.dim() != 2 or experts.shape[0] != N:
+        raise ValueError(f"grouped experts: experts {list(experts.shape)} and weights "
+                         f"{list(weights.shape)} must both be [N={N}, K]")
+    if x.dtype not in _TL_DTYPE:
+        raise TypeError(f"grouped experts: x must be bf16/fp16/fp32, got {x.dtype}")
+    _check_stack(stack, x)
+    if not use_triton(x) or N == 0:
+        return routed_experts_reference(x, experts, weights, stack, limit)
+
+    fmt = _FORMAT_CODE[stack.format]
+    K, inter, E = experts.shape[1], stack.inter, stack.num_experts
+    if fmt != FMT_DENSE and (H % (64 if fmt == FMT_INT2 else 32)
+                             or inter % (64 if fmt == FMT_INT2 else 32)):
+        raise ValueError(f"grouped experts: {stack.format} needs H and I in whole scale groups")
+    P = N * K
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    w = weights.reshape(P).to(torch.float32).contiguous()
+    dtype = getattr(tl, _TL_DTYPE[x.dtype])
+    # exact fp32 dots for fp32 inputs (no TF32), and in the CPU interpreter, which multiplies
+    # bf16 tl.dot operands as their raw uint16 bits (Triton 3.9 interpreter.py create_dot):
+    # bf16 x bf16 products are exact in fp32, so the numerics are the GPU's either way
+    ieee = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    h = torch.empty(P, inter, dtype=x.dtype, device=x.device)
+    parts = torch.zeros(P, H, dtype=x.dtype, device=x.device)  # invalid pairs stay 0
+
+    # the tile plan depends on BLOCK_M: one per config tried, made when first needed
+    plans: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def plan(block_m: int) -> tuple[torch.Tensor, ...]:
+        if block_m not in plans:
+            plans[block_m] = plan_tiles(experts, E, block_m)
+        return plans[block_m]
+
+    words13, words2 = _word_view(stack.w13, fmt), _word_view(stack.w2, fmt)
+
+    def side(t: torch.Tensor | None, words: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        return words if t is None else t.view(dt)
+
+    sdt = torch.uint8 if fmt == FMT_FP4 else torch.float16
+    s13, z13 = side(stack.scale13, words13, sdt), side(stack.zero13, words13, torch.uint8)
+    s2, z2 = side(stack.scale2, words2, sdt), side(stack.zero2, words2, torch.uint8)
+    size = _size_class(P)
+
+    for kernel in ("gate_up", "down"):
+        _launch(kernel, plan, x, h, parts, w, words13, s13, z13, words2, s2, z2, K, H, inter,
+                size, limit, fmt, dtype, ieee)
+    return parts.view(N, K, H).float().sum(dim=1)
+
+
+def _launch(kernel, plan, x, h, parts, w, words13, s13, z13, words2, s2, z2, K, H, inter,
+            size, limit, fmt, dtype, ieee) -> None:
+    """Launch one kernel under its best config. The tile plan depends on BLOCK_M, so rather
+    than Triton's autotuner (whose grid may change, its arguments not) each BLOCK_M is
+    timed with its own plan on the first call of a shape and the winner kept."""
+    key = (kernel, fmt, K, H, inter, size, x.dtype)
+    best = _BEST.get(key)
+    configs = [best] if best is not None else candidate_configs()
+
+    def run(cfg: dict[str, int]) -> None:
+        order, tile_expert, tile_row, tile_len = plan(cfg["BLOCK_M"])
+        meta = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        if kernel == "gate_up":
+            grid = (tile_expert.numel(), triton.cdiv(inter, cfg["BLOCK_N"]))
+            _gate_up_kernel[grid](
+                x, words13, s13, z13, order, w, tile_expert, tile_row, tile_len, h,
+                K, H, inter, size,
+                x.stride(0), words13.stride(1), s13.stride(1), z13.stride(1),
+                0.0 if limit is None else float(limit),
+                FORMAT=fmt, HAS_LIMIT=limit is not None, DTYPE=dtype, IEEE=ieee, **meta)
+        else:
+            grid = (tile_expert.numel(), triton.cdiv(H, cfg["BLOCK_N"]))
+            _down_kernel[grid](
+                h, words2, s2, z2, order, tile_expert, tile_row, tile_len, parts,
+                H, inter, size, words2.stride(1), s2.stride(1), z2.stride(1),
+                FORMAT=fmt, DTYPE=dtype, IEEE=ieee, **meta)
+
+    if len(configs) == 1:
+        run(configs[0])
+        return
+    timings = [(triton.testing.do_bench(lambda c=c: run(c), warmup=2, rep=10), i)
+               for i, c in enumerate(configs)]
+    winner = configs[min(timings)[1]]
+    _BEST[key] = winner
+    run(winner)  # the timed runs wrote the same values; this one leaves them final
+
+
+
+
+__all__ = ["CONFIG_ENV", "candidate_configs", "grouped_experts", "plan_tiles"]
