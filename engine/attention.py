@@ -19,6 +19,10 @@ QAT (config.qat): DeepSeek trained with the KV's non-RoPE channels rounded throu
 FP4 e2m1 (blocks of 32); the official inference code reproduces that rounding and so do we.
 `transformers` omits it, so comparisons with it run with qat=False (spec section 7).
 
+Fast path (`engine.kernels.use_triton`): a chunk's queries attend through the decode
+attention kernel, each query token a row over the keys its mask allows (`key_indices`);
+the reference below scores every key of the chunk in fp32 and masks (the oracle).
+
 Shapes: B batch rows, T tokens per row, n valid tokens of one row, H hidden, Hh heads,
 D head_dim (512), R rope dims (64), Q q_lora_rank, G o_groups, Hi/Di indexer heads/dim,
 C compressor width (2D for ratio 4), N compressed entries visible so far.
@@ -39,8 +43,18 @@ from engine.config import (
     RATIO_WINDOW,
     ModelConfig,
 )
+from engine.kernels import use_triton
+from engine.kernels.decode_attention import gathered_attention
 from engine.linear import Linear
 from engine.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+def key_indices(allowed: torch.Tensor, max_keys: int) -> torch.Tensor:
+    """allowed [n, M] bool -> int64 [n, min(M, max_keys)]: each row's allowed key indices in
+    increasing order, then -1 (max_keys bounds every row's count; no host sync)."""
+    order = torch.argsort((~allowed).to(torch.int8), dim=1, stable=True)[:, :max_keys]
+    return torch.where(allowed.gather(1, order), order, -1)
+
 
 # Queries scored at once in the reference attention and indexer: bounds the fp32 score
 # tensor of a long prefill (64 heads x 256 queries x 4K keys = 256 MiB instead of 4 GiB).
@@ -322,13 +336,27 @@ class Attention(nn.Module):
                     )
                 keys = torch.cat([keys, entries])
                 allowed = torch.cat([allowed, visible], dim=1)
-            out[b, :n] = self._attend(q[b, :n], keys, allowed)
+            if use_triton(q):  # the decode kernel, each query token a row
+                bound = self._max_keys(n_entries if self.ratio != RATIO_WINDOW else 0)
+                out[b, :n] = gathered_attention(q[b, :n], keys.to(q.dtype),
+                                                key_indices(allowed, bound), self.attn_sink,
+                                                self.softmax_scale)
+            else:
+                out[b, :n] = self._attend(q[b, :n], keys, allowed)
 
         out = apply_rope(out, cos_h, sin_h, inverse=True)  # V = K carried the keys' rotation
         G = c.o_groups
         wo_a = self.wo_a.dense_weight(out.dtype).view(G, c.o_lora_rank, -1)  # [G, o_lora, Hh*D/G]
         o = torch.einsum("btgi,gri->btgr", out.reshape(B, T, G, -1), wo_a)
         return self.wo_b(o.flatten(2))
+
+    def _max_keys(self, n_entries: int) -> int:
+        """The most keys one query can be allowed: its window, plus every visible entry
+        (ratio 128) or the indexer's top-k of them (ratio 4)."""
+        W = self.config.sliding_window
+        if self.ratio == RATIO_SPARSE:
+            return W + min(self.config.index_topk, n_entries)
+        return W + n_entries
 
     def _window_row(
         self, st: LayerState, kv: torch.Tensor, start: int, positions: torch.Tensor

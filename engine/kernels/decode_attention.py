@@ -378,6 +378,26 @@ def decode_attention(
                   rope=rope)
 
 
+def gathered_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    key_idx: torch.Tensor,
+    sink: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """q [B, Hh, D] over keys [M, D] shared by all rows, row b attending to keys
+    key_idx[b] (int64 [B, L], -1 = none) -> [B, Hh, D]: a prefill chunk's attention, each
+    query token a row (engine/attention.py's fast path). The decode kernel with no ring (an
+    empty one-slot window, every ring key masked) and the keys as one slot's entries."""
+    if keys.dim() != 2 or keys.shape[1] != q.shape[2]:
+        raise ValueError(f"keys must be [M, {q.shape[2]}], got shape {tuple(keys.shape)}")
+    B = q.shape[0]
+    no_ring = keys.new_zeros(1, 1, keys.shape[1])
+    rows = torch.zeros(B, dtype=torch.int64, device=q.device)  # every row reads slot 0
+    return decode_attention(q, no_ring, keys.unsqueeze(0), rows, rows - 1, key_idx, sink,
+                            softmax_scale)
+
+
 def launch(
     q: torch.Tensor,
     window: torch.Tensor,

@@ -264,7 +264,7 @@ def candidate_configs() -> list[dict[str, int]]:
     if pinned:
         return [_parse_config(pinned)]
     if os.environ.get("TRITON_INTERPRET") == "1":  # tiny test shapes: one small tile
-        return [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 1, "num_stages": 1}]
+        return [{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 1, "num_stages": 1}]
     return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
             for m, n, k, w, s in ((64, 64, 128, 4, 3), (32, 64, 128, 4, 3),
                                   (64, 128, 64, 8, 3), (32, 128, 128, 4, 2))]
