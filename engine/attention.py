@@ -20,8 +20,9 @@ FP4 e2m1 (blocks of 32); the official inference code reproduces that rounding an
 `transformers` omits it, so comparisons with it run with qat=False (spec section 7).
 
 Fast path (`engine.kernels.use_triton`): a chunk's queries attend through the decode
-attention kernel, each query token a row over the keys its mask allows (`key_indices`);
-the reference below scores every key of the chunk in fp32 and masks (the oracle).
+attention kernel, each query token a row over the keys its mask allows (`key_indices`),
+and the indexer scores entries through the decode indexer kernel the same way; the
+reference below scores every key of the chunk in fp32 and masks (the oracle).
 
 Shapes: B batch rows, T tokens per row, n valid tokens of one row, H hidden, Hh heads,
 D head_dim (512), R rope dims (64), Q q_lora_rank, G o_groups, Hi/Di indexer heads/dim,
@@ -45,6 +46,7 @@ from engine.config import (
 )
 from engine.kernels import use_triton
 from engine.kernels.decode_attention import gathered_attention
+from engine.kernels.indexer_scores import indexer_scores
 from engine.linear import Linear
 from engine.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -234,13 +236,17 @@ class Indexer(nn.Module):
             new = fp4_roundtrip(hadamard(new))
         n_entries = (start + q.shape[0]) // r  # N
         st.index_keys[start // r : n_entries] = new.to(st.index_keys.dtype)
-        keys = st.index_keys[:n_entries].float()  # [N, Di]
-        scores = torch.cat(
-            [
-                (torch.einsum("nhd,td->nht", qb, keys).relu() * wb.unsqueeze(-1)).sum(dim=1)
-                for qb, wb in zip(q.split(QUERY_BLOCK), w.split(QUERY_BLOCK), strict=True)
-            ]
-        )  # [n, N]
+        if use_triton(q):  # the decode kernel, each query token a row of one slot
+            rows = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+            scores = indexer_scores(q, st.index_keys[None, :n_entries], rows, positions, w)
+        else:
+            keys = st.index_keys[:n_entries].float()  # [N, Di]
+            scores = torch.cat(
+                [
+                    (torch.einsum("nhd,td->nht", qb, keys).relu() * wb.unsqueeze(-1)).sum(dim=1)
+                    for qb, wb in zip(q.split(QUERY_BLOCK), w.split(QUERY_BLOCK), strict=True)
+                ]
+            )  # [n, N]
         visible = torch.arange(n_entries, device=q.device) < ((positions + 1) // r).unsqueeze(-1)
         scores = scores.masked_fill(~visible, float("-inf"))
         # exact ties are common (ReLU zeros on every head); a stable sort gives them to the

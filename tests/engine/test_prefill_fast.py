@@ -1,5 +1,5 @@
-"""The prefill forward's fast path (engine/attention.py through the decode attention kernel,
-each query token a row; engine/moe.py through the grouped expert kernels) against the
+"""The prefill forward's fast path (engine/attention.py through the decode attention and
+indexer kernels, each query token a row; engine/moe.py through the grouped expert kernels) against the
 reference path, on the tiny model: a prompt crossing the window (8), many ratio-4 entries
 with the indexer's top-k rejecting some, and a ratio-128 boundary, in one chunk and in two.
 
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from engine.cache import BatchState
+from engine.config import RATIO_SPARSE
 from engine.kernels import mode
 from engine.kv import SlotPool
 from engine.moe import FAST_MAX_TOKENS
@@ -63,7 +64,7 @@ def test_fast_prefill_equals_the_reference(chunks, monkeypatch):
     import engine.attention as attention
     import engine.kernels.grouped_experts as ge
 
-    calls = {"attention": 0, "experts": 0}
+    calls = {"attention": 0, "experts": 0, "indexer": 0}
 
     def counting(name, fn):
         def wrapped(*args, **kwargs):
@@ -79,10 +80,13 @@ def test_fast_prefill_equals_the_reference(chunks, monkeypatch):
     monkeypatch.setattr(attention, "gathered_attention",
                         counting("attention", attention.gathered_attention))
     monkeypatch.setattr(ge, "grouped_experts", counting("experts", ge.grouped_experts))
+    monkeypatch.setattr(attention, "indexer_scores", counting("indexer", attention.indexer_scores))
     got, fast_seq = _prefill(model, prompt, chunks, "triton")
     # the comparison is only worth something if the fast path ran the kernels
-    assert calls == {"attention": c.num_hidden_layers * len(chunks),
-                     "experts": c.num_hidden_layers * len(chunks)}, calls
+    sparse = sum(c.compress_ratio(i) == RATIO_SPARSE for i in range(c.num_hidden_layers))
+    assert sparse and calls == {"attention": c.num_hidden_layers * len(chunks),
+                                "experts": c.num_hidden_layers * len(chunks),
+                                "indexer": sparse * len(chunks)}, calls
     assert _rel(got, want) < TOL, f"logits differ by {_rel(got, want):.2e}"
     assert (got.argmax(-1) == want.argmax(-1)).all()
     for i, (a, b) in enumerate(zip(fast_seq.layers, ref_seq.layers, strict=True)):
