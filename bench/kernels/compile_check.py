@@ -25,6 +25,7 @@ from engine.kernels import (
     cache_rows,
     fp4_roundtrip,
     fp8_roundtrip,
+    grouped_experts,
     hc,
     indexer_scores,
     indexer_topk,
@@ -39,7 +40,7 @@ BF, F32, I64, I32, FP = "*bf16", "*fp32", "*i64", "i32", "fp32"
 
 
 def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int,
-                   pdl: bool = False) -> dict:
+                   pdl: bool = False, num_stages: int = 3) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -54,7 +55,8 @@ def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int
                  for a in kernel.arg_names}  # PDL's default, when not given
     consts = {**consts, **{a: False for a in signature if a not in consts and a not in types}}
     target = GPUTarget("cuda", 90, 32)
-    options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps})
+    options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps,
+                                                               "num_stages": num_stages})
     # as a launch specialises them at V4's shapes: 16-byte aligned pointers, strides that are
     # multiples of 16 (without the hint no load is vectorised: the FP8 tile loaded byte by
     # byte took every register and spilled, which the launched kernel does not)
@@ -77,7 +79,7 @@ def compile_kernel(name: str, wrapper, types: dict, consts: dict, num_warps: int
 
 
 def kernels() -> list[tuple]:
-    """(name, kernel, argument types, constexprs, warps) as the launchers use them."""
+    """(name, kernel, argument types, constexprs, warps[, stages]) as the launchers use them."""
     strides = lambda *names: {n: I32 for n in names}  # noqa: E731
     attn = dict(
         q_ptr=BF,
@@ -263,7 +265,25 @@ def kernels() -> list[tuple]:
             ("down", routed_experts._down_kernel, down, {"HAS_ADD": True}))
         for c in routed_experts.candidate_configs(kind, routed_experts.FMT_INT2)
     ]
-    return [*experts,
+    tiles = dict(order_ptr=I64, tile_expert_ptr="*i32", tile_row_ptr=I64, tile_len_ptr="*i32")
+    grouped_gate_up = dict(xs_ptr=BF, w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8",
+                           weights_ptr=F32, h_ptr=BF, K=I32, inter=I32, n_words=I32,
+                           size_class=I32, limit=FP, **tiles,
+                           **strides("stride_w_row", "stride_s_row", "stride_z_row"))
+    grouped_down = dict(h_ptr=BF, w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", parts_ptr=BF,
+                        H=I32, inter=I32, n_words=I32, size_class=I32, **tiles,
+                        **strides("stride_w_row", "stride_s_row", "stride_z_row"))
+    grouped = [
+        (f"grouped {kind} INT2 {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}", kernel, types,
+         {"FORMAT": routed_experts.FMT_INT2, "PW": 16, "DTYPE": tl.bfloat16, "IEEE": False,
+          **extra, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
+          "BLOCK_W": c["BLOCK_K"] // 16}, c["num_warps"], c["num_stages"])
+        for kind, kernel, types, extra in (
+            ("gate_up", grouped_experts._gate_up_kernel, grouped_gate_up, {"HAS_LIMIT": True}),
+            ("down", grouped_experts._down_kernel, grouped_down, {}))
+        for c in grouped_experts.candidate_configs()
+    ]
+    return [*experts, *grouped,
         ("decode_attention", da._decode_attention_kernel, attn, attn_c, da.DEFAULT_NUM_WARPS),
         ("decode_attention one split", da._decode_attention_kernel, attn,
          {**attn_c, "ONE_SPLIT": True}, da.DEFAULT_NUM_WARPS),
@@ -319,10 +339,15 @@ def kernels() -> list[tuple]:
 
 
 def main() -> None:
-    pdl = "--pdl" in sys.argv[1:]
+    """Flags: --pdl; --only TEXT (kernels whose name contains TEXT)."""
+    args = sys.argv[1:]
+    pdl = "--pdl" in args
+    only = args[args.index("--only") + 1] if "--only" in args else ""
     print(f"{'kernel':32} warps  regs  spill_bytes  shared_bytes" + ("  (PDL)" if pdl else ""))
-    for name, kernel, types, consts, warps in kernels():
-        r = compile_kernel(name, kernel, types, consts, warps, pdl)
+    for name, kernel, types, consts, warps, *stages in kernels():  # (num_stages: default 3)
+        if only not in name:
+            continue
+        r = compile_kernel(name, kernel, types, consts, warps, pdl, *stages)
         print(f"{name:32} {warps:5}  {r['regs']:4}  {r['spill_bytes']:11}  {r['shared_bytes']:12}")
 
 

@@ -9,6 +9,9 @@ dense bf16 copy in memory, one at a time, with a host sync per expert.
 
 N tokens, K experts each, P = N * K pairs p = t * K + k, E experts, H hidden, I intermediate.
 
+  xs        [N, PW, H/PW] x value-major: xs[t, j, w] = x[t, w * PW + j] (PW values a word:
+                   16 INT2, 8 FP4, 1 DENSE), so value j of a block of words meets one
+                   contiguous slice of x in a tl.dot, decoded with no reshape
   plan (torch, on the device, no host sync)
     order     [P]  pair ids sorted by expert (stable); pairs with an id outside [0, E) last
     tile_*    [T]  T = cdiv(P, BLOCK_M) + min(E, P) >= the tiles needed: tile t covers rows
@@ -16,7 +19,8 @@ N tokens, K experts each, P = N * K pairs p = t * K + k, E experts, H hidden, I 
                    (tile_len 0: an unused program, it returns at once)
   _gate_up_kernel  grid (T, cdiv(I, BLOCK_N)): g = x W1_e^T, u = x W3_e^T for the tile's
                    tokens, rounded to the activation dtype; u clamped to [-limit, limit], g
-                   to <= limit; h = silu(g) * u * weight rounded -> h [P, I] in sorted order
+                   to <= limit; h = silu(g) * u * weight rounded -> h [P, PW, I/PW] in
+                   sorted order, value-major like xs
   _down_kernel     grid (T, cdiv(H, BLOCK_N)): part_p = round(h_p W2_e^T) -> parts [P, H]
                    at the pair's own row p
   y_t = sum_k parts[t * K + k] in fp32 (torch), pairs never written stay 0
@@ -47,6 +51,7 @@ import torch
 from engine.kernels import use_triton
 from engine.kernels.routed_experts import (
     _FORMAT_CODE,
+    _PER_WORD,
     FMT_DENSE,
     FMT_FP4,
     FMT_INT2,
@@ -71,71 +76,88 @@ _TL_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32
 if triton is not None:
 
     @triton.jit
-    def _weight_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, k0, n_inputs,
-                     stride_w_row, stride_s_row, stride_z_row,
-                     FORMAT: tl.constexpr, BLOCK_K: tl.constexpr):
-        """W[rows, k0 : k0 + BLOCK_K] dequantised exactly, fp32 [BLOCK_N, BLOCK_K]; inputs at
-        or past n_inputs read as 0 (no memory traffic)."""
-        R: tl.constexpr = rows.shape[0]
-        if FORMAT == 2:  # INT2: 16 values a word, a scale per 64, a zero nibble per 64
-            offs_w = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-            words = tl.load(w_ptr + rows[:, None] * stride_w_row + offs_w[None, :],
-                            mask=row_mask[:, None] & (offs_w < n_inputs // 16)[None, :], other=0)
-            shifts = 2 * tl.arange(0, 16)
-            q = (words[:, :, None] >> shifts[None, None, :]) & 3  # [R, BLOCK_K/16, 16]
-            q = tl.reshape(q, [R, BLOCK_K // 64, 64]).to(tl.float32)
-            offs_g = k0 // 64 + tl.arange(0, BLOCK_K // 64)
-            g_mask = row_mask[:, None] & (offs_g < n_inputs // 64)[None, :]
-            s = tl.load(s_ptr + rows[:, None] * stride_s_row + offs_g[None, :], mask=g_mask,
+    def _word_scales(s_ptr, z_ptr, rows, row_mask, offs_w, n_words,
+                     stride_s_row, stride_z_row, FORMAT: tl.constexpr):
+        """Per word of W[rows, words offs_w]: (scale, zero * scale) fp32 [R, BLOCK_W], each
+        word loading its own group's (4 words a group, so 4 lanes share one; L1 hits)."""
+        mask = row_mask[:, None] & (offs_w < n_words)[None, :]
+        if FORMAT == 2:  # INT2: fp16 scale per 4 words, 4-bit zero (group g: nibble g % 2)
+            g = offs_w // 4
+            s = tl.load(s_ptr + rows[:, None] * stride_s_row + g[None, :], mask=mask,
                         other=0).to(tl.float32)
-            zb = tl.load(z_ptr + rows[:, None] * stride_z_row + (offs_g // 2)[None, :],
-                         mask=g_mask, other=0).to(tl.int32)
-            z = ((zb >> ((offs_g % 2) * 4)[None, :]) & 15).to(tl.float32)
-            w = (q - z[:, :, None]) * s[:, :, None]
-        elif FORMAT == 1:  # FP4: 8 e2m1 codes a word, an E8M0 scale per 32
-            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            words = tl.load(w_ptr + rows[:, None] * stride_w_row + offs_w[None, :],
-                            mask=row_mask[:, None] & (offs_w < n_inputs // 8)[None, :], other=0)
-            shifts = 4 * tl.arange(0, 8)
-            code = (words[:, :, None] >> shifts[None, None, :]) & 15  # [R, BLOCK_K/8, 8]
-            code = tl.reshape(code, [R, BLOCK_K // 32, 32])
-            mag, e = code & 1, (code >> 1) & 3  # e2m1: value = (e ? 1 + m/2 : m/2) * 2^max(e-1, 0)
-            value = tl.where(e == 0, 0.5 * mag.to(tl.float32),
-                             (1.0 + 0.5 * mag.to(tl.float32))
-                             * (1 << tl.maximum(e - 1, 0)).to(tl.float32))
-            value = tl.where(code >= 8, -value, value)
-            offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-            sb = tl.load(s_ptr + rows[:, None] * stride_s_row + offs_g[None, :],
-                         mask=row_mask[:, None] & (offs_g < n_inputs // 32)[None, :],
+            zb = tl.load(z_ptr + rows[:, None] * stride_z_row + (g // 2)[None, :], mask=mask,
                          other=0).to(tl.int32)
-            scale = (sb << 23).to(tl.float32, bitcast=True)  # E8M0 byte b -> 2^(b - 127)
-            w = value * scale[:, :, None]
+            z = ((zb >> ((g % 2) * 4)[None, :]) & 15).to(tl.float32)
+            return s, z * s
+        elif FORMAT == 1:  # FP4: E8M0 scale per 4 words (32 values): byte b -> 2^(b - 127)
+            sb = tl.load(s_ptr + rows[:, None] * stride_s_row + (offs_w // 4)[None, :],
+                         mask=mask, other=0).to(tl.int32)
+            s = (sb << 23).to(tl.float32, bitcast=True)
+            return s, s
         else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + rows[:, None] * stride_w_row + offs_k[None, :],
-                        mask=row_mask[:, None] & (offs_k < n_inputs)[None, :],
-                        other=0).to(tl.float32)
-        return tl.reshape(w, [R, BLOCK_K])
+            one = tl.full([rows.shape[0], offs_w.shape[0]], 1.0, tl.float32)
+            return one, one
+
+    @triton.jit
+    def _value(words, j: tl.constexpr, s, zs, FORMAT: tl.constexpr):
+        """Value j of every word, dequantised exactly: (q - z) * s = q * s - z * s (INT2;
+        both products are exact in fp32, so their difference is too), e2m1 * s (FP4)."""
+        if FORMAT == 2:
+            return ((words >> (2 * j)) & 3).to(tl.float32) * s - zs
+        elif FORMAT == 1:
+            code = (words >> (4 * j)) & 15
+            mag, e = (code & 1).to(tl.float32), (code >> 1) & 3
+            value = tl.where(e == 0, 0.5 * mag,
+                             (1.0 + 0.5 * mag) * (1 << tl.maximum(e - 1, 0)).to(tl.float32))
+            return tl.where(code >= 8, -value, value) * s
+        else:
+            return words.to(tl.float32)
 
     @triton.jit
     def _tile_rows(tile_expert_ptr, tile_row_ptr, tile_len_ptr, order_ptr,
                    BLOCK_M: tl.constexpr):
-        """Program 0's tile: (expert, sorted rows [BLOCK_M], pairs [BLOCK_M], row mask)."""
+        """This program's tile: (expert, rows, sorted rows [BLOCK_M], pairs, row mask)."""
         t = tl.program_id(0)
         expert = tl.load(tile_expert_ptr + t).to(tl.int64)
-        row0 = tl.load(tile_row_ptr + t).to(tl.int64)
         length = tl.load(tile_len_ptr + t)
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < length
-        sorted_rows = row0 + offs_m
+        sorted_rows = tl.load(tile_row_ptr + t) + offs_m
         pairs = tl.load(order_ptr + sorted_rows, mask=m_mask, other=0).to(tl.int64)
         return expert, length, sorted_rows, pairs, m_mask
 
     @triton.jit
+    def _accumulate(acc, a_ptr, a_rows, m_mask, stride_a_row, w_ptr, s_ptr, z_ptr, rows,
+                    row_mask, n_words, stride_w_row, stride_s_row, stride_z_row,
+                    FORMAT: tl.constexpr, PW: tl.constexpr, DTYPE: tl.constexpr,
+                    IEEE: tl.constexpr, BLOCK_W: tl.constexpr):
+        """acc [BLOCK_M, R] += A[a_rows] @ W[rows]^T over all inputs, A staged value-major
+        (A[r, j * n_words + w] is input w * PW + j): value j of BLOCK_W words meets A's
+        [BLOCK_M, BLOCK_W] slice j in one tl.dot, so words are decoded in registers with
+        no reshape (which took every register and spilled: bench/kernels/compile_check.py)."""
+        for w0 in range(0, n_words, BLOCK_W):
+            offs_w = w0 + tl.arange(0, BLOCK_W)
+            w_ok = offs_w < n_words
+            words = tl.load(w_ptr + rows[:, None] * stride_w_row + offs_w[None, :],
+                            mask=row_mask[:, None] & w_ok[None, :], other=0)
+            s, zs = _word_scales(s_ptr, z_ptr, rows, row_mask, offs_w, n_words,
+                                 stride_s_row, stride_z_row, FORMAT)
+            for j in tl.static_range(PW):
+                a = tl.load(a_ptr + a_rows[:, None] * stride_a_row + j * n_words
+                            + offs_w[None, :], mask=m_mask[:, None] & w_ok[None, :], other=0.0)
+                w = _value(words, j, s, zs, FORMAT).to(DTYPE)  # the reference's rounding
+                if IEEE:
+                    acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                                 input_precision="ieee")
+                else:
+                    acc = tl.dot(a.to(DTYPE), tl.trans(w), acc)
+        return acc
+
+    @triton.jit
     def _gate_up_kernel(
         # pointers
-        x_ptr,            # [N, H] activations
-        w_ptr,            # [E, 2I, .] W1 rows 0..I-1, W3 rows I..2I-1 (format words)
+        xs_ptr,           # [N, PW, H/PW] activations, value-major (the launcher stages them)
+        w_ptr,            # [E, 2I, H/PW] words: W1 rows 0..I-1, W3 rows I..2I-1
         s_ptr,            # [E, 2I, .] scales (unused for DENSE)
         z_ptr,            # [E, 2I, H/128] packed zeros (INT2 only)
         order_ptr,        # [P] pair ids, sorted by expert
@@ -143,16 +165,16 @@ if triton is not None:
         tile_expert_ptr,  # [T] expert of each tile
         tile_row_ptr,     # [T] first row of `order` of each tile
         tile_len_ptr,     # [T] rows of each tile (0: nothing to do)
-        h_ptr,            # [P, I] out (activation dtype), row = position in `order`
+        h_ptr,            # [P, PW, I/PW] out (activation dtype), row = position in `order`
         # sizes (size_class: an autotune key only)
-        K, H, inter, size_class,
+        K, inter, n_words, size_class,
         # strides
-        stride_x_t, stride_w_row, stride_s_row, stride_z_row,
+        stride_w_row, stride_s_row, stride_z_row,
         # meta
         limit,
-        FORMAT: tl.constexpr, HAS_LIMIT: tl.constexpr, DTYPE: tl.constexpr,
-        IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        FORMAT: tl.constexpr, PW: tl.constexpr, HAS_LIMIT: tl.constexpr,
+        DTYPE: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     ):
         expert, length, sorted_rows, pairs, m_mask = _tile_rows(
             tile_expert_ptr, tile_row_ptr, tile_len_ptr, order_ptr, BLOCK_M)
@@ -161,24 +183,15 @@ if triton is not None:
         tokens = pairs // K
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < inter
-        rows_g = expert * (2 * inter) + offs_n  # int64: expert * rows overflows int32 at E 256
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xa = tl.load(x_ptr + tokens[:, None] * stride_x_t + offs_k[None, :],
-                         mask=m_mask[:, None] & (offs_k < H)[None, :], other=0.0).to(DTYPE)
-            wg = _weight_tile(w_ptr, s_ptr, z_ptr, rows_g, n_mask, k0, H, stride_w_row,
-                              stride_s_row, stride_z_row, FORMAT, BLOCK_K).to(DTYPE)
-            wu = _weight_tile(w_ptr, s_ptr, z_ptr, rows_g + inter, n_mask, k0, H, stride_w_row,
-                              stride_s_row, stride_z_row, FORMAT, BLOCK_K).to(DTYPE)
-            if IEEE:
-                xa = xa.to(tl.float32)
-                acc_g = tl.dot(xa, tl.trans(wg.to(tl.float32)), acc_g, input_precision="ieee")
-                acc_u = tl.dot(xa, tl.trans(wu.to(tl.float32)), acc_u, input_precision="ieee")
-            else:
-                acc_g = tl.dot(xa, tl.trans(wg), acc_g)
-                acc_u = tl.dot(xa, tl.trans(wu), acc_u)
+        rows = expert * (2 * inter) + offs_n  # int64: expert * rows overflows int32 at E 256
+        acc_g = _accumulate(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), xs_ptr, tokens,
+                            m_mask, PW * n_words, w_ptr, s_ptr, z_ptr, rows, n_mask, n_words,
+                            stride_w_row, stride_s_row, stride_z_row, FORMAT, PW, DTYPE, IEEE,
+                            BLOCK_W)
+        acc_u = _accumulate(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), xs_ptr, tokens,
+                            m_mask, PW * n_words, w_ptr, s_ptr, z_ptr, rows + inter, n_mask,
+                            n_words, stride_w_row, stride_s_row, stride_z_row, FORMAT, PW,
+                            DTYPE, IEEE, BLOCK_W)
         # F.linear returns the activation dtype in the reference: round where it does
         g = acc_g.to(DTYPE).to(tl.float32)
         u = acc_u.to(DTYPE).to(tl.float32)
@@ -187,14 +200,16 @@ if triton is not None:
             g = tl.minimum(g, limit)
         route_w = tl.load(weights_ptr + pairs, mask=m_mask, other=0.0)
         h = g / (1.0 + tl.exp(-g)) * u * route_w[:, None]
-        tl.store(h_ptr + sorted_rows[:, None] * inter + offs_n[None, :], h.to(DTYPE),
+        # staged value-major for the down kernel: input n of W2 is value n % PW of word n // PW
+        col = (offs_n % PW) * (inter // PW) + offs_n // PW
+        tl.store(h_ptr + sorted_rows[:, None] * inter + col[None, :], h.to(DTYPE),
                  mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _down_kernel(
         # pointers
-        h_ptr,            # [P, I] (activation dtype), row = position in `order`
-        w_ptr,            # [E, H, .] W2 (format words)
+        h_ptr,            # [P, PW, I/PW] (activation dtype), row = position in `order`
+        w_ptr,            # [E, H, I/PW] W2 words
         s_ptr,            # [E, H, .] scales (unused for DENSE)
         z_ptr,            # [E, H, I/128] packed zeros (INT2 only)
         order_ptr,        # [P] pair ids, sorted by expert
@@ -203,12 +218,12 @@ if triton is not None:
         tile_len_ptr,     # [T]
         parts_ptr,        # [P, H] out (activation dtype): each pair's rounded W2 output, row p
         # sizes (size_class: an autotune key only)
-        H, inter, size_class,
+        H, inter, n_words, size_class,
         # strides
         stride_w_row, stride_s_row, stride_z_row,
         # meta
-        FORMAT: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        FORMAT: tl.constexpr, PW: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     ):
         expert, length, sorted_rows, pairs, m_mask = _tile_rows(
             tile_expert_ptr, tile_row_ptr, tile_len_ptr, order_ptr, BLOCK_M)
@@ -216,19 +231,10 @@ if triton is not None:
             return
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < H
-        rows = expert * H + offs_n
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            ha = tl.load(h_ptr + sorted_rows[:, None] * inter + offs_k[None, :],
-                         mask=m_mask[:, None] & (offs_k < inter)[None, :], other=0.0)
-            w = _weight_tile(w_ptr, s_ptr, z_ptr, rows, n_mask, k0, inter, stride_w_row,
-                             stride_s_row, stride_z_row, FORMAT, BLOCK_K).to(DTYPE)
-            if IEEE:
-                acc = tl.dot(ha.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
-                             input_precision="ieee")
-            else:
-                acc = tl.dot(ha, tl.trans(w), acc)
+        acc = _accumulate(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_ptr, sorted_rows,
+                          m_mask, inter, w_ptr, s_ptr, z_ptr, expert * H + offs_n, n_mask,
+                          n_words, stride_w_row, stride_s_row, stride_z_row, FORMAT, PW, DTYPE,
+                          IEEE, BLOCK_W)
         tl.store(parts_ptr + pairs[:, None] * H + offs_n[None, :], acc.to(DTYPE),
                  mask=m_mask[:, None] & n_mask[None, :])
 
@@ -237,7 +243,8 @@ if triton is not None:
 
 
 def _parse_config(text: str) -> dict[str, int]:
-    """'BLOCK_M=64,BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=3' -> dict (the pin)."""
+    """'BLOCK_M=64,BLOCK_N=64,BLOCK_K=256,num_warps=4,num_stages=2' -> dict (the pin).
+    BLOCK_K counts inputs: BLOCK_K / PW words a step (16 for INT2 at 256)."""
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
     out = {}
     for item in text.split(","):
@@ -247,9 +254,9 @@ def _parse_config(text: str) -> dict[str, int]:
         out[key.strip()] = int(value)
     if set(out) != set(keys):
         raise ValueError(f"{CONFIG_ENV}={text!r}: give each of {', '.join(keys)}")
-    if out["BLOCK_M"] < 16 or out["BLOCK_N"] < 16 or out["BLOCK_K"] % 64:
-        raise ValueError(f"{CONFIG_ENV}={text!r}: tl.dot needs BLOCK_M, BLOCK_N >= 16, and "
-                         "BLOCK_K must be a multiple of 64 (an INT2 scale group)")
+    if out["BLOCK_M"] < 16 or out["BLOCK_N"] < 16 or out["BLOCK_K"] % 256:
+        raise ValueError(f"{CONFIG_ENV}={text!r}: tl.dot needs BLOCK_M, BLOCK_N >= 16 and a "
+                         "K of 16 words: BLOCK_K a multiple of 256 (16 INT2 words)")
     return out
 
 
@@ -257,17 +264,20 @@ _BEST: dict[tuple, dict[str, int]] = {}  # (kernel, format, K, H, I, size class,
 
 
 def candidate_configs() -> list[dict[str, int]]:
-    """Configs autotuned per (kernel, format, shape, size class). BLOCK_M 32 beside 64
-    because a 2,048-token chunk gives each of 256 experts ~48 pairs; BLOCK_K 64 or 128
-    (a multiple of the INT2 scale group). Few: each compiles for seconds."""
+    """Configs tuned per (kernel, format, shape, size class). BLOCK_M 32 beside 64 because
+    a 2,048-token chunk gives each of 256 experts ~48 pairs; BLOCK_K 256 inputs = 16 INT2
+    words, the least a tl.dot takes (K 16). Few: each compiles for seconds."""
     pinned = os.environ.get(CONFIG_ENV)
     if pinned:
         return [_parse_config(pinned)]
     if os.environ.get("TRITON_INTERPRET") == "1":  # tiny test shapes: one small tile
+        # BLOCK_K 64: several steps over the tiny rows (the interpreter's dots take any K)
         return [{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 1, "num_stages": 1}]
-    return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
-            for m, n, k, w, s in ((64, 64, 128, 4, 3), (32, 64, 128, 4, 3),
-                                  (64, 128, 64, 8, 3), (32, 128, 128, 4, 2))]
+    # compiled for sm_90 (Triton 3.9, bench/kernels/compile_check.py): 64 x 64 with 4 warps
+    # takes 249 / 234 registers (gate_up / down) and no spill; 128 x 64 with 8 warps none in
+    # gate_up, 632 bytes in down; 64 x 128 spills in both (280 / 1,088 bytes)
+    return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 256, "num_warps": w, "num_stages": s}
+            for m, n, w, s in ((64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2))]
 
 
 def _size_class(pairs: int) -> int:
@@ -325,15 +335,17 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
                              or inter % (64 if fmt == FMT_INT2 else 32)):
         raise ValueError(f"grouped experts: {stack.format} needs H and I in whole scale groups")
     P = N * K
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    PW = _PER_WORD[fmt]
+    # value-major x (xs[t, j, w] = x[t, w * PW + j]): the kernels dot value j of a block of
+    # words with the matching slice of x (one copy, N x H)
+    xs = x.reshape(N, H // PW, PW).transpose(1, 2).contiguous()
     w = weights.reshape(P).to(torch.float32).contiguous()
     dtype = getattr(tl, _TL_DTYPE[x.dtype])
     # exact fp32 dots for fp32 inputs (no TF32), and in the CPU interpreter, which multiplies
     # bf16 tl.dot operands as their raw uint16 bits (Triton 3.9 interpreter.py create_dot):
     # bf16 x bf16 products are exact in fp32, so the numerics are the GPU's either way
     ieee = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    h = torch.empty(P, inter, dtype=x.dtype, device=x.device)
+    h = torch.empty(P, inter, dtype=x.dtype, device=x.device)  # value-major rows
     parts = torch.zeros(P, H, dtype=x.dtype, device=x.device)  # invalid pairs stay 0
 
     # the tile plan depends on BLOCK_M: one per config tried, made when first needed
@@ -355,38 +367,39 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     size = _size_class(P)
 
     for kernel in ("gate_up", "down"):
-        _launch(kernel, plan, x, h, parts, w, words13, s13, z13, words2, s2, z2, K, H, inter,
-                size, limit, fmt, dtype, ieee)
+        _launch(kernel, plan, xs, h, parts, w, words13, s13, z13, words2, s2, z2, K, H, inter,
+                size, limit, fmt, PW, dtype, ieee)
     return parts.view(N, K, H).float().sum(dim=1)
 
 
-def _launch(kernel, plan, x, h, parts, w, words13, s13, z13, words2, s2, z2, K, H, inter,
-            size, limit, fmt, dtype, ieee) -> None:
+def _launch(kernel, plan, xs, h, parts, w, words13, s13, z13, words2, s2, z2, K, H, inter,
+            size, limit, fmt, PW, dtype, ieee) -> None:
     """Launch one kernel under its best config. The tile plan depends on BLOCK_M, so rather
     than Triton's autotuner (whose grid may change, its arguments not) each BLOCK_M is
     timed with its own plan on the first call of a shape and the winner kept."""
-    key = (kernel, fmt, K, H, inter, size, x.dtype)
+    key = (kernel, fmt, K, H, inter, size, xs.dtype)
     best = _BEST.get(key)
     configs = [best] if best is not None else candidate_configs()
 
     def run(cfg: dict[str, int]) -> None:
         order, tile_expert, tile_row, tile_len = plan(cfg["BLOCK_M"])
-        meta = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
-                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        meta = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                "BLOCK_W": cfg["BLOCK_K"] // PW, "num_warps": cfg["num_warps"],
+                "num_stages": cfg["num_stages"]}
         if kernel == "gate_up":
             grid = (tile_expert.numel(), triton.cdiv(inter, cfg["BLOCK_N"]))
             _gate_up_kernel[grid](
-                x, words13, s13, z13, order, w, tile_expert, tile_row, tile_len, h,
-                K, H, inter, size,
-                x.stride(0), words13.stride(1), s13.stride(1), z13.stride(1),
+                xs, words13, s13, z13, order, w, tile_expert, tile_row, tile_len, h,
+                K, inter, H // PW, size,
+                words13.stride(1), s13.stride(1), z13.stride(1),
                 0.0 if limit is None else float(limit),
-                FORMAT=fmt, HAS_LIMIT=limit is not None, DTYPE=dtype, IEEE=ieee, **meta)
+                FORMAT=fmt, PW=PW, HAS_LIMIT=limit is not None, DTYPE=dtype, IEEE=ieee, **meta)
         else:
             grid = (tile_expert.numel(), triton.cdiv(H, cfg["BLOCK_N"]))
             _down_kernel[grid](
                 h, words2, s2, z2, order, tile_expert, tile_row, tile_len, parts,
-                H, inter, size, words2.stride(1), s2.stride(1), z2.stride(1),
-                FORMAT=fmt, DTYPE=dtype, IEEE=ieee, **meta)
+                H, inter, inter // PW, size, words2.stride(1), s2.stride(1), z2.stride(1),
+                FORMAT=fmt, PW=PW, DTYPE=dtype, IEEE=ieee, **meta)
 
     if len(configs) == 1:
         run(configs[0])
@@ -396,8 +409,6 @@ def _launch(kernel, plan, x, h, parts, w, words13, s13, z13, words2, s2, z2, K, 
     winner = configs[min(timings)[1]]
     _BEST[key] = winner
     run(winner)  # the timed runs wrote the same values; this one leaves them final
-
-
 
 
 __all__ = ["CONFIG_ENV", "candidate_configs", "grouped_experts", "plan_tiles"]

@@ -124,9 +124,9 @@ def test_plan_covers_every_valid_pair_once():
 
 
 def test_config_pin_is_checked():
-    assert _parse_config("BLOCK_M=32,BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=3")["BLOCK_M"] == 32
-    for bad in ("BLOCK_M=32", "BLOCK_M=8,BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=3",
-                "BLOCK_M=32,BLOCK_N=64,BLOCK_K=96,num_warps=4,num_stages=3", "SPLIT=2"):
+    assert _parse_config("BLOCK_M=32,BLOCK_N=64,BLOCK_K=256,num_warps=4,num_stages=2")["BLOCK_M"] == 32
+    for bad in ("BLOCK_M=32", "BLOCK_M=8,BLOCK_N=64,BLOCK_K=256,num_warps=4,num_stages=2",
+                "BLOCK_M=32,BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=2", "SPLIT=2"):
         with pytest.raises(ValueError):
             _parse_config(bad)
 
