@@ -4,20 +4,22 @@ PyTorch, their tile plan's invariants, and the MoE block's prefill path against 
 On the CPU the kernels run in Triton's interpreter at tiny shapes; with CUDA at V4-Flash's
 (H 4096, I 2048, E 256, K 6), with a prefill chunk's worth of tokens.
 
-Tolerances are the decode kernels' (test_routed_experts.py says why): the same rounding
-points, fp32 sums in another order. fp32 runs use tl.dot's IEEE mode, so FP32_TOL holds.
+The reference is engine.moe's loop over one expert at a time (`loop_reference`): the same
+rounding points, fp32 sums in another order, so the decode kernels' tolerances apply
+(test_routed_experts.py says why). fp32 runs use tl.dot's IEEE mode, so FP32_TOL holds.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine import moe as moe_mod
 from engine.formats import WeightFormat
 from engine.kernels import mode
 from engine.kernels.grouped_experts import _parse_config, grouped_experts, plan_tiles
-from engine.kernels.routed_experts import routed_experts_reference
+from engine.kernels.routed_experts import dequantize_rows
 from tests.engine.kernels.test_routed_experts import (
     BF16_TOL,
     CUDA,
@@ -39,6 +41,27 @@ from tests.engine.kernels.test_routed_experts import (
 TOKENS = (2048, 100) if CUDA else (40, 7)
 
 
+def loop_reference(x, experts, weights, stack, limit=LIMIT) -> torch.Tensor:
+    """engine.moe's prefill loop over a stack, one expert at a time (the per-pair reference
+    would hold a dequantised expert copy per pair: 100 MB each at the real shapes): each
+    used expert's weights dequantised exactly and rounded to x.dtype, as `dense_weight`
+    does; g, u, h and each pair's output rounded to x.dtype; the K outputs summed in fp32."""
+    N, H = x.shape
+    K, inter = experts.shape[1], stack.inter
+    parts = torch.zeros(N, K, H, dtype=torch.float32, device=x.device)
+    valid = (experts >= 0) & (experts < stack.num_experts)
+    for e in torch.unique(experts[valid]).tolist():
+        t, k = torch.where(experts == e)
+        idx = torch.tensor([e], device=x.device)
+        w13 = dequantize_rows(stack, "w13", idx)[0].to(x.dtype).float()
+        w2 = dequantize_rows(stack, "w2", idx)[0].to(x.dtype).float()
+        gu = (x[t].float() @ w13.T).to(x.dtype).float()
+        g, u = gu[:, :inter].clamp(max=limit), gu[:, inter:].clamp(-limit, limit)
+        h = (F.silu(g) * u * weights[t, k].float().unsqueeze(-1)).to(x.dtype).float()
+        parts[t, k] = (h @ w2.T).to(x.dtype).float()
+    return parts.sum(dim=1)
+
+
 def run_grouped(x, experts, weights, stack, limit=LIMIT) -> torch.Tensor:
     with mode("triton"):
         y = grouped_experts(x, experts, weights, stack, limit)
@@ -55,7 +78,7 @@ def test_grouped_matches_reference(fmt, N, dtype):
     g = torch.Generator(device=DEVICE).manual_seed(300 + N)
     x = (torch.randn(N, H, generator=g, device=DEVICE) * 2).to(dtype)
     experts, weights = routing(N, E, K, g)
-    want = routed_experts_reference(x, experts, weights, stack, LIMIT)
+    want = loop_reference(x, experts, weights, stack)
     rel = FP32_TOL if dtype == torch.float32 else BF16_TOL
     assert_close(run_grouped(x, experts, weights, stack), want, rel, f"{fmt} N={N} {dtype}")
 
@@ -77,7 +100,7 @@ def test_one_expert_takes_every_token_and_invalid_ids_add_nothing(fmt):
     experts[1::3, K - 1] = E
     used = torch.unique(experts[(experts >= 0) & (experts < E)])
     poisoned = _poison_unused(stack, used)
-    want = routed_experts_reference(x, experts, weights, stack_for(fmt), LIMIT)
+    want = loop_reference(x, experts, weights, stack_for(fmt))
     assert_close(run_grouped(x, experts, weights, poisoned), want, BF16_TOL, f"{fmt} one expert")
 
 
