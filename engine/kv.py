@@ -66,9 +66,13 @@ them, then an exact comparison of the candidates (longest first). Cost: O(key + 
 compared prefix), bounded by max_seqs candidates; it runs on the engine's worker thread.
 Sequences shorter than PREFIX_KEY_TOKENS are not cached (nothing worth saving).
 
-Not here yet: paged KV (fixed-size pages instead of one max_len row per slot), reuse of a
-cached prefix by several sequences at once (a page-level copy-on-write, or a row copy),
-and a disk tier. The slot indirection is what pages will replace: decode addresses state
+Disk tier (`disk=engine.kv_disk.DiskPrefixCache(...)`, off by default): a cached slot the
+pool evicts, and every cached slot at `close()`, is written to disk; a prompt no cached slot
+continues is looked up there and, on a hit, read back into a fresh slot (engine/kv_disk.py).
+
+Not here yet: paged KV (fixed-size pages instead of one max_len row per slot), and reuse of
+a cached prefix by several sequences at once (a page-level copy-on-write, or a row copy).
+The slot indirection is what pages will replace: decode addresses state
 only through `slots`, never through a sequence's own tensors.
 """
 
@@ -83,6 +87,7 @@ import torch
 
 from engine.cache import LayerState, SequenceState
 from engine.config import RATIO_SPARSE, RATIO_WINDOW, ModelConfig
+from engine.kv_disk import DiskPrefixCache
 
 PREFIX_KEY_TOKENS = 16  # ids that key the lookup dict; shorter sequences are not cached
 
@@ -141,7 +146,8 @@ def _rows(slots: int, ratio: int, dim: int, device) -> tuple[torch.Tensor, torch
 
 class SlotPool:
     def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device=None,
-                 dtype: torch.dtype = torch.bfloat16, prefix_cache: bool = False) -> None:
+                 dtype: torch.dtype = torch.bfloat16, prefix_cache: bool = False,
+                 disk: DiskPrefixCache | None = None) -> None:
         if max_seqs < 1 or max_len < 1:
             raise ValueError(f"max_seqs and max_len must be positive, got {max_seqs}, {max_len}")
         self.config = config
@@ -150,6 +156,7 @@ class SlotPool:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.prefix_cache = prefix_cache
+        self.disk = disk if prefix_cache else None
         self.stats = PrefixCacheStats()
         self.scratch_slot = max_seqs  # padded decode rows write here
         s, d, di = max_seqs + 1, config.head_dim, config.index_head_dim
@@ -204,6 +211,7 @@ class SlotPool:
                 slot = self._free.pop()
             elif self._cached:
                 slot = next(iter(self._cached))  # the least recently cached
+                self._spill(slot)
                 self._uncache(slot)
                 self.stats.evictions += 1
             else:
@@ -246,6 +254,9 @@ class SlotPool:
                     self.stats.hits += 1
                     self.stats.tokens_saved += n
                     return slot, n
+                restored = self._from_disk(tokens)
+                if restored is not None:
+                    return restored
                 self.stats.misses += 1
             return self.acquire(), 0
 
@@ -263,6 +274,77 @@ class SlotPool:
                 self._index.setdefault(ids[:PREFIX_KEY_TOKENS], set()).add(slot)
             else:
                 self._free.append(slot)
+
+    def close(self) -> None:
+        """Write every cached slot to the disk tier (when there is one) and wait for it: a
+        restart continues the conversations this process held."""
+        with self._lock:
+            if self.disk is None:
+                return
+            for slot in list(self._cached):
+                self._spill(slot)
+            self.disk.close()
+
+    # -- the disk tier ---------------------------------------------------------------------
+
+    def _slot_rows(self, slot: int, length: int) -> dict[str, torch.Tensor]:
+        """Views of what a sequence of `length` positions wrote into pool[slot]: per layer
+        the ring, the entries and indexer keys below `length`, the compressor rows."""
+        rows = {}
+        for i, layer in enumerate(self.layers):
+            for name, t in vars(layer).items():
+                if isinstance(t, torch.Tensor):
+                    row = t[slot]
+                    rows[f"{i}.{name}"] = (row[: length // layer.ratio]
+                                           if name in ("entries", "index_keys") else row)
+        return rows
+
+    def slot_tensors(self, slot: int, length: int) -> dict[str, torch.Tensor]:
+        """`_slot_rows` copied to the host (what the disk tier writes)."""
+        return {k: v.to("cpu", copy=True) for k, v in self._slot_rows(slot, length).items()}
+
+    def restore(self, slot: int, tensors: dict[str, torch.Tensor], length: int) -> None:
+        """Write `slot_tensors`' output back into pool[slot]. ValueError, before anything
+        is copied, when it does not fit this pool's layout."""
+        rows = self._slot_rows(slot, length)
+        if set(tensors) - {"ids"} != set(rows):
+            raise ValueError("the saved state does not have this pool's layers")
+        for key, row in rows.items():
+            src = tensors[key]
+            if src.shape != row.shape or src.dtype != row.dtype:
+                raise ValueError(f"{key}: saved {tuple(src.shape)} {src.dtype}, pool has "
+                                 f"{tuple(row.shape)} {row.dtype}")
+        for key, row in rows.items():
+            row.copy_(tensors[key])
+
+    def _spill(self, slot: int) -> None:
+        if self.disk is not None:
+            ids = self._cached[slot]
+            self.disk.put(ids, self.slot_tensors(slot, len(ids)))
+
+    def _from_disk(self, tokens: Sequence[int]) -> tuple[int, int] | None:
+        """(slot, n) with the disk tier's longest continuable state read into a fresh slot,
+        or None (no tier, no hit, or the file did not read)."""
+        if self.disk is None or len(tokens) <= PREFIX_KEY_TOKENS:
+            return None
+        found = self.disk.lookup(tokens)
+        if found is None:
+            return None
+        path, n = found
+        tensors = self.disk.get(path)
+        if tensors is None:
+            return None
+        slot = self.acquire()
+        try:
+            self.restore(slot, tensors, n)
+        except ValueError:
+            self.release(slot)
+            self.disk.forget(path)
+            return None
+        self.disk.stats.hits += 1
+        self.stats.hits += 1
+        self.stats.tokens_saved += n
+        return slot, n
 
     def clear_cache(self) -> None:
         """Free every cached slot (e.g. when the weights change)."""

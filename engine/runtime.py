@@ -52,6 +52,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,6 +61,7 @@ from dsml.tokenizer import V4Tokenizer, load_tokenizer
 from engine import kernels
 from engine.cache import BatchState, SequenceState
 from engine.kv import SlotPool
+from engine.kv_disk import DiskPrefixCache, DiskStats, model_fingerprint
 from engine.model import Transformer
 from engine.runner import DecodeRunner, graph_can_sample
 from engine.sampling import Sampler, SamplingParams, TokenLogprobs
@@ -178,7 +180,9 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: V4Tokenizer, device: torch.device | str,
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, engine_path: str = "auto",
-                 capture_graphs: bool = True, prefix_cache: bool = True) -> None:
+                 capture_graphs: bool = True, prefix_cache: bool = True,
+                 prefix_cache_disk: str | Path | None = None,
+                 prefix_cache_disk_bytes: int = 20 << 30) -> None:
         if engine_path not in ENGINE_PATHS:
             raise ValueError(f"engine_path must be one of {', '.join(ENGINE_PATHS)}, got {engine_path!r}")
         self.model = model
@@ -199,8 +203,12 @@ class Engine:
         self._pool: SlotPool | None = None
         self._runner: DecodeRunner | None = None
         if engine_path == "fast" or (engine_path == "auto" and self.device.type == "cuda"):
+            disk = None
+            if prefix_cache and prefix_cache_disk is not None:
+                disk = DiskPrefixCache(prefix_cache_disk, prefix_cache_disk_bytes,
+                                       model_fingerprint(model.config, model.dtype))
             self._pool = SlotPool(model.config, max_batch_size, self.max_seq_len, self.device,
-                                  model.dtype, prefix_cache=prefix_cache)
+                                  model.dtype, prefix_cache=prefix_cache, disk=disk)
             self._runner = DecodeRunner(model, self._pool)
             if capture_graphs:
                 self._runner.capture()
@@ -227,6 +235,9 @@ class Engine:
         cache = asdict(pool.stats) if pool else {"hits": 0, "misses": 0, "evictions": 0,
                                                  "tokens_saved": 0}
         out.update({f"prefix_cache_{k}": v for k, v in cache.items()})
+        disk = asdict(pool.disk.stats) if pool and pool.disk else asdict(DiskStats())
+        out.update({f"prefix_cache_disk_{k}": v for k, v in disk.items()})
+        out["prefix_cache_disk_bytes"] = pool.disk.nbytes if pool and pool.disk else 0
         return out
 
     @classmethod
@@ -234,15 +245,14 @@ class Engine:
                         dtype: torch.dtype = torch.bfloat16, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                         progress: bool | None = None, engine_path: str = "auto",
-                        prefix_cache: bool = True) -> Engine:
+                        **cache: Any) -> Engine:
         """Load `path` (official layout, see engine.weights) and its `tokenizer.json` if it has
         one (the package's V4 tokenizer otherwise). Blocking: seconds for a tiny checkpoint."""
         device = torch.device(device) if device is not None else default_device()
         model = load_model(path, device=device, dtype=dtype, progress=progress)
         tok_file = Path(path) / "tokenizer.json"
         tokenizer = V4Tokenizer(str(tok_file)) if tok_file.is_file() else load_tokenizer()
-        return cls(model, tokenizer, device, max_seq_len, max_batch_size, engine_path,
-                   prefix_cache=prefix_cache)
+        return cls(model, tokenizer, device, max_seq_len, max_batch_size, engine_path, **cache)
 
     def close(self) -> None:
         """Stop the worker thread (a running forward finishes); later generations fail."""
@@ -256,6 +266,8 @@ class Engine:
         self._waiting.clear()
         self._running = []
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.close()  # the disk tier (if any) keeps the cached conversations
 
     def max_new_tokens(self, prompt_len: int) -> int:
         """Tokens a prompt of this length may still generate (the context left)."""

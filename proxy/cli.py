@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction,
                        help="embedded engine: keep finished sequences' KV for prompts that "
                             "extend them (default on; --no-prefix-cache turns it off)")
+    serve.add_argument("--prefix-cache-disk", metavar="DIR",
+                       help="embedded engine: also keep evicted conversations' KV on disk in "
+                            "DIR (read back when a prompt continues one, also after a "
+                            "restart; default off)")
+    serve.add_argument("--prefix-cache-disk-gib", type=float, metavar="GIB",
+                       help="size limit of --prefix-cache-disk (default 20; least recently "
+                            "used files go first)")
     serve.add_argument("--host", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
@@ -124,7 +131,7 @@ def make_backend(settings: Settings) -> Backend:
     if settings.model is not None:
         return EmbeddedBackend.from_checkpoint(settings.model, device=device,
                                                engine_path=settings.engine_path,
-                                               prefix_cache=settings.prefix_cache)
+                                               **_cache_options(settings))
     from engine.make_checkpoint import write_checkpoint
 
     path = settings.demo_dir
@@ -135,7 +142,12 @@ def make_backend(settings: Settings) -> Backend:
         "that the server, the wire and the metrics work, nothing more. Use --upstream URL or "
         "--model DIR for a real model.", path)
     return EmbeddedBackend.from_checkpoint(path, device=device, engine_path=settings.engine_path,
-                                           prefix_cache=settings.prefix_cache)
+                                           **_cache_options(settings))
+
+
+def _cache_options(settings: Settings) -> dict[str, Any]:
+    return {"prefix_cache": settings.prefix_cache, "prefix_cache_disk": settings.prefix_cache_disk,
+            "prefix_cache_disk_bytes": int(settings.prefix_cache_disk_gib * (1 << 30))}
 
 
 def main(argv: list[str] | None = None) -> int:

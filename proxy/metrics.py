@@ -82,6 +82,8 @@ ENGINE_GAUGES = {
     "slots_total": ("slots_total", "KV slots of the engine's pool"),
     "slots_used": ("slots_used", "KV slots pinned by a running sequence"),
     "slots_cached": ("slots_cached", "KV slots holding a finished sequence for reuse"),
+    "prefix_cache_disk_bytes": ("prefix_cache_disk_bytes",
+                                "Bytes of the prefix cache's disk tier (0: no disk tier)"),
     "last_decode_tokens_per_second": ("decode_tokens_per_second",
                                       "Tokens per second of the last decode step (all rows)"),
 }
@@ -98,6 +100,13 @@ ENGINE_COUNTERS = {
                                "Cached sequences evicted for a new one"),
     "prefix_cache_tokens_saved": ("prefix_cache_saved_tokens",
                                   "Prompt tokens not prefilled thanks to the prefix cache"),
+    "prefix_cache_disk_hits": ("prefix_cache_disk_hits",
+                               "Prompts that continued a conversation read back from disk"),
+    "prefix_cache_disk_writes": ("prefix_cache_disk_writes", "Conversations written to disk"),
+    "prefix_cache_disk_evictions": ("prefix_cache_disk_evictions",
+                                    "Files deleted to keep the disk tier in its size limit"),
+    "prefix_cache_disk_errors": ("prefix_cache_disk_errors",
+                                 "Disk-tier files that failed to write or read (dropped)"),
 }
 
 

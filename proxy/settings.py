@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     # keep finished sequences' KV slots and continue them when a prompt extends one (issue
     # 17: an agent's tool loop does not prefill its conversation again); fast path only
     prefix_cache: bool = True
+    # its second tier on disk (off by default): evicted conversations are written here and
+    # read back when a prompt continues one, also after a restart; bounded in size
+    prefix_cache_disk: Path | None = None
+    prefix_cache_disk_gib: float = Field(20.0, gt=0)
 
     # -- turn policy -------------------------------------------------------------------------
     recover_empty_turns: bool = True

@@ -44,10 +44,10 @@ class EmbeddedBackend:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
-                        engine_path: str = "auto", prefix_cache: bool = True) -> EmbeddedBackend:
-        """Load a checkpoint directory (blocking: seconds for the demo, minutes for the real model)."""
-        return cls(Engine.from_checkpoint(path, device=device, engine_path=engine_path,
-                                          prefix_cache=prefix_cache))
+                        engine_path: str = "auto", **cache: Any) -> EmbeddedBackend:
+        """Load a checkpoint directory (blocking: seconds for the demo, minutes for the real
+        model); `cache`: Engine's prefix_cache / prefix_cache_disk(_bytes) options."""
+        return cls(Engine.from_checkpoint(path, device=device, engine_path=engine_path, **cache))
 
     def sampling_for(self, sampling: SamplingParams, prompt_len: int,
                      mask: Any = None) -> EngineSampling:
