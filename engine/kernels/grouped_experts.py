@@ -386,7 +386,9 @@ def _launch(kernel, plan, xs, h, parts, w, words13, s13, z13, words2, s2, z2, K,
     def run(cfg: dict[str, int]) -> None:
         order, tile_expert, tile_row, tile_len = plan(cfg["BLOCK_M"])
         meta = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                "BLOCK_W": cfg["BLOCK_K"] // PW, "num_warps": cfg["num_warps"],
+                # DENSE words are single values: 64 a step (256 fp32 ones overflowed the
+                # 227 KB of shared memory on an H100)
+                "BLOCK_W": min(cfg["BLOCK_K"] // PW, 64), "num_warps": cfg["num_warps"],
                 "num_stages": cfg["num_stages"]}
         if kernel == "gate_up":
             grid = (tile_expert.numel(), triton.cdiv(inter, cfg["BLOCK_N"]))
