@@ -275,10 +275,12 @@ def kernels() -> list[tuple]:
                         H=I32, inter=I32, n_words=I32, size_class=I32, **tiles,
                         **strides("stride_w_row", "stride_s_row", "stride_z_row"))
     grouped = [
-        (f"grouped {kind} INT2 {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}", kernel, types,
+        (f"grouped {kind} INT2 {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
+         + (" wide" if c["WIDE"] else ""), kernel, types,
          {"FORMAT": routed_experts.FMT_INT2, "PW": 16, "DTYPE": tl.bfloat16, "IEEE": False,
           **extra, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
-          "BLOCK_W": c["BLOCK_K"] // 16}, c["num_warps"], c["num_stages"])
+          "BLOCK_W": c["BLOCK_K"] // 16, "WIDE": bool(c["WIDE"])}, c["num_warps"],
+         c["num_stages"])
         for kind, kernel, types, extra in (
             ("gate_up", grouped_experts._gate_up_kernel, grouped_gate_up, {"HAS_LIMIT": True}),
             ("down", grouped_experts._down_kernel, grouped_down, {}))

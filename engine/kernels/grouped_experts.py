@@ -99,9 +99,10 @@ if triton is not None:
             return one, one
 
     @triton.jit
-    def _value(words, j: tl.constexpr, s, zs, FORMAT: tl.constexpr):
-        """Value j of every word, dequantised exactly: (q - z) * s = q * s - z * s (INT2;
-        both products are exact in fp32, so their difference is too), e2m1 * s (FP4)."""
+    def _value(words, j, s, zs, FORMAT: tl.constexpr):
+        """Value j of every word (j an int, or a tensor broadcasting with words), dequantised
+        exactly: (q - z) * s = q * s - z * s (INT2; both products are exact in fp32, so
+        their difference is too), e2m1 * s (FP4)."""
         if FORMAT == 2:
             return ((words >> (2 * j)) & 3).to(tl.float32) * s - zs
         elif FORMAT == 1:
@@ -127,14 +128,29 @@ if triton is not None:
         return expert, length, sorted_rows, pairs, m_mask
 
     @triton.jit
+    def _spread(t, PW: tl.constexpr, BLOCK_W: tl.constexpr):
+        """[R, BLOCK_W] -> [R, PW * BLOCK_W], column c holding t[:, c % BLOCK_W]."""
+        R: tl.constexpr = t.shape[0]
+        return tl.reshape(tl.broadcast_to(t[:, None, :], [R, PW, BLOCK_W]), [R, PW * BLOCK_W])
+
+    @triton.jit
+    def _dot(a, w, acc, DTYPE: tl.constexpr, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                          input_precision="ieee")
+        return tl.dot(a.to(DTYPE), tl.trans(w), acc)
+
+    @triton.jit
     def _accumulate(acc, a_ptr, a_rows, m_mask, stride_a_row, w_ptr, s_ptr, z_ptr, rows,
                     row_mask, n_words, stride_w_row, stride_s_row, stride_z_row,
                     FORMAT: tl.constexpr, PW: tl.constexpr, DTYPE: tl.constexpr,
-                    IEEE: tl.constexpr, BLOCK_W: tl.constexpr):
+                    IEEE: tl.constexpr, BLOCK_W: tl.constexpr, WIDE: tl.constexpr):
         """acc [BLOCK_M, R] += A[a_rows] @ W[rows]^T over all inputs, A staged value-major
-        (A[r, j * n_words + w] is input w * PW + j): value j of BLOCK_W words meets A's
-        [BLOCK_M, BLOCK_W] slice j in one tl.dot, so words are decoded in registers with
-        no reshape (which took every register and spilled: bench/kernels/compile_check.py)."""
+        (A[r, j * n_words + w] is input w * PW + j). The sum runs over inputs in any order,
+        so a block of words is taken j-major: value j of BLOCK_W words meets A's [BLOCK_M,
+        BLOCK_W] slice j. WIDE: the block's PW slices in one tl.dot (K = PW * BLOCK_W, one
+        operand staging); else one tl.dot per j (K = BLOCK_W: 16 stagings of a [R, 16]
+        slice per INT2 block, no reshape). The tuner times both."""
         for w0 in range(0, n_words, BLOCK_W):
             offs_w = w0 + tl.arange(0, BLOCK_W)
             w_ok = offs_w < n_words
@@ -142,15 +158,22 @@ if triton is not None:
                             mask=row_mask[:, None] & w_ok[None, :], other=0)
             s, zs = _word_scales(s_ptr, z_ptr, rows, row_mask, offs_w, n_words,
                                  stride_s_row, stride_z_row, FORMAT)
-            for j in tl.static_range(PW):
-                a = tl.load(a_ptr + a_rows[:, None] * stride_a_row + j * n_words
-                            + offs_w[None, :], mask=m_mask[:, None] & w_ok[None, :], other=0.0)
-                w = _value(words, j, s, zs, FORMAT).to(DTYPE)  # the reference's rounding
-                if IEEE:
-                    acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
-                                 input_precision="ieee")
-                else:
-                    acc = tl.dot(a.to(DTYPE), tl.trans(w), acc)
+            if WIDE:
+                offs_c = tl.arange(0, PW * BLOCK_W)
+                cw = w0 + offs_c % BLOCK_W
+                cj = offs_c // BLOCK_W
+                a = tl.load(a_ptr + a_rows[:, None] * stride_a_row + (cj * n_words + cw)[None, :],
+                            mask=m_mask[:, None] & (cw < n_words)[None, :], other=0.0)
+                w = _value(_spread(words, PW, BLOCK_W), cj[None, :], _spread(s, PW, BLOCK_W),
+                           _spread(zs, PW, BLOCK_W), FORMAT).to(DTYPE)
+                acc = _dot(a, w, acc, DTYPE, IEEE)
+            else:
+                for j in tl.static_range(PW):
+                    a = tl.load(a_ptr + a_rows[:, None] * stride_a_row + j * n_words
+                                + offs_w[None, :], mask=m_mask[:, None] & w_ok[None, :],
+                                other=0.0)
+                    w = _value(words, j, s, zs, FORMAT).to(DTYPE)  # the reference's rounding
+                    acc = _dot(a, w, acc, DTYPE, IEEE)
         return acc
 
     @triton.jit
@@ -175,6 +198,7 @@ if triton is not None:
         FORMAT: tl.constexpr, PW: tl.constexpr, HAS_LIMIT: tl.constexpr,
         DTYPE: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+        WIDE: tl.constexpr = False,
     ):
         expert, length, sorted_rows, pairs, m_mask = _tile_rows(
             tile_expert_ptr, tile_row_ptr, tile_len_ptr, order_ptr, BLOCK_M)
@@ -187,11 +211,11 @@ if triton is not None:
         acc_g = _accumulate(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), xs_ptr, tokens,
                             m_mask, PW * n_words, w_ptr, s_ptr, z_ptr, rows, n_mask, n_words,
                             stride_w_row, stride_s_row, stride_z_row, FORMAT, PW, DTYPE, IEEE,
-                            BLOCK_W)
+                            BLOCK_W, WIDE)
         acc_u = _accumulate(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), xs_ptr, tokens,
                             m_mask, PW * n_words, w_ptr, s_ptr, z_ptr, rows + inter, n_mask,
                             n_words, stride_w_row, stride_s_row, stride_z_row, FORMAT, PW,
-                            DTYPE, IEEE, BLOCK_W)
+                            DTYPE, IEEE, BLOCK_W, WIDE)
         # F.linear returns the activation dtype in the reference: round where it does
         g = acc_g.to(DTYPE).to(tl.float32)
         u = acc_u.to(DTYPE).to(tl.float32)
@@ -224,6 +248,7 @@ if triton is not None:
         # meta
         FORMAT: tl.constexpr, PW: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+        WIDE: tl.constexpr = False,
     ):
         expert, length, sorted_rows, pairs, m_mask = _tile_rows(
             tile_expert_ptr, tile_row_ptr, tile_len_ptr, order_ptr, BLOCK_M)
@@ -234,7 +259,7 @@ if triton is not None:
         acc = _accumulate(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_ptr, sorted_rows,
                           m_mask, inter, w_ptr, s_ptr, z_ptr, expert * H + offs_n, n_mask,
                           n_words, stride_w_row, stride_s_row, stride_z_row, FORMAT, PW, DTYPE,
-                          IEEE, BLOCK_W)
+                          IEEE, BLOCK_W, WIDE)
         tl.store(parts_ptr + pairs[:, None] * H + offs_n[None, :], acc.to(DTYPE),
                  mask=m_mask[:, None] & n_mask[None, :])
 
@@ -243,20 +268,21 @@ if triton is not None:
 
 
 def _parse_config(text: str) -> dict[str, int]:
-    """'BLOCK_M=64,BLOCK_N=64,BLOCK_K=256,num_warps=4,num_stages=2' -> dict (the pin).
-    BLOCK_K counts inputs: BLOCK_K / PW words a step (16 for INT2 at 256)."""
+    """'BLOCK_M=64,BLOCK_N=64,BLOCK_K=256,num_warps=4,num_stages=2[,WIDE=1]' -> dict (the
+    pin). BLOCK_K counts inputs: BLOCK_K / PW words a step (16 for INT2 at 256)."""
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-    out = {}
+    out = {"WIDE": 0}
     for item in text.split(","):
         key, sep, value = item.partition("=")
-        if not sep or key.strip() not in keys:
+        if not sep or key.strip() not in (*keys, "WIDE"):
             raise ValueError(f"bad {CONFIG_ENV} item {item!r} in {text!r}")
         out[key.strip()] = int(value)
-    if set(out) != set(keys):
+    if not set(keys) <= set(out):
         raise ValueError(f"{CONFIG_ENV}={text!r}: give each of {', '.join(keys)}")
-    if out["BLOCK_M"] < 16 or out["BLOCK_N"] < 16 or out["BLOCK_K"] % 256:
-        raise ValueError(f"{CONFIG_ENV}={text!r}: tl.dot needs BLOCK_M, BLOCK_N >= 16 and a "
-                         "K of 16 words: BLOCK_K a multiple of 256 (16 INT2 words)")
+    # a tl.dot needs M, N, K >= 16: K is BLOCK_K / 16 INT2 words a dot, or BLOCK_K if WIDE
+    if out["BLOCK_M"] < 16 or out["BLOCK_N"] < 16 or out["BLOCK_K"] % (64 if out["WIDE"] else 256):
+        raise ValueError(f"{CONFIG_ENV}={text!r}: BLOCK_M and BLOCK_N must be >= 16 and "
+                         "BLOCK_K a multiple of 256 (64 with WIDE=1)")
     return out
 
 
@@ -272,12 +298,19 @@ def candidate_configs() -> list[dict[str, int]]:
         return [_parse_config(pinned)]
     if os.environ.get("TRITON_INTERPRET") == "1":  # tiny test shapes: one small tile
         # BLOCK_K 64: several steps over the tiny rows (the interpreter's dots take any K)
-        return [{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 1, "num_stages": 1}]
+        return [{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 1, "num_stages": 1,
+                 "WIDE": 0}]
     # compiled for sm_90 (Triton 3.9, bench/kernels/compile_check.py): 64 x 64 with 4 warps
     # takes 249 / 234 registers (gate_up / down) and no spill; 128 x 64 with 8 warps none in
-    # gate_up, 632 bytes in down; 64 x 128 spills in both (280 / 1,088 bytes)
-    return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 256, "num_warps": w, "num_stages": s}
-            for m, n, w, s in ((64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2))]
+    # gate_up, 632 bytes in down; 64 x 128 spills in both (280 / 1,088 bytes). These ran at
+    # 73 TFLOP/s on an H100 (2,048 tokens, docs/benchmarks.md), each dot K = 16. The WIDE
+    # ones (one dot a block, K = BLOCK_K) spill 112-376 bytes; untimed, the tuner decides.
+    narrow = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 256, "num_warps": w, "num_stages": s,
+               "WIDE": 0}
+              for m, n, w, s in ((64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2))]
+    wide = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 2,
+             "WIDE": 1} for m, n, k, w in ((64, 64, 64, 4), (64, 128, 128, 8))]
+    return narrow + wide
 
 
 def _size_class(pairs: int) -> int:
@@ -389,7 +422,7 @@ def _launch(kernel, plan, xs, h, parts, w, words13, s13, z13, words2, s2, z2, K,
                 # DENSE words are single values: 64 a step (256 fp32 ones overflowed the
                 # 227 KB of shared memory on an H100)
                 "BLOCK_W": min(cfg["BLOCK_K"] // PW, 64), "num_warps": cfg["num_warps"],
-                "num_stages": cfg["num_stages"]}
+                "num_stages": cfg["num_stages"], "WIDE": bool(cfg.get("WIDE", 0))}
         if kernel == "gate_up":
             grid = (tile_expert.numel(), triton.cdiv(inter, cfg["BLOCK_N"]))
             _gate_up_kernel[grid](

@@ -146,10 +146,31 @@ def test_plan_covers_every_valid_pair_once():
         assert sorted(seen) == valid
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_wide_variant_matches_too(fmt, monkeypatch):
+    """WIDE=1 (one tl.dot a block of words, K = BLOCK_K) pinned, so it is what runs."""
+    import engine.kernels.grouped_experts as ge
+
+    block_k = 64 if not CUDA else 128
+    monkeypatch.setenv(ge.CONFIG_ENV, f"BLOCK_M=16,BLOCK_N=64,BLOCK_K={block_k},num_warps=4,"
+                                      "num_stages=2,WIDE=1")
+    monkeypatch.setattr(ge, "_BEST", {})
+    stack = stack_for(fmt)
+    E, K, H, _ = SHAPES[fmt]
+    N = TOKENS[1]
+    g = torch.Generator(device=DEVICE).manual_seed(77)
+    x = (torch.randn(N, H, generator=g, device=DEVICE) * 2).bfloat16()
+    experts, weights = routing(N, E, K, g)
+    want = loop_reference(x, experts, weights, stack)
+    assert_close(run_grouped(x, experts, weights, stack), want, BF16_TOL, f"{fmt} WIDE")
+
+
 def test_config_pin_is_checked():
     assert _parse_config("BLOCK_M=32,BLOCK_N=64,BLOCK_K=256,num_warps=4,num_stages=2")["BLOCK_M"] == 32
+    assert _parse_config("BLOCK_M=32,BLOCK_N=64,BLOCK_K=64,num_warps=4,num_stages=2,WIDE=1")["WIDE"]
     for bad in ("BLOCK_M=32", "BLOCK_M=8,BLOCK_N=64,BLOCK_K=256,num_warps=4,num_stages=2",
-                "BLOCK_M=32,BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=2", "SPLIT=2"):
+                "BLOCK_M=32,BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=2", "SPLIT=2",
+                "BLOCK_M=32,BLOCK_N=64,BLOCK_K=96,num_warps=4,num_stages=2,WIDE=1"):
         with pytest.raises(ValueError):
             _parse_config(bad)
 
