@@ -212,6 +212,29 @@ class Engine:
             self._runner = DecodeRunner(model, self._pool)
             if capture_graphs:
                 self._runner.capture()
+            if self.device.type == "cuda":
+                self.warm_prefill()
+
+    def warm_prefill(self) -> None:
+        """One prefill chunk of a dummy prompt through a pool slot, at start: the prefill
+        kernels compile and tune their tiles (engine/kernels/grouped_experts.py times its
+        candidates on the first chunk of a size: about a minute of compiling on a fresh
+        machine) before the first request, not during it. The slot is freed, not cached."""
+        n = min(PREFILL_CHUNK, self.max_seq_len - 1)
+        if self._pool is None or n < 1:
+            return
+        slot = self._pool.acquire()
+        try:
+            with torch.inference_mode():
+                state = BatchState([self._pool.sequence_state(slot)])
+                # varied ids: the tuner times a chunk whose tokens spread over the experts
+                # like a real prompt's (one repeated id would send them all to six)
+                g = torch.Generator().manual_seed(0)
+                vocab = self.model.config.vocab_size
+                tokens = torch.randint(0, vocab, (1, n), generator=g).to(self.device)
+                self.model(tokens, state, last_only=True)
+        finally:
+            self._pool.release(slot)
 
     @property
     def fast_path(self) -> bool:

@@ -318,3 +318,19 @@ def test_without_tools_the_reasoning_is_dropped_so_the_follow_up_diverges():
     follow = tok.encode_prompt(render_chat({"model": "x", "messages": [*messages, {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet back."}, {"role": "user", "content": "bye"}]}))
     cached = prompt_ids + generated[:-1]
     assert follow[: len(cached)] != cached
+
+
+def test_the_start_up_prefill_leaves_the_pool_as_it_was(monkeypatch):
+    """Engine.warm_prefill (run at start on CUDA): one chunk through a slot that is freed,
+    not cached, and nothing counted as a request."""
+    monkeypatch.setattr(runtime, "PREFILL_CHUNK", 20)
+    model = tiny_model(seed=0)
+    engine = Engine(model, load_tokenizer(), DEVICE, max_seq_len=64, max_batch_size=2,
+                    engine_path="fast", capture_graphs=False)
+    try:
+        engine.warm_prefill()
+        pool = engine._pool
+        assert pool.num_in_use == 0 and pool.num_cached == 0 and pool.num_free == 2
+        assert engine.stats()["requests"] == 0 and engine.stats()["prefill_tokens"] == 0
+    finally:
+        engine.close()
