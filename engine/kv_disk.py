@@ -108,7 +108,7 @@ class DiskPrefixCache:
         try:
             save_file(tensors, str(tmp))
             tmp.replace(path)  # a reader never sees half a file
-        except OSError as e:
+        except Exception as e:  # a full disk, a permission: the cache loses this entry only
             log.warning("disk prefix cache: could not write %s: %s", path, e)
             tmp.unlink(missing_ok=True)
             self.stats.errors += 1
