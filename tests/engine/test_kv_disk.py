@@ -130,3 +130,24 @@ def test_another_models_files_and_damaged_files_are_never_loaded(tmp_path):
         assert len(disk) == 0 and disk.stats.errors == 1 and not path.exists()
         pool = _pool(model, disk, max_seqs=2)
         assert pool.acquire_prefix([*a, 1])[1] == 0 and pool.stats.misses == 1
+
+
+def test_a_failed_write_loses_that_entry_only(tmp_path, monkeypatch):
+    import engine.kv_disk as kv_disk
+
+    model = tiny_model(seed=0)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(kv_disk, "save_file", full_disk)
+    disk = _disk(tmp_path, model)
+    with torch.inference_mode():
+        pool = _pool(model, disk)
+        a = _ids(40, seed=8)
+        _prefill(model, pool, a)
+        _prefill(model, pool, _ids(40, seed=9))  # evicts a: the write fails
+        disk.flush()
+        assert disk.stats.errors == 1 and len(disk) == 0
+        assert not list(tmp_path.iterdir())  # no half-written file left
+        assert pool.acquire_prefix([*a, 1])[1] == 0  # a miss, served by a full prefill
