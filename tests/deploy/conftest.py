@@ -156,6 +156,17 @@ def live_server(tmp_path_factory) -> Iterator[LiveServer]:
                             tmp_path_factory.mktemp("server") / "server.log")
 
 
+@pytest.fixture(scope="session")
+def live_engine_server(tmp_path_factory) -> Iterator[LiveServer]:
+    """The embedded engine on its tiny demo checkpoint: the only backend that exports the
+    `dsml_proxy_engine_*` series."""
+    port = free_port()
+    args = ["serve", "--demo", "--host", "127.0.0.1", "--port", str(port)]
+    env = server_env(DSML_PROXY_DEMO_DIR=str(tmp_path_factory.mktemp("demo")))
+    yield from start_server(args, env, port,
+                            tmp_path_factory.mktemp("engine-server") / "server.log")
+
+
 @dataclass
 class Scrape:
     text: str
@@ -165,6 +176,15 @@ class Scrape:
 
 @pytest.fixture(scope="session")
 def scrape(live_server: LiveServer) -> Scrape:
+    return _scrape(live_server)
+
+
+@pytest.fixture(scope="session")
+def engine_scrape(live_engine_server: LiveServer) -> Scrape:
+    return _scrape(live_engine_server)
+
+
+def _scrape(live_server: LiveServer) -> Scrape:
     status, text = http_get(live_server.base_url + "/metrics")
     assert status == 200, f"GET /metrics answered {status}: {text[:500]}"
     families: dict[str, str] = {}

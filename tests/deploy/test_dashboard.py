@@ -142,6 +142,9 @@ def test_per_protocol_breakdown_wherever_the_metric_has_an_endpoint(dashboard):
         q = parse(t["expr"])
         for s in q.selectors:
             base = re.sub(r"_(bucket|sum|count)$", "", s.name)
+            if base not in API_METRICS:  # the engine's series: no endpoint label
+                assert base.startswith("dsml_proxy_engine_"), f"{title!r}: unknown {base}"
+                continue
             if "endpoint" in API_METRICS[base][1] and base not in SUMMED_OVER_ENDPOINTS:
                 assert "endpoint" in q.grouping_labels, f"{title!r}: split it by endpoint"
 
@@ -210,9 +213,17 @@ def check_query(q: Query, scrape, where: str) -> None:
         assert label in exported, f"{where}: grouping by {label!r}, which no selected metric has"
 
 
-def test_every_panel_query_uses_exported_series(dashboard, scrape):
+def test_every_panel_query_uses_exported_series(dashboard, scrape, engine_scrape):
+    """Against the server in front of an upstream; the engine panels (`dsml_proxy_engine_*`,
+    exported by the embedded engine alone) against one serving the demo checkpoint."""
+    engine_panels = 0
     for title, t in queries(dashboard):
-        check_query(parse(t["expr"]), scrape, f"panel {title!r}")
+        q = parse(t["expr"])
+        engine = {s.name.startswith("dsml_proxy_engine_") for s in q.selectors}
+        assert len(engine) == 1, f"panel {title!r} mixes engine and API series"
+        engine_panels += engine == {True}
+        check_query(q, engine_scrape if engine == {True} else scrape, f"panel {title!r}")
+    assert engine_panels, "no panel shows the embedded engine (prefix-cache hit rate)"
 
 
 def test_template_variables_use_exported_series(dashboard, scrape):
