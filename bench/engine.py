@@ -540,7 +540,7 @@ def prefill_check(model: Transformer, config: ModelConfig, n: int, clock: Clock,
 
 
 def prefill_throughput(model: Transformer, config: ModelConfig, n: int, clock: Clock,
-                       device: torch.device, seed: int) -> dict:
+                       device: torch.device, seed: int, baseline: bool = False) -> dict:
     """A real prefill of n random tokens as the engine runs one (engine.runtime: chunks of
     PREFILL_CHUNK through the model into a pool slot), timed; then its first chunk again
     under the profiler: where a prefill's time goes (issue 17's prefill target)."""
@@ -573,6 +573,16 @@ def prefill_throughput(model: Transformer, config: ModelConfig, n: int, clock: C
     run(prompt)
     clock.sync()
     seconds = time.perf_counter() - t
+    reference_s = None
+    if baseline:  # the same prefill on the reference path, in this process (the ratio)
+        with kernels.mode("reference"):
+            clock.sync()
+            t = time.perf_counter()
+            run(prompt)
+            clock.sync()
+            reference_s = time.perf_counter() - t
+        print(f"the same prefill on the reference path: {reference_s:.2f} s, "
+              f"{n / reference_s:.0f} tok/s ({reference_s / seconds:.1f}x slower)", flush=True)
     chunk = prompt[:, : min(n, PREFILL_CHUNK)]
     kernel_rows, projection_rows = profile_steps(lambda: run(chunk), 1, clock, model, "prefill")
     print(f"real prefill {n} tokens (chunks of {PREFILL_CHUNK}): {seconds:.2f} s, "
@@ -582,6 +592,8 @@ def prefill_throughput(model: Transformer, config: ModelConfig, n: int, clock: C
               f"{r['calls_per_step']:6.0f} calls  {r['kernel'][:90]}", flush=True)
     return {"tokens": n, "chunk": PREFILL_CHUNK, "seconds": seconds, "tok_s": n / seconds,
             "fast_vs_reference": versus,
+            "reference_tok_s": n / reference_s if reference_s else None,
+            "speedup_vs_reference": reference_s / seconds if reference_s else None,
             "profiled_tokens": chunk.shape[1], "kernels": kernel_rows[:40],
             "projections": projection_rows}
 
@@ -723,6 +735,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prefill-bench", type=int, default=0,
                    help="time a real prefill of this many tokens, and profile its first chunk "
                         "(0: none; 8192 gives prefill_8k_tok_s)")
+    p.add_argument("--prefill-baseline", action="store_true",
+                   help="with --prefill-bench: also time the same prefill on the reference "
+                        "path in this process (slow: the per-expert loop) and print the ratio")
     p.add_argument("--no-graph", action="store_true", help="eager only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-overlap", action="store_true",
@@ -819,7 +834,8 @@ def main(argv: list[str] | None = None) -> dict:
         prefill = prefill_check(model, config, args.prefill, clock, device, args.seed) \
             if args.prefill else None
         prefill_speed = prefill_throughput(model, config, args.prefill_bench, clock, device,
-                                           args.seed) if args.prefill_bench else None
+                                           args.seed, args.prefill_baseline) \
+            if args.prefill_bench else None
         if prefill_speed and not args.contexts and not args.batches:
             return prefill_only(args, config, model, clock, device, prefill, prefill_speed)
         print("decode, batch 1 (prefill SIMULATED: the pool slot holds random kv/entries for "

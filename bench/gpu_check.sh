@@ -42,7 +42,7 @@ for stage in $STAGES; do
         2>&1 | tee "$OUT/prefill_tests.log" | tail -15
       timeout 150 python3 bench/kernels/grouped_experts.py 2>&1 | tee "$OUT/grouped_experts.log" | tail -8
       timeout ${PREFILL_TIMEOUT:-200} python3 bench/engine.py --layers "${LAYERS:-8}" --contexts "" \
-        --batches "" --prefill-bench 8192 --prefill 0 --quiet --out "$OUT/prefill.json" 2>&1 \
+        --batches "" --prefill-bench 8192 --prefill-baseline --prefill 0 --quiet --out "$OUT/prefill.json" 2>&1 \
         | tee "$OUT/prefill.log" | grep -v "^  layer" | tail -20 ;;
     masks)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site2 \

@@ -102,8 +102,10 @@ def test_engine_bench_prefill_throughput_tiny_on_cpu(tmp_path: Path) -> None:
     bench.PREFILL_CHUNK = 16
     saved = bench.main(["--config", "tiny", "--device", "cpu", "--steps", "1", "--contexts", "64",
                         "--prefill", "0", "--profile-steps", "0", "--batches", "",
-                        "--prefill-bench", "40", "--quiet", "--out", str(out)])
+                        "--prefill-bench", "40", "--prefill-baseline", "--quiet",
+                        "--out", str(out)])
     p = saved["prefill"]
+    assert p["reference_tok_s"] > 0 and p["speedup_vs_reference"] > 0
     assert p["tokens"] == 40 and p["chunk"] == 16 and p["profiled_tokens"] == 16
     assert p["seconds"] > 0 and abs(p["tok_s"] - 40 / p["seconds"]) < 1e-6 * p["tok_s"]
     assert p["kernels"] and {"ffn.experts.w1", "attn.wq_b"} <= {r["projection"]
