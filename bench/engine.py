@@ -598,6 +598,16 @@ def prefill_throughput(model: Transformer, config: ModelConfig, n: int, clock: C
             "projections": projection_rows}
 
 
+def merge_into(out: Path, result: dict) -> dict:
+    """Update the JSON at `out` with `result` (the other keys of an earlier run stay)."""
+    saved = json.loads(out.read_text()) if out.is_file() else {}
+    saved.update(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(saved, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
 def prefill_only(args, config: ModelConfig, model: Transformer, clock: Clock,
                  device: torch.device, check: dict | None, speed: dict) -> dict:
     """`--prefill-bench N --contexts '' --batches ''`: the prefill figures alone, merged into
@@ -611,12 +621,7 @@ def prefill_only(args, config: ModelConfig, model: Transformer, clock: Clock,
     projected = result["prefill_tok_s_43_layers"]
     print(f"prefill {speed['tokens']} tokens: {speed['tok_s']:.0f} tok/s at {L} layers"
           + (f", {projected:.0f} tok/s projected to {FULL_LAYERS}" if projected else ""), flush=True)
-    saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    saved.update(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(saved, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return merge_into(args.out, result)
 
 
 def head_time(model: Transformer, clock: Clock, device: torch.device) -> float:
@@ -818,12 +823,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['ttft_off_s']:.3f} | {r['same_tokens']} |")
         print(f"TTFT ratio (turns 2.., on / off): {result['agent_loop_ttft_ratio']:.3f}; "
               f"tokens identical: {result['agent_loop_tokens_identical']}")
-        saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        saved.update(result)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(saved, indent=2) + "\n")
-        print(f"wrote {args.out}")
-        return result
+        return merge_into(args.out, result)
 
     copy_bps = copy_bandwidth(device, clock)
     print(f"copy bandwidth (read + write): {copy_bps / 1e9:.0f} GB/s", flush=True)

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.config import ModelConfig
@@ -177,8 +178,6 @@ class DiskPrefixCache:
 
     def _read_ids(self, path: Path) -> tuple[int, ...] | None:
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 return tuple(f.get_tensor("ids").tolist())
         except Exception as e:

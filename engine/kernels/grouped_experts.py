@@ -52,12 +52,12 @@ from engine.kernels import use_triton
 from engine.kernels.routed_experts import (
     _FORMAT_CODE,
     _PER_WORD,
+    _TL_DTYPE,
     FMT_DENSE,
-    FMT_FP4,
     FMT_INT2,
     ExpertStack,
-    _check_stack,
-    _word_view,
+    check_inputs,
+    kernel_views,
     routed_experts_reference,
 )
 
@@ -68,7 +68,6 @@ except ImportError:  # pragma: no cover - exercised only without the test extra
     triton = None
 
 CONFIG_ENV = "DSML_GROUPED_EXPERTS_CONFIG"
-_TL_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 # -- kernels -------------------------------------------------------------------------------
@@ -351,14 +350,7 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     engine.routed_experts.routed_experts, for many tokens. Never syncs with the host; expert
     ids outside [0, E) contribute nothing."""
     N, H = x.shape
-    if stack.hidden != H:
-        raise ValueError(f"grouped experts: x has {H} features, the experts take {stack.hidden}")
-    if experts.shape != weights.shape or experts.dim() != 2 or experts.shape[0] != N:
-        raise ValueError(f"grouped experts: experts {list(experts.shape)} and weights "
-                         f"{list(weights.shape)} must both be [N={N}, K]")
-    if x.dtype not in _TL_DTYPE:
-        raise TypeError(f"grouped experts: x must be bf16/fp16/fp32, got {x.dtype}")
-    _check_stack(stack, x)
+    check_inputs(x, experts, weights, stack, "grouped experts")
     if not use_triton(x) or N == 0:
         return routed_experts_reference(x, experts, weights, stack, limit)
 
@@ -389,14 +381,8 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
             plans[block_m] = plan_tiles(experts, E, block_m)
         return plans[block_m]
 
-    words13, words2 = _word_view(stack.w13, fmt), _word_view(stack.w2, fmt)
-
-    def side(t: torch.Tensor | None, words: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-        return words if t is None else t.view(dt)
-
-    sdt = torch.uint8 if fmt == FMT_FP4 else torch.float16
-    s13, z13 = side(stack.scale13, words13, sdt), side(stack.zero13, words13, torch.uint8)
-    s2, z2 = side(stack.scale2, words2, sdt), side(stack.zero2, words2, torch.uint8)
+    words13, s13, z13 = kernel_views(stack, "13")
+    words2, s2, z2 = kernel_views(stack, "2")
     size = _size_class(P)
 
     for kernel in ("gate_up", "down"):

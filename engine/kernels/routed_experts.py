@@ -469,6 +469,33 @@ def _word_view(t: torch.Tensor, fmt: int) -> torch.Tensor:
     return t
 
 
+def kernel_views(stack: ExpertStack, which: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(words, scales, zeros) of w13 or w2 as the kernels read them; a format without
+    scales or zeros passes its words in their place (never read)."""
+    fmt = _FORMAT_CODE[stack.format]
+    words = _word_view(getattr(stack, "w" + which), fmt)
+    scale, zero = getattr(stack, "scale" + which), getattr(stack, "zero" + which)
+    scale = words if scale is None else scale.view(torch.uint8 if fmt == FMT_FP4 else torch.float16)
+    zero = words if zero is None else zero.view(torch.uint8)
+    return words, scale, zero
+
+
+def check_inputs(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                 stack: ExpertStack, what: str) -> None:
+    """The checks both routed-expert launchers make (`what` names the op in the message)."""
+    N, H = x.shape
+    if stack.hidden != H:
+        raise ValueError(f"{what}: x has {H} features, the experts take {stack.hidden}")
+    if experts.shape != weights.shape or experts.dim() != 2 or experts.shape[0] != N:
+        raise ValueError(f"{what}: experts {list(experts.shape)} and weights "
+                         f"{list(weights.shape)} must both be [N={N}, K]")
+    if experts.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{what}: expert ids must be int32/int64, got {experts.dtype}")
+    if x.dtype not in _TL_DTYPE:
+        raise TypeError(f"{what}: x must be bf16/fp16/fp32, got {x.dtype}")
+    _check_stack(stack, x)
+
+
 def _check_stack(stack: ExpertStack, x: torch.Tensor) -> None:
     H, inter = stack.hidden, stack.inter
     E = stack.num_experts
@@ -503,16 +530,7 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
 
     Never syncs with the host. Expert ids outside [0, E) contribute nothing."""
     N, H = x.shape
-    if stack.hidden != H:
-        raise ValueError(f"routed experts: x has {H} features, the experts take {stack.hidden}")
-    if experts.shape != weights.shape or experts.dim() != 2 or experts.shape[0] != N:
-        raise ValueError(f"routed experts: experts {list(experts.shape)} and weights "
-                         f"{list(weights.shape)} must both be [N={N}, K]")
-    if experts.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"routed experts: expert ids must be int32/int64, got {experts.dtype}")
-    if x.dtype not in _TL_DTYPE:
-        raise TypeError(f"routed experts: x must be bf16/fp16/fp32, got {x.dtype}")
-    _check_stack(stack, x)
+    check_inputs(x, experts, weights, stack, "routed experts")
     if out is not None and (out.shape != (N, H) or out.dtype not in _TL_DTYPE
                             or not out.is_contiguous() or out.device != x.device):
         raise ValueError(f"routed experts: out must be contiguous [{N}, {H}] fp32/bf16/fp16 "
@@ -551,10 +569,7 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     y = torch.empty(N, H, dtype=torch.float32, device=x.device) if out is None else out
     out_dtype = getattr(tl, _TL_DTYPE[x.dtype])
 
-    w13 = _word_view(stack.w13, fmt)
-    s13 = w13 if stack.scale13 is None else stack.scale13.view(
-        torch.uint8 if fmt == FMT_FP4 else torch.float16)
-    z13 = w13 if stack.zero13 is None else stack.zero13.view(torch.uint8)
+    w13, s13, z13 = kernel_views(stack, "13")
     gate_up = _tuned("gate_up", fmt)
     gate_up[lambda meta: (P, triton.cdiv(inter, meta["BLOCK_N"]))](
         xt, xs, w13, s13, z13, ids, w, h, hs,
@@ -564,10 +579,7 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
         FORMAT=fmt, PW=PW, HAS_LIMIT=limit is not None, OUT_DTYPE=out_dtype, **pdl_launch(x),
     )
 
-    w2 = _word_view(stack.w2, fmt)
-    s2 = w2 if stack.scale2 is None else stack.scale2.view(
-        torch.uint8 if fmt == FMT_FP4 else torch.float16)
-    z2 = w2 if stack.zero2 is None else stack.zero2.view(torch.uint8)
+    w2, s2, z2 = kernel_views(stack, "2")
     parts = torch.empty(P, H, dtype=torch.float32, device=x.device)
     counts = arrival_counters(x.device, N * triton.cdiv(H, MIN_DOWN_BLOCK_N))
     if before_down is not None:
